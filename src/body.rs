@@ -1,0 +1,30 @@
+//! The one body type that travels through the stack, and the helpers to make it.
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+
+/// Errors inside the stack, where their type does not matter to anyone but a log line.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streamed request or response body: a caller's upload, an upstream's answer, or a
+/// body the proxy made itself.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Box any body whose errors can be boxed (hyper's `Incoming`, a limited body, ...).
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}

@@ -1,0 +1,866 @@
+//! Configuration: `proxy.toml` as written by an operator, turned into typed values.
+//!
+//! Two steps, so that nothing downstream ever re-checks a string:
+//! 1. [`RawConfig`] mirrors the file. `deny_unknown_fields` everywhere: a typo in a key must
+//!    be an error, never a silently different behaviour.
+//! 2. [`Config::from_toml`] resolves `${VAR}` references, reads secret files, looks up
+//!    provider endpoints and validates everything, naming the offending key in each error.
+//!
+//! ```
+//! let toml = r#"
+//! [[upstream]]
+//! name = "api"
+//! provider = "oauth2"
+//! token_url = "https://login.example.com/oauth/token"
+//! base_url = "https://api.example.com"
+//! client_id = "id"
+//! client_secret = "${SECRET}"
+//! "#;
+//! let env = |name: &str| (name == "SECRET").then(|| "s3cret".to_string());
+//! let config = tokengate::config::Config::from_toml(toml, "proxy.toml".as_ref(), &env).unwrap();
+//! assert_eq!(config.upstreams[0].name.as_ref(), "api");
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Uri;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::policy::AllowRule;
+use crate::providers::{self, Provider};
+
+/// What went wrong while loading a config. The message always names the file and, where
+/// there is one, the key; it never contains a secret value.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    file: String,
+    message: String,
+}
+
+impl ConfigError {
+    fn new(file: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.display().to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+// === The file as written ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    client: Vec<RawClient>,
+    cache: Option<RawCache>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    admin_listen: Option<String>,
+    admin_key_sha256: Option<String>,
+    allow_anonymous: Option<bool>,
+    token_paths: Option<Vec<String>>,
+    max_body_bytes: Option<u64>,
+    retry_body_bytes: Option<u64>,
+    prefetch_tokens: Option<bool>,
+    shutdown_grace_secs: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    provider: String,
+    region: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    prefix: Option<String>,
+    token_url: Option<String>,
+    base_url: Option<String>,
+    auth_method: Option<String>,
+    scope: Option<String>,
+    token_params: Option<BTreeMap<String, String>>,
+    tokens: Option<u32>,
+    issuer: Option<String>,
+    access_key_id: Option<String>,
+    access_key_secret: Option<String>,
+    access_key_secret_file: Option<PathBuf>,
+    timeout_secs: Option<f64>,
+    connect_timeout_secs: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    key_sha256: String,
+    upstreams: Option<Vec<String>>,
+    allow: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read only to give a precise "not supported yet" error
+struct RawCache {
+    redis_url: Option<String>,
+    encryption_key: Option<String>,
+}
+
+// === The typed config ===
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub upstreams: Vec<Arc<UpstreamConfig>>,
+    pub clients: Vec<Arc<ClientConfig>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    /// SHA-256 of the key that protects the admin listener, when one is set.
+    pub admin_key_sha256: Option<[u8; 32]>,
+    /// Serve callers without a key even though no `[[client]]` is configured and a listener
+    /// is not on loopback.
+    pub allow_anonymous: bool,
+    /// Paths where legacy apps ask for tokens (answered by the proxy itself).
+    pub token_paths: Vec<String>,
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: u64,
+    /// Request bodies up to this size are kept so they can be sent again after a 401.
+    pub retry_body_bytes: usize,
+    /// Obtain every upstream's token at start and keep it fresh in the background.
+    pub prefetch_tokens: bool,
+    /// How long in-flight requests may take to finish after SIGINT/SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// One API platform the proxy forwards to, and how it gets tokens for it.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: Arc<str>,
+    pub provider: Provider,
+    /// Path prefix routed here, normalised: starts with `/`, no trailing `/` unless it is `/`.
+    pub prefix: String,
+    /// Where calls go: scheme, authority and an optional base path (no trailing `/`).
+    pub base_url: Uri,
+    /// How long the upstream may take to answer with a response head.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub grant: GrantConfig,
+}
+
+/// Everything that shapes a token grant.
+#[derive(Clone)]
+pub struct GrantConfig {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub auth_method: AuthMethod,
+    /// `client_secret_basic` encoding: Genesys' SDKs base64 the raw `id:secret`; RFC 6749
+    /// §2.3.1 form-encodes both first.
+    pub basic_encoding: BasicEncoding,
+    pub scope: Option<String>,
+    pub params: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for GrantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantConfig")
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("auth_method", &self.auth_method)
+            .field("basic_encoding", &self.basic_encoding)
+            .field("scope", &self.scope)
+            .field("params", &self.params)
+            .finish()
+    }
+}
+
+impl GrantConfig {
+    /// A fingerprint of everything that shapes a grant. Tokens are cached under it, so a
+    /// changed secret, scope or parameter never gets a token minted for the old one. The
+    /// secret enters only through a hash.
+    pub fn cache_key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [
+            self.token_url.as_str(),
+            self.client_id.as_str(),
+            self.client_secret.expose_secret(),
+            self.scope.as_deref().unwrap_or(""),
+            match self.auth_method {
+                AuthMethod::Basic => "basic",
+                AuthMethod::Post => "post",
+            },
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        for (k, v) in &self.params {
+            h.update((k.len() as u64).to_le_bytes());
+            h.update(k.as_bytes());
+            h.update((v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `client_secret_basic`: id and secret in an `Authorization: Basic` header.
+    Basic,
+    /// `client_secret_post`: id and secret as form fields.
+    Post,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasicEncoding {
+    Raw,
+    FormEncoded,
+}
+
+/// A caller of the proxy, identified by its key.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: Arc<str>,
+    pub key_sha256: [u8; 32],
+    /// Upstreams this client may use; `None` means all.
+    pub upstreams: Option<Vec<Arc<str>>>,
+    /// Requests this client may make; `None` means any.
+    pub allow: Option<Vec<AllowRule>>,
+}
+
+/// Reads the environment for `${VAR}` references; injected so tests never touch the
+/// process environment.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/login/oauth/token"];
+
+impl Config {
+    /// Load a config file, reading `${VAR}` from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, format!("cannot read the config file: {e}")))?;
+        Config::from_toml(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parse and validate a config. `file` is used for messages and to resolve relative
+    /// secret-file paths.
+    pub fn from_toml(text: &str, file: &Path, env: Env<'_>) -> Result<Config, ConfigError> {
+        // toml's own error names the line, column and key (unknown keys included).
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::new(file, e.to_string().trim_end()))?;
+        let cx = Cx { file, env };
+        cx.build(raw)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamConfig>> {
+        self.upstreams.iter().find(|u| u.name.as_ref() == name)
+    }
+}
+
+/// The context of one load: the file for messages, the environment for `${VAR}`.
+struct Cx<'a> {
+    file: &'a Path,
+    env: Env<'a>,
+}
+
+impl Cx<'_> {
+    fn err(&self, key: &str, message: impl std::fmt::Display) -> ConfigError {
+        ConfigError::new(self.file, format!("{key}: {message}"))
+    }
+
+    fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.cache.is_some() {
+            return Err(self.err(
+                "[cache]",
+                "a shared Redis token cache is not supported by this version yet; remove [cache] to use the in-memory cache",
+            ));
+        }
+        let server = self.server(raw.server)?;
+        if raw.upstream.is_empty() {
+            return Err(self.err("[[upstream]]", "at least one upstream is required"));
+        }
+        let mut upstreams: Vec<Arc<UpstreamConfig>> = Vec::new();
+        for (i, u) in raw.upstream.into_iter().enumerate() {
+            let up = self.upstream(i, u)?;
+            if upstreams.iter().any(|o| o.name == up.name) {
+                return Err(self.err(
+                    &format!("upstream[{i}].name"),
+                    format!("the name \"{}\" is used twice", up.name),
+                ));
+            }
+            if let Some(other) = upstreams.iter().find(|o| o.prefix == up.prefix) {
+                return Err(self.err(
+                    &format!("upstream \"{}\".prefix", up.name),
+                    format!(
+                        "\"{}\" is already the prefix of upstream \"{}\"",
+                        up.prefix, other.name
+                    ),
+                ));
+            }
+            upstreams.push(Arc::new(up));
+        }
+        let mut clients: Vec<Arc<ClientConfig>> = Vec::new();
+        for (i, c) in raw.client.into_iter().enumerate() {
+            let client = self.client(i, c, &upstreams)?;
+            if clients.iter().any(|o| o.name == client.name) {
+                return Err(self.err(
+                    &format!("client[{i}].name"),
+                    format!("the name \"{}\" is used twice", client.name),
+                ));
+            }
+            if clients.iter().any(|o| o.key_sha256 == client.key_sha256) {
+                return Err(self.err(
+                    &format!("client \"{}\".key_sha256", client.name),
+                    "two clients have the same key; give each its own (`tokengate key new`)",
+                ));
+            }
+            clients.push(Arc::new(client));
+        }
+        // Anonymous callers are tolerable only where nobody else can reach the proxy.
+        if clients.is_empty() && !server.allow_anonymous {
+            let exposed = std::iter::once(server.listen)
+                .chain(server.admin_listen)
+                .find(|a| !a.ip().is_loopback());
+            if let Some(addr) = exposed {
+                return Err(self.err(
+                    "[server]",
+                    format!(
+                        "no [[client]] is configured, so anyone could use the proxy, and {addr} is not a loopback address; add [[client]] keys or set allow_anonymous = true"
+                    ),
+                ));
+            }
+        }
+        Ok(Config {
+            source: self.file.to_path_buf(),
+            server,
+            upstreams,
+            clients,
+        })
+    }
+
+    fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
+        let listen = match raw.listen {
+            Some(s) => self.socket_addr("server.listen", &s)?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let admin_listen = raw
+            .admin_listen
+            .map(|s| self.socket_addr("server.admin_listen", &s))
+            .transpose()?;
+        let admin_key_sha256 = raw
+            .admin_key_sha256
+            .map(|s| self.sha256_hex("server.admin_key_sha256", &s))
+            .transpose()?;
+        if let Some(addr) = admin_listen {
+            if !addr.ip().is_loopback() && admin_key_sha256.is_none() {
+                return Err(self.err(
+                    "server.admin_listen",
+                    format!("{addr} is not a loopback address, so admin_key_sha256 is required"),
+                ));
+            }
+        }
+        if admin_key_sha256.is_some() {
+            return Err(self.err(
+                "server.admin_key_sha256",
+                "a protected admin listener is not supported by this version yet; keep admin_listen on loopback",
+            ));
+        }
+        if raw.tls_cert.is_some() || raw.tls_key.is_some() {
+            return Err(self.err(
+                "server.tls_cert",
+                "the HTTPS listener is not supported by this version yet; terminate TLS in front of the proxy",
+            ));
+        }
+        let token_paths = match raw.token_paths {
+            Some(paths) => {
+                for p in &paths {
+                    if !p.starts_with('/') {
+                        return Err(self.err(
+                            "server.token_paths",
+                            format!("\"{p}\" must start with '/'"),
+                        ));
+                    }
+                }
+                paths
+            }
+            None => DEFAULT_TOKEN_PATHS.iter().map(|s| s.to_string()).collect(),
+        };
+        let retry_body_bytes = raw.retry_body_bytes.unwrap_or(1024 * 1024);
+        let retry_body_bytes = usize::try_from(retry_body_bytes)
+            .map_err(|_| self.err("server.retry_body_bytes", "too large"))?;
+        Ok(ServerConfig {
+            listen,
+            admin_listen,
+            admin_key_sha256,
+            allow_anonymous: raw.allow_anonymous.unwrap_or(false),
+            token_paths,
+            max_body_bytes: raw.max_body_bytes.unwrap_or(32 * 1024 * 1024),
+            retry_body_bytes,
+            prefetch_tokens: raw.prefetch_tokens.unwrap_or(true),
+            shutdown_grace: self.secs(
+                "server.shutdown_grace_secs",
+                raw.shutdown_grace_secs,
+                30.0,
+            )?,
+        })
+    }
+
+    fn upstream(&self, i: usize, raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        if raw.name.is_empty()
+            || !raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(self.err(
+                &format!("upstream[{i}].name"),
+                format!(
+                    "\"{}\" is not a valid name: use letters, digits, '-', '_' and '.'",
+                    raw.name
+                ),
+            ));
+        }
+        let key = |k: &str| format!("upstream \"{}\".{k}", raw.name);
+        let provider = Provider::parse(&raw.provider).ok_or_else(|| {
+            self.err(
+                &key("provider"),
+                format!(
+                    "unknown provider \"{}\"; use genesys, cxone or oauth2",
+                    raw.provider
+                ),
+            )
+        })?;
+        if provider == Provider::Cxone {
+            return Err(self.err(
+                &key("provider"),
+                "provider \"cxone\" is not supported by this version yet; use provider = \"oauth2\" with token_url and base_url meanwhile",
+            ));
+        }
+        for (field, set) in [
+            ("issuer", raw.issuer.is_some()),
+            ("access_key_id", raw.access_key_id.is_some()),
+            ("access_key_secret", raw.access_key_secret.is_some()),
+            ("access_key_secret_file", raw.access_key_secret_file.is_some()),
+        ] {
+            if set {
+                return Err(self.err(&key(field), "is only valid for provider = \"cxone\""));
+            }
+        }
+        if let Some(n) = raw.tokens {
+            if n != 1 {
+                return Err(self.err(
+                    &key("tokens"),
+                    "token pools are not supported by this version yet; use tokens = 1",
+                ));
+            }
+        }
+        // Where tokens and calls go: the provider's defaults, then the overrides.
+        let defaults = match provider {
+            Provider::Genesys => {
+                let region = raw.region.as_deref().ok_or_else(|| {
+                    self.err(
+                        &key("region"),
+                        format!(
+                            "is required for provider = \"genesys\"; one of: {}",
+                            providers::genesys_region_names().join(", ")
+                        ),
+                    )
+                })?;
+                let r = providers::genesys_region(region).ok_or_else(|| {
+                    self.err(
+                        &key("region"),
+                        format!(
+                            "unknown Genesys Cloud region \"{region}\"; one of: {}",
+                            providers::genesys_region_names().join(", ")
+                        ),
+                    )
+                })?;
+                Some((r.token_url(), r.api_url()))
+            }
+            _ => {
+                if raw.region.is_some() {
+                    return Err(self.err(&key("region"), "is only valid for provider = \"genesys\""));
+                }
+                None
+            }
+        };
+        let token_url = match (raw.token_url, &defaults) {
+            (Some(u), _) => self.interpolate(&key("token_url"), &u)?,
+            (None, Some((t, _))) => t.clone(),
+            (None, None) => return Err(self.err(&key("token_url"), "is required for provider = \"oauth2\"")),
+        };
+        let base_url = match (raw.base_url, &defaults) {
+            (Some(u), _) => self.interpolate(&key("base_url"), &u)?,
+            (None, Some((_, b))) => b.clone(),
+            (None, None) => return Err(self.err(&key("base_url"), "is required for provider = \"oauth2\"")),
+        };
+        let token_url = self.http_url(&key("token_url"), &token_url)?.to_string();
+        let base_url = self.base_url(&key("base_url"), &base_url)?;
+
+        let client_id = self.interpolate(
+            &key("client_id"),
+            raw.client_id
+                .as_deref()
+                .ok_or_else(|| self.err(&key("client_id"), "is required"))?,
+        )?;
+        if client_id.is_empty() {
+            return Err(self.err(&key("client_id"), "is empty"));
+        }
+        let client_secret = self.secret(
+            &key("client_secret"),
+            raw.client_secret,
+            raw.client_secret_file,
+        )?;
+        let auth_method = match raw.auth_method.as_deref() {
+            None | Some("basic") | Some("client_secret_basic") => AuthMethod::Basic,
+            Some("post") | Some("client_secret_post") => AuthMethod::Post,
+            Some(other) => {
+                return Err(self.err(
+                    &key("auth_method"),
+                    format!("unknown method \"{other}\"; use basic or post"),
+                ))
+            }
+        };
+        let scope = raw
+            .scope
+            .map(|s| self.interpolate(&key("scope"), &s))
+            .transpose()?;
+        let mut params = Vec::new();
+        for (k, v) in raw.token_params.unwrap_or_default() {
+            if matches!(
+                k.as_str(),
+                "grant_type" | "client_id" | "client_secret" | "scope" | "username" | "password"
+            ) {
+                return Err(self.err(
+                    &key(&format!("token_params.{k}")),
+                    "is set by the proxy itself and cannot be overridden",
+                ));
+            }
+            let v = self.interpolate(&key(&format!("token_params.{k}")), &v)?;
+            params.push((k, v));
+        }
+        let prefix = self.prefix(&key("prefix"), raw.prefix.as_deref().unwrap_or("/"))?;
+        Ok(UpstreamConfig {
+            name: Arc::from(raw.name.as_str()),
+            provider,
+            prefix,
+            base_url,
+            timeout: self.secs(&key("timeout_secs"), raw.timeout_secs, 60.0)?,
+            connect_timeout: self.secs(&key("connect_timeout_secs"), raw.connect_timeout_secs, 10.0)?,
+            grant: GrantConfig {
+                token_url,
+                client_id,
+                client_secret,
+                auth_method,
+                basic_encoding: match provider {
+                    Provider::Oauth2 => BasicEncoding::FormEncoded,
+                    _ => BasicEncoding::Raw,
+                },
+                scope,
+                params,
+            },
+        })
+    }
+
+    fn client(
+        &self,
+        i: usize,
+        raw: RawClient,
+        upstreams: &[Arc<UpstreamConfig>],
+    ) -> Result<ClientConfig, ConfigError> {
+        if raw.name.is_empty() {
+            return Err(self.err(&format!("client[{i}].name"), "is empty"));
+        }
+        let key = |k: &str| format!("client \"{}\".{k}", raw.name);
+        let key_sha256 = self.sha256_hex(&key("key_sha256"), &raw.key_sha256)?;
+        let allowed_upstreams = match raw.upstreams {
+            None => None,
+            Some(names) => {
+                let mut out = Vec::new();
+                for n in names {
+                    let up = upstreams.iter().find(|u| u.name.as_ref() == n).ok_or_else(|| {
+                        self.err(&key("upstreams"), format!("no upstream is named \"{n}\""))
+                    })?;
+                    out.push(up.name.clone());
+                }
+                Some(out)
+            }
+        };
+        let allow = match raw.allow {
+            None => None,
+            Some(rules) => {
+                let mut out = Vec::new();
+                for r in rules {
+                    out.push(AllowRule::parse(&r).map_err(|e| self.err(&key("allow"), e))?);
+                }
+                Some(out)
+            }
+        };
+        Ok(ClientConfig {
+            name: Arc::from(raw.name.as_str()),
+            key_sha256,
+            upstreams: allowed_upstreams,
+            allow,
+        })
+    }
+
+    // --- value helpers ---
+
+    /// Replace `${NAME}` with the environment variable `NAME`; `$$` is a literal `$`.
+    fn interpolate(&self, key: &str, value: &str) -> Result<String, ConfigError> {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        while let Some(pos) = rest.find('$') {
+            out.push_str(&rest[..pos]);
+            rest = &rest[pos..];
+            if let Some(after) = rest.strip_prefix("$$") {
+                out.push('$');
+                rest = after;
+            } else if let Some(after) = rest.strip_prefix("${") {
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| self.err(key, "an unclosed \"${\"; write ${NAME}"))?;
+                let name = &after[..end];
+                if name.is_empty()
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return Err(self.err(
+                        key,
+                        format!("\"${{{name}}}\" is not a valid environment variable reference"),
+                    ));
+                }
+                let v = (self.env)(name).ok_or_else(|| {
+                    self.err(key, format!("environment variable {name} is not set"))
+                })?;
+                out.push_str(&v);
+                rest = &after[end + 1..];
+            } else {
+                out.push('$');
+                rest = &rest[1..];
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    fn secret(
+        &self,
+        key: &str,
+        inline: Option<String>,
+        file: Option<PathBuf>,
+    ) -> Result<SecretString, ConfigError> {
+        let value = match (inline, file) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(key, format!("set either {key} or {key}_file, not both")))
+            }
+            (None, None) => {
+                return Err(self.err(key, format!("is required (or {key}_file)")));
+            }
+            (Some(v), None) => self.interpolate(key, &v)?,
+            (None, Some(path)) => {
+                let path = self.file.parent().unwrap_or(Path::new(".")).join(path);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(
+                        &format!("{key}_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                text.trim_end_matches(['\r', '\n']).to_string()
+            }
+        };
+        if value.is_empty() {
+            return Err(self.err(key, "is empty"));
+        }
+        Ok(SecretString::from(value))
+    }
+
+    fn socket_addr(&self, key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+        s.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("\"{s}\" is not an IP address and port such as 127.0.0.1:8080"),
+            )
+        })
+    }
+
+    fn sha256_hex(&self, key: &str, s: &str) -> Result<[u8; 32], ConfigError> {
+        let bytes = hex::decode(s).ok().filter(|b| b.len() == 32 && s.len() == 64);
+        let bytes = bytes.filter(|_| !s.chars().any(|c| c.is_ascii_uppercase()));
+        let bytes = bytes.ok_or_else(|| {
+            self.err(
+                key,
+                "must be 64 lowercase hex digits, the SHA-256 of the key (`tokengate key hash`)",
+            )
+        })?;
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&bytes);
+        Ok(out)
+    }
+
+    fn secs(&self, key: &str, v: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
+        let v = v.unwrap_or(default);
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+            return Err(self.err(key, "must be a number of seconds between 0 and 86400"));
+        }
+        Ok(Duration::from_secs_f64(v))
+    }
+
+    fn http_url(&self, key: &str, s: &str) -> Result<Uri, ConfigError> {
+        let uri: Uri = s
+            .parse()
+            .map_err(|_| self.err(key, format!("\"{s}\" is not a valid URL")))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(self.err(key, format!("\"{s}\" must start with https:// or http://"))),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(self.err(key, format!("\"{s}\" has no host")));
+        }
+        Ok(uri)
+    }
+
+    fn base_url(&self, key: &str, s: &str) -> Result<Uri, ConfigError> {
+        let uri = self.http_url(key, s)?;
+        if uri.query().is_some() {
+            return Err(self.err(key, "must not have a query"));
+        }
+        // Keep the base path without its trailing '/', so joining with a request path
+        // (which starts with '/') never doubles it.
+        let path = uri.path().trim_end_matches('/').to_string();
+        let mut parts = uri.into_parts();
+        parts.path_and_query = Some(
+            if path.is_empty() { "/" } else { path.as_str() }
+                .parse()
+                .map_err(|_| self.err(key, "has an invalid path"))?,
+        );
+        Uri::from_parts(parts).map_err(|_| self.err(key, "is not a valid URL"))
+    }
+
+    fn prefix(&self, key: &str, s: &str) -> Result<String, ConfigError> {
+        if !s.starts_with('/') {
+            return Err(self.err(key, format!("\"{s}\" must start with '/'")));
+        }
+        if s.contains("//") || s.split('/').any(|seg| seg == "." || seg == "..") || s.contains(['?', '#', '%'])
+        {
+            return Err(self.err(key, format!("\"{s}\" must be a plain path such as /cxone")));
+        }
+        let trimmed = s.trim_end_matches('/');
+        Ok(if trimmed.is_empty() { "/".into() } else { trimmed.into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "ID" => Some("my-id".into()),
+            "SECRET" => Some("super-secret-value".into()),
+            _ => None,
+        }
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("proxy.toml"), &env)
+    }
+
+    const GENESYS: &str = r#"
+[[upstream]]
+name = "genesys"
+provider = "genesys"
+region = "eu_west_1"
+client_id = "${ID}"
+client_secret = "${SECRET}"
+"#;
+
+    #[test]
+    fn genesys_region_sets_login_and_api_hosts() {
+        let c = load(GENESYS).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.grant.token_url, "https://login.mypurecloud.ie/oauth/token");
+        assert_eq!(u.base_url.to_string(), "https://api.mypurecloud.ie/");
+        assert_eq!(u.grant.client_id, "my-id");
+        assert_eq!(u.prefix, "/");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = load(&format!("{GENESYS}\nclient_secrte = \"x\"\n")).unwrap_err().to_string();
+        assert!(err.starts_with("proxy.toml: "), "{err}");
+        assert!(err.contains("client_secrte"), "{err}");
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn missing_variable_is_named_and_no_secret_is_printed() {
+        let text = GENESYS.replace("${ID}", "${NOPE}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("environment variable NOPE is not set"), "{err}");
+        assert!(err.contains("upstream \"genesys\".client_id"), "{err}");
+        let dbg = format!("{:?}", load(GENESYS).unwrap());
+        assert!(!dbg.contains("super-secret-value"), "{dbg}");
+    }
+
+    #[test]
+    fn unknown_region_lists_the_valid_ones() {
+        let err = load(&GENESYS.replace("eu_west_1", "us-east-9")).unwrap_err().to_string();
+        assert!(err.contains("us-east-9") && err.contains("mx_central_1"), "{err}");
+    }
+
+    #[test]
+    fn anonymous_on_a_public_address_is_refused() {
+        let text = format!("[server]\nlisten = \"0.0.0.0:8080\"\n{GENESYS}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("allow_anonymous"), "{err}");
+        let ok = format!("[server]\nlisten = \"0.0.0.0:8080\"\nallow_anonymous = true\n{GENESYS}");
+        assert!(load(&ok).is_ok());
+    }
+
+    #[test]
+    fn cache_key_changes_with_the_secret() {
+        let a = load(GENESYS).unwrap().upstreams[0].grant.cache_key();
+        let b = load(&GENESYS.replace("${SECRET}", "other"))
+            .unwrap()
+            .upstreams[0]
+            .grant
+            .cache_key();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn interpolation_handles_dollars() {
+        let text = GENESYS.replace("${SECRET}", "a$$b$c${SECRET}");
+        let c = load(&text).unwrap();
+        assert_eq!(
+            c.upstreams[0].grant.client_secret.expose_secret(),
+            "a$b$csuper-secret-value"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! The errors the proxy itself answers with, in one place.
+//!
+//! Every layer that refuses a request returns a [`ProxyError`]; [`ProxyError::into_response`]
+//! is the only place that turns one into the contract's status and JSON body
+//! `{"error": "<code>", "message": "<text>"}`. Messages never contain a secret, a token or
+//! a client key: they are built from the proxy's own words and the upstream's error codes.
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{full, ProxyBody};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("a valid client key is required: send it as `Authorization: Bearer <key>` or `X-Api-Key: <key>`")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("no upstream is configured for this path")]
+    NoRoute,
+    #[error("the request is not one the proxy forwards: {0}")]
+    BadRequest(&'static str),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("{message}")]
+    TokenGrantFailed {
+        grant_error: Option<String>,
+        message: String,
+    },
+    #[error("{message}")]
+    TokenUnavailable {
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    #[error("could not reach the upstream: {0}")]
+    UpstreamUnreachable(String),
+    #[error("the upstream did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+}
+
+/// Set on every response the proxy made itself, so logs and metrics can tell it from an
+/// upstream's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyErrorCode(pub &'static str);
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::TokenGrantFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::TokenGrantFailed { .. } => "token_grant_failed",
+            ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut body = serde_json::json!({
+            "error": self.code(),
+            "message": self.to_string(),
+        });
+        if let ProxyError::TokenGrantFailed {
+            grant_error: Some(code),
+            ..
+        } = &self
+        {
+            body["grant_error"] = serde_json::Value::String(code.clone());
+        }
+        let mut resp = Response::new(full(body.to_string()));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match &self {
+            ProxyError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tokengate\""),
+                );
+            }
+            ProxyError::TokenUnavailable {
+                retry_after: Some(after),
+                ..
+            } => {
+                let secs = after.as_secs().max(1);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            _ => {}
+        }
+        resp.extensions_mut().insert(ProxyErrorCode(self.code()));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract's error table, row by row.
+    #[test]
+    fn statuses_and_codes_follow_the_contract() {
+        let rows: Vec<(ProxyError, u16, &str)> = vec![
+            (ProxyError::Unauthorized, 401, "unauthorized"),
+            (ProxyError::Forbidden("x".into()), 403, "forbidden"),
+            (ProxyError::NoRoute, 404, "no_route"),
+            (ProxyError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (
+                ProxyError::TokenGrantFailed { grant_error: Some("invalid_client".into()), message: "m".into() },
+                502,
+                "token_grant_failed",
+            ),
+            (ProxyError::UpstreamUnreachable("x".into()), 502, "upstream_unreachable"),
+            (ProxyError::TokenUnavailable { retry_after: None, message: "m".into() }, 503, "token_unavailable"),
+            (ProxyError::UpstreamTimeout(Duration::from_secs(1)), 504, "upstream_timeout"),
+        ];
+        for (err, status, code) in rows {
+            let resp = err.into_response();
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.extensions().get::<ProxyErrorCode>(), Some(&ProxyErrorCode(code)));
+        }
+    }
+}
+
+/// The error a request body yields when it crosses `max_body_bytes` while streaming.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the request body is larger than the limit of {0} bytes")]
+pub struct BodyLimitExceeded(pub u64);
+
+/// The proxy's answer to an error that came out of a request body: 413 if it crossed the
+/// limit anywhere in its causes, else `otherwise`.
+pub fn body_error_or(e: &(dyn std::error::Error + 'static), otherwise: ProxyError) -> ProxyError {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(BodyLimitExceeded(limit)) = err.downcast_ref::<BodyLimitExceeded>() {
+            return ProxyError::BodyTooLarge { limit: *limit };
+        }
+        cur = err.source();
+    }
+    otherwise
+}

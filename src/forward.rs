@@ -1,0 +1,112 @@
+//! The innermost service: send the request to its upstream and stream the answer back.
+//!
+//! The request goes to [`Route::target`], over the upstream's pooled hyper-util client
+//! (rustls; HTTP/1.1 or HTTP/2 by ALPN). Hop-by-hop headers (RFC 9110 §7.6.1) are removed
+//! both ways, `Host` is set by the client from the target, and neither body is buffered:
+//! bytes flow as they come, with hyper's back-pressure.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use http::{header, HeaderMap, HeaderName, Version};
+use tower::Service;
+
+use crate::body;
+use crate::error::{body_error_or, ProxyError};
+use crate::layers::route::Route;
+use crate::layers::{BoxFuture, ProxyRequest};
+use crate::token::grant::error_chain;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// de-facto `Proxy-Connection` and `Keep-Alive`.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Remove hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRAILER);
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Forward;
+
+impl Service<ProxyRequest> for Forward {
+    type Response = crate::layers::ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
+        let Some(route) = req.extensions().get::<Route>().cloned() else {
+            return Box::pin(async { Ok(ProxyError::NoRoute.into_response()) });
+        };
+        *req.uri_mut() = route.target.clone();
+        // The upstream connection's protocol is the client's choice (ALPN), not the caller's.
+        *req.version_mut() = Version::HTTP_11;
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        headers.remove(header::HOST);
+        let upstream = route.upstream;
+        Box::pin(async move {
+            let timeout = upstream.config.timeout;
+            let answer = tokio::time::timeout(timeout, upstream.client.request(req)).await;
+            let resp = match answer {
+                Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
+                Ok(Err(e)) => {
+                    let failure = if e.is_connect() {
+                        format!("connecting to {} failed: {}", upstream.config.base_url, error_chain(&e))
+                    } else {
+                        format!("the exchange with {} failed: {}", upstream.config.base_url, error_chain(&e))
+                    };
+                    tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
+                    let err = body_error_or(&e, ProxyError::UpstreamUnreachable(failure));
+                    return Ok(err.into_response());
+                }
+                Ok(Ok(resp)) => resp,
+            };
+            let (mut head, incoming) = resp.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            Ok(http::Response::from_parts(head, body::boxed(incoming)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+}

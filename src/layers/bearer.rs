@@ -1,0 +1,109 @@
+//! Attach the upstream's bearer token, from its cache.
+//!
+//! The token comes from the route's [`TokenSource`](crate::token::TokenSource): usually one
+//! atomic load. If the retry layer marked the request with [`ReplaceToken`], the source is
+//! asked for a token other than the rejected one. The response is marked with the
+//! generation of the token it was made with, so a 401 can name the token it rejected.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use http::header;
+use tower::{Layer, Service};
+
+use super::route::Route;
+use super::{BoxFuture, ProxyRequest, ProxyResponse};
+use crate::error::{ProxyError, ProxyErrorCode};
+use crate::token::TokenError;
+
+/// Set on a request: the upstream rejected token `0`; use another.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplaceToken(pub u64);
+
+/// Set on an upstream's response: it answered a request carrying token `0`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenUsed(pub u64);
+
+#[derive(Debug, Clone, Default)]
+pub struct BearerLayer;
+
+impl<S> Layer<S> for BearerLayer {
+    type Service = Bearer<S>;
+    fn layer(&self, inner: S) -> Bearer<S> {
+        Bearer { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Bearer<S> {
+    inner: S,
+}
+
+/// A failed grant, as the caller sees it: a refusal that needs a configuration change is
+/// 502 `token_grant_failed`; an outage or rate limit is 503 `token_unavailable`.
+pub fn token_error(upstream: &str, e: TokenError) -> ProxyError {
+    use crate::token::grant::GrantError;
+    if e.cause.is_transient() {
+        return ProxyError::TokenUnavailable {
+            retry_after: e.retry_after,
+            message: format!("no token for upstream \"{upstream}\" is available: {}", e.cause),
+        };
+    }
+    let grant_error = match &e.cause {
+        GrantError::Refused { error, .. } => Some(error.clone()),
+        _ => None,
+    };
+    ProxyError::TokenGrantFailed {
+        grant_error,
+        message: format!(
+            "the token grant for upstream \"{upstream}\" failed: {} (`tokengate check` tells why)",
+            e.cause
+        ),
+    }
+}
+
+impl<S> Service<ProxyRequest> for Bearer<S>
+where
+    // A concrete future type: rustc cannot yet prove a generic `S::Future` is `Send` inside
+    // an `async` block (rust-lang/rust#110338); the inner layers box theirs anyway.
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
+        // Take the service that was driven to readiness; leave a clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(route) = req.extensions().get::<Route>().cloned() else {
+            return Box::pin(async { Ok(ProxyError::NoRoute.into_response()) });
+        };
+        let replace = req.extensions().get::<ReplaceToken>().copied();
+        Box::pin(async move {
+            let tokens = &route.upstream.tokens;
+            let token = match replace {
+                Some(ReplaceToken(rejected)) => tokens.replace(rejected).await,
+                None => tokens.token().await,
+            };
+            let token = match token {
+                Ok(t) => t,
+                Err(e) => return Ok(token_error(route.upstream.name(), e).into_response()),
+            };
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, token.header().clone());
+            let mut resp = inner.call(req).await?;
+            if resp.extensions().get::<ProxyErrorCode>().is_none() {
+                resp.extensions_mut().insert(TokenUsed(token.generation));
+            }
+            Ok(resp)
+        })
+    }
+}

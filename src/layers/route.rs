@@ -1,0 +1,212 @@
+//! Which upstream a request goes to, and whether its caller may go there.
+//!
+//! The longest configured `prefix` that matches whole path segments wins; the prefix is
+//! stripped unless it is `/`. The target URI is built here from the upstream's configured
+//! `base_url` and the request's path and query only — never from the request's `Host` or
+//! authority — so no request can make the proxy connect anywhere else.
+//!
+//! Policy: a client's `upstreams` list and its `allow` rules (see [`crate::policy`]); rules
+//! match the path as the caller sent it, and only paths in plain form.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{ready, Either, Ready};
+use http::Uri;
+use tower::{Layer, Service};
+
+use super::client_auth::Caller;
+use super::{ProxyRequest, ProxyResponse};
+use crate::error::ProxyError;
+use crate::policy::is_plain_path;
+use crate::upstream::Upstream;
+
+/// Where a request is going; set on the request by [`Router`].
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub upstream: Arc<Upstream>,
+    /// The full upstream URI: configured scheme, host and base path, then the request's
+    /// path (prefix stripped) and query.
+    pub target: Uri,
+}
+
+/// The upstream that answered, set on the response for logs and metrics.
+#[derive(Debug, Clone)]
+pub struct RouteName(pub Arc<str>);
+
+#[derive(Debug, Clone)]
+pub struct RouteLayer {
+    /// Longest prefix first.
+    upstreams: Arc<[Arc<Upstream>]>,
+}
+
+impl RouteLayer {
+    pub fn by_prefix(upstreams: &[Arc<Upstream>]) -> Self {
+        let mut sorted = upstreams.to_vec();
+        sorted.sort_by_key(|u| std::cmp::Reverse(u.config.prefix.len()));
+        RouteLayer {
+            upstreams: sorted.into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Router<S>;
+    fn layer(&self, inner: S) -> Router<S> {
+        Router {
+            inner,
+            upstreams: self.upstreams.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Router<S> {
+    inner: S,
+    upstreams: Arc<[Arc<Upstream>]>,
+}
+
+/// The rest of `path` after `prefix`, if `prefix` matches whole segments.
+fn strip_prefix<'a>(prefix: &str, path: &'a str) -> Option<&'a str> {
+    if prefix == "/" {
+        return Some(path);
+    }
+    match path.strip_prefix(prefix)? {
+        "" => Some("/"),
+        rest if rest.starts_with('/') => Some(rest),
+        _ => None,
+    }
+}
+
+fn target_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let base_path = base.path().trim_end_matches('/');
+    let pq = match query {
+        Some(q) => format!("{base_path}{path}?{q}"),
+        None => format!("{base_path}{path}"),
+    };
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?,
+    );
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))
+}
+
+impl<S> Router<S> {
+    fn route(&self, req: &ProxyRequest) -> Result<Route, ProxyError> {
+        let path = req.uri().path();
+        let (upstream, rest) = self
+            .upstreams
+            .iter()
+            .find_map(|u| strip_prefix(&u.config.prefix, path).map(|rest| (u, rest)))
+            .ok_or(ProxyError::NoRoute)?;
+        if let Some(Caller(Some(client))) = req.extensions().get::<Caller>() {
+            if let Some(allowed) = &client.upstreams {
+                if !allowed.contains(upstream.name()) {
+                    return Err(ProxyError::Forbidden(format!(
+                        "client \"{}\" may not use upstream \"{}\"",
+                        client.name,
+                        upstream.name()
+                    )));
+                }
+            }
+            if let Some(rules) = &client.allow {
+                if !is_plain_path(path) {
+                    return Err(ProxyError::Forbidden(
+                        "the path has dot-segments, empty segments or encoded separators".into(),
+                    ));
+                }
+                if !rules.iter().any(|r| r.allows(req.method(), path)) {
+                    return Err(ProxyError::Forbidden(format!(
+                        "client \"{}\" may not {} this path",
+                        client.name,
+                        req.method()
+                    )));
+                }
+            }
+        }
+        Ok(Route {
+            upstream: Arc::clone(upstream),
+            target: target_uri(&upstream.config.base_url, rest, req.uri().query())?,
+        })
+    }
+}
+
+impl<S> Service<ProxyRequest> for Router<S>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<ProxyResponse, Infallible>>, NamedResponse<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
+        match self.route(&req) {
+            Ok(route) => {
+                let name = RouteName(route.upstream.name().clone());
+                req.extensions_mut().insert(route);
+                Either::Right(NamedResponse {
+                    inner: self.inner.call(req),
+                    name: Some(name),
+                })
+            }
+            Err(e) => Either::Left(ready(Ok(e.into_response()))),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner response with the upstream's name attached.
+    pub struct NamedResponse<F> {
+        #[pin]
+        inner: F,
+        name: Option<RouteName>,
+    }
+}
+
+impl<F> Future for NamedResponse<F>
+where
+    F: Future<Output = Result<ProxyResponse, Infallible>>,
+{
+    type Output = Result<ProxyResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut resp) = std::task::ready!(this.inner.poll(cx));
+        if let Some(name) = this.name.take() {
+            resp.extensions_mut().insert(name);
+        }
+        Poll::Ready(Ok(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        assert_eq!(strip_prefix("/", "/api/v2"), Some("/api/v2"));
+        assert_eq!(strip_prefix("/cxone", "/cxone"), Some("/"));
+        assert_eq!(strip_prefix("/cxone", "/cxone/x"), Some("/x"));
+        assert_eq!(strip_prefix("/cxone", "/cxonex"), None);
+    }
+
+    #[test]
+    fn targets_keep_the_configured_host() {
+        let base: Uri = "https://api.mypurecloud.com/".parse().unwrap();
+        let t = target_uri(&base, "/api/v2/users", Some("a=1")).unwrap();
+        assert_eq!(t.to_string(), "https://api.mypurecloud.com/api/v2/users?a=1");
+        let base: Uri = "http://127.0.0.1:9/base".parse().unwrap();
+        let t = target_uri(&base, "/x", None).unwrap();
+        assert_eq!(t.to_string(), "http://127.0.0.1:9/base/x");
+    }
+}

@@ -1,0 +1,197 @@
+//! The `tokengate` command: parse the command line, load the config, run.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokengate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "tokengate", version, about = "An authenticating reverse proxy for the Genesys Cloud and NICE CXone APIs")]
+struct Cli {
+    /// The config file (default: $TOKENGATE_CONFIG, else ./proxy.toml).
+    #[arg(short, long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Validate the config, then try one real token grant per upstream and explain failures.
+    Check {
+        /// One JSON object per upstream, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A built-in Genesys-like sandbox with the proxy in front of it; no credentials needed.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Client keys.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Make a random client key and print it with its hash.
+    New,
+    /// Print the SHA-256 of a key read from stdin.
+    Hash,
+}
+
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .or_else(|| std::env::var_os("TOKENGATE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("proxy.toml"))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    Config::load(&config_path(cli)).map_err(|e| {
+        eprintln!("tokengate: config error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Key { action }) => return key(action),
+        Some(Command::Check { .. }) => {}
+        _ => init_logging(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokengate: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        match &cli.command {
+            None | Some(Command::Run) => serve(&cli).await,
+            Some(Command::Check { json }) => check(&cli, *json).await,
+            Some(Command::Demo { listen }) => match tokengate::demo::run(*listen, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tokengate: demo failed: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Some(Command::Key { .. }) => ExitCode::SUCCESS,
+        }
+    })
+}
+
+async fn serve(cli: &Cli) -> ExitCode {
+    let config = match load(cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let running = match tokengate::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tokengate: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Scripts and tests read the real addresses (port 0 in the config) from these lines.
+    println!("tokengate: proxy listening on http://{}", running.proxy_addr);
+    if let Some(admin) = running.admin_addr {
+        println!("tokengate: admin listening on http://{admin}");
+    }
+    shutdown_signal().await;
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn check(cli: &Cli, json: bool) -> ExitCode {
+    let config = match load(cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let results = tokengate::check::check(&config).await;
+    for d in &results {
+        if json {
+            println!("{}", serde_json::to_string(d).unwrap_or_default());
+        } else if d.ok {
+            println!("ok    {}: {} ({})", d.upstream, d.message, d.token_url);
+        } else {
+            println!("FAIL  {}: [{}] {} ({})", d.upstream, d.hint, d.message, d.token_url);
+        }
+    }
+    if results.iter().all(|d| d.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn key(action: &KeyAction) -> ExitCode {
+    match action {
+        KeyAction::New => {
+            let key = tokengate::keys::new_key();
+            println!("key:        {key}");
+            println!("key_sha256: {}", tokengate::keys::hash_key(&key));
+            eprintln!("Give the key to the client; put only key_sha256 in proxy.toml. The key is not shown again.");
+            ExitCode::SUCCESS
+        }
+        KeyAction::Hash => {
+            let mut input = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+                eprintln!("tokengate: cannot read stdin: {e}");
+                return ExitCode::from(1);
+            }
+            let key = input.trim_end_matches(['\r', '\n']);
+            if key.is_empty() {
+                eprintln!("tokengate: no key on stdin");
+                return ExitCode::from(1);
+            }
+            println!("{}", tokengate::keys::hash_key(key));
+            ExitCode::SUCCESS
+        }
+    }
+}

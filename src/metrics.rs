@@ -1,0 +1,145 @@
+//! Prometheus metrics, with the contract's names, served as text on the admin listener.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    upstream: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrantLabels {
+    upstream: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    upstream: String,
+    reason: &'static str,
+}
+
+type HistogramFamily = Family<UpstreamLabels, Histogram, fn() -> Histogram>;
+
+/// All of the proxy's metrics. Cheap to clone; every clone records into the same registry.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+    grants: Family<GrantLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration: HistogramFamily = Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+        });
+        let grants = Family::<GrantLabels, Counter>::default();
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "tokengate_requests",
+            "Requests answered, by upstream and status (upstream is empty before routing)",
+            requests.clone(),
+        );
+        registry.register(
+            "tokengate_request_duration_seconds",
+            "Time from request to response head",
+            duration.clone(),
+        );
+        registry.register(
+            "tokengate_token_grants",
+            "Token grants attempted, by upstream and outcome",
+            grants.clone(),
+        );
+        registry.register(
+            "tokengate_retries",
+            "Requests sent to the upstream a second time, by reason",
+            retries.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                duration,
+                grants,
+                retries,
+            }),
+        }
+    }
+
+    pub fn request(&self, upstream: &str, status: u16, elapsed: Duration) {
+        let upstream = upstream.to_string();
+        self.inner
+            .duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels { upstream, status })
+            .inc();
+    }
+
+    /// `outcome`: `ok`, or the failure's kind (`refused`, `unreachable`, ...).
+    pub fn grant(&self, upstream: &str, outcome: &'static str) {
+        self.inner
+            .grants
+            .get_or_create(&GrantLabels {
+                upstream: upstream.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn retry(&self, upstream: &str, reason: &'static str) {
+        self.inner
+            .retries
+            .get_or_create(&RetryLabels {
+                upstream: upstream.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+}

@@ -1,0 +1,106 @@
+//! What each platform looks like from outside: where its tokens and its API live.
+//!
+//! Facts and sources are in `PROVIDERS.md` of the project's shared notes: the Genesys Cloud
+//! region table is the official SDKs' (`PureCloudRegionHosts`), and the SDKs derive the
+//! login host from the API host by replacing `api.` with `login.`.
+
+/// The kind of platform an upstream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// Genesys Cloud: `client_credentials` at `login.<domain>`, API at `api.<domain>`.
+    Genesys,
+    /// NICE CXone back-end apps (discovery, password grant with an access key).
+    Cxone,
+    /// Any OAuth 2.0 `client_credentials` server (RFC 6749 §4.4).
+    Oauth2,
+}
+
+impl Provider {
+    pub fn parse(s: &str) -> Option<Provider> {
+        match s {
+            "genesys" => Some(Provider::Genesys),
+            "cxone" => Some(Provider::Cxone),
+            "oauth2" => Some(Provider::Oauth2),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Genesys => "genesys",
+            Provider::Cxone => "cxone",
+            Provider::Oauth2 => "oauth2",
+        }
+    }
+}
+
+/// A Genesys Cloud region: the SDKs' name and its domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenesysRegion {
+    pub name: &'static str,
+    pub domain: &'static str,
+}
+
+impl GenesysRegion {
+    pub fn token_url(&self) -> String {
+        format!("https://login.{}/oauth/token", self.domain)
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("https://api.{}", self.domain)
+    }
+}
+
+/// Every region of the official SDKs (JS `PureCloudRegionHosts.js`, .NET `PureCloudRegionHosts.cs`).
+pub const GENESYS_REGIONS: [GenesysRegion; 18] = [
+    GenesysRegion { name: "us_east_1", domain: "mypurecloud.com" },
+    GenesysRegion { name: "eu_west_1", domain: "mypurecloud.ie" },
+    GenesysRegion { name: "ap_southeast_2", domain: "mypurecloud.com.au" },
+    GenesysRegion { name: "ap_northeast_1", domain: "mypurecloud.jp" },
+    GenesysRegion { name: "eu_central_1", domain: "mypurecloud.de" },
+    GenesysRegion { name: "us_west_2", domain: "usw2.pure.cloud" },
+    GenesysRegion { name: "ca_central_1", domain: "cac1.pure.cloud" },
+    GenesysRegion { name: "ap_northeast_2", domain: "apne2.pure.cloud" },
+    GenesysRegion { name: "eu_west_2", domain: "euw2.pure.cloud" },
+    GenesysRegion { name: "ap_south_1", domain: "aps1.pure.cloud" },
+    GenesysRegion { name: "us_east_2", domain: "use2.us-gov-pure.cloud" },
+    GenesysRegion { name: "sa_east_1", domain: "sae1.pure.cloud" },
+    GenesysRegion { name: "me_central_1", domain: "mec1.pure.cloud" },
+    GenesysRegion { name: "ap_northeast_3", domain: "apne3.pure.cloud" },
+    GenesysRegion { name: "eu_central_2", domain: "euc2.pure.cloud" },
+    GenesysRegion { name: "mx_central_1", domain: "mxc1.pure.cloud" },
+    GenesysRegion { name: "ap_southeast_1", domain: "apse1.pure.cloud" },
+    GenesysRegion { name: "eusc_de_east_1", domain: "edee1.eusc-pure.cloud" },
+];
+
+/// Look a region up by its SDK name; Terraform's hyphenated spelling (`us-east-1`) works too.
+pub fn genesys_region(name: &str) -> Option<GenesysRegion> {
+    let wanted = name.trim().to_ascii_lowercase().replace('-', "_");
+    GENESYS_REGIONS.iter().copied().find(|r| r.name == wanted)
+}
+
+pub fn genesys_region_names() -> Vec<&'static str> {
+    GENESYS_REGIONS.iter().map(|r| r.name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_region_has_login_and_api_hosts() {
+        for r in GENESYS_REGIONS {
+            assert_eq!(
+                r.token_url().replace("//login.", "//api.").replace("/oauth/token", ""),
+                r.api_url()
+            );
+        }
+    }
+
+    #[test]
+    fn both_spellings_are_accepted() {
+        assert_eq!(genesys_region("us-east-1").unwrap().domain, "mypurecloud.com");
+        assert_eq!(genesys_region("eusc_de_east_1").unwrap().domain, "edee1.eusc-pure.cloud");
+        assert!(genesys_region("us_east_9").is_none());
+    }
+}

@@ -1,0 +1,389 @@
+//! A Genesys-Cloud-like login host and API host on loopback, for `tokengate demo` and for
+//! the tests. It behaves as `PROVIDERS.md` documents the real platform:
+//!
+//! - `POST /oauth/token` on the login host: `Authorization: Basic base64(id:secret)`, form
+//!   body `grant_type=client_credentials`; answers `{"access_token", "token_type":
+//!   "bearer", "expires_in"}`, or 400 `{"error": "invalid_client", ...}` /
+//!   `unsupported_grant_type`.
+//! - `/api/v2/...` on the API host wants `Authorization: Bearer <token>`; otherwise 401 with
+//!   Genesys' `ErrorBody` (`authentication.required`, `bad.credentials`,
+//!   `credentials.expired`). Every answer carries `inin-correlation-id`.
+//!
+//! Beyond the platform, a few endpoints exercise the proxy: `GET /api/v2/sandbox/bytes?n=N`
+//! streams N bytes, `/api/v2/sandbox/always401` rejects every token, `/api/v2/sandbox/hang`
+//! never answers, and every other path echoes what it received (method, path, query,
+//! header names, body length and SHA-256).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Incoming;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::body::{self, ProxyBody};
+
+/// How the sandbox behaves.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    pub client_id: String,
+    pub client_secret: String,
+    /// `expires_in` of every token, and how long the API host accepts it.
+    pub token_lifetime: Duration,
+    /// The status of a refused grant (Genesys: 400 or 401, unverified which).
+    pub refusal_status: u16,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        SandboxOptions {
+            client_id: "sandbox-client".into(),
+            client_secret: "sandbox-secret".into(),
+            token_lifetime: Duration::from_secs(86400),
+            refusal_status: 400,
+        }
+    }
+}
+
+/// What the API host saw of one request.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+    pub body_sha256: String,
+}
+
+#[derive(Default)]
+struct State {
+    /// token -> expiry
+    tokens: Mutex<HashMap<String, Instant>>,
+    grant_requests: AtomicU64,
+    grants: AtomicU64,
+    grants_in_flight: AtomicU64,
+    max_grants_in_flight: AtomicU64,
+    api_calls: AtomicU64,
+    api_401s: AtomicU64,
+    seen: Mutex<Vec<SeenRequest>>,
+}
+
+/// A running sandbox; its servers stop when it is dropped.
+pub struct Sandbox {
+    pub login_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    options: Arc<SandboxOptions>,
+    state: Arc<State>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Sandbox {
+    /// Start both hosts on loopback, on ports the OS picks.
+    pub async fn start(options: SandboxOptions) -> std::io::Result<Sandbox> {
+        Self::start_on(options, "127.0.0.1:0".parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))).await
+    }
+
+    /// Start with the API host on `api` (the login host takes any free port).
+    pub async fn start_on(options: SandboxOptions, api: SocketAddr) -> std::io::Result<Sandbox> {
+        let options = Arc::new(options);
+        let state = Arc::new(State::default());
+        let login = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let api = TcpListener::bind(api).await?;
+        let (login_addr, api_addr) = (login.local_addr()?, api.local_addr()?);
+        let forever = std::future::pending::<()>;
+        let (o, s) = (options.clone(), state.clone());
+        let login_svc = tower::service_fn(move |req: Request<Incoming>| {
+            let (o, s) = (o.clone(), s.clone());
+            async move { Ok::<_, Infallible>(token_endpoint(&o, &s, req).await) }
+        });
+        let (o, s) = (options.clone(), state.clone());
+        let api_svc = tower::service_fn(move |req: Request<Incoming>| {
+            let (o, s) = (o.clone(), s.clone());
+            async move { Ok::<_, Infallible>(api_host(&o, &s, req).await) }
+        });
+        let grace = Duration::from_secs(1);
+        let tasks = vec![
+            tokio::spawn(crate::server::serve("sandbox-login", login, login_svc, forever(), grace)),
+            tokio::spawn(crate::server::serve("sandbox-api", api, api_svc, forever(), grace)),
+        ];
+        Ok(Sandbox {
+            login_addr,
+            api_addr,
+            options,
+            state,
+            tasks,
+        })
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}/oauth/token", self.login_addr)
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    pub fn options(&self) -> &SandboxOptions {
+        &self.options
+    }
+
+    /// Tokens issued so far.
+    pub fn grants(&self) -> u64 {
+        self.state.grants.load(Ordering::SeqCst)
+    }
+
+    /// Token requests received, granted or not.
+    pub fn grant_requests(&self) -> u64 {
+        self.state.grant_requests.load(Ordering::SeqCst)
+    }
+
+    /// The most token requests that were ever being answered at the same time.
+    pub fn max_grants_in_flight(&self) -> u64 {
+        self.state.max_grants_in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn api_calls(&self) -> u64 {
+        self.state.api_calls.load(Ordering::SeqCst)
+    }
+
+    /// 401s the API host has answered.
+    pub fn api_401s(&self) -> u64 {
+        self.state.api_401s.load(Ordering::SeqCst)
+    }
+
+    /// Invalidate every token issued so far, as an admin revoking them would.
+    pub fn revoke_all(&self) {
+        lock(&self.state.tokens).clear();
+    }
+
+    /// Whether `authorization` is `Bearer <a token this sandbox issued>`.
+    pub fn issued(&self, authorization: &HeaderValue) -> bool {
+        let Some(token) = authorization.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        lock(&self.state.tokens).contains_key(token)
+    }
+
+    /// Every request the API host answered with something other than 401.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        lock(&self.state.seen).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not take the sandbox down with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn correlation_id() -> HeaderValue {
+    let mut bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    HeaderValue::try_from(hex::encode(bytes)).unwrap_or(HeaderValue::from_static("0"))
+}
+
+async fn token_endpoint(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.uri().path() != "/oauth/token" {
+        return json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"}));
+    }
+    if req.method() != Method::POST {
+        return json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "invalid_request"}));
+    }
+    s.grant_requests.fetch_add(1, Ordering::SeqCst);
+    let in_flight = s.grants_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_grants_in_flight.fetch_max(in_flight, Ordering::SeqCst);
+    let resp = grant(o, s, req).await;
+    s.grants_in_flight.fetch_sub(1, Ordering::SeqCst);
+    resp
+}
+
+async fn grant(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+    let basic = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    let form = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": "invalid_request"})),
+    };
+    let form: HashMap<String, String> = form_urlencoded::parse(&form).into_owned().collect();
+    let expected = format!("{}:{}", o.client_id, o.client_secret);
+    if basic.as_deref() != Some(expected.as_str()) {
+        let status = StatusCode::from_u16(o.refusal_status).unwrap_or(StatusCode::BAD_REQUEST);
+        return json(
+            status,
+            serde_json::json!({"error": "invalid_client", "description": "authentication failed", "error_description": "authentication failed"}),
+        );
+    }
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "unsupported_grant_type", "description": "grant type is not supported", "error_description": "grant type is not supported"}),
+        );
+    }
+    let token = random_token();
+    lock(&s.tokens).insert(token.clone(), Instant::now() + o.token_lifetime);
+    s.grants.fetch_add(1, Ordering::SeqCst);
+    json(
+        StatusCode::OK,
+        serde_json::json!({"access_token": token, "token_type": "bearer", "expires_in": o.token_lifetime.as_secs().max(1)}),
+    )
+}
+
+fn unauthorized(code: &str, message: &str) -> Response<ProxyBody> {
+    json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({"message": message, "code": code, "status": 401, "messageParams": {}, "contextId": hex::encode(rand::random::<[u8; 8]>()), "details": [], "errors": []}),
+    )
+}
+
+async fn api_host(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+    let _ = o;
+    s.api_calls.fetch_add(1, Ordering::SeqCst);
+    let mut resp = api_answer(s, req).await;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        s.api_401s.fetch_add(1, Ordering::SeqCst);
+    }
+    resp.headers_mut().insert("inin-correlation-id", correlation_id());
+    resp
+}
+
+async fn api_answer(s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let Some(token) = token else {
+        return unauthorized(
+            "authentication.required",
+            "No authentication bearer token specified in authorization header.",
+        );
+    };
+    match lock(&s.tokens).get(&token) {
+        None => return unauthorized("bad.credentials", "Invalid login credentials."),
+        Some(expiry) if *expiry <= Instant::now() => {
+            return unauthorized("credentials.expired", "The authentication token has expired.")
+        }
+        Some(_) => {}
+    }
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/api/v2/sandbox/always401" => {
+            return unauthorized("bad.credentials", "Invalid login credentials.")
+        }
+        "/api/v2/sandbox/hang" => std::future::pending::<()>().await,
+        "/api/v2/sandbox/bytes" => {
+            let n = req
+                .uri()
+                .query()
+                .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "n"))
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            let mut resp = Response::new(body::boxed(StreamBody::new(pattern_stream(n))));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            return resp;
+        }
+        "/api/v2/users/me" if req.method() == Method::GET => {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"id": "7e4c1b9a-0000-4000-8000-000000000001", "name": "Sandbox Client", "state": "active", "division": {"name": "Home"}}),
+            );
+        }
+        _ => {}
+    }
+    let (head, mut body) = req.into_parts();
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return json(StatusCode::BAD_REQUEST, serde_json::json!({"message": "body read failed"}));
+        };
+        if let Ok(data) = frame.into_data() {
+            len += data.len() as u64;
+            hasher.update(&data);
+        }
+    }
+    let seen = SeenRequest {
+        method: head.method.clone(),
+        path: head.uri.path().to_string(),
+        query: head.uri.query().map(str::to_string),
+        headers: head.headers.clone(),
+        body_len: len,
+        body_sha256: hex::encode(hasher.finalize()),
+    };
+    let answer = serde_json::json!({
+        "method": seen.method.as_str(),
+        "path": seen.path,
+        "query": seen.query,
+        "header_names": seen.headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        "body_bytes": seen.body_len,
+        "body_sha256": seen.body_sha256,
+    });
+    lock(&s.seen).push(seen);
+    json(StatusCode::OK, answer)
+}
+
+/// The bytes `GET /api/v2/sandbox/bytes?n=N` sends: `i % 251` for byte `i`, so a reader
+/// can check every byte without storing them.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+fn pattern_stream(
+    n: u64,
+) -> impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, Infallible>> + Send {
+    const CHUNK: u64 = 64 * 1024;
+    // CHUNK is not a multiple of 251, so each chunk starts at its own offset in the cycle.
+    let cycle: Bytes = (0..(CHUNK + 251)).map(pattern_byte).collect::<Vec<u8>>().into();
+    futures_util::stream::unfold(0u64, move |sent| {
+        let cycle = cycle.clone();
+        async move {
+            if sent >= n {
+                return None;
+            }
+            let len = CHUNK.min(n - sent);
+            let start = (sent % 251) as usize;
+            let chunk = cycle.slice(start..start + len as usize);
+            Some((Ok(http_body::Frame::data(chunk)), sent + len))
+        }
+    })
+}

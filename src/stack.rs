@@ -1,0 +1,57 @@
+//! The proxy's request path, composed in one place. Read top to bottom: it is the order
+//! in which a request meets each layer.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::{Service, ServiceBuilder};
+
+use crate::body::{self, ProxyBody};
+use crate::config::Config;
+use crate::forward::Forward;
+use crate::layers::bearer::BearerLayer;
+use crate::layers::client_auth::ClientAuthLayer;
+use crate::layers::guard::GuardLayer;
+use crate::layers::observe::ObserveLayer;
+use crate::layers::retry::RetryOn401Layer;
+use crate::layers::route::RouteLayer;
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// Build the service that answers every request on the proxy listener.
+pub fn proxy_service(
+    config: &Config,
+    upstreams: &[Arc<Upstream>],
+    metrics: &Metrics,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
+        // One body type from here on: hyper's, limited, or a kept copy for a retry.
+        .map_request(|req: Request<Incoming>| req.map(body::boxed))
+        // Outermost, so that every answer is counted — including the proxy's own refusals.
+        .layer(ObserveLayer::recording_to(metrics.clone()))
+        // Refuse what must never be forwarded (CONNECT, absolute-form, oversized bodies)
+        // before spending anything on it.
+        .layer(GuardLayer::with_body_limit(config.server.max_body_bytes))
+        // Who is calling; strips the caller's credentials so they can never be forwarded.
+        .layer(ClientAuthLayer::with_clients(&config.clients))
+        // Where it goes, and whether this caller may go there.
+        .layer(RouteLayer::by_prefix(upstreams))
+        // Outside the bearer layer, so a second attempt after a 401 gets a fresh token.
+        .layer(RetryOn401Layer::keeping_bodies_up_to(
+            config.server.retry_body_bytes,
+            metrics.clone(),
+        ))
+        // The upstream's cached token, in place of whatever the caller sent.
+        .layer(BearerLayer)
+        // To the configured upstream host, streaming both ways.
+        .service(Forward)
+}

@@ -1,0 +1,354 @@
+//! Upstream tokens: obtained by the proxy, cached, refreshed ahead of expiry, shared.
+//!
+//! A [`TokenSource`] holds one upstream's current token. The hot path is one atomic load
+//! ([`arc_swap`]) and a comparison of instants: no lock, no allocation. Minting happens
+//! under a tokio `Mutex`, so concurrent requests that find no usable token wait for one
+//! grant instead of starting their own (single flight), and the token endpoint — which has
+//! its own rate limit — never sees a burst. Failed grants back off exponentially, with
+//! jitter; while a usable token exists nobody waits for a grant at all.
+//!
+//! A token's life, for `expires_in = L`:
+//! - usable until `L - min(L/10, 60 s)`: a margin for clock skew and time in flight;
+//! - refreshed in the background from `min(L/4, 5 min)` before that.
+
+pub mod grant;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use rand::Rng;
+use secrecy::ExposeSecret;
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use grant::{GrantError, Granter};
+
+/// A bearer token, ready to be attached.
+pub struct Token {
+    /// `Bearer <token>`, marked sensitive so HTTP/2 never indexes it.
+    header: HeaderValue,
+    /// Tells tokens apart without comparing their values: a 401 names the one it rejected.
+    pub generation: u64,
+    pub obtained: Instant,
+    pub refresh_at: Instant,
+    pub usable_until: Instant,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("generation", &self.generation)
+            .field("header", &"[redacted]")
+            .field("usable_until", &self.usable_until)
+            .finish()
+    }
+}
+
+impl Token {
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+
+    fn due_for_refresh(&self, now: Instant) -> bool {
+        now >= self.refresh_at
+    }
+
+    /// Lifetimes are measured from when the grant was *sent*, so time in flight only ever
+    /// makes the proxy's idea of expiry earlier than the server's.
+    fn new(header: HeaderValue, generation: u64, sent: Instant, lifetime: Duration) -> Token {
+        let margin = (lifetime / 10).min(Duration::from_secs(60));
+        let usable_until = sent + lifetime - margin;
+        let lead = (lifetime / 4).min(Duration::from_secs(300));
+        Token {
+            header,
+            generation,
+            obtained: sent,
+            refresh_at: usable_until - lead,
+            usable_until,
+        }
+    }
+}
+
+/// Why no token could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{cause}")]
+pub struct TokenError {
+    pub cause: GrantError,
+    /// When the next grant will be attempted, if the source is backing off.
+    pub retry_after: Option<Duration>,
+}
+
+/// What a caller needs from the cache.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// Any token still usable.
+    Usable,
+    /// A usable token other than this one, which the upstream just rejected.
+    Replacing(u64),
+    /// A token not yet due for refresh (background refresh).
+    Fresh,
+}
+
+impl Want {
+    fn satisfied_by(self, t: &Token, now: Instant) -> bool {
+        match self {
+            Want::Usable => t.is_usable(now),
+            Want::Replacing(g) => t.is_usable(now) && t.generation != g,
+            Want::Fresh => t.is_usable(now) && !t.due_for_refresh(now),
+        }
+    }
+
+    /// Can a caller make do with `t` when no new token can be had right now?
+    fn tolerates(self, t: &Token, now: Instant) -> bool {
+        match self {
+            Want::Replacing(g) => t.is_usable(now) && t.generation != g,
+            Want::Usable | Want::Fresh => t.is_usable(now),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+    last_error: Option<GrantError>,
+}
+
+impl Backoff {
+    fn record(&mut self, error: GrantError, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        let exp = 1u64 << self.failures.saturating_sub(1).min(6); // 1 s … 64 s
+        let base = Duration::from_secs(exp).min(Duration::from_secs(60));
+        let jitter = rand::thread_rng().gen_range(0.8..1.2);
+        self.until = Some(now + base.mul_f64(jitter));
+        self.last_error = Some(error);
+    }
+
+    fn active(&self, now: Instant) -> Option<Duration> {
+        self.until.filter(|u| *u > now).map(|u| u - now)
+    }
+}
+
+/// One upstream's token cache.
+pub struct TokenSource {
+    upstream: Arc<str>,
+    granter: Granter,
+    metrics: Metrics,
+    current: ArcSwapOption<Token>,
+    /// Held while a grant is in flight: the single flight.
+    minting: tokio::sync::Mutex<Backoff>,
+    /// Set while a background refresh task exists, so the hot path spawns at most one.
+    refreshing: AtomicBool,
+    generations: AtomicU64,
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("upstream", &self.upstream)
+            .field("granter", &self.granter)
+            .finish()
+    }
+}
+
+impl TokenSource {
+    pub fn new(upstream: Arc<str>, granter: Granter, metrics: Metrics) -> Arc<TokenSource> {
+        Arc::new(TokenSource {
+            upstream,
+            granter,
+            metrics,
+            current: ArcSwapOption::empty(),
+            minting: tokio::sync::Mutex::new(Backoff::default()),
+            refreshing: AtomicBool::new(false),
+            generations: AtomicU64::new(0),
+        })
+    }
+
+    pub fn upstream(&self) -> &Arc<str> {
+        &self.upstream
+    }
+
+    /// The token to attach to a request. Waits only when no usable token exists.
+    pub async fn token(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
+        let now = Instant::now();
+        if let Some(t) = self.current.load_full() {
+            if t.is_usable(now) {
+                if t.due_for_refresh(now) {
+                    self.refresh_in_background();
+                }
+                return Ok(t);
+            }
+        }
+        self.obtain(Want::Usable).await
+    }
+
+    /// A token to replace `rejected`, which the upstream answered with 401. Concurrent
+    /// callers that saw the same rejection share one grant; a newer token is kept.
+    pub async fn replace(self: &Arc<Self>, rejected: u64) -> Result<Arc<Token>, TokenError> {
+        self.obtain(Want::Replacing(rejected)).await
+    }
+
+    /// The current token if it is usable (for readiness), without any side effect.
+    pub fn usable(&self) -> Option<Arc<Token>> {
+        self.current
+            .load_full()
+            .filter(|t| t.is_usable(Instant::now()))
+    }
+
+    /// Keep a fresh token at all times, also when no request comes: so readiness holds and
+    /// the first request after a quiet night does not wait. Runs until aborted.
+    pub async fn keep_fresh(self: Arc<Self>) {
+        loop {
+            let wake = {
+                let backoff = self.minting.lock().await;
+                let now = Instant::now();
+                match (self.usable(), backoff.active(now)) {
+                    (_, Some(wait)) => now + wait,
+                    (Some(t), None) => t.refresh_at,
+                    (None, None) => now,
+                }
+            };
+            tokio::time::sleep_until(wake).await;
+            let _ = self.obtain(Want::Fresh).await;
+        }
+    }
+
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self
+            .refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if this.obtain(Want::Fresh).await.is_err() {
+                // Stay the only refresher until the backoff ends, so the hot path does
+                // not spawn a task per request meanwhile.
+                let wait = this.minting.lock().await.active(Instant::now());
+                if let Some(wait) = wait {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            this.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    async fn obtain(self: &Arc<Self>, want: Want) -> Result<Arc<Token>, TokenError> {
+        let mut backoff = self.minting.lock().await;
+        let now = Instant::now();
+        let current = self.current.load_full();
+        // Someone else may have minted while we waited for the lock.
+        if let Some(t) = current.as_ref().filter(|t| want.satisfied_by(t, now)) {
+            return Ok(Arc::clone(t));
+        }
+        // Discard the rejected token, and only it: a newer one would have satisfied us.
+        if let (Want::Replacing(g), Some(t)) = (want, current.as_ref()) {
+            if t.generation == g {
+                self.current.store(None);
+            }
+        }
+        let fallback = current.filter(|t| want.tolerates(t, now));
+        if let Some(wait) = backoff.active(now) {
+            return match fallback {
+                Some(t) => Ok(t),
+                None => Err(TokenError {
+                    cause: backoff
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| GrantError::Unreachable("no grant attempted".into())),
+                    retry_after: Some(wait),
+                }),
+            };
+        }
+        let sent = Instant::now();
+        match self.granter.grant().await {
+            Ok(granted) => {
+                let header = HeaderValue::from_str(&format!(
+                    "Bearer {}",
+                    granted.access_token.expose_secret()
+                ));
+                // The granter checked that the token fits a header; stay defensive anyway.
+                let Ok(mut header) = header else {
+                    let cause = GrantError::NotOAuth {
+                        status: 200,
+                        api_code: None,
+                        what: "a token that cannot be sent in a header".into(),
+                    };
+                    backoff.record(cause.clone(), Instant::now());
+                    return Err(TokenError {
+                        cause,
+                        retry_after: backoff.active(Instant::now()),
+                    });
+                };
+                header.set_sensitive(true);
+                let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+                let token = Arc::new(Token::new(header, generation, sent, granted.expires_in));
+                self.current.store(Some(Arc::clone(&token)));
+                *backoff = Backoff::default();
+                self.metrics.grant(&self.upstream, "ok");
+                tracing::info!(
+                    upstream = %self.upstream,
+                    generation,
+                    expires_in_secs = granted.expires_in.as_secs(),
+                    "token granted"
+                );
+                Ok(token)
+            }
+            Err(cause) => {
+                self.metrics.grant(&self.upstream, cause.outcome());
+                backoff.record(cause.clone(), Instant::now());
+                let retry_after = backoff.active(Instant::now());
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    error = %cause,
+                    retry_in_secs = retry_after.map(|d| d.as_secs_f32()),
+                    "token grant failed"
+                );
+                match fallback {
+                    Some(t) => Ok(t),
+                    None => Err(TokenError { cause, retry_after }),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_leave_margins() {
+        let now = Instant::now();
+        let t = Token::new(HeaderValue::from_static("Bearer x"), 1, now, Duration::from_secs(2));
+        assert_eq!(t.usable_until - now, Duration::from_millis(1800));
+        assert_eq!(t.refresh_at - now, Duration::from_millis(1300));
+        let t = Token::new(HeaderValue::from_static("Bearer x"), 1, now, Duration::from_secs(86400));
+        assert_eq!(t.usable_until - now, Duration::from_secs(86400 - 60));
+        assert_eq!(t.refresh_at - now, Duration::from_secs(86400 - 360));
+        assert!(!format!("{t:?}").contains("Bearer x"));
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let now = Instant::now();
+        let mut b = Backoff::default();
+        let mut last = Duration::ZERO;
+        for _ in 0..10 {
+            b.record(GrantError::Timeout, now);
+            let wait = b.active(now).unwrap();
+            assert!(wait <= Duration::from_secs(73), "{wait:?}");
+            last = wait;
+        }
+        assert!(last >= Duration::from_secs(48));
+    }
+}

@@ -1,0 +1,59 @@
+//! An upstream at run time: its configuration, its token cache and its connection pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+use crate::body::ProxyBody;
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+use crate::token::grant::Granter;
+use crate::token::TokenSource;
+
+/// hyper-util's pooled client over rustls; HTTP/1.1 or HTTP/2 as ALPN decides.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub config: Arc<UpstreamConfig>,
+    pub tokens: Arc<TokenSource>,
+    pub client: UpstreamClient,
+}
+
+impl Upstream {
+    pub fn new(config: Arc<UpstreamConfig>, http: reqwest::Client, metrics: Metrics) -> Upstream {
+        let granter = Granter::new(http, config.grant.clone());
+        let tokens = TokenSource::new(config.name.clone(), granter, metrics);
+        let client = upstream_client(config.connect_timeout);
+        Upstream {
+            config,
+            tokens,
+            client,
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.config.name
+    }
+}
+
+fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    // The https connector below decides between http and https by the URL's scheme.
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https)
+}
