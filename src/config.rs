@@ -401,10 +401,9 @@ impl Cx<'_> {
             Some(paths) => {
                 for p in &paths {
                     if !p.starts_with('/') {
-                        return Err(self.err(
-                            "server.token_paths",
-                            format!("\"{p}\" must start with '/'"),
-                        ));
+                        return Err(
+                            self.err("server.token_paths", format!("\"{p}\" must start with '/'"))
+                        );
                     }
                 }
                 paths
@@ -466,7 +465,10 @@ impl Cx<'_> {
             ("issuer", raw.issuer.is_some()),
             ("access_key_id", raw.access_key_id.is_some()),
             ("access_key_secret", raw.access_key_secret.is_some()),
-            ("access_key_secret_file", raw.access_key_secret_file.is_some()),
+            (
+                "access_key_secret_file",
+                raw.access_key_secret_file.is_some(),
+            ),
         ] {
             if set {
                 return Err(self.err(&key(field), "is only valid for provider = \"cxone\""));
@@ -505,7 +507,9 @@ impl Cx<'_> {
             }
             _ => {
                 if raw.region.is_some() {
-                    return Err(self.err(&key("region"), "is only valid for provider = \"genesys\""));
+                    return Err(
+                        self.err(&key("region"), "is only valid for provider = \"genesys\"")
+                    );
                 }
                 None
             }
@@ -513,12 +517,16 @@ impl Cx<'_> {
         let token_url = match (raw.token_url, &defaults) {
             (Some(u), _) => self.interpolate(&key("token_url"), &u)?,
             (None, Some((t, _))) => t.clone(),
-            (None, None) => return Err(self.err(&key("token_url"), "is required for provider = \"oauth2\"")),
+            (None, None) => {
+                return Err(self.err(&key("token_url"), "is required for provider = \"oauth2\""))
+            }
         };
         let base_url = match (raw.base_url, &defaults) {
             (Some(u), _) => self.interpolate(&key("base_url"), &u)?,
             (None, Some((_, b))) => b.clone(),
-            (None, None) => return Err(self.err(&key("base_url"), "is required for provider = \"oauth2\"")),
+            (None, None) => {
+                return Err(self.err(&key("base_url"), "is required for provider = \"oauth2\""))
+            }
         };
         let token_url = self.http_url(&key("token_url"), &token_url)?.to_string();
         let base_url = self.base_url(&key("base_url"), &base_url)?;
@@ -572,7 +580,11 @@ impl Cx<'_> {
             prefix,
             base_url,
             timeout: self.secs(&key("timeout_secs"), raw.timeout_secs, 60.0)?,
-            connect_timeout: self.secs(&key("connect_timeout_secs"), raw.connect_timeout_secs, 10.0)?,
+            connect_timeout: self.secs(
+                &key("connect_timeout_secs"),
+                raw.connect_timeout_secs,
+                10.0,
+            )?,
             grant: GrantConfig {
                 token_url,
                 client_id,
@@ -604,9 +616,12 @@ impl Cx<'_> {
             Some(names) => {
                 let mut out = Vec::new();
                 for n in names {
-                    let up = upstreams.iter().find(|u| u.name.as_ref() == n).ok_or_else(|| {
-                        self.err(&key("upstreams"), format!("no upstream is named \"{n}\""))
-                    })?;
+                    let up = upstreams
+                        .iter()
+                        .find(|u| u.name.as_ref() == n)
+                        .ok_or_else(|| {
+                            self.err(&key("upstreams"), format!("no upstream is named \"{n}\""))
+                        })?;
                     out.push(up.name.clone());
                 }
                 Some(out)
@@ -647,9 +662,7 @@ impl Cx<'_> {
                     .find('}')
                     .ok_or_else(|| self.err(key, "an unclosed \"${\"; write ${NAME}"))?;
                 let name = &after[..end];
-                if name.is_empty()
-                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     return Err(self.err(
                         key,
                         format!("\"${{{name}}}\" is not a valid environment variable reference"),
@@ -710,7 +723,9 @@ impl Cx<'_> {
     }
 
     fn sha256_hex(&self, key: &str, s: &str) -> Result<[u8; 32], ConfigError> {
-        let bytes = hex::decode(s).ok().filter(|b| b.len() == 32 && s.len() == 64);
+        let bytes = hex::decode(s)
+            .ok()
+            .filter(|b| b.len() == 32 && s.len() == 64);
         let bytes = bytes.filter(|_| !s.chars().any(|c| c.is_ascii_uppercase()));
         let bytes = bytes.ok_or_else(|| {
             self.err(
@@ -766,12 +781,18 @@ impl Cx<'_> {
         if !s.starts_with('/') {
             return Err(self.err(key, format!("\"{s}\" must start with '/'")));
         }
-        if s.contains("//") || s.split('/').any(|seg| seg == "." || seg == "..") || s.contains(['?', '#', '%'])
+        if s.contains("//")
+            || s.split('/').any(|seg| seg == "." || seg == "..")
+            || s.contains(['?', '#', '%'])
         {
             return Err(self.err(key, format!("\"{s}\" must be a plain path such as /cxone")));
         }
         let trimmed = s.trim_end_matches('/');
-        Ok(if trimmed.is_empty() { "/".into() } else { trimmed.into() })
+        Ok(if trimmed.is_empty() {
+            "/".into()
+        } else {
+            trimmed.into()
+        })
     }
 }
 
@@ -804,7 +825,10 @@ client_secret = "${SECRET}"
     fn genesys_region_sets_login_and_api_hosts() {
         let c = load(GENESYS).unwrap();
         let u = &c.upstreams[0];
-        assert_eq!(u.grant.token_url, "https://login.mypurecloud.ie/oauth/token");
+        assert_eq!(
+            u.grant.token_url,
+            "https://login.mypurecloud.ie/oauth/token"
+        );
         assert_eq!(u.base_url.to_string(), "https://api.mypurecloud.ie/");
         assert_eq!(u.grant.client_id, "my-id");
         assert_eq!(u.prefix, "/");
@@ -812,7 +836,9 @@ client_secret = "${SECRET}"
 
     #[test]
     fn unknown_key_is_an_error_naming_it() {
-        let err = load(&format!("{GENESYS}\nclient_secrte = \"x\"\n")).unwrap_err().to_string();
+        let err = load(&format!("{GENESYS}\nclient_secrte = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("proxy.toml: "), "{err}");
         assert!(err.contains("client_secrte"), "{err}");
         assert!(err.contains("line"), "{err}");
@@ -822,7 +848,10 @@ client_secret = "${SECRET}"
     fn missing_variable_is_named_and_no_secret_is_printed() {
         let text = GENESYS.replace("${ID}", "${NOPE}");
         let err = load(&text).unwrap_err().to_string();
-        assert!(err.contains("environment variable NOPE is not set"), "{err}");
+        assert!(
+            err.contains("environment variable NOPE is not set"),
+            "{err}"
+        );
         assert!(err.contains("upstream \"genesys\".client_id"), "{err}");
         let dbg = format!("{:?}", load(GENESYS).unwrap());
         assert!(!dbg.contains("super-secret-value"), "{dbg}");
@@ -830,8 +859,13 @@ client_secret = "${SECRET}"
 
     #[test]
     fn unknown_region_lists_the_valid_ones() {
-        let err = load(&GENESYS.replace("eu_west_1", "us-east-9")).unwrap_err().to_string();
-        assert!(err.contains("us-east-9") && err.contains("mx_central_1"), "{err}");
+        let err = load(&GENESYS.replace("eu_west_1", "us-east-9"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("us-east-9") && err.contains("mx_central_1"),
+            "{err}"
+        );
     }
 
     #[test]

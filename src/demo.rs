@@ -8,7 +8,10 @@ use crate::config::Config;
 use crate::sandbox::{Sandbox, SandboxOptions};
 
 /// Run the demo until `shutdown` resolves.
-pub async fn run(listen: SocketAddr, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let sandbox = Sandbox::start(SandboxOptions::default()).await?;
     let secret = sandbox.options().client_secret.clone();
     let proxy_listen = match tokio::net::TcpListener::bind(listen).await {
@@ -51,7 +54,9 @@ client_secret = "${{SANDBOX_CLIENT_SECRET}}"
     println!("Try:");
     println!("  curl -s http://{proxy}/api/v2/users/me");
     println!("  curl -s http://{proxy}/api/v2/analytics/conversations/details/query -H 'Content-Type: application/json' -d '{{\"interval\":\"2026-11-01T00:00:00Z/2026-11-02T00:00:00Z\"}}'");
-    println!("  curl -s http://{api}/api/v2/users/me          # the API host without the proxy: 401");
+    println!(
+        "  curl -s http://{api}/api/v2/users/me          # the API host without the proxy: 401"
+    );
     if let Some(admin) = running.admin_addr {
         println!("  curl -s http://{admin}/metrics | grep ^tokengate_");
     }

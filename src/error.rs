@@ -88,7 +88,10 @@ impl ProxyError {
         let mut resp = Response::new(full(body.to_string()));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
             ProxyError::Unauthorized => {
@@ -124,18 +127,39 @@ mod tests {
             (ProxyError::NoRoute, 404, "no_route"),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
             (
-                ProxyError::TokenGrantFailed { grant_error: Some("invalid_client".into()), message: "m".into() },
+                ProxyError::TokenGrantFailed {
+                    grant_error: Some("invalid_client".into()),
+                    message: "m".into(),
+                },
                 502,
                 "token_grant_failed",
             ),
-            (ProxyError::UpstreamUnreachable("x".into()), 502, "upstream_unreachable"),
-            (ProxyError::TokenUnavailable { retry_after: None, message: "m".into() }, 503, "token_unavailable"),
-            (ProxyError::UpstreamTimeout(Duration::from_secs(1)), 504, "upstream_timeout"),
+            (
+                ProxyError::UpstreamUnreachable("x".into()),
+                502,
+                "upstream_unreachable",
+            ),
+            (
+                ProxyError::TokenUnavailable {
+                    retry_after: None,
+                    message: "m".into(),
+                },
+                503,
+                "token_unavailable",
+            ),
+            (
+                ProxyError::UpstreamTimeout(Duration::from_secs(1)),
+                504,
+                "upstream_timeout",
+            ),
         ];
         for (err, status, code) in rows {
             let resp = err.into_response();
             assert_eq!(resp.status().as_u16(), status);
-            assert_eq!(resp.extensions().get::<ProxyErrorCode>(), Some(&ProxyErrorCode(code)));
+            assert_eq!(
+                resp.extensions().get::<ProxyErrorCode>(),
+                Some(&ProxyErrorCode(code))
+            );
         }
     }
 }

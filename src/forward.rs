@@ -75,9 +75,17 @@ impl Service<ProxyRequest> for Forward {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {
                     let failure = if e.is_connect() {
-                        format!("connecting to {} failed: {}", upstream.config.base_url, error_chain(&e))
+                        format!(
+                            "connecting to {} failed: {}",
+                            upstream.config.base_url,
+                            error_chain(&e)
+                        )
                     } else {
-                        format!("the exchange with {} failed: {}", upstream.config.base_url, error_chain(&e))
+                        format!(
+                            "the exchange with {} failed: {}",
+                            upstream.config.base_url,
+                            error_chain(&e)
+                        )
                     };
                     tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
                     let err = body_error_or(&e, ProxyError::UpstreamUnreachable(failure));
@@ -100,9 +108,15 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);

@@ -60,11 +60,9 @@ pub struct Running {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError {
-        what,
-        addr,
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError { what, addr, source })
 }
 
 /// Bind the listeners and start serving.
@@ -82,12 +80,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(addr) => Some(bind("admin", addr).await?),
         None => None,
     };
-    let proxy_addr = proxy_listener
-        .local_addr()
-        .unwrap_or(config.server.listen);
-    let admin_addr = admin_listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok());
+    let proxy_addr = proxy_listener.local_addr().unwrap_or(config.server.listen);
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let (stop, stopped) = watch::channel(false);
     let on_stop = move || {

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use tokengate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "tokengate", version, about = "An authenticating reverse proxy for the Genesys Cloud and NICE CXone APIs")]
+#[command(
+    name = "tokengate",
+    version,
+    about = "An authenticating reverse proxy for the Genesys Cloud and NICE CXone APIs"
+)]
 struct Cli {
     /// The config file (default: $TOKENGATE_CONFIG, else ./proxy.toml).
     #[arg(short, long, global = true, value_name = "FILE")]
@@ -103,7 +107,10 @@ fn main() -> ExitCode {
         Some(Command::Check { .. }) => {}
         _ => init_logging(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tokengate: cannot start the runtime: {e}");
@@ -114,13 +121,15 @@ fn main() -> ExitCode {
         match &cli.command {
             None | Some(Command::Run) => serve(&cli).await,
             Some(Command::Check { json }) => check(&cli, *json).await,
-            Some(Command::Demo { listen }) => match tokengate::demo::run(*listen, shutdown_signal()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tokengate: demo failed: {e}");
-                    ExitCode::from(1)
+            Some(Command::Demo { listen }) => {
+                match tokengate::demo::run(*listen, shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("tokengate: demo failed: {e}");
+                        ExitCode::from(1)
+                    }
                 }
-            },
+            }
             Some(Command::Key { .. }) => ExitCode::SUCCESS,
         }
     })
@@ -139,7 +148,10 @@ async fn serve(cli: &Cli) -> ExitCode {
         }
     };
     // Scripts and tests read the real addresses (port 0 in the config) from these lines.
-    println!("tokengate: proxy listening on http://{}", running.proxy_addr);
+    println!(
+        "tokengate: proxy listening on http://{}",
+        running.proxy_addr
+    );
     if let Some(admin) = running.admin_addr {
         println!("tokengate: admin listening on http://{admin}");
     }
@@ -160,7 +172,10 @@ async fn check(cli: &Cli, json: bool) -> ExitCode {
         } else if d.ok {
             println!("ok    {}: {} ({})", d.upstream, d.message, d.token_url);
         } else {
-            println!("FAIL  {}: [{}] {} ({})", d.upstream, d.hint, d.message, d.token_url);
+            println!(
+                "FAIL  {}: [{}] {} ({})",
+                d.upstream, d.hint, d.message, d.token_url
+            );
         }
     }
     if results.iter().all(|d| d.ok) {

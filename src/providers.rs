@@ -53,24 +53,78 @@ impl GenesysRegion {
 
 /// Every region of the official SDKs (JS `PureCloudRegionHosts.js`, .NET `PureCloudRegionHosts.cs`).
 pub const GENESYS_REGIONS: [GenesysRegion; 18] = [
-    GenesysRegion { name: "us_east_1", domain: "mypurecloud.com" },
-    GenesysRegion { name: "eu_west_1", domain: "mypurecloud.ie" },
-    GenesysRegion { name: "ap_southeast_2", domain: "mypurecloud.com.au" },
-    GenesysRegion { name: "ap_northeast_1", domain: "mypurecloud.jp" },
-    GenesysRegion { name: "eu_central_1", domain: "mypurecloud.de" },
-    GenesysRegion { name: "us_west_2", domain: "usw2.pure.cloud" },
-    GenesysRegion { name: "ca_central_1", domain: "cac1.pure.cloud" },
-    GenesysRegion { name: "ap_northeast_2", domain: "apne2.pure.cloud" },
-    GenesysRegion { name: "eu_west_2", domain: "euw2.pure.cloud" },
-    GenesysRegion { name: "ap_south_1", domain: "aps1.pure.cloud" },
-    GenesysRegion { name: "us_east_2", domain: "use2.us-gov-pure.cloud" },
-    GenesysRegion { name: "sa_east_1", domain: "sae1.pure.cloud" },
-    GenesysRegion { name: "me_central_1", domain: "mec1.pure.cloud" },
-    GenesysRegion { name: "ap_northeast_3", domain: "apne3.pure.cloud" },
-    GenesysRegion { name: "eu_central_2", domain: "euc2.pure.cloud" },
-    GenesysRegion { name: "mx_central_1", domain: "mxc1.pure.cloud" },
-    GenesysRegion { name: "ap_southeast_1", domain: "apse1.pure.cloud" },
-    GenesysRegion { name: "eusc_de_east_1", domain: "edee1.eusc-pure.cloud" },
+    GenesysRegion {
+        name: "us_east_1",
+        domain: "mypurecloud.com",
+    },
+    GenesysRegion {
+        name: "eu_west_1",
+        domain: "mypurecloud.ie",
+    },
+    GenesysRegion {
+        name: "ap_southeast_2",
+        domain: "mypurecloud.com.au",
+    },
+    GenesysRegion {
+        name: "ap_northeast_1",
+        domain: "mypurecloud.jp",
+    },
+    GenesysRegion {
+        name: "eu_central_1",
+        domain: "mypurecloud.de",
+    },
+    GenesysRegion {
+        name: "us_west_2",
+        domain: "usw2.pure.cloud",
+    },
+    GenesysRegion {
+        name: "ca_central_1",
+        domain: "cac1.pure.cloud",
+    },
+    GenesysRegion {
+        name: "ap_northeast_2",
+        domain: "apne2.pure.cloud",
+    },
+    GenesysRegion {
+        name: "eu_west_2",
+        domain: "euw2.pure.cloud",
+    },
+    GenesysRegion {
+        name: "ap_south_1",
+        domain: "aps1.pure.cloud",
+    },
+    GenesysRegion {
+        name: "us_east_2",
+        domain: "use2.us-gov-pure.cloud",
+    },
+    GenesysRegion {
+        name: "sa_east_1",
+        domain: "sae1.pure.cloud",
+    },
+    GenesysRegion {
+        name: "me_central_1",
+        domain: "mec1.pure.cloud",
+    },
+    GenesysRegion {
+        name: "ap_northeast_3",
+        domain: "apne3.pure.cloud",
+    },
+    GenesysRegion {
+        name: "eu_central_2",
+        domain: "euc2.pure.cloud",
+    },
+    GenesysRegion {
+        name: "mx_central_1",
+        domain: "mxc1.pure.cloud",
+    },
+    GenesysRegion {
+        name: "ap_southeast_1",
+        domain: "apse1.pure.cloud",
+    },
+    GenesysRegion {
+        name: "eusc_de_east_1",
+        domain: "edee1.eusc-pure.cloud",
+    },
 ];
 
 /// Look a region up by its SDK name; Terraform's hyphenated spelling (`us-east-1`) works too.
@@ -91,7 +145,9 @@ mod tests {
     fn every_region_has_login_and_api_hosts() {
         for r in GENESYS_REGIONS {
             assert_eq!(
-                r.token_url().replace("//login.", "//api.").replace("/oauth/token", ""),
+                r.token_url()
+                    .replace("//login.", "//api.")
+                    .replace("/oauth/token", ""),
                 r.api_url()
             );
         }
@@ -99,8 +155,14 @@ mod tests {
 
     #[test]
     fn both_spellings_are_accepted() {
-        assert_eq!(genesys_region("us-east-1").unwrap().domain, "mypurecloud.com");
-        assert_eq!(genesys_region("eusc_de_east_1").unwrap().domain, "edee1.eusc-pure.cloud");
+        assert_eq!(
+            genesys_region("us-east-1").unwrap().domain,
+            "mypurecloud.com"
+        );
+        assert_eq!(
+            genesys_region("eusc_de_east_1").unwrap().domain,
+            "edee1.eusc-pure.cloud"
+        );
         assert!(genesys_region("us_east_9").is_none());
     }
 }

@@ -10,7 +10,8 @@
 //!   `credentials.expired`). Every answer carries `inin-correlation-id`.
 //!
 //! Beyond the platform, a few endpoints exercise the proxy: `GET /api/v2/sandbox/bytes?n=N`
-//! streams N bytes, `/api/v2/sandbox/always401` rejects every token, `/api/v2/sandbox/hang`
+//! streams N bytes, `/api/v2/sandbox/gate` answers when the test opens the gate,
+//! `/api/v2/sandbox/always401` rejects every token, `/api/v2/sandbox/hang`
 //! never answers, and every other path echoes what it received (method, path, query,
 //! header names, body length and SHA-256).
 
@@ -77,6 +78,32 @@ struct State {
     api_calls: AtomicU64,
     api_401s: AtomicU64,
     seen: Mutex<Vec<SeenRequest>>,
+    /// `/api/v2/sandbox/gate` answers once this is true.
+    gate: Gate,
+    /// Hold `bad.credentials` answers until this many are waiting (0: never hold).
+    hold_401s: AtomicU64,
+    held_401s: tokio::sync::watch::Sender<u64>,
+}
+
+struct Gate(tokio::sync::watch::Sender<bool>);
+
+impl State {
+    /// Answer a rejected token, after waiting for company if the test asked for it.
+    async fn bad_credentials(&self) -> Response<ProxyBody> {
+        let hold = self.hold_401s.load(Ordering::SeqCst);
+        if hold > 0 {
+            self.held_401s.send_modify(|n| *n += 1);
+            let mut held = self.held_401s.subscribe();
+            let _ = held.wait_for(|n| *n >= hold).await;
+        }
+        unauthorized("bad.credentials", "Invalid login credentials.")
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(tokio::sync::watch::channel(false).0)
+    }
 }
 
 /// A running sandbox; its servers stop when it is dropped.
@@ -99,7 +126,13 @@ impl Drop for Sandbox {
 impl Sandbox {
     /// Start both hosts on loopback, on ports the OS picks.
     pub async fn start(options: SandboxOptions) -> std::io::Result<Sandbox> {
-        Self::start_on(options, "127.0.0.1:0".parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))).await
+        Self::start_on(
+            options,
+            "127.0.0.1:0"
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+        )
+        .await
     }
 
     /// Start with the API host on `api` (the login host takes any free port).
@@ -122,8 +155,20 @@ impl Sandbox {
         });
         let grace = Duration::from_secs(1);
         let tasks = vec![
-            tokio::spawn(crate::server::serve("sandbox-login", login, login_svc, forever(), grace)),
-            tokio::spawn(crate::server::serve("sandbox-api", api, api_svc, forever(), grace)),
+            tokio::spawn(crate::server::serve(
+                "sandbox-login",
+                login,
+                login_svc,
+                forever(),
+                grace,
+            )),
+            tokio::spawn(crate::server::serve(
+                "sandbox-api",
+                api,
+                api_svc,
+                forever(),
+                grace,
+            )),
         ];
         Ok(Sandbox {
             login_addr,
@@ -177,10 +222,32 @@ impl Sandbox {
 
     /// Whether `authorization` is `Bearer <a token this sandbox issued>`.
     pub fn issued(&self, authorization: &HeaderValue) -> bool {
-        let Some(token) = authorization.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
+        let Some(token) = authorization
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
             return false;
         };
         lock(&self.state.tokens).contains_key(token)
+    }
+
+    /// Revoke every token, and hold the 401s that follow until `n` requests are waiting for
+    /// one: so that `n` concurrent calls all meet the revoked token.
+    pub fn revoke_all_and_hold_401s(&self, n: u64) {
+        self.state.held_401s.send_replace(0);
+        self.state.hold_401s.store(n, Ordering::SeqCst);
+        self.revoke_all();
+    }
+
+    /// Every token issued and not revoked.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        lock(&self.state.tokens).keys().cloned().collect()
+    }
+
+    /// Let the requests waiting at `/api/v2/sandbox/gate` (and later ones) through.
+    pub fn open_gate(&self) {
+        self.state.gate.0.send_replace(true);
     }
 
     /// Every request the API host answered with something other than 401.
@@ -197,8 +264,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn json(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
     let mut resp = Response::new(body::full(value.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -214,16 +283,27 @@ fn correlation_id() -> HeaderValue {
     HeaderValue::try_from(hex::encode(bytes)).unwrap_or(HeaderValue::from_static("0"))
 }
 
-async fn token_endpoint(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn token_endpoint(
+    o: &SandboxOptions,
+    s: &State,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     if req.uri().path() != "/oauth/token" {
-        return json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"}));
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found"}),
+        );
     }
     if req.method() != Method::POST {
-        return json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "invalid_request"}));
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "invalid_request"}),
+        );
     }
     s.grant_requests.fetch_add(1, Ordering::SeqCst);
     let in_flight = s.grants_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    s.max_grants_in_flight.fetch_max(in_flight, Ordering::SeqCst);
+    s.max_grants_in_flight
+        .fetch_max(in_flight, Ordering::SeqCst);
     let resp = grant(o, s, req).await;
     s.grants_in_flight.fetch_sub(1, Ordering::SeqCst);
     resp
@@ -239,7 +319,12 @@ async fn grant(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Respons
         .and_then(|b| String::from_utf8(b).ok());
     let form = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": "invalid_request"})),
+        Err(_) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "invalid_request"}),
+            )
+        }
     };
     let form: HashMap<String, String> = form_urlencoded::parse(&form).into_owned().collect();
     let expected = format!("{}:{}", o.client_id, o.client_secret);
@@ -279,7 +364,8 @@ async fn api_host(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Resp
     if resp.status() == StatusCode::UNAUTHORIZED {
         s.api_401s.fetch_add(1, Ordering::SeqCst);
     }
-    resp.headers_mut().insert("inin-correlation-id", correlation_id());
+    resp.headers_mut()
+        .insert("inin-correlation-id", correlation_id());
     resp
 }
 
@@ -296,10 +382,14 @@ async fn api_answer(s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
             "No authentication bearer token specified in authorization header.",
         );
     };
-    match lock(&s.tokens).get(&token) {
-        None => return unauthorized("bad.credentials", "Invalid login credentials."),
-        Some(expiry) if *expiry <= Instant::now() => {
-            return unauthorized("credentials.expired", "The authentication token has expired.")
+    let expiry = lock(&s.tokens).get(&token).copied();
+    match expiry {
+        None => return s.bad_credentials().await,
+        Some(expiry) if expiry <= Instant::now() => {
+            return unauthorized(
+                "credentials.expired",
+                "The authentication token has expired.",
+            )
         }
         Some(_) => {}
     }
@@ -309,6 +399,10 @@ async fn api_answer(s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
             return unauthorized("bad.credentials", "Invalid login credentials.")
         }
         "/api/v2/sandbox/hang" => std::future::pending::<()>().await,
+        "/api/v2/sandbox/gate" => {
+            let mut open = s.gate.0.subscribe();
+            let _ = open.wait_for(|open| *open).await;
+        }
         "/api/v2/sandbox/bytes" => {
             let n = req
                 .uri()
@@ -317,9 +411,12 @@ async fn api_answer(s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
                 .and_then(|(_, v)| v.parse::<u64>().ok())
                 .unwrap_or(0);
             let mut resp = Response::new(body::boxed(StreamBody::new(pattern_stream(n))));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
             resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
             return resp;
         }
         "/api/v2/users/me" if req.method() == Method::GET => {
@@ -335,7 +432,10 @@ async fn api_answer(s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut len = 0u64;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return json(StatusCode::BAD_REQUEST, serde_json::json!({"message": "body read failed"}));
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"message": "body read failed"}),
+            );
         };
         if let Ok(data) = frame.into_data() {
             len += data.len() as u64;
@@ -373,7 +473,10 @@ fn pattern_stream(
 ) -> impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, Infallible>> + Send {
     const CHUNK: u64 = 64 * 1024;
     // CHUNK is not a multiple of 251, so each chunk starts at its own offset in the cycle.
-    let cycle: Bytes = (0..(CHUNK + 251)).map(pattern_byte).collect::<Vec<u8>>().into();
+    let cycle: Bytes = (0..(CHUNK + 251))
+        .map(pattern_byte)
+        .collect::<Vec<u8>>()
+        .into();
     futures_util::stream::unfold(0u64, move |sent| {
         let cycle = cycle.clone();
         async move {

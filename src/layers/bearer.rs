@@ -46,7 +46,10 @@ pub fn token_error(upstream: &str, e: TokenError) -> ProxyError {
     if e.cause.is_transient() {
         return ProxyError::TokenUnavailable {
             retry_after: e.retry_after,
-            message: format!("no token for upstream \"{upstream}\" is available: {}", e.cause),
+            message: format!(
+                "no token for upstream \"{upstream}\" is available: {}",
+                e.cause
+            ),
         };
     }
     let grant_error = match &e.cause {

@@ -136,14 +136,32 @@ mod tests {
     fn keys_are_found_in_either_header() {
         let clients = vec![client("a", "key-a"), client("b", "key-b")];
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer key-b"));
-        assert_eq!(identify(&clients, presented_key(&h).unwrap()).unwrap().name.as_ref(), "b");
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer key-b"),
+        );
+        assert_eq!(
+            identify(&clients, presented_key(&h).unwrap())
+                .unwrap()
+                .name
+                .as_ref(),
+            "b"
+        );
         let mut h = HeaderMap::new();
         h.insert(&X_API_KEY, HeaderValue::from_static("key-a"));
-        assert_eq!(identify(&clients, presented_key(&h).unwrap()).unwrap().name.as_ref(), "a");
+        assert_eq!(
+            identify(&clients, presented_key(&h).unwrap())
+                .unwrap()
+                .name
+                .as_ref(),
+            "a"
+        );
         assert!(identify(&clients, b"key-c").is_none());
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic a2V5LWE="));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic a2V5LWE="),
+        );
         assert!(presented_key(&h).is_none());
     }
 }

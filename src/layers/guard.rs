@@ -51,7 +51,9 @@ impl<S> Guard<S> {
         }
         // HTTP/2 always carries a scheme and authority; on HTTP/1 they mean absolute form.
         if req.version() < Version::HTTP_2 && req.uri().scheme().is_some() {
-            return Err(ProxyError::BadRequest("absolute-form request targets are not supported"));
+            return Err(ProxyError::BadRequest(
+                "absolute-form request targets are not supported",
+            ));
         }
         if !req.uri().path().starts_with('/') {
             return Err(ProxyError::BadRequest("the request target must be a path"));

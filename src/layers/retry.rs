@@ -70,7 +70,11 @@ enum Kept {
 
 /// Read `body` into memory if it is at most `limit` bytes; otherwise give back a body that
 /// streams what was read so far followed by the rest.
-async fn keep_body(mut body: ProxyBody, declared: Option<u64>, limit: usize) -> Result<Kept, BoxError> {
+async fn keep_body(
+    mut body: ProxyBody,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<Kept, BoxError> {
     if body.is_end_stream() {
         return Ok(Kept::Whole(Bytes::new()));
     }
@@ -82,13 +86,19 @@ async fn keep_body(mut body: ProxyBody, declared: Option<u64>, limit: usize) -> 
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         // Trailers on a request are vanishingly rare; they are not worth a retry.
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         total += data.len();
         chunks.push(data);
         if total > limit {
-            let read = futures_util::stream::iter(chunks.into_iter().map(|b| Ok(http_body::Frame::data(b))));
+            let read = futures_util::stream::iter(
+                chunks.into_iter().map(|b| Ok(http_body::Frame::data(b))),
+            );
             let rest = BodyStream::new(body);
-            return Ok(Kept::Streaming(body::boxed(StreamBody::new(read.chain(rest)))));
+            return Ok(Kept::Streaming(body::boxed(StreamBody::new(
+                read.chain(rest),
+            ))));
         }
     }
     Ok(Kept::Whole(match chunks.len() {
@@ -108,7 +118,6 @@ fn copy_with_body(head: &http::request::Parts, body: Bytes) -> ProxyRequest {
     *req.extensions_mut() = head.extensions.clone();
     req
 }
-
 
 impl<S> Service<ProxyRequest> for RetryOn401<S>
 where
@@ -154,7 +163,9 @@ where
             };
             let resp = inner.call(copy_with_body(&head, body.clone())).await?;
             let rejected = match resp.extensions().get::<TokenUsed>() {
-                Some(TokenUsed(generation)) if resp.status() == StatusCode::UNAUTHORIZED => *generation,
+                Some(TokenUsed(generation)) if resp.status() == StatusCode::UNAUTHORIZED => {
+                    *generation
+                }
                 _ => return Ok(resp),
             };
             if let Some(route) = head.extensions.get::<Route>() {

@@ -92,7 +92,8 @@ fn target_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ProxyE
         pq.parse()
             .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?,
     );
-    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))
+    Uri::from_parts(parts)
+        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))
 }
 
 impl<S> Router<S> {
@@ -204,7 +205,10 @@ mod tests {
     fn targets_keep_the_configured_host() {
         let base: Uri = "https://api.mypurecloud.com/".parse().unwrap();
         let t = target_uri(&base, "/api/v2/users", Some("a=1")).unwrap();
-        assert_eq!(t.to_string(), "https://api.mypurecloud.com/api/v2/users?a=1");
+        assert_eq!(
+            t.to_string(),
+            "https://api.mypurecloud.com/api/v2/users?a=1"
+        );
         let base: Uri = "http://127.0.0.1:9/base".parse().unwrap();
         let t = target_uri(&base, "/x", None).unwrap();
         assert_eq!(t.to_string(), "http://127.0.0.1:9/base/x");

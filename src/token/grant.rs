@@ -92,7 +92,9 @@ pub struct Granter {
 
 impl std::fmt::Debug for Granter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Granter").field("config", &self.config).finish()
+        f.debug_struct("Granter")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -165,7 +167,11 @@ impl Granter {
         if let Some(value) = basic {
             req = req.header(http::header::AUTHORIZATION, value);
         }
-        let resp = req.body(form).send().await.map_err(|e| self.transport_error(&e))?;
+        let resp = req
+            .body(form)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
         let status = resp.status().as_u16();
         let content_type = resp
             .headers()
@@ -173,11 +179,18 @@ impl Granter {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let body = read_limited(resp).await.map_err(|e| self.transport_error(&e))?;
+        let body = read_limited(resp)
+            .await
+            .map_err(|e| self.transport_error(&e))?;
         self.parse_answer(status, &content_type, &body)
     }
 
-    fn parse_answer(&self, status: u16, content_type: &str, body: &[u8]) -> Result<Granted, GrantError> {
+    fn parse_answer(
+        &self,
+        status: u16,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Granted, GrantError> {
         let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
         let field = |name: &str| {
             json.as_ref()
@@ -213,7 +226,9 @@ impl Granter {
         let token = json
             .get("access_token")
             .and_then(|v| v.as_str())
-            .filter(|t| !t.is_empty() && http::HeaderValue::from_str(&format!("Bearer {t}")).is_ok());
+            .filter(|t| {
+                !t.is_empty() && http::HeaderValue::from_str(&format!("Bearer {t}")).is_ok()
+            });
         let Some(token) = token else {
             return Err(GrantError::NotOAuth {
                 status,
@@ -266,11 +281,7 @@ impl Granter {
     /// Remove the secret from a text that came from elsewhere, in case a server echoes it.
     pub fn redact(&self, text: &str) -> String {
         let secret = self.config.client_secret.expose_secret();
-        let mut s: String = text
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(300)
-            .collect();
+        let mut s: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
         if !secret.is_empty() && s.contains(secret) {
             s = s.replace(secret, "[redacted]");
         }
@@ -361,8 +372,17 @@ mod tests {
     #[test]
     fn basic_encodings_differ_only_for_special_characters() {
         let raw = basic_credentials("id", "a-b_c.d", BasicEncoding::Raw);
-        assert_eq!(raw, basic_credentials("id", "a-b_c.d", BasicEncoding::FormEncoded));
-        assert_eq!(raw, format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("id:a-b_c.d")));
+        assert_eq!(
+            raw,
+            basic_credentials("id", "a-b_c.d", BasicEncoding::FormEncoded)
+        );
+        assert_eq!(
+            raw,
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("id:a-b_c.d")
+            )
+        );
         assert_ne!(
             basic_credentials("id", "a+b/c=", BasicEncoding::Raw),
             basic_credentials("id", "a+b/c=", BasicEncoding::FormEncoded)

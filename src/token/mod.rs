@@ -329,10 +329,20 @@ mod tests {
     #[test]
     fn lifetimes_leave_margins() {
         let now = Instant::now();
-        let t = Token::new(HeaderValue::from_static("Bearer x"), 1, now, Duration::from_secs(2));
+        let t = Token::new(
+            HeaderValue::from_static("Bearer x"),
+            1,
+            now,
+            Duration::from_secs(2),
+        );
         assert_eq!(t.usable_until - now, Duration::from_millis(1800));
         assert_eq!(t.refresh_at - now, Duration::from_millis(1300));
-        let t = Token::new(HeaderValue::from_static("Bearer x"), 1, now, Duration::from_secs(86400));
+        let t = Token::new(
+            HeaderValue::from_static("Bearer x"),
+            1,
+            now,
+            Duration::from_secs(86400),
+        );
         assert_eq!(t.usable_until - now, Duration::from_secs(86400 - 60));
         assert_eq!(t.refresh_at - now, Duration::from_secs(86400 - 360));
         assert!(!format!("{t:?}").contains("Bearer x"));

@@ -1,0 +1,252 @@
+//! Helpers for the integration tests: the real `tokengate` binary on a loopback port, the
+//! sandbox as its upstream, and waiting on conditions (never on the clock).
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use tokengate::sandbox::{Sandbox, SandboxOptions};
+
+pub const CLIENT_KEY: &str = "tg_test-client-key-0123456789abcdefghijklmnop";
+pub const CLIENT_SECRET: &str = "sandbox-secret-Zq8!x";
+
+/// Sandbox options with a recognisable secret.
+pub fn sandbox_options() -> SandboxOptions {
+    SandboxOptions {
+        client_secret: CLIENT_SECRET.into(),
+        ..SandboxOptions::default()
+    }
+}
+
+pub async fn sandbox() -> Sandbox {
+    Sandbox::start(sandbox_options())
+        .await
+        .expect("sandbox starts")
+}
+
+/// An upstream section for the sandbox; the secret comes through `${SANDBOX_SECRET}`.
+pub fn upstream_toml(sandbox: &Sandbox, name: &str, prefix: &str) -> String {
+    format!(
+        r#"
+[[upstream]]
+name = "{name}"
+provider = "genesys"
+region = "us_east_1"
+prefix = "{prefix}"
+token_url = "{token_url}"
+base_url = "{api_url}"
+client_id = "{client_id}"
+client_secret = "${{SANDBOX_SECRET}}"
+"#,
+        token_url = sandbox.token_url(),
+        api_url = sandbox.api_url(),
+        client_id = sandbox.options().client_id,
+    )
+}
+
+/// A `[[client]]` section for `CLIENT_KEY`.
+pub fn client_toml(name: &str, extra: &str) -> String {
+    format!(
+        "\n[[client]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n{extra}\n",
+        tokengate::keys::hash_key(CLIENT_KEY)
+    )
+}
+
+/// The usual config: one client, the sandbox at `/`, an admin listener.
+pub fn standard_config(sandbox: &Sandbox, server_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n{}{}",
+        upstream_toml(sandbox, "genesys", "/"),
+        client_toml("reporting-job", "")
+    )
+}
+
+/// Everything the process wrote, stdout and stderr.
+#[derive(Clone, Default)]
+pub struct Output(Arc<Mutex<String>>);
+
+impl Output {
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+    fn drain(&self, stream: impl Read + Send + 'static) -> std::thread::JoinHandle<()> {
+        let out = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let mut o = out.0.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        })
+    }
+}
+
+/// The `tokengate` binary, serving on a loopback port.
+pub struct Proxy {
+    child: Child,
+    pub addr: String,
+    pub admin: Option<String>,
+    pub output: Output,
+    _dir: tempfile::TempDir,
+}
+
+pub fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tokengate"))
+}
+
+/// Write `config` to a temporary proxy.toml; the returned dir must outlive its use.
+pub fn write_config(config: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).expect("write config");
+    (dir, path)
+}
+
+impl Proxy {
+    pub fn start(config: &str) -> Proxy {
+        Self::start_with_env(config, &[("SANDBOX_SECRET", CLIENT_SECRET)])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Proxy {
+        let (dir, path) = write_config(config);
+        let mut cmd = binary();
+        cmd.arg("run").arg("-c").arg(&path);
+        cmd.env("TOKENGATE_LOG", "debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tokengate starts");
+        let output = Output::default();
+        output.drain(child.stdout.take().unwrap());
+        output.drain(child.stderr.take().unwrap());
+        let wants_admin = config.contains("admin_listen");
+        let found = wait_until(Duration::from_secs(30), || {
+            let text = output.text();
+            let proxy = find_addr(&text, "proxy listening on http://");
+            let admin = find_addr(&text, "admin listening on http://");
+            match (proxy, admin) {
+                (Some(p), a) if a.is_some() || !wants_admin => Some((p, a)),
+                _ => None,
+            }
+        });
+        let Some((addr, admin)) = found else {
+            let _ = child.kill();
+            panic!("tokengate did not start:\n{}", output.text());
+        };
+        Proxy {
+            child,
+            addr,
+            admin,
+            output,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.admin.as_ref().expect("admin listener")
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory of the proxy process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// Wait for the process to exit (bounded), returning its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = &mut self.child;
+        wait_until(Duration::from_secs(30), || child.try_wait().ok().flatten())
+            .expect("tokengate exits")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_addr(text: &str, marker: &str) -> Option<String> {
+    let start = text.find(marker)? + marker.len();
+    let rest = &text[start..];
+    let end = rest.find(|c: char| c.is_whitespace()).unwrap_or(rest.len());
+    Some(rest[..end].to_string())
+}
+
+/// Poll `cond` until it gives a value or `limit` passes. The limit only bounds a failure;
+/// it never decides a pass.
+pub fn wait_until<T>(limit: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The async twin of [`wait_until`].
+pub async fn wait_for<T>(limit: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An HTTP client that does not pool too eagerly and never follows redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// The value of the metric line `name{labels}` in Prometheus text, summed over matches.
+pub fn metric(text: &str, name: &str, label_filter: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| label_filter.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
