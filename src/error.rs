@@ -100,6 +100,11 @@ impl ProxyError {
                     HeaderValue::from_static("Bearer realm=\"tokengate\""),
                 );
             }
+            // The rest of the body is never read: the connection cannot carry another
+            // request, and the client must not try.
+            ProxyError::BodyTooLarge { .. } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             ProxyError::TokenUnavailable {
                 retry_after: Some(after),
                 ..
