@@ -69,10 +69,14 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Metrics::new();
     let http = token::grant::side_call_client();
+    let tokens = token::TokenCache::default();
     let upstreams: Arc<[Arc<Upstream>]> = config
         .upstreams
         .iter()
-        .map(|u| Arc::new(Upstream::new(Arc::clone(u), http.clone(), metrics.clone())))
+        .map(|u| {
+            let source = tokens.source_for(&u.name, &u.grant, &http, &metrics);
+            Arc::new(Upstream::new(Arc::clone(u), source))
+        })
         .collect();
 
     let proxy_listener = bind("proxy", config.server.listen).await?;
@@ -111,14 +115,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             grace,
         )));
     }
-    let refreshers = if config.server.prefetch_tokens {
-        upstreams
-            .iter()
-            .map(|u| tokio::spawn(Arc::clone(&u.tokens).keep_fresh()))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let mut refreshers = Vec::new();
+    if config.server.prefetch_tokens {
+        let mut sources: Vec<&Arc<token::TokenSource>> = Vec::new();
+        for u in upstreams.iter() {
+            if !sources.iter().any(|s| Arc::ptr_eq(s, &u.tokens)) {
+                sources.push(&u.tokens);
+                refreshers.push(tokio::spawn(Arc::clone(&u.tokens).keep_fresh()));
+            }
+        }
+    }
     tracing::info!(%proxy_addr, admin = ?admin_addr, upstreams = upstreams.len(), clients = config.clients.len(), "serving");
     Ok(Running {
         proxy_addr,

@@ -59,20 +59,14 @@ impl AllowRule {
 }
 
 fn glob(pattern: &[Segment], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((Segment::Any, rest)) => (0..=path.len()).any(|i| glob(rest, &path[i..])),
-        Some((seg, rest)) => match path.split_first() {
-            None => false,
-            Some((p, prest)) => {
-                let ok = match seg {
-                    Segment::One => !p.is_empty(),
-                    Segment::Literal(l) => l == p,
-                    Segment::Any => unreachable!("handled above"),
-                };
-                ok && glob(rest, prest)
-            }
-        },
+    let Some((seg, rest)) = pattern.split_first() else {
+        return path.is_empty();
+    };
+    match (seg, path.split_first()) {
+        (Segment::Any, _) => (0..=path.len()).any(|i| glob(rest, &path[i..])),
+        (_, None) => false,
+        (Segment::One, Some((p, more))) => !p.is_empty() && glob(rest, more),
+        (Segment::Literal(l), Some((p, more))) => l == p && glob(rest, more),
     }
 }
 

@@ -9,8 +9,6 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
-use crate::metrics::Metrics;
-use crate::token::grant::Granter;
 use crate::token::TokenSource;
 
 /// hyper-util's pooled client over rustls; HTTP/1.1 or HTTP/2 as ALPN decides.
@@ -24,9 +22,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: Arc<UpstreamConfig>, http: reqwest::Client, metrics: Metrics) -> Upstream {
-        let granter = Granter::new(http, config.grant.clone());
-        let tokens = TokenSource::new(config.name.clone(), granter, metrics);
+    /// `tokens` comes from the [`TokenCache`](crate::token::TokenCache), shared with any
+    /// upstream that has the same credentials.
+    pub fn new(config: Arc<UpstreamConfig>, tokens: Arc<TokenSource>) -> Upstream {
         let client = upstream_client(config.connect_timeout);
         Upstream {
             config,

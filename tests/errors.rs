@@ -159,7 +159,10 @@ async fn a_body_over_the_limit_is_413_body_too_large() {
     let proxy = Proxy::start(&standard_config(&sandbox, "max_body_bytes = 1000"));
     // A connection whose request body was refused half-read is closed by the proxy
     // (`Connection: close`); a fresh connection per call keeps the test about the proxy.
-    let c = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     // Declared length over the limit.
     let resp = c
         .post(proxy.url("/api/v2/x"))

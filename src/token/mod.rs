@@ -13,8 +13,9 @@
 
 pub mod grant;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -23,6 +24,7 @@ use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
+use crate::config::GrantConfig;
 use crate::metrics::Metrics;
 use grant::{GrantError, Granter};
 
@@ -133,6 +135,36 @@ impl Backoff {
 
     fn active(&self, now: Instant) -> Option<Duration> {
         self.until.filter(|u| *u > now).map(|u| u - now)
+    }
+}
+
+/// Token sources by everything that shapes a grant ([`GrantConfig::cache_key`]): token URL,
+/// client id, a hash of the secret, scope, parameters. Upstreams with the same credentials
+/// share one token; a changed secret or scope is a different key, so it never gets a token
+/// minted for the old one.
+#[derive(Default)]
+pub struct TokenCache {
+    sources: Mutex<HashMap<String, Arc<TokenSource>>>,
+}
+
+impl TokenCache {
+    /// The source for `grant`, made on first use; `upstream` names it in logs and metrics.
+    pub fn source_for(
+        &self,
+        upstream: &Arc<str>,
+        grant: &GrantConfig,
+        http: &reqwest::Client,
+        metrics: &Metrics,
+    ) -> Arc<TokenSource> {
+        let mut sources = self
+            .sources
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let source = sources.entry(grant.cache_key()).or_insert_with(|| {
+            let granter = Granter::new(http.clone(), grant.clone());
+            TokenSource::new(Arc::clone(upstream), granter, metrics.clone())
+        });
+        Arc::clone(source)
     }
 }
 
@@ -325,6 +357,32 @@ impl TokenSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_are_shared_by_identical_grants_only() {
+        let toml = |secret: &str, scope: &str| {
+            format!(
+                "[[upstream]]\nname = \"a\"\nprovider = \"oauth2\"\ntoken_url = \"http://127.0.0.1:1/t\"\nbase_url = \"http://127.0.0.1:1\"\nclient_id = \"id\"\nclient_secret = \"{secret}\"\n{scope}\n"
+            )
+        };
+        let grant = |secret: &str, scope: &str| {
+            let c =
+                crate::config::Config::from_toml(&toml(secret, scope), "t.toml".as_ref(), &|_| {
+                    None
+                })
+                .unwrap();
+            c.upstreams[0].grant.clone()
+        };
+        let cache = TokenCache::default();
+        let (http, metrics, name) = (reqwest::Client::new(), Metrics::new(), Arc::from("a"));
+        let a = cache.source_for(&name, &grant("s1", ""), &http, &metrics);
+        let same = cache.source_for(&name, &grant("s1", ""), &http, &metrics);
+        let other_secret = cache.source_for(&name, &grant("s2", ""), &http, &metrics);
+        let other_scope = cache.source_for(&name, &grant("s1", "scope = \"x\""), &http, &metrics);
+        assert!(Arc::ptr_eq(&a, &same));
+        assert!(!Arc::ptr_eq(&a, &other_secret));
+        assert!(!Arc::ptr_eq(&a, &other_scope));
+    }
 
     #[test]
     fn lifetimes_leave_margins() {
