@@ -226,6 +226,23 @@ async fn refused_credentials_are_502_token_grant_failed_with_the_grant_error() {
         sandbox.api_calls() == 0,
         "nothing reached the API without a token"
     );
+    // A refused grant backs off (1 s, then longer): callers get the same answer fast and
+    // the token endpoint is not hammered.
+    let c = client();
+    for _ in 0..20 {
+        let resp = c
+            .get(proxy.url("/api/v2/users/me"))
+            .header("Authorization", key())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502);
+    }
+    assert!(
+        sandbox.grant_requests() <= 2,
+        "{} grant requests",
+        sandbox.grant_requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
