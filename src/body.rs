@@ -28,3 +28,17 @@ where
 {
     body.map_err(Into::into).boxed_unsync()
 }
+
+/// Read a whole small body; `None` if it is longer than `limit` or fails.
+pub async fn read_small(mut body: ProxyBody, limit: usize) -> Option<Bytes> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if out.len() + data.len() > limit {
+                return None;
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Some(out.into())
+}

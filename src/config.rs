@@ -80,6 +80,7 @@ struct RawServer {
     retry_body_bytes: Option<u64>,
     prefetch_tokens: Option<bool>,
     shutdown_grace_secs: Option<f64>,
+    session_lifetime_secs: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +155,8 @@ pub struct ServerConfig {
     pub prefetch_tokens: bool,
     /// How long in-flight requests may take to finish after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
+    /// Lifetime of the session tokens the proxy's own token endpoint issues.
+    pub session_lifetime: Duration,
 }
 
 /// One API platform the proxy forwards to, and how it gets tokens for it.
@@ -422,6 +425,11 @@ impl Cx<'_> {
             max_body_bytes: raw.max_body_bytes.unwrap_or(32 * 1024 * 1024),
             retry_body_bytes,
             prefetch_tokens: raw.prefetch_tokens.unwrap_or(true),
+            session_lifetime: self.secs(
+                "server.session_lifetime_secs",
+                raw.session_lifetime_secs,
+                86_400.0,
+            )?,
             shutdown_grace: self.secs(
                 "server.shutdown_grace_secs",
                 raw.shutdown_grace_secs,

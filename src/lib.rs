@@ -25,6 +25,7 @@ pub mod policy;
 pub mod providers;
 pub mod sandbox;
 pub mod server;
+pub mod session;
 pub mod stack;
 pub mod token;
 pub mod upstream;

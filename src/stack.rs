@@ -17,7 +17,9 @@ use crate::layers::guard::GuardLayer;
 use crate::layers::observe::ObserveLayer;
 use crate::layers::retry::RetryOn401Layer;
 use crate::layers::route::RouteLayer;
+use crate::layers::token_endpoint::TokenEndpointLayer;
 use crate::metrics::Metrics;
+use crate::session::Sessions;
 use crate::upstream::Upstream;
 
 /// Build the service that answers every request on the proxy listener.
@@ -33,6 +35,7 @@ pub fn proxy_service(
 > + Clone
        + Send
        + 'static {
+    let sessions = Arc::new(Sessions::new(config.server.session_lifetime));
     ServiceBuilder::new()
         // One body type from here on: hyper's, limited, or a kept copy for a retry.
         .map_request(|req: Request<Incoming>| req.map(body::boxed))
@@ -41,8 +44,15 @@ pub fn proxy_service(
         // Refuse what must never be forwarded (CONNECT, absolute-form, oversized bodies)
         // before spending anything on it.
         .layer(GuardLayer::with_body_limit(config.server.max_body_bytes))
+        // Legacy apps doing OAuth get a session token from the proxy itself, never the
+        // upstream's; before client auth, because the request carries Basic credentials.
+        .layer(TokenEndpointLayer::answering_at(
+            &config.server.token_paths,
+            &config.clients,
+            sessions.clone(),
+        ))
         // Who is calling; strips the caller's credentials so they can never be forwarded.
-        .layer(ClientAuthLayer::with_clients(&config.clients))
+        .layer(ClientAuthLayer::with_clients(&config.clients, sessions))
         // Where it goes, and whether this caller may go there.
         .layer(RouteLayer::by_prefix(upstreams))
         // Outside the bearer layer, so a second attempt after a 401 gets a fresh token.

@@ -3,6 +3,8 @@
 //! A client presents its key as `Authorization: Bearer <key>` (what a legacy app already
 //! sends in place of a real token) or as `X-Api-Key: <key>`. The proxy stores only the
 //! key's SHA-256 and compares digests in constant time. With no `[[client]]` configured,
+//! A legacy app that did OAuth against the proxy's own token endpoint presents the
+//! [session token](crate::session) it got there instead. With no `[[client]]` configured,
 //! every caller is anonymous (config only allows that on loopback, or when the operator
 //! says so). Either way the caller's credentials are removed here: they never reach an
 //! upstream.
@@ -20,6 +22,7 @@ use tower::{Layer, Service};
 use super::{ProxyRequest, ProxyResponse};
 use crate::config::ClientConfig;
 use crate::error::ProxyError;
+use crate::session::Sessions;
 
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -36,13 +39,16 @@ impl Caller {
 #[derive(Debug, Clone)]
 pub struct ClientAuthLayer {
     clients: Arc<[Arc<ClientConfig>]>,
+    sessions: Arc<Sessions>,
 }
 
 impl ClientAuthLayer {
-    /// Require one of these clients' keys; with none, serve anonymous callers.
-    pub fn with_clients(clients: &[Arc<ClientConfig>]) -> Self {
+    /// Require one of these clients' keys (or a session token of theirs); with no clients,
+    /// serve anonymous callers.
+    pub fn with_clients(clients: &[Arc<ClientConfig>], sessions: Arc<Sessions>) -> Self {
         ClientAuthLayer {
             clients: clients.into(),
+            sessions,
         }
     }
 }
@@ -53,6 +59,7 @@ impl<S> Layer<S> for ClientAuthLayer {
         ClientAuth {
             inner,
             clients: self.clients.clone(),
+            sessions: self.sessions.clone(),
         }
     }
 }
@@ -61,6 +68,7 @@ impl<S> Layer<S> for ClientAuthLayer {
 pub struct ClientAuth<S> {
     inner: S,
     clients: Arc<[Arc<ClientConfig>]>,
+    sessions: Arc<Sessions>,
 }
 
 /// The key a caller presented, if any.
@@ -105,7 +113,14 @@ where
         let caller = if self.clients.is_empty() {
             Caller(None)
         } else {
-            match presented_key(req.headers()).and_then(|k| identify(&self.clients, k)) {
+            let found = presented_key(req.headers()).and_then(|k| {
+                if Sessions::is_session(k) {
+                    self.sessions.verify(k, &self.clients)
+                } else {
+                    identify(&self.clients, k)
+                }
+            });
+            match found {
                 Some(client) => Caller(Some(client)),
                 None => return Either::Left(ready(Ok(ProxyError::Unauthorized.into_response()))),
             }

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod observe;
 pub mod retry;
 pub mod route;
+pub mod token_endpoint;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,0 +1,208 @@
+//! The proxy's own OAuth token endpoint, for legacy apps that insist on doing OAuth.
+//!
+//! `POST /oauth/token` or `/login/oauth/token` (the official Genesys SDKs' gateway mode
+//! with `path_params_login = "login"`; the list is `[server] token_paths`) with
+//! `grant_type=client_credentials` and the client's **name and key** as Basic credentials
+//! (or as `client_id`/`client_secret` form fields) is answered here, never forwarded:
+//! `{"access_token", "token_type": "bearer", "expires_in"}` with a [session
+//! token](crate::session) that authenticates that client on later calls. Errors are
+//! OAuth's (`error`, `error_description`), with the contract's `message` beside them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use base64::Engine as _;
+use futures_util::future::Either;
+use http::{header, HeaderValue, Method, Response, StatusCode};
+use tower::{Layer, Service};
+
+use super::client_auth::identify;
+use super::{BoxFuture, ProxyRequest, ProxyResponse};
+use crate::body;
+use crate::config::ClientConfig;
+use crate::error::ProxyErrorCode;
+use crate::session::Sessions;
+
+/// Token requests are a few dozen bytes.
+const MAX_FORM_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct TokenEndpointLayer {
+    paths: Arc<[String]>,
+    clients: Arc<[Arc<ClientConfig>]>,
+    sessions: Arc<Sessions>,
+}
+
+impl TokenEndpointLayer {
+    pub fn answering_at(
+        paths: &[String],
+        clients: &[Arc<ClientConfig>],
+        sessions: Arc<Sessions>,
+    ) -> Self {
+        TokenEndpointLayer {
+            paths: paths.into(),
+            clients: clients.into(),
+            sessions,
+        }
+    }
+}
+
+impl<S> Layer<S> for TokenEndpointLayer {
+    type Service = TokenEndpoint<S>;
+    fn layer(&self, inner: S) -> TokenEndpoint<S> {
+        TokenEndpoint {
+            inner,
+            paths: self.paths.clone(),
+            clients: self.clients.clone(),
+            sessions: self.sessions.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenEndpoint<S> {
+    inner: S,
+    paths: Arc<[String]>,
+    clients: Arc<[Arc<ClientConfig>]>,
+    sessions: Arc<Sessions>,
+}
+
+fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> ProxyResponse {
+    let body = serde_json::json!({
+        "error": error,
+        "error_description": description,
+        "message": description,
+    });
+    let mut resp = Response::new(body::full(body.to_string()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::UNAUTHORIZED {
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"tokengate\""),
+        );
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        h.insert(header::ALLOW, HeaderValue::from_static("POST"));
+    }
+    resp.extensions_mut().insert(ProxyErrorCode(error));
+    resp
+}
+
+/// Client name and key from `Authorization: Basic` (client_secret_basic) or the form
+/// (client_secret_post).
+fn credentials(
+    req_auth: Option<&HeaderValue>,
+    form: &[(String, String)],
+) -> Option<(String, String)> {
+    if let Some(v) = req_auth.and_then(|v| v.to_str().ok()) {
+        if v.len() > 6 && v[..6].eq_ignore_ascii_case("basic ") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(v[6..].trim())
+                .ok()?;
+            let decoded = String::from_utf8(decoded).ok()?;
+            let (id, secret) = decoded.split_once(':')?;
+            return Some((id.to_string(), secret.to_string()));
+        }
+    }
+    let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    Some((field("client_id")?, field("client_secret")?))
+}
+
+async fn answer(
+    req: ProxyRequest,
+    clients: Arc<[Arc<ClientConfig>]>,
+    sessions: Arc<Sessions>,
+) -> ProxyResponse {
+    if req.method() != Method::POST {
+        return oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "token requests are POSTs",
+        );
+    }
+    let (head, body) = req.into_parts();
+    let Some(form) = body::read_small(body, MAX_FORM_BYTES).await else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the form could not be read",
+        );
+    };
+    let form: Vec<(String, String)> = form_urlencoded::parse(&form).into_owned().collect();
+    let grant_type = form
+        .iter()
+        .find(|(k, _)| k == "grant_type")
+        .map(|(_, v)| v.as_str());
+    if grant_type != Some("client_credentials") {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "the proxy issues tokens for grant_type=client_credentials only",
+        );
+    }
+    let client = if clients.is_empty() {
+        None // anonymous mode: every caller is let through anyway
+    } else {
+        let found =
+            credentials(head.headers.get(header::AUTHORIZATION), &form).and_then(|(name, key)| {
+                identify(&clients, key.as_bytes()).filter(|c| c.name.as_ref() == name)
+            });
+        match found {
+            Some(c) => Some(c),
+            None => return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "send the client's name and key as the Basic credentials (client id and secret)",
+            ),
+        }
+    };
+    let token = sessions.issue(client.as_deref());
+    let body = serde_json::json!({
+        "access_token": token,
+        "token_type": "bearer",
+        "expires_in": sessions.lifetime().as_secs(),
+    });
+    let mut resp = Response::new(body::full(body.to_string()));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    tracing::info!(
+        client = client.as_ref().map_or("anonymous", |c| &c.name),
+        "session token issued"
+    );
+    resp
+}
+
+impl<S> Service<ProxyRequest> for TokenEndpoint<S>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible>,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = Either<BoxFuture, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+        if !self.paths.iter().any(|p| p == req.uri().path()) {
+            return Either::Right(self.inner.call(req));
+        }
+        let (clients, sessions) = (self.clients.clone(), self.sessions.clone());
+        Either::Left(Box::pin(
+            async move { Ok(answer(req, clients, sessions).await) },
+        ))
+    }
+}

@@ -1,0 +1,149 @@
+//! Tokens the proxy issues itself, to legacy apps that insist on doing OAuth.
+//!
+//! Such an app (an official Genesys SDK, say) first asks `/oauth/token` for a token with
+//! its client name and key as Basic credentials, then sends that token on every call. The
+//! proxy answers with a session token that names the client and its expiry, signed with
+//! HMAC-SHA-256 under a key made at random when the process starts. It is never the
+//! upstream's token and carries nothing secret: the signature covers the client's key
+//! hash, so rotating a client's key ends its sessions; a restart ends them all (the app
+//! then gets 401 and asks again, as OAuth clients do).
+//!
+//! Format: `tgs.<base64url(client name)>.<expiry, unix seconds>.<base64url(mac)>`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+
+use crate::config::ClientConfig;
+
+const PREFIX: &str = "tgs.";
+
+pub struct Sessions {
+    /// One HMAC-SHA-256 block: the key length HMAC uses as is.
+    key: [u8; 64],
+    lifetime: Duration,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Sessions {
+    pub fn new(lifetime: Duration) -> Sessions {
+        let mut key = [0u8; 64];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        Sessions { key, lifetime }
+    }
+
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    fn mac(&self, name: &str, expiry: u64, key_sha256: &[u8; 32]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new(&self.key.into());
+        mac.update(name.as_bytes());
+        mac.update(&[0]);
+        mac.update(&expiry.to_be_bytes());
+        mac.update(key_sha256);
+        mac
+    }
+
+    /// A session token for `client` (`None`: an anonymous caller).
+    pub fn issue(&self, client: Option<&ClientConfig>) -> String {
+        let (name, key_sha256) = match client {
+            Some(c) => (c.name.as_ref(), c.key_sha256),
+            None => ("", [0u8; 32]),
+        };
+        let expiry = now_unix() + self.lifetime.as_secs();
+        let tag = self.mac(name, expiry, &key_sha256).finalize().into_bytes();
+        format!(
+            "{PREFIX}{}.{expiry}.{}",
+            URL_SAFE_NO_PAD.encode(name),
+            URL_SAFE_NO_PAD.encode(tag)
+        )
+    }
+
+    /// Whether `token` looks like a session token at all.
+    pub fn is_session(token: &[u8]) -> bool {
+        token.starts_with(PREFIX.as_bytes())
+    }
+
+    /// The client a valid, unexpired session token belongs to.
+    pub fn verify(&self, token: &[u8], clients: &[Arc<ClientConfig>]) -> Option<Arc<ClientConfig>> {
+        let token = std::str::from_utf8(token).ok()?.strip_prefix(PREFIX)?;
+        let mut parts = token.split('.');
+        let (name, expiry, tag) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let name = String::from_utf8(URL_SAFE_NO_PAD.decode(name).ok()?).ok()?;
+        let expiry: u64 = expiry.parse().ok()?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        let client = clients.iter().find(|c| c.name.as_ref() == name)?;
+        self.mac(&name, expiry, &client.key_sha256)
+            .verify_slice(&tag)
+            .ok()?;
+        (expiry > now_unix()).then(|| Arc::clone(client))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest;
+
+    fn client(name: &str, key: &str) -> Arc<ClientConfig> {
+        Arc::new(ClientConfig {
+            name: name.into(),
+            key_sha256: sha2::Sha256::digest(key.as_bytes()).into(),
+            upstreams: None,
+            allow: None,
+        })
+    }
+
+    #[test]
+    fn sessions_verify_for_their_client_only() {
+        let s = Sessions::new(Duration::from_secs(60));
+        let clients = vec![client("a", "ka"), client("b", "kb")];
+        let t = s.issue(Some(&clients[0]));
+        assert!(Sessions::is_session(t.as_bytes()));
+        assert!(!t.contains("ka"));
+        assert_eq!(s.verify(t.as_bytes(), &clients).unwrap().name.as_ref(), "a");
+        // Tampered name, a rotated key, another process's key: all refused.
+        let forged = t.replacen(
+            &URL_SAFE_NO_PAD.encode("a"),
+            &URL_SAFE_NO_PAD.encode("b"),
+            1,
+        );
+        assert!(s.verify(forged.as_bytes(), &clients).is_none());
+        assert!(s.verify(t.as_bytes(), &[client("a", "rotated")]).is_none());
+        assert!(Sessions::new(Duration::from_secs(60))
+            .verify(t.as_bytes(), &clients)
+            .is_none());
+        assert!(s.verify(b"tgs.garbage", &clients).is_none());
+    }
+
+    #[test]
+    fn expired_sessions_are_refused() {
+        let s = Sessions::new(Duration::from_secs(0));
+        let clients = vec![client("a", "ka")];
+        let t = s.issue(Some(&clients[0]));
+        assert!(s.verify(t.as_bytes(), &clients).is_none());
+    }
+}
