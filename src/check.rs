@@ -6,8 +6,8 @@
 
 use serde::Serialize;
 
-use crate::config::{Config, UpstreamConfig};
-use crate::providers::Provider;
+use crate::config::{AuthMethod, BasicEncoding, Config, GrantConfig, UpstreamConfig};
+use crate::providers::{GenesysRegion, Provider, GENESYS_REGIONS};
 use crate::token::grant::{side_call_client, GrantError, Granter};
 
 /// One upstream's result, as `check --json` prints it.
@@ -22,17 +22,119 @@ pub struct Diagnosis {
     pub message: String,
 }
 
-/// Try one grant for every upstream, all at once (each upstream's endpoint sees one request).
+/// Try one grant for every upstream, all at once (each upstream's endpoint sees one request,
+/// and a few more only to pin down an `invalid_client`).
 pub async fn check(config: &Config) -> Vec<Diagnosis> {
+    check_with(config, &|r: &GenesysRegion| r.token_url()).await
+}
+
+/// [`check`], with the login URL of each Genesys region given (tests point them at local
+/// servers).
+pub async fn check_with(
+    config: &Config,
+    region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
+) -> Vec<Diagnosis> {
     let http = side_call_client();
-    let tasks = config.upstreams.iter().map(|u| {
-        let granter = Granter::new(http.clone(), u.grant.clone());
-        async move {
-            let result = granter.grant().await.map(|g| g.expires_in);
-            diagnose(u, result)
-        }
-    });
+    let tasks = config
+        .upstreams
+        .iter()
+        .map(|u| check_upstream(u, &http, region_token_url));
     futures_util::future::join_all(tasks).await
+}
+
+async fn try_grant(
+    http: &reqwest::Client,
+    grant: GrantConfig,
+) -> Result<std::time::Duration, GrantError> {
+    Granter::new(http.clone(), grant)
+        .grant()
+        .await
+        .map(|g| g.expires_in)
+}
+
+async fn check_upstream(
+    u: &UpstreamConfig,
+    http: &reqwest::Client,
+    region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
+) -> Diagnosis {
+    let mut d = diagnose(u, try_grant(http, u.grant.clone()).await);
+    if d.hint != "invalid_client" {
+        return d;
+    }
+    if let Some(fix) = other_client_authentication(u, http).await {
+        d.message = fix;
+    } else if let Some(region) = region_of_client(u, http, region_token_url).await {
+        d.hint = "wrong_region";
+        d.message = format!(
+            "this OAuth client belongs to region {} (its login host granted a token): set region = \"{}\"",
+            region.name, region.name
+        );
+    } else if encoding_matters(&u.grant) {
+        d.message = "the token endpoint refused this client id and secret in every encoding tried (Basic raw, Basic form-encoded, post): check both values".to_string();
+    }
+    d
+}
+
+/// Whether the secret has characters that RFC 6749 §2.3.1 form-encoding changes.
+fn encoding_matters(g: &GrantConfig) -> bool {
+    use secrecy::ExposeSecret;
+    let changes = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>() != s;
+    changes(&g.client_id) || changes(g.client_secret.expose_secret())
+}
+
+/// For an `invalid_client` with a secret that encodings treat differently: does the other
+/// Basic encoding, or client_secret_post, work? Returns the fix in one sentence.
+async fn other_client_authentication(u: &UpstreamConfig, http: &reqwest::Client) -> Option<String> {
+    if !encoding_matters(&u.grant) {
+        return None;
+    }
+    let mut tries: Vec<(GrantConfig, String)> = Vec::new();
+    if u.grant.auth_method == AuthMethod::Basic {
+        let (other, name) = match u.grant.basic_encoding {
+            BasicEncoding::Raw => (BasicEncoding::FormEncoded, "form"),
+            BasicEncoding::FormEncoded => (BasicEncoding::Raw, "raw"),
+        };
+        let mut g = u.grant.clone();
+        g.basic_encoding = other;
+        tries.push((g, format!(
+            "the secret has characters that encodings treat differently, and the token endpoint accepts it encoded the other way: set basic_encoding = \"{name}\""
+        )));
+    }
+    if u.grant.auth_method != AuthMethod::Post {
+        let mut g = u.grant.clone();
+        g.auth_method = AuthMethod::Post;
+        tries.push((g, "the secret has characters that the Basic header mangles, and the token endpoint accepts it in the form: set auth_method = \"post\"".to_string()));
+    }
+    for (grant, fix) in tries {
+        if try_grant(http, grant).await.is_ok() {
+            return Some(fix);
+        }
+    }
+    None
+}
+
+/// For a Genesys `invalid_client`: ask every other region's login host once, in parallel.
+async fn region_of_client(
+    u: &UpstreamConfig,
+    http: &reqwest::Client,
+    region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
+) -> Option<GenesysRegion> {
+    if u.provider != Provider::Genesys {
+        return None;
+    }
+    let probes = GENESYS_REGIONS
+        .iter()
+        .filter(|r| Some(**r) != u.region)
+        .map(|r| {
+            let mut g = u.grant.clone();
+            g.token_url = region_token_url(r);
+            async move { try_grant(http, g).await.ok().map(|_| *r) }
+        });
+    futures_util::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
 }
 
 pub fn diagnose(u: &UpstreamConfig, result: Result<std::time::Duration, GrantError>) -> Diagnosis {

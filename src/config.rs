@@ -32,7 +32,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::policy::AllowRule;
-use crate::providers::{self, Provider};
+use crate::providers::{self, GenesysRegion, Provider};
 
 /// What went wrong while loading a config. The message always names the file and, where
 /// there is one, the key; it never contains a secret value.
@@ -96,6 +96,7 @@ struct RawUpstream {
     token_url: Option<String>,
     base_url: Option<String>,
     auth_method: Option<String>,
+    basic_encoding: Option<String>,
     scope: Option<String>,
     token_params: Option<BTreeMap<String, String>>,
     tokens: Option<u32>,
@@ -164,6 +165,8 @@ pub struct ServerConfig {
 pub struct UpstreamConfig {
     pub name: Arc<str>,
     pub provider: Provider,
+    /// Genesys Cloud: the region the config names.
+    pub region: Option<GenesysRegion>,
     /// Path prefix routed here, normalised: starts with `/`, no trailing `/` unless it is `/`.
     pub prefix: String,
     /// Where calls go: scheme, authority and an optional base path (no trailing `/`).
@@ -491,7 +494,7 @@ impl Cx<'_> {
             }
         }
         // Where tokens and calls go: the provider's defaults, then the overrides.
-        let defaults = match provider {
+        let region = match provider {
             Provider::Genesys => {
                 let region = raw.region.as_deref().ok_or_else(|| {
                     self.err(
@@ -511,7 +514,7 @@ impl Cx<'_> {
                         ),
                     )
                 })?;
-                Some((r.token_url(), r.api_url()))
+                Some(r)
             }
             _ => {
                 if raw.region.is_some() {
@@ -522,6 +525,7 @@ impl Cx<'_> {
                 None
             }
         };
+        let defaults = region.map(|r| (r.token_url(), r.api_url()));
         let token_url = match (raw.token_url, &defaults) {
             (Some(u), _) => self.interpolate(&key("token_url"), &u)?,
             (None, Some((t, _))) => t.clone(),
@@ -563,6 +567,20 @@ impl Cx<'_> {
                 ))
             }
         };
+        let basic_encoding = match raw.basic_encoding.as_deref() {
+            None => match provider {
+                Provider::Oauth2 => BasicEncoding::FormEncoded,
+                _ => BasicEncoding::Raw,
+            },
+            Some("raw") => BasicEncoding::Raw,
+            Some("form") => BasicEncoding::FormEncoded,
+            Some(other) => {
+                return Err(self.err(
+                    &key("basic_encoding"),
+                    format!("unknown encoding \"{other}\"; use raw or form"),
+                ))
+            }
+        };
         let scope = raw
             .scope
             .map(|s| self.interpolate(&key("scope"), &s))
@@ -585,6 +603,7 @@ impl Cx<'_> {
         Ok(UpstreamConfig {
             name: Arc::from(raw.name.as_str()),
             provider,
+            region,
             prefix,
             base_url,
             timeout: self.secs(&key("timeout_secs"), raw.timeout_secs, 60.0)?,
@@ -598,10 +617,7 @@ impl Cx<'_> {
                 client_id,
                 client_secret,
                 auth_method,
-                basic_encoding: match provider {
-                    Provider::Oauth2 => BasicEncoding::FormEncoded,
-                    _ => BasicEncoding::Raw,
-                },
+                basic_encoding,
                 scope,
                 params,
             },

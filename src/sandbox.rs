@@ -34,24 +34,57 @@ use tokio::task::JoinHandle;
 
 use crate::body::{self, ProxyBody};
 
+/// Which platform the sandbox imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// `client_credentials` at `/oauth/token`.
+    Genesys,
+    /// NICE CXone: discovery at `/.well-known/openid-configuration`, the password grant
+    /// with an access key at `/auth/token` (and `refresh_token`), an `id_token` naming the
+    /// tenant, and `/.well-known/cxone-configuration?tenantId=` giving the API host.
+    Cxone,
+}
+
 /// How the sandbox behaves.
 #[derive(Debug, Clone)]
 pub struct SandboxOptions {
+    pub flavor: Flavor,
     pub client_id: String,
     pub client_secret: String,
     /// `expires_in` of every token, and how long the API host accepts it.
     pub token_lifetime: Duration,
     /// The status of a refused grant (Genesys: 400 or 401, unverified which).
     pub refusal_status: u16,
+    /// Decode Basic credentials as RFC 6749 §2.3.1 says (form-encoded id and secret)
+    /// rather than raw, as Genesys' SDKs send them.
+    pub basic_form_encoded: bool,
+    /// Accept `client_id`/`client_secret` in the form (client_secret_post).
+    pub accept_client_secret_post: bool,
+    /// Whether the OAuth client may use its grant (Genesys: the client's grant type).
+    pub grant_enabled: bool,
+    /// Scopes a grant may ask for; `None`: any.
+    pub allowed_scopes: Option<Vec<String>>,
+    /// CXone: the user's access key, sent as the password grant's username and password.
+    pub access_key_id: String,
+    pub access_key_secret: String,
+    pub tenant_id: String,
 }
 
 impl Default for SandboxOptions {
     fn default() -> Self {
         SandboxOptions {
+            flavor: Flavor::Genesys,
             client_id: "sandbox-client".into(),
             client_secret: "sandbox-secret".into(),
             token_lifetime: Duration::from_secs(86400),
             refusal_status: 400,
+            basic_form_encoded: false,
+            accept_client_secret_post: false,
+            grant_enabled: true,
+            allowed_scopes: None,
+            access_key_id: "sandbox-access-key-id".into(),
+            access_key_secret: "sandbox-access-key-secret".into(),
+            tenant_id: "11eb0a6e-0000-4000-8000-00000000cafe".into(),
         }
     }
 }
@@ -74,6 +107,8 @@ struct State {
     grant_requests: AtomicU64,
     grants: AtomicU64,
     grants_in_flight: AtomicU64,
+    refresh_grants: AtomicU64,
+    refresh_tokens: Mutex<HashMap<String, ()>>,
     max_grants_in_flight: AtomicU64,
     api_calls: AtomicU64,
     api_401s: AtomicU64,
@@ -144,9 +179,11 @@ impl Sandbox {
         let (login_addr, api_addr) = (login.local_addr()?, api.local_addr()?);
         let forever = std::future::pending::<()>;
         let (o, s) = (options.clone(), state.clone());
+        let issuer: Arc<str> = Arc::from(format!("http://{login_addr}"));
+        let api_url: Arc<str> = Arc::from(format!("http://{api_addr}"));
         let login_svc = tower::service_fn(move |req: Request<Incoming>| {
-            let (o, s) = (o.clone(), s.clone());
-            async move { Ok::<_, Infallible>(token_endpoint(&o, &s, req).await) }
+            let (o, s, issuer, api_url) = (o.clone(), s.clone(), issuer.clone(), api_url.clone());
+            async move { Ok::<_, Infallible>(token_endpoint(&o, &s, &issuer, &api_url, req).await) }
         });
         let (o, s) = (options.clone(), state.clone());
         let api_svc = tower::service_fn(move |req: Request<Incoming>| {
@@ -180,7 +217,15 @@ impl Sandbox {
     }
 
     pub fn token_url(&self) -> String {
-        format!("http://{}/oauth/token", self.login_addr)
+        match self.options.flavor {
+            Flavor::Genesys => format!("http://{}/oauth/token", self.login_addr),
+            Flavor::Cxone => format!("http://{}/auth/token", self.login_addr),
+        }
+    }
+
+    /// CXone: the issuer, where discovery starts.
+    pub fn issuer(&self) -> String {
+        format!("http://{}", self.login_addr)
     }
 
     pub fn api_url(&self) -> String {
@@ -194,6 +239,11 @@ impl Sandbox {
     /// Tokens issued so far.
     pub fn grants(&self) -> u64 {
         self.state.grants.load(Ordering::SeqCst)
+    }
+
+    /// Grants made with a refresh token (CXone).
+    pub fn refresh_grants(&self) -> u64 {
+        self.state.refresh_grants.load(Ordering::SeqCst)
     }
 
     /// Token requests received, granted or not.
@@ -286,13 +336,42 @@ fn correlation_id() -> HeaderValue {
 async fn token_endpoint(
     o: &SandboxOptions,
     s: &State,
+    issuer: &str,
+    api: &str,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    if req.uri().path() != "/oauth/token" {
-        return json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "not_found"}),
-        );
+    let path = req.uri().path().to_string();
+    match (o.flavor, path.as_str()) {
+        (Flavor::Cxone, "/.well-known/openid-configuration") => {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"issuer": issuer, "token_endpoint": format!("{issuer}/auth/token"), "grant_types_supported": ["password", "refresh_token", "authorization_code"]}),
+            );
+        }
+        (Flavor::Cxone, "/.well-known/cxone-configuration") => {
+            let tenant = req
+                .uri()
+                .query()
+                .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "tenantId"))
+                .map(|(_, v)| v.into_owned());
+            if tenant.as_deref() != Some(o.tenant_id.as_str()) {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": "unknown tenant"}),
+                );
+            }
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"tenantId": o.tenant_id, "api_endpoint": api, "area": "na1"}),
+            );
+        }
+        (Flavor::Genesys, "/oauth/token") | (Flavor::Cxone, "/auth/token") => {}
+        _ => {
+            return json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not_found"}),
+            )
+        }
     }
     if req.method() != Method::POST {
         return json(
@@ -304,50 +383,146 @@ async fn token_endpoint(
     let in_flight = s.grants_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     s.max_grants_in_flight
         .fetch_max(in_flight, Ordering::SeqCst);
-    let resp = grant(o, s, req).await;
+    let resp = grant(o, s, issuer, req).await;
     s.grants_in_flight.fetch_sub(1, Ordering::SeqCst);
     resp
 }
 
-async fn grant(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
-    let basic = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .and_then(|b| String::from_utf8(b).ok());
-    let form = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": "invalid_request"}),
-            )
-        }
+fn oauth_refusal(status: StatusCode, error: &str, description: &str) -> Response<ProxyBody> {
+    json(
+        status,
+        serde_json::json!({"error": error, "description": description, "error_description": description}),
+    )
+}
+
+/// Decode `Basic` credentials as the sandbox is told to.
+fn basic_credentials(o: &SandboxOptions, header: Option<&HeaderValue>) -> Option<(String, String)> {
+    let b64 = header?.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded =
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).ok()?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    if o.basic_form_encoded {
+        let decode = |s: &str| -> Option<String> {
+            let plus = s.replace('+', " ");
+            percent_encoding::percent_decode_str(&plus)
+                .decode_utf8()
+                .ok()
+                .map(|c| c.into_owned())
+        };
+        Some((decode(id)?, decode(secret)?))
+    } else {
+        Some((id.to_string(), secret.to_string()))
+    }
+}
+
+async fn grant(
+    o: &SandboxOptions,
+    s: &State,
+    issuer: &str,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let basic = basic_credentials(o, req.headers().get(header::AUTHORIZATION));
+    let Ok(form) = req.into_body().collect().await else {
+        return oauth_refusal(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "unreadable body",
+        );
     };
-    let form: HashMap<String, String> = form_urlencoded::parse(&form).into_owned().collect();
-    let expected = format!("{}:{}", o.client_id, o.client_secret);
-    if basic.as_deref() != Some(expected.as_str()) {
+    let form: HashMap<String, String> = form_urlencoded::parse(&form.to_bytes())
+        .into_owned()
+        .collect();
+    let posted = match (form.get("client_id"), form.get("client_secret")) {
+        (Some(id), Some(secret)) if o.accept_client_secret_post => {
+            Some((id.clone(), secret.clone()))
+        }
+        _ => None,
+    };
+    let client_ok = basic
+        .or(posted)
+        .is_some_and(|(id, secret)| id == o.client_id && secret == o.client_secret);
+    if !client_ok {
         let status = StatusCode::from_u16(o.refusal_status).unwrap_or(StatusCode::BAD_REQUEST);
-        return json(
-            status,
-            serde_json::json!({"error": "invalid_client", "description": "authentication failed", "error_description": "authentication failed"}),
+        return oauth_refusal(status, "invalid_client", "authentication failed");
+    }
+    let grant_type = form.get("grant_type").map(String::as_str).unwrap_or("");
+    let expected = match o.flavor {
+        Flavor::Genesys => "client_credentials",
+        Flavor::Cxone => "password",
+    };
+    let refreshing = o.flavor == Flavor::Cxone && grant_type == "refresh_token";
+    if grant_type != expected && !refreshing {
+        return oauth_refusal(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "grant type is not supported",
         );
     }
-    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return json(
+    if !o.grant_enabled {
+        return oauth_refusal(
             StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": "unsupported_grant_type", "description": "grant type is not supported", "error_description": "grant type is not supported"}),
+            "unauthorized_client",
+            "the client is not authorized to use this grant type",
+        );
+    }
+    if let (Some(allowed), Some(scope)) = (&o.allowed_scopes, form.get("scope")) {
+        if scope.split(' ').any(|sc| !allowed.iter().any(|a| a == sc)) {
+            return oauth_refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                "the requested scope is invalid",
+            );
+        }
+    }
+    if refreshing {
+        let known = form
+            .get("refresh_token")
+            .is_some_and(|t| lock(&s.refresh_tokens).remove(t).is_some());
+        if !known {
+            return oauth_refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "refresh token is invalid",
+            );
+        }
+        s.refresh_grants.fetch_add(1, Ordering::SeqCst);
+    } else if o.flavor == Flavor::Cxone
+        && (form.get("username") != Some(&o.access_key_id)
+            || form.get("password") != Some(&o.access_key_secret))
+    {
+        return oauth_refusal(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "invalid username or password",
         );
     }
     let token = random_token();
     lock(&s.tokens).insert(token.clone(), Instant::now() + o.token_lifetime);
     s.grants.fetch_add(1, Ordering::SeqCst);
-    json(
-        StatusCode::OK,
-        serde_json::json!({"access_token": token, "token_type": "bearer", "expires_in": o.token_lifetime.as_secs().max(1)}),
-    )
+    let expires_in = o.token_lifetime.as_secs().max(1);
+    let answer = match o.flavor {
+        Flavor::Genesys => {
+            serde_json::json!({"access_token": token, "token_type": "bearer", "expires_in": expires_in})
+        }
+        Flavor::Cxone => {
+            let refresh = random_token();
+            lock(&s.refresh_tokens).insert(refresh.clone(), ());
+            // An unsigned JWT is enough here: the proxy reads the claims, it does not
+            // authenticate with the id_token.
+            let b64 = |v: serde_json::Value| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+            };
+            let id_token = format!(
+                "{}.{}.",
+                b64(serde_json::json!({"alg": "none", "typ": "JWT"})),
+                b64(
+                    serde_json::json!({"iss": issuer, "tenantId": o.tenant_id, "sub": "user:sandbox"})
+                )
+            );
+            serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in, "id_token": id_token, "refresh_token": refresh})
+        }
+    };
+    json(StatusCode::OK, answer)
 }
 
 fn unauthorized(code: &str, message: &str) -> Response<ProxyBody> {

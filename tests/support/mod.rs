@@ -250,3 +250,68 @@ pub fn metric(text: &str, name: &str, label_filter: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Serve `handler` on a loopback port (a stand-in for some other server); stops on drop.
+pub struct Served {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn serve_fixed(status: u16, content_type: &'static str, body: &'static str) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = tower::service_fn(
+        move |_req: http::Request<hyper::body::Incoming>| async move {
+            let mut resp = http::Response::new(tokengate::body::full(body));
+            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            resp.headers_mut()
+                .insert("content-type", http::HeaderValue::from_static(content_type));
+            Ok::<_, std::convert::Infallible>(resp)
+        },
+    );
+    let task = tokio::spawn(tokengate::server::serve(
+        "fixed",
+        listener,
+        svc,
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    Served { addr, task }
+}
+
+/// A TLS server whose certificate nobody trusts (self-signed, made here).
+pub async fn serve_untrusted_tls() -> Served {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(stream).await;
+            });
+        }
+    });
+    Served { addr, task }
+}
+
+/// A loopback address nothing listens on.
+pub fn closed_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
