@@ -4,6 +4,7 @@
 mod support;
 
 use support::*;
+use tokengate::providers::GenesysRegion;
 use tokengate::sandbox::Flavor;
 
 const SECRET: &str = "the-real-secret-0451";
@@ -91,7 +92,8 @@ async fn wrong_token_path_when_the_api_gateway_answers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_client_for_a_wrong_secret() {
     let s = sandbox_with(|_| {}).await;
-    let d = check(upstream("genesys", &s.token_url(), ""), "not-the-secret").await;
+    // oauth2: for genesys, check would also ask the real regions' login hosts (below).
+    let d = check(upstream("oauth2", &s.token_url(), ""), "not-the-secret").await;
     assert_eq!(
         (d["hint"].as_str(), d["grant_error"].as_str()),
         (Some("invalid_client"), Some("invalid_client"))
@@ -216,8 +218,9 @@ async fn wrong_region_when_another_regions_login_host_knows_the_client() {
     })
     .unwrap();
     let dead = format!("http://{}/oauth/token", closed_addr());
+    let dead_url = dead.clone();
     let eu_url = eu.token_url();
-    let route = move |r: &tokengate::providers::GenesysRegion| {
+    let route = move |r: &GenesysRegion| {
         if r.name == "eu_west_1" {
             eu_url.clone()
         } else {
@@ -235,4 +238,10 @@ async fn wrong_region_when_another_regions_login_host_knows_the_client() {
     );
     assert_eq!(eu.grant_requests(), 1, "each region asked once");
     assert_eq!(home.grant_requests(), 1);
+
+    // When no region knows the client, it stays invalid_client.
+    let nowhere = dead_url.clone();
+    let d = tokengate::check::check_with(&config, &move |_: &GenesysRegion| nowhere.clone()).await;
+    assert_eq!(d[0].hint, "invalid_client");
+    assert!(d[0].message.contains("Admin > OAuth"), "{}", d[0].message);
 }
