@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use crate::config::{AuthMethod, BasicEncoding, Config, GrantConfig, UpstreamConfig};
+use crate::config::{AuthMethod, BasicEncoding, Config, GrantConfig, GrantFlow, UpstreamConfig};
 use crate::providers::{GenesysRegion, Provider, GENESYS_REGIONS};
 use crate::token::grant::{side_call_client, GrantError, Granter};
 
@@ -57,7 +57,9 @@ async fn check_upstream(
     http: &reqwest::Client,
     region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
 ) -> Diagnosis {
-    let mut d = diagnose(u, try_grant(http, u.grant.clone()).await);
+    let granter = Granter::new(http.clone(), u.grant.clone());
+    let result = granter.grant().await.map(|g| g.expires_in);
+    let mut d = diagnose(u, shown_token_url(&granter).await, result);
     if d.hint != "invalid_client" {
         return d;
     }
@@ -127,7 +129,7 @@ async fn region_of_client(
         .filter(|r| Some(**r) != u.region)
         .map(|r| {
             let mut g = u.grant.clone();
-            g.token_url = region_token_url(r);
+            g.token_url = Some(region_token_url(r));
             async move { try_grant(http, g).await.ok().map(|_| *r) }
         });
     futures_util::future::join_all(probes)
@@ -137,11 +139,15 @@ async fn region_of_client(
         .next()
 }
 
-pub fn diagnose(u: &UpstreamConfig, result: Result<std::time::Duration, GrantError>) -> Diagnosis {
+pub fn diagnose(
+    u: &UpstreamConfig,
+    token_url: String,
+    result: Result<std::time::Duration, GrantError>,
+) -> Diagnosis {
     let mut d = Diagnosis {
         upstream: u.name.to_string(),
         ok: false,
-        token_url: u.grant.token_url.clone(),
+        token_url,
         status: None,
         grant_error: None,
         hint: "ok",
@@ -165,6 +171,10 @@ pub fn diagnose(u: &UpstreamConfig, result: Result<std::time::Duration, GrantErr
                     Provider::Genesys => "the login host does not know this client id and secret: check both in Admin > OAuth, and that the OAuth client belongs to the org of this region".to_string(),
                     _ => "the token endpoint does not accept this client id and secret: check both, and auth_method (basic or post)".to_string(),
                 }),
+                "invalid_grant" if matches!(u.grant.flow, GrantFlow::CxoneAccessKey { .. }) => (
+                    "invalid_client",
+                    "CXone refused the access key (invalid_grant): check access_key_id and access_key_secret, and that the key's user is active".to_string(),
+                ),
                 "unauthorized_client" | "unsupported_grant_type" => (
                     "grant_type_not_enabled",
                     "the OAuth client may not use the client_credentials grant: set its grant type to Client Credentials".to_string(),
@@ -215,4 +225,17 @@ pub fn diagnose(u: &UpstreamConfig, result: Result<std::time::Duration, GrantErr
     d.hint = hint;
     d.message = message;
     d
+}
+
+/// The token URL to show: configured, discovered, or where discovery starts.
+async fn shown_token_url(granter: &Granter) -> String {
+    if let Some(url) = granter.token_endpoint().await {
+        return url;
+    }
+    match &granter.config().flow {
+        GrantFlow::CxoneAccessKey { issuer, .. } => {
+            format!("{issuer}/.well-known/openid-configuration")
+        }
+        GrantFlow::ClientCredentials => String::new(),
+    }
 }

@@ -170,7 +170,8 @@ pub struct UpstreamConfig {
     /// Path prefix routed here, normalised: starts with `/`, no trailing `/` unless it is `/`.
     pub prefix: String,
     /// Where calls go: scheme, authority and an optional base path (no trailing `/`).
-    pub base_url: Uri,
+    /// `None` for CXone without an override: discovery finds the tenant's API host.
+    pub base_url: Option<Uri>,
     /// How long the upstream may take to answer with a response head.
     pub timeout: Duration,
     pub connect_timeout: Duration,
@@ -180,7 +181,9 @@ pub struct UpstreamConfig {
 /// Everything that shapes a token grant.
 #[derive(Clone)]
 pub struct GrantConfig {
-    pub token_url: String,
+    /// `None`: found by discovery (CXone).
+    pub token_url: Option<String>,
+    pub flow: GrantFlow,
     pub client_id: String,
     pub client_secret: SecretString,
     pub auth_method: AuthMethod,
@@ -191,10 +194,45 @@ pub struct GrantConfig {
     pub params: Vec<(String, String)>,
 }
 
+/// Which grant obtains the token.
+#[derive(Clone)]
+pub enum GrantFlow {
+    /// RFC 6749 §4.4, as Genesys Cloud and most OAuth servers do it.
+    ClientCredentials,
+    /// NICE CXone back-end apps: the password grant with a user's access key, the token
+    /// endpoint found from the issuer's discovery document.
+    CxoneAccessKey {
+        issuer: String,
+        access_key_id: String,
+        access_key_secret: SecretString,
+        /// Find the tenant's API host (no `base_url` was given).
+        discover_api_host: bool,
+    },
+}
+
+impl std::fmt::Debug for GrantFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrantFlow::ClientCredentials => f.write_str("ClientCredentials"),
+            GrantFlow::CxoneAccessKey {
+                issuer,
+                access_key_id,
+                ..
+            } => f
+                .debug_struct("CxoneAccessKey")
+                .field("issuer", issuer)
+                .field("access_key_id", access_key_id)
+                .field("access_key_secret", &"[redacted]")
+                .finish(),
+        }
+    }
+}
+
 impl std::fmt::Debug for GrantConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrantConfig")
             .field("token_url", &self.token_url)
+            .field("flow", &self.flow)
             .field("client_id", &self.client_id)
             .field("client_secret", &"[redacted]")
             .field("auth_method", &self.auth_method)
@@ -212,8 +250,24 @@ impl GrantConfig {
     pub fn cache_key(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
+        let (issuer, key_id, key_secret) = match &self.flow {
+            GrantFlow::ClientCredentials => ("", "", ""),
+            GrantFlow::CxoneAccessKey {
+                issuer,
+                access_key_id,
+                access_key_secret,
+                ..
+            } => (
+                issuer.as_str(),
+                access_key_id.as_str(),
+                access_key_secret.expose_secret(),
+            ),
+        };
         for part in [
-            self.token_url.as_str(),
+            self.token_url.as_deref().unwrap_or(""),
+            issuer,
+            key_id,
+            key_secret,
             self.client_id.as_str(),
             self.client_secret.expose_secret(),
             self.scope.as_deref().unwrap_or(""),
@@ -466,12 +520,6 @@ impl Cx<'_> {
                 ),
             )
         })?;
-        if provider == Provider::Cxone {
-            return Err(self.err(
-                &key("provider"),
-                "provider \"cxone\" is not supported by this version yet; use provider = \"oauth2\" with token_url and base_url meanwhile",
-            ));
-        }
         for (field, set) in [
             ("issuer", raw.issuer.is_some()),
             ("access_key_id", raw.access_key_id.is_some()),
@@ -481,7 +529,7 @@ impl Cx<'_> {
                 raw.access_key_secret_file.is_some(),
             ),
         ] {
-            if set {
+            if set && provider != Provider::Cxone {
                 return Err(self.err(&key(field), "is only valid for provider = \"cxone\""));
             }
         }
@@ -526,22 +574,59 @@ impl Cx<'_> {
             }
         };
         let defaults = region.map(|r| (r.token_url(), r.api_url()));
+        // CXone finds both by discovery unless they are given.
+        let discovers = provider == Provider::Cxone;
         let token_url = match (raw.token_url, &defaults) {
-            (Some(u), _) => self.interpolate(&key("token_url"), &u)?,
-            (None, Some((t, _))) => t.clone(),
+            (Some(u), _) => Some(self.interpolate(&key("token_url"), &u)?),
+            (None, Some((t, _))) => Some(t.clone()),
+            (None, None) if discovers => None,
             (None, None) => {
                 return Err(self.err(&key("token_url"), "is required for provider = \"oauth2\""))
             }
         };
         let base_url = match (raw.base_url, &defaults) {
-            (Some(u), _) => self.interpolate(&key("base_url"), &u)?,
-            (None, Some((_, b))) => b.clone(),
+            (Some(u), _) => Some(self.interpolate(&key("base_url"), &u)?),
+            (None, Some((_, b))) => Some(b.clone()),
+            (None, None) if discovers => None,
             (None, None) => {
                 return Err(self.err(&key("base_url"), "is required for provider = \"oauth2\""))
             }
         };
-        let token_url = self.http_url(&key("token_url"), &token_url)?.to_string();
-        let base_url = self.base_url(&key("base_url"), &base_url)?;
+        let token_url = token_url
+            .map(|u| self.http_url(&key("token_url"), &u).map(|u| u.to_string()))
+            .transpose()?;
+        let base_url = base_url
+            .map(|u| self.base_url(&key("base_url"), &u))
+            .transpose()?;
+        let flow = if discovers {
+            let issuer = match raw.issuer {
+                Some(i) => self.interpolate(&key("issuer"), &i)?,
+                None => providers::CXONE_ISSUER.to_string(),
+            };
+            let issuer = self.http_url(&key("issuer"), &issuer)?;
+            let access_key_id = self.interpolate(
+                &key("access_key_id"),
+                raw.access_key_id.as_deref().ok_or_else(|| {
+                    self.err(
+                        &key("access_key_id"),
+                        "is required for provider = \"cxone\" (the user's access key)",
+                    )
+                })?,
+            )?;
+            let access_key_secret = self.secret(
+                &key("access_key_secret"),
+                raw.access_key_secret,
+                raw.access_key_secret_file,
+            )?;
+            GrantFlow::CxoneAccessKey {
+                issuer: issuer.to_string().trim_end_matches('/').to_string(),
+                access_key_id,
+                access_key_secret,
+                discover_api_host: base_url.is_none(),
+            }
+        } else {
+            GrantFlow::ClientCredentials
+        };
 
         let client_id = self.interpolate(
             &key("client_id"),
@@ -614,6 +699,7 @@ impl Cx<'_> {
             )?,
             grant: GrantConfig {
                 token_url,
+                flow,
                 client_id,
                 client_secret,
                 auth_method,
@@ -850,10 +936,13 @@ client_secret = "${SECRET}"
         let c = load(GENESYS).unwrap();
         let u = &c.upstreams[0];
         assert_eq!(
-            u.grant.token_url,
-            "https://login.mypurecloud.ie/oauth/token"
+            u.grant.token_url.as_deref(),
+            Some("https://login.mypurecloud.ie/oauth/token")
         );
-        assert_eq!(u.base_url.to_string(), "https://api.mypurecloud.ie/");
+        assert_eq!(
+            u.base_url.as_ref().map(|b| b.to_string()).as_deref(),
+            Some("https://api.mypurecloud.ie/")
+        );
         assert_eq!(u.grant.client_id, "my-id");
         assert_eq!(u.prefix, "/");
     }

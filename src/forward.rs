@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
-use http::{header, HeaderMap, HeaderName, Version};
+use http::{header, HeaderMap, HeaderName, Uri, Version};
 use tower::Service;
 
 use crate::body;
@@ -45,6 +45,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRAILER);
 }
 
+/// The upstream URI: the base's scheme, host and path, then the request's path and query.
+pub fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, ProxyError> {
+    let unusable = || ProxyError::BadRequest("the request path cannot be forwarded");
+    let base_path = base.path().trim_end_matches('/');
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(
+        format!("{base_path}{path_and_query}")
+            .parse()
+            .map_err(|_| unusable())?,
+    );
+    Uri::from_parts(parts).map_err(|_| unusable())
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Forward;
 
@@ -61,13 +74,24 @@ impl Service<ProxyRequest> for Forward {
         let Some(route) = req.extensions().get::<Route>().cloned() else {
             return Box::pin(async { Ok(ProxyError::NoRoute.into_response()) });
         };
-        *req.uri_mut() = route.target.clone();
+        let upstream = route.upstream;
+        let Some(base) = upstream.api_base() else {
+            let e = ProxyError::TokenUnavailable {
+                retry_after: None,
+                message: format!("the API host of upstream \"{}\" is not known yet (discovery has not succeeded)", upstream.name()),
+            };
+            return Box::pin(async { Ok(e.into_response()) });
+        };
+        let target = match target_uri(&base, &route.path_and_query) {
+            Ok(t) => t,
+            Err(e) => return Box::pin(async { Ok(e.into_response()) }),
+        };
+        *req.uri_mut() = target;
         // The upstream connection's protocol is the client's choice (ALPN), not the caller's.
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         headers.remove(header::HOST);
-        let upstream = route.upstream;
         Box::pin(async move {
             let timeout = upstream.config.timeout;
             let answer = tokio::time::timeout(timeout, upstream.client.request(req)).await;
@@ -75,17 +99,9 @@ impl Service<ProxyRequest> for Forward {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {
                     let failure = if e.is_connect() {
-                        format!(
-                            "connecting to {} failed: {}",
-                            upstream.config.base_url,
-                            error_chain(&e)
-                        )
+                        format!("connecting to {} failed: {}", base, error_chain(&e))
                     } else {
-                        format!(
-                            "the exchange with {} failed: {}",
-                            upstream.config.base_url,
-                            error_chain(&e)
-                        )
+                        format!("the exchange with {} failed: {}", base, error_chain(&e))
                     };
                     tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
                     let err = body_error_or(&e, ProxyError::UpstreamUnreachable(failure));
@@ -104,6 +120,21 @@ impl Service<ProxyRequest> for Forward {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn targets_keep_the_configured_host() {
+        let base: Uri = "https://api.mypurecloud.com/".parse().unwrap();
+        let t = target_uri(&base, "/api/v2/users?a=1").unwrap();
+        assert_eq!(
+            t.to_string(),
+            "https://api.mypurecloud.com/api/v2/users?a=1"
+        );
+        let base: Uri = "http://127.0.0.1:9/base".parse().unwrap();
+        assert_eq!(
+            target_uri(&base, "/x").unwrap().to_string(),
+            "http://127.0.0.1:9/base/x"
+        );
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {

@@ -34,6 +34,9 @@ impl Provider {
     }
 }
 
+/// NICE CXone's issuer, where discovery starts (FedRAMP: `https://cxone-gov.niceincontact.com`).
+pub const CXONE_ISSUER: &str = "https://cxone.niceincontact.com";
+
 /// A Genesys Cloud region: the SDKs' name and its domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GenesysRegion {

@@ -36,6 +36,14 @@ impl Upstream {
     pub fn name(&self) -> &Arc<str> {
         &self.config.name
     }
+
+    /// Where calls go: the configured `base_url`, else what discovery found (CXone).
+    pub fn api_base(&self) -> Option<http::Uri> {
+        self.config
+            .base_url
+            .clone()
+            .or_else(|| self.tokens.api_base())
+    }
 }
 
 fn upstream_client(connect_timeout: Duration) -> UpstreamClient {

@@ -59,8 +59,8 @@ fn the_example_proxy_toml_is_valid() {
     let env = |name: &str| Some(format!("value-of-{name}"));
     let config = tokengate::config::Config::from_toml(text, "proxy.toml".as_ref(), &env).unwrap();
     assert_eq!(
-        config.upstreams[0].grant.token_url,
-        "https://login.mypurecloud.com/oauth/token"
+        config.upstreams[0].grant.token_url.as_deref(),
+        Some("https://login.mypurecloud.com/oauth/token")
     );
 }
 

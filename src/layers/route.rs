@@ -1,9 +1,9 @@
 //! Which upstream a request goes to, and whether its caller may go there.
 //!
 //! The longest configured `prefix` that matches whole path segments wins; the prefix is
-//! stripped unless it is `/`. The target URI is built here from the upstream's configured
-//! `base_url` and the request's path and query only — never from the request's `Host` or
-//! authority — so no request can make the proxy connect anywhere else.
+//! stripped unless it is `/`. Only the path and query travel on: the forwarder joins them
+//! to the upstream's base URL, never to the request's `Host` or authority, so no request
+//! can make the proxy connect anywhere else.
 //!
 //! Policy: a client's `upstreams` list and its `allow` rules (see [`crate::policy`]); rules
 //! match the path as the caller sent it, and only paths in plain form.
@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{ready, Either, Ready};
-use http::Uri;
 use tower::{Layer, Service};
 
 use super::client_auth::Caller;
@@ -28,9 +27,9 @@ use crate::upstream::Upstream;
 #[derive(Debug, Clone)]
 pub struct Route {
     pub upstream: Arc<Upstream>,
-    /// The full upstream URI: configured scheme, host and base path, then the request's
-    /// path (prefix stripped) and query.
-    pub target: Uri,
+    /// The request's path with the prefix stripped, and its query: appended to the
+    /// upstream's base URL by [`crate::forward`].
+    pub path_and_query: String,
 }
 
 /// The upstream that answered, set on the response for logs and metrics.
@@ -81,21 +80,6 @@ fn strip_prefix<'a>(prefix: &str, path: &'a str) -> Option<&'a str> {
     }
 }
 
-fn target_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let base_path = base.path().trim_end_matches('/');
-    let pq = match query {
-        Some(q) => format!("{base_path}{path}?{q}"),
-        None => format!("{base_path}{path}"),
-    };
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(
-        pq.parse()
-            .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?,
-    );
-    Uri::from_parts(parts)
-        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))
-}
-
 impl<S> Router<S> {
     fn route(&self, req: &ProxyRequest) -> Result<Route, ProxyError> {
         let path = req.uri().path();
@@ -131,7 +115,10 @@ impl<S> Router<S> {
         }
         Ok(Route {
             upstream: Arc::clone(upstream),
-            target: target_uri(&upstream.config.base_url, rest, req.uri().query())?,
+            path_and_query: match req.uri().query() {
+                Some(q) => format!("{rest}?{q}"),
+                None => rest.to_string(),
+            },
         })
     }
 }
@@ -199,18 +186,5 @@ mod tests {
         assert_eq!(strip_prefix("/cxone", "/cxone"), Some("/"));
         assert_eq!(strip_prefix("/cxone", "/cxone/x"), Some("/x"));
         assert_eq!(strip_prefix("/cxone", "/cxonex"), None);
-    }
-
-    #[test]
-    fn targets_keep_the_configured_host() {
-        let base: Uri = "https://api.mypurecloud.com/".parse().unwrap();
-        let t = target_uri(&base, "/api/v2/users", Some("a=1")).unwrap();
-        assert_eq!(
-            t.to_string(),
-            "https://api.mypurecloud.com/api/v2/users?a=1"
-        );
-        let base: Uri = "http://127.0.0.1:9/base".parse().unwrap();
-        let t = target_uri(&base, "/x", None).unwrap();
-        assert_eq!(t.to_string(), "http://127.0.0.1:9/base/x");
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{AuthMethod, BasicEncoding, GrantConfig};
+use crate::config::{AuthMethod, BasicEncoding, GrantConfig, GrantFlow};
 
 /// Largest token-endpoint answer read; a real one is well under 8 KiB.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -15,6 +15,8 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 pub struct Granted {
     pub access_token: SecretString,
     pub expires_in: Duration,
+    /// CXone: the tenant's API host, as discovery found it.
+    pub api_base: Option<http::Uri>,
 }
 
 /// Why a grant failed. Texts come from the endpoint's error codes and descriptions, never
@@ -88,6 +90,7 @@ impl GrantError {
 pub struct Granter {
     http: reqwest::Client,
     config: GrantConfig,
+    memory: tokio::sync::Mutex<Memory>,
 }
 
 impl std::fmt::Debug for Granter {
@@ -113,23 +116,237 @@ pub fn side_call_client() -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
+/// What a token endpoint answered, parsed.
+struct Answer {
+    access_token: SecretString,
+    expires_in: Duration,
+    refresh_token: Option<SecretString>,
+    id_token: Option<String>,
+}
+
+/// What a CXone granter learns and keeps between grants.
+#[derive(Default)]
+struct Memory {
+    token_endpoint: Option<String>,
+    refresh_token: Option<SecretString>,
+    api_base: Option<http::Uri>,
+}
+
 impl Granter {
     pub fn new(http: reqwest::Client, config: GrantConfig) -> Granter {
-        Granter { http, config }
+        Granter {
+            http,
+            config,
+            memory: tokio::sync::Mutex::new(Memory::default()),
+        }
     }
 
     pub fn config(&self) -> &GrantConfig {
         &self.config
     }
 
-    /// Ask the token endpoint for a token once.
+    /// The token endpoint, as configured or as last discovered (for messages).
+    pub async fn token_endpoint(&self) -> Option<String> {
+        match &self.config.token_url {
+            Some(u) => Some(u.clone()),
+            None => self.memory.lock().await.token_endpoint.clone(),
+        }
+    }
+
+    /// Obtain a token once (for CXone: discovering what is not yet known, and using a
+    /// refresh token when the last grant gave one).
     pub async fn grant(&self) -> Result<Granted, GrantError> {
+        match &self.config.flow {
+            GrantFlow::ClientCredentials => {
+                let url = self.config.token_url.as_deref().unwrap_or_default();
+                let answer = self
+                    .request(url, &[("grant_type", "client_credentials")])
+                    .await?;
+                Ok(Granted {
+                    access_token: answer.access_token,
+                    expires_in: answer.expires_in,
+                    api_base: None,
+                })
+            }
+            GrantFlow::CxoneAccessKey {
+                issuer,
+                access_key_id,
+                access_key_secret,
+                discover_api_host,
+            } => {
+                self.cxone(issuer, access_key_id, access_key_secret, *discover_api_host)
+                    .await
+            }
+        }
+    }
+
+    async fn cxone(
+        &self,
+        issuer: &str,
+        access_key_id: &str,
+        access_key_secret: &SecretString,
+        discover_api_host: bool,
+    ) -> Result<Granted, GrantError> {
+        let mut memory = self.memory.lock().await;
+        let endpoint = match (&self.config.token_url, &memory.token_endpoint) {
+            (Some(u), _) | (None, Some(u)) => u.clone(),
+            (None, None) => {
+                let doc = self
+                    .discovery(&format!("{issuer}/.well-known/openid-configuration"))
+                    .await?;
+                let endpoint =
+                    self.url_field(&doc, "token_endpoint", "the OpenID configuration")?;
+                memory.token_endpoint = Some(endpoint.clone());
+                endpoint
+            }
+        };
+        // A refresh token spares the access key; if it is refused, the access key it is.
+        let mut refreshed = None;
+        if let Some(rt) = memory.refresh_token.take() {
+            let fields = [
+                ("grant_type", "refresh_token"),
+                ("refresh_token", rt.expose_secret()),
+            ];
+            match self.request(&endpoint, &fields).await {
+                Ok(answer) => refreshed = Some(answer),
+                Err(GrantError::Refused { .. }) => {}
+                Err(e) => {
+                    memory.refresh_token = Some(rt);
+                    return Err(e);
+                }
+            }
+        }
+        let was_refresh = refreshed.is_some();
+        let answer = match refreshed {
+            Some(a) => a,
+            None => {
+                let fields = [
+                    ("grant_type", "password"),
+                    ("username", access_key_id),
+                    ("password", access_key_secret.expose_secret()),
+                ];
+                match self.request(&endpoint, &fields).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // A discovered endpoint that fails may have moved: look again next time.
+                        if self.config.token_url.is_none()
+                            && !matches!(e, GrantError::Refused { .. })
+                        {
+                            memory.token_endpoint = None;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        memory.refresh_token = answer.refresh_token;
+        if discover_api_host && (!was_refresh || memory.api_base.is_none()) {
+            match self.api_host(answer.id_token.as_deref()).await {
+                Ok(base) => memory.api_base = Some(base),
+                // Keep serving with the host found before; without one there is nothing to call.
+                Err(e) if memory.api_base.is_some() => {
+                    tracing::warn!(error = %e, "CXone API host discovery failed; keeping the last one")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Granted {
+            access_token: answer.access_token,
+            expires_in: answer.expires_in,
+            api_base: memory.api_base.clone(),
+        })
+    }
+
+    /// The tenant's API host: the `id_token` names the issuer and tenant, and the issuer's
+    /// `cxone-configuration` names the host.
+    async fn api_host(&self, id_token: Option<&str>) -> Result<http::Uri, GrantError> {
+        let bad = |what: &str| GrantError::NotOAuth {
+            status: 200,
+            api_code: None,
+            what: what.to_string(),
+        };
+        let claims = id_token
+            .and_then(|t| t.split('.').nth(1))
+            .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .ok_or_else(|| bad("a token answer without a readable id_token (needed to find the CXone API host; or set base_url)"))?;
+        let iss = claims.get("iss").and_then(|v| v.as_str());
+        let tenant = claims.get("tenantId").and_then(|v| v.as_str());
+        let (Some(iss), Some(tenant)) = (iss, tenant) else {
+            return Err(bad("an id_token without iss and tenantId (needed to find the CXone API host; or set base_url)"));
+        };
+        let mut url = reqwest::Url::parse(&format!(
+            "{}/.well-known/cxone-configuration",
+            iss.trim_end_matches('/')
+        ))
+        .map_err(|_| bad("an id_token whose iss is not a URL"))?;
+        url.query_pairs_mut().append_pair("tenantId", tenant);
+        let doc = self.discovery(url.as_str()).await?;
+        let api = self.url_field(&doc, "api_endpoint", "the CXone configuration")?;
+        api.trim_end_matches('/')
+            .parse::<http::Uri>()
+            .map_err(|_| bad("an api_endpoint that is not a URL"))
+    }
+
+    /// GET a discovery document.
+    async fn discovery(&self, url: &str) -> Result<serde_json::Value, GrantError> {
+        let resp = self
+            .http
+            .get(url)
+            .header(http::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        let status = resp.status().as_u16();
+        let content_type = header_text(resp.headers(), http::header::CONTENT_TYPE);
+        let body = read_limited(resp)
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        match serde_json::from_slice(&body) {
+            Ok(doc) if (200..300).contains(&status) => Ok(doc),
+            _ => Err(GrantError::NotOAuth {
+                status,
+                api_code: None,
+                what: format!(
+                    "the discovery document at {url} is {}",
+                    if (200..300).contains(&status) {
+                        answer_kind(&content_type, &body)
+                    } else {
+                        format!("missing (HTTP {status})")
+                    }
+                ),
+            }),
+        }
+    }
+
+    fn url_field(
+        &self,
+        doc: &serde_json::Value,
+        field: &str,
+        what: &str,
+    ) -> Result<String, GrantError> {
+        doc.get(field)
+            .and_then(|v| v.as_str())
+            .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+            .map(str::to_string)
+            .ok_or_else(|| GrantError::NotOAuth {
+                status: 200,
+                api_code: None,
+                what: format!("{what} without a \"{field}\" URL"),
+            })
+    }
+
+    /// POST one grant to `url`: `fields`, then the scope and extra parameters, with the
+    /// client authenticated as configured.
+    async fn request(&self, url: &str, fields: &[(&str, &str)]) -> Result<Answer, GrantError> {
         let c = &self.config;
         // The form is finished before anything is awaited: its serializer is not `Send`.
         let mut basic = None;
         let form = {
             let mut form = form_urlencoded::Serializer::new(String::new());
-            form.append_pair("grant_type", "client_credentials");
+            for (k, v) in fields {
+                form.append_pair(k, v);
+            }
             if let Some(scope) = &c.scope {
                 form.append_pair("scope", scope);
             }
@@ -158,7 +375,7 @@ impl Granter {
         };
         let mut req = self
             .http
-            .post(&c.token_url)
+            .post(url)
             .header(http::header::ACCEPT, "application/json")
             .header(
                 http::header::CONTENT_TYPE,
@@ -173,12 +390,7 @@ impl Granter {
             .await
             .map_err(|e| self.transport_error(&e))?;
         let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let content_type = header_text(resp.headers(), http::header::CONTENT_TYPE);
         let body = read_limited(resp)
             .await
             .map_err(|e| self.transport_error(&e))?;
@@ -190,7 +402,7 @@ impl Granter {
         status: u16,
         content_type: &str,
         body: &[u8],
-    ) -> Result<Granted, GrantError> {
+    ) -> Result<Answer, GrantError> {
         let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
         let field = |name: &str| {
             json.as_ref()
@@ -260,9 +472,16 @@ impl Granter {
                 what: "an \"expires_in\" that is not a positive number".into(),
             });
         };
-        Ok(Granted {
+        let text = |name: &str| {
+            json.get(name)
+                .and_then(|v| v.as_str())
+                .filter(|t| !t.is_empty())
+        };
+        Ok(Answer {
             access_token: SecretString::from(token.to_string()),
             expires_in,
+            refresh_token: text("refresh_token").map(|t| SecretString::from(t.to_string())),
+            id_token: text("id_token").map(str::to_string),
         })
     }
 
@@ -305,6 +524,14 @@ pub fn basic_credentials(id: &str, secret: &str, encoding: BasicEncoding) -> Str
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(pair)
     )
+}
+
+fn header_text(headers: &http::HeaderMap, name: http::header::HeaderName) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
 }
 
 async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {

@@ -179,6 +179,8 @@ pub struct TokenSource {
     /// Set while a background refresh task exists, so the hot path spawns at most one.
     refreshing: AtomicBool,
     generations: AtomicU64,
+    /// The API host discovery found with the last grant (CXone).
+    api_base: ArcSwapOption<http::Uri>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -200,6 +202,7 @@ impl TokenSource {
             minting: tokio::sync::Mutex::new(Backoff::default()),
             refreshing: AtomicBool::new(false),
             generations: AtomicU64::new(0),
+            api_base: ArcSwapOption::empty(),
         })
     }
 
@@ -225,6 +228,11 @@ impl TokenSource {
     /// callers that saw the same rejection share one grant; a newer token is kept.
     pub async fn replace(self: &Arc<Self>, rejected: u64) -> Result<Arc<Token>, TokenError> {
         self.obtain(Want::Replacing(rejected)).await
+    }
+
+    /// The API host the last grant's discovery found, if any.
+    pub fn api_base(&self) -> Option<http::Uri> {
+        self.api_base.load_full().map(|u| (*u).clone())
     }
 
     /// The current token if it is usable (for readiness), without any side effect.
@@ -324,6 +332,9 @@ impl TokenSource {
                 header.set_sensitive(true);
                 let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
                 let token = Arc::new(Token::new(header, generation, sent, granted.expires_in));
+                if let Some(base) = granted.api_base {
+                    self.api_base.store(Some(Arc::new(base)));
+                }
                 self.current.store(Some(Arc::clone(&token)));
                 *backoff = Backoff::default();
                 self.metrics.grant(&self.upstream, "ok");
