@@ -3,9 +3,12 @@
 # loopback ports, in front of the built-in sandbox), the benches compiled and run once as
 # tests, and the doc examples.
 #
-# Beyond the Rust toolchain, one test runs the official Genesys Cloud Python SDK against
-# the proxy: this script installs it into target/sdk-venv from PyPI first (and Python
-# itself from the OS packages when it is missing and we are root).
+# Beyond the Rust toolchain, two tests need programs this script installs first:
+# - the official Genesys Cloud Python SDK, into target/sdk-venv from PyPI (and Python
+#   itself from the OS packages when it is missing);
+# - Debian's chromium, which renders the operator's status page.
+# OS packages are installed with apt-get when we are root; otherwise the script says what
+# is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +18,7 @@ if ! "$venv/bin/python" -c "import PureCloudPlatformClientV2" 2>/dev/null; then
   if ! python3 -m venv --help >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "scripts/test.sh: installing python3 and python3-venv (for the Genesys SDK test)"
-      apt-get install -y python3 python3-venv >/dev/null
+      apt-get install -y python3 python3-venv >/dev/null || { apt-get update >/dev/null && apt-get install -y python3 python3-venv >/dev/null; }
     else
       echo "scripts/test.sh: python3 with venv is needed for the Genesys SDK test; install it" >&2
       exit 1
@@ -27,6 +30,20 @@ if ! "$venv/bin/python" -c "import PureCloudPlatformClientV2" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check "PureCloudPlatformClientV2==$SDK_VERSION"
 fi
 export TOKENGATE_SDK_PYTHON="$PWD/$venv/bin/python"
+
+if [ -z "${TOKENGATE_CHROMIUM:-}" ]; then
+  if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "scripts/test.sh: installing chromium (for the status page test)"
+      apt-get install -y chromium >/dev/null || { apt-get update >/dev/null && apt-get install -y chromium >/dev/null; }
+    else
+      echo "scripts/test.sh: chromium is needed for the status page test; install it (Debian: apt-get install chromium)" >&2
+      exit 1
+    fi
+  fi
+  TOKENGATE_CHROMIUM="$(command -v chromium)"
+  export TOKENGATE_CHROMIUM
+fi
 
 cargo test --all-targets "$@"
 cargo test --doc

@@ -4,6 +4,11 @@
 //! - `GET /readyz`: 200 when every upstream holds a usable token, else 503 and the list of
 //!   those that do not.
 //! - `GET /metrics`: Prometheus text.
+//! - `GET /`: the operator's status page; `GET /status.json`: the same data as JSON.
+//!
+//! With `admin_key_sha256` set, everything but `/healthz` and `/readyz` wants the admin key:
+//! `Authorization: Bearer <key>`, or as the password of Basic credentials (so a browser
+//! can ask for it).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,13 +17,19 @@ use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::{full, ProxyBody};
+use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::status::{status_html, status_json, StatusBoard};
 use crate::upstream::Upstream;
 
 #[derive(Debug, Clone)]
 pub struct Admin {
+    pub config: Arc<Config>,
+    /// The proxy listener's real address (the config may say port 0).
+    pub proxy_addr: std::net::SocketAddr,
     pub upstreams: Arc<[Arc<Upstream>]>,
     pub metrics: Metrics,
+    pub board: Arc<StatusBoard>,
 }
 
 impl Admin {
@@ -47,6 +58,30 @@ impl Admin {
                 let body = serde_json::json!({ "ready": failing.is_empty(), "failing": failing });
                 text(status, "application/json", body.to_string())
             }
+            _ if !self.authorized(req) => {
+                let mut resp = text(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain",
+                    "the admin key is required\n".into(),
+                );
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Basic realm=\"tokengate admin\""),
+                );
+                resp
+            }
+            "/" => {
+                let doc = status_json(self.proxy_addr, &self.upstreams, &self.board);
+                text(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    status_html(&doc),
+                )
+            }
+            "/status.json" => {
+                let doc = status_json(self.proxy_addr, &self.upstreams, &self.board);
+                text(StatusCode::OK, "application/json", doc.to_string())
+            }
             "/metrics" => text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -54,6 +89,39 @@ impl Admin {
             ),
             _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
+    }
+
+    /// With no admin key configured the listener is on loopback (config insists), and
+    /// open; with one, the request must carry it.
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(expected) = self.config.server.admin_key_sha256 else {
+            return true;
+        };
+        let Some(value) = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+        else {
+            return false;
+        };
+        let key: Vec<u8> = if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
+            value[7..].trim_ascii().to_vec()
+        } else if value.len() > 6 && value[..6].eq_ignore_ascii_case(b"basic ") {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(value[6..].trim_ascii())
+                .unwrap_or_default();
+            match decoded.iter().position(|b| *b == b':') {
+                Some(i) => decoded[i + 1..].to_vec(),
+                None => return false,
+            }
+        } else {
+            return false;
+        };
+        use sha2::Digest as _;
+        use subtle::ConstantTimeEq as _;
+        let digest: [u8; 32] = sha2::Sha256::digest(&key).into();
+        bool::from(digest.ct_eq(&expected))
     }
 
     pub fn service(

@@ -445,12 +445,6 @@ impl Cx<'_> {
                 ));
             }
         }
-        if admin_key_sha256.is_some() {
-            return Err(self.err(
-                "server.admin_key_sha256",
-                "a protected admin listener is not supported by this version yet; keep admin_listen on loopback",
-            ));
-        }
         if raw.tls_cert.is_some() || raw.tls_key.is_some() {
             return Err(self.err(
                 "server.tls_cert",

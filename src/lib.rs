@@ -27,6 +27,7 @@ pub mod sandbox;
 pub mod server;
 pub mod session;
 pub mod stack;
+pub mod status;
 pub mod token;
 pub mod upstream;
 
@@ -88,6 +89,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let proxy_addr = proxy_listener.local_addr().unwrap_or(config.server.listen);
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
+    let board = Arc::new(status::StatusBoard::new(&config));
     let (stop, stopped) = watch::channel(false);
     let on_stop = move || {
         let mut rx = stopped.clone();
@@ -99,14 +101,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut servers = vec![tokio::spawn(server::serve(
         "proxy",
         proxy_listener,
-        stack::proxy_service(&config, &upstreams, &metrics),
+        stack::proxy_service(&config, &upstreams, &metrics, &board),
         on_stop(),
         grace,
     ))];
     if let Some(listener) = admin_listener {
         let admin = admin::Admin {
+            config: Arc::new(config.clone()),
+            proxy_addr,
             upstreams: upstreams.clone(),
             metrics: metrics.clone(),
+            board: board.clone(),
         };
         servers.push(tokio::spawn(server::serve(
             "admin",

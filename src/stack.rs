@@ -20,6 +20,7 @@ use crate::layers::route::RouteLayer;
 use crate::layers::token_endpoint::TokenEndpointLayer;
 use crate::metrics::Metrics;
 use crate::session::Sessions;
+use crate::status::StatusBoard;
 use crate::upstream::Upstream;
 
 /// Build the service that answers every request on the proxy listener.
@@ -27,6 +28,7 @@ pub fn proxy_service(
     config: &Config,
     upstreams: &[Arc<Upstream>],
     metrics: &Metrics,
+    board: &Arc<StatusBoard>,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<ProxyBody>,
@@ -40,7 +42,7 @@ pub fn proxy_service(
         // One body type from here on: hyper's, limited, or a kept copy for a retry.
         .map_request(|req: Request<Incoming>| req.map(body::boxed))
         // Outermost, so that every answer is counted — including the proxy's own refusals.
-        .layer(ObserveLayer::recording_to(metrics.clone()))
+        .layer(ObserveLayer::recording_to(metrics.clone(), board.clone()))
         // Refuse what must never be forwarded (CONNECT, absolute-form, oversized bodies)
         // before spending anything on it.
         .layer(GuardLayer::with_body_limit(config.server.max_body_bytes))

@@ -1,7 +1,8 @@
 //! Outermost: count and time every answer, by upstream and status, and log a line for it.
 //!
-//! The upstream comes from the [`RouteName`] the router put on the response; answers made
-//! before routing (401, 404) count under an empty upstream. The log line has the method,
+//! The upstream and client come from the [`Served`] the router put on the response;
+//! answers made before routing (401) count under an empty upstream. Counts go to the
+//! Prometheus metrics and to the [status board](crate::status::StatusBoard). The log line has the method,
 //! the path without its query (queries can carry things nobody should log) and the status.
 
 use std::convert::Infallible;
@@ -13,19 +14,24 @@ use std::time::Instant;
 use http::Method;
 use tower::{Layer, Service};
 
-use super::route::RouteName;
+use std::sync::Arc;
+
+use super::retry::Retried;
+use super::route::Served;
 use super::{ProxyRequest, ProxyResponse};
 use crate::error::ProxyErrorCode;
 use crate::metrics::Metrics;
+use crate::status::{Answered, StatusBoard};
 
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
     metrics: Metrics,
+    board: Arc<StatusBoard>,
 }
 
 impl ObserveLayer {
-    pub fn recording_to(metrics: Metrics) -> Self {
-        ObserveLayer { metrics }
+    pub fn recording_to(metrics: Metrics, board: Arc<StatusBoard>) -> Self {
+        ObserveLayer { metrics, board }
     }
 }
 
@@ -35,6 +41,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             metrics: self.metrics.clone(),
+            board: self.board.clone(),
         }
     }
 }
@@ -43,6 +50,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     metrics: Metrics,
+    board: Arc<StatusBoard>,
 }
 
 impl<S> Service<ProxyRequest> for Observe<S>
@@ -63,6 +71,7 @@ where
             path: req.uri().path().to_string(),
             started: Instant::now(),
             metrics: self.metrics.clone(),
+            board: self.board.clone(),
             inner: self.inner.call(req),
         }
     }
@@ -76,6 +85,7 @@ pin_project_lite::pin_project! {
         path: String,
         started: Instant,
         metrics: Metrics,
+        board: Arc<StatusBoard>,
     }
 }
 
@@ -89,16 +99,28 @@ where
         let this = self.project();
         let Ok(resp) = std::task::ready!(this.inner.poll(cx));
         let elapsed = this.started.elapsed();
-        let upstream = resp.extensions().get::<RouteName>().map_or("", |n| &n.0);
+        let served = resp.extensions().get::<Served>();
+        let upstream = served.and_then(|s| s.upstream.as_deref()).unwrap_or("");
+        let client = served.and_then(|s| s.client.as_deref());
         let status = resp.status().as_u16();
         this.metrics.request(upstream, status, elapsed);
         let error = resp.extensions().get::<ProxyErrorCode>().map(|c| c.0);
+        let retried = resp.extensions().get::<Retried>().is_some();
+        this.board.record(Answered {
+            upstream: Some(upstream).filter(|u| !u.is_empty()),
+            client,
+            status,
+            proxy_error: error,
+            retried,
+        });
         tracing::debug!(
             method = %this.method,
             path = %this.path,
             upstream,
+            client,
             status,
             error,
+            retried,
             ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );

@@ -26,6 +26,10 @@ use crate::body::{self, BoxError, ProxyBody};
 use crate::error::{body_error_or, ProxyError};
 use crate::metrics::Metrics;
 
+/// Set on a response that came from the second attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Retried;
+
 #[derive(Debug, Clone)]
 pub struct RetryOn401Layer {
     keep_bytes: usize,
@@ -175,7 +179,9 @@ where
             drop(resp);
             let mut again = copy_with_body(&head, body);
             again.extensions_mut().insert(ReplaceToken(rejected));
-            inner.ready().await?.call(again).await
+            let mut resp = inner.ready().await?.call(again).await?;
+            resp.extensions_mut().insert(Retried);
+            Ok(resp)
         })
     }
 }

@@ -32,9 +32,14 @@ pub struct Route {
     pub path_and_query: String,
 }
 
-/// The upstream that answered, set on the response for logs and metrics.
-#[derive(Debug, Clone)]
-pub struct RouteName(pub Arc<str>);
+/// Who asked and which upstream answered, set on every response that reached the router
+/// (its own refusals included), for logs, metrics and the status page.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    pub upstream: Option<Arc<str>>,
+    /// `None` for an anonymous caller.
+    pub client: Option<Arc<str>>,
+}
 
 #[derive(Debug, Clone)]
 pub struct RouteLayer {
@@ -130,37 +135,52 @@ where
 {
     type Response = ProxyResponse;
     type Error = Infallible;
-    type Future = Either<Ready<Result<ProxyResponse, Infallible>>, NamedResponse<S::Future>>;
+    type Future = Either<Ready<Result<ProxyResponse, Infallible>>, ServedResponse<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
+        let client = req
+            .extensions()
+            .get::<Caller>()
+            .and_then(|c| c.0.as_ref())
+            .map(|c| c.name.clone());
         match self.route(&req) {
             Ok(route) => {
-                let name = RouteName(route.upstream.name().clone());
+                let served = Served {
+                    upstream: Some(route.upstream.name().clone()),
+                    client,
+                };
                 req.extensions_mut().insert(route);
-                Either::Right(NamedResponse {
+                Either::Right(ServedResponse {
                     inner: self.inner.call(req),
-                    name: Some(name),
+                    served: Some(served),
                 })
             }
-            Err(e) => Either::Left(ready(Ok(e.into_response()))),
+            Err(e) => {
+                let mut resp = e.into_response();
+                resp.extensions_mut().insert(Served {
+                    upstream: None,
+                    client,
+                });
+                Either::Left(ready(Ok(resp)))
+            }
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The inner response with the upstream's name attached.
-    pub struct NamedResponse<F> {
+    /// The inner response with [`Served`] attached.
+    pub struct ServedResponse<F> {
         #[pin]
         inner: F,
-        name: Option<RouteName>,
+        served: Option<Served>,
     }
 }
 
-impl<F> Future for NamedResponse<F>
+impl<F> Future for ServedResponse<F>
 where
     F: Future<Output = Result<ProxyResponse, Infallible>>,
 {
@@ -169,8 +189,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(mut resp) = std::task::ready!(this.inner.poll(cx));
-        if let Some(name) = this.name.take() {
-            resp.extensions_mut().insert(name);
+        if let Some(served) = this.served.take() {
+            resp.extensions_mut().insert(served);
         }
         Poll::Ready(Ok(resp))
     }

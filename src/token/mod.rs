@@ -181,6 +181,29 @@ pub struct TokenSource {
     generations: AtomicU64,
     /// The API host discovery found with the last grant (CXone).
     api_base: ArcSwapOption<http::Uri>,
+    grants_ok: AtomicU64,
+    grants_failed: AtomicU64,
+    last_failure: Mutex<Option<Failure>>,
+}
+
+/// The last failed grant, for the status page.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub at: std::time::SystemTime,
+    pub error: GrantError,
+}
+
+/// A token source's state as an operator sees it. Nothing secret.
+#[derive(Debug, Clone)]
+pub struct TokenSnapshot {
+    /// `valid`, `refreshing` (a grant is in flight), `failing` (no usable token and the
+    /// last grant failed) or `none` (nothing obtained yet).
+    pub state: &'static str,
+    pub expires_in: Option<Duration>,
+    pub age: Option<Duration>,
+    pub grants_ok: u64,
+    pub grants_failed: u64,
+    pub last_failure: Option<Failure>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -203,6 +226,9 @@ impl TokenSource {
             refreshing: AtomicBool::new(false),
             generations: AtomicU64::new(0),
             api_base: ArcSwapOption::empty(),
+            grants_ok: AtomicU64::new(0),
+            grants_failed: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
         })
     }
 
@@ -228,6 +254,32 @@ impl TokenSource {
     /// callers that saw the same rejection share one grant; a newer token is kept.
     pub async fn replace(self: &Arc<Self>, rejected: u64) -> Result<Arc<Token>, TokenError> {
         self.obtain(Want::Replacing(rejected)).await
+    }
+
+    /// The state of this source, for the status page.
+    pub fn snapshot(&self) -> TokenSnapshot {
+        let now = Instant::now();
+        let usable = self.usable();
+        let minting = self.minting.try_lock().is_err() || self.refreshing.load(Ordering::Relaxed);
+        let last_failure = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let state = match (&usable, minting, &last_failure) {
+            (_, true, _) => "refreshing",
+            (Some(_), false, _) => "valid",
+            (None, false, Some(_)) => "failing",
+            (None, false, None) => "none",
+        };
+        TokenSnapshot {
+            state,
+            expires_in: usable.as_ref().map(|t| t.usable_until - now),
+            age: usable.as_ref().map(|t| now - t.obtained),
+            grants_ok: self.grants_ok.load(Ordering::Relaxed),
+            grants_failed: self.grants_failed.load(Ordering::Relaxed),
+            last_failure,
+        }
     }
 
     /// The API host the last grant's discovery found, if any.
@@ -338,6 +390,7 @@ impl TokenSource {
                 self.current.store(Some(Arc::clone(&token)));
                 *backoff = Backoff::default();
                 self.metrics.grant(&self.upstream, "ok");
+                self.grants_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     upstream = %self.upstream,
                     generation,
@@ -348,6 +401,14 @@ impl TokenSource {
             }
             Err(cause) => {
                 self.metrics.grant(&self.upstream, cause.outcome());
+                self.grants_failed.fetch_add(1, Ordering::Relaxed);
+                *self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Failure {
+                    at: std::time::SystemTime::now(),
+                    error: cause.clone(),
+                });
                 backoff.record(cause.clone(), Instant::now());
                 let retry_after = backoff.active(Instant::now());
                 tracing::warn!(

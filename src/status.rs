@@ -1,0 +1,409 @@
+//! The operator's view: every upstream's token health and traffic, every client's use.
+//!
+//! [`StatusBoard`] counts what the [observe layer](crate::layers::observe) sees;
+//! [`status_json`] joins it with each token source's [snapshot](crate::token::TokenSnapshot)
+//! into the document served as `/status.json`, and [`status_html`] renders the same
+//! document as the page served at `/`: plain HTML that is complete without JavaScript,
+//! reloads itself every few seconds, and counts token expiry down live where scripts run.
+//! Everything is embedded; nothing is fetched from elsewhere. No token, secret or client
+//! key is ever part of it — only names, states, counts and times.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::upstream::Upstream;
+
+/// How often the page reloads itself.
+const REFRESH_SECS: u32 = 5;
+const WINDOW_SECS: usize = 60;
+
+/// Requests and errors per second over the last minute.
+struct Window {
+    /// (second since start, requests, errors), indexed by second modulo 60.
+    buckets: [(u64, u64, u64); WINDOW_SECS],
+}
+
+impl Window {
+    fn record(&mut self, second: u64, error: bool) {
+        let b = &mut self.buckets[(second % WINDOW_SECS as u64) as usize];
+        if b.0 != second {
+            *b = (second, 0, 0);
+        }
+        b.1 += 1;
+        b.2 += u64::from(error);
+    }
+
+    fn totals(&self, now: u64) -> (u64, u64) {
+        self.buckets
+            .iter()
+            .filter(|b| now.saturating_sub(b.0) < WINDOW_SECS as u64 && b.1 > 0)
+            .fold((0, 0), |(r, e), b| (r + b.1, e + b.2))
+    }
+}
+
+struct UpstreamStats {
+    name: Arc<str>,
+    window: Mutex<Window>,
+    retries_401: AtomicU64,
+    throttled_429: AtomicU64,
+}
+
+struct ClientStats {
+    name: Arc<str>,
+    requests: AtomicU64,
+    forbidden: AtomicU64,
+}
+
+/// Counters for the status page, fed by the observe layer.
+pub struct StatusBoard {
+    started: Instant,
+    upstreams: Vec<UpstreamStats>,
+    clients: Vec<ClientStats>,
+}
+
+impl std::fmt::Debug for StatusBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusBoard")
+    }
+}
+
+/// What the observe layer knows of one answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered<'a> {
+    pub upstream: Option<&'a str>,
+    pub client: Option<&'a str>,
+    pub status: u16,
+    /// The proxy's own error code, if the proxy made the answer.
+    pub proxy_error: Option<&'static str>,
+    pub retried: bool,
+}
+
+const ANONYMOUS: &str = "anonymous";
+
+impl StatusBoard {
+    pub fn new(config: &Config) -> StatusBoard {
+        let mut clients: Vec<ClientStats> = config
+            .clients
+            .iter()
+            .map(|c| ClientStats {
+                name: c.name.clone(),
+                requests: AtomicU64::new(0),
+                forbidden: AtomicU64::new(0),
+            })
+            .collect();
+        if clients.is_empty() {
+            clients.push(ClientStats {
+                name: Arc::from(ANONYMOUS),
+                requests: AtomicU64::new(0),
+                forbidden: AtomicU64::new(0),
+            });
+        }
+        StatusBoard {
+            started: Instant::now(),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(|u| UpstreamStats {
+                    name: u.name.clone(),
+                    window: Mutex::new(Window {
+                        buckets: [(0, 0, 0); WINDOW_SECS],
+                    }),
+                    retries_401: AtomicU64::new(0),
+                    throttled_429: AtomicU64::new(0),
+                })
+                .collect(),
+            clients,
+        }
+    }
+
+    pub fn record(&self, a: Answered<'_>) {
+        let second = self.started.elapsed().as_secs();
+        if let Some(u) = a
+            .upstream
+            .and_then(|name| self.upstreams.iter().find(|u| u.name.as_ref() == name))
+        {
+            u.window
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .record(second, a.status >= 400);
+            if a.retried {
+                u.retries_401.fetch_add(1, Ordering::Relaxed);
+            }
+            if a.status == 429 && a.proxy_error.is_none() {
+                u.throttled_429.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let client = a.client.unwrap_or(ANONYMOUS);
+        if let Some(c) = self.clients.iter().find(|c| c.name.as_ref() == client) {
+            c.requests.fetch_add(1, Ordering::Relaxed);
+            if a.proxy_error == Some("forbidden") {
+                c.forbidden.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn secs(d: Option<Duration>) -> Value {
+    d.map_or(Value::Null, |d| {
+        json!((d.as_secs_f64() * 10.0).round() / 10.0)
+    })
+}
+
+/// The status document (`/status.json`; its shape is documented in README.md).
+pub fn status_json(
+    listen: std::net::SocketAddr,
+    upstreams: &[Arc<Upstream>],
+    board: &StatusBoard,
+) -> Value {
+    let second = board.started.elapsed().as_secs();
+    let upstream_docs: Vec<Value> = upstreams
+        .iter()
+        .map(|u| {
+            let snap = u.tokens.snapshot();
+            let stats = board.upstreams.iter().find(|s| s.name == *u.name());
+            let (requests, errors) = stats.map_or((0, 0), |s| {
+                s.window
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .totals(second)
+            });
+            let last_failure = snap.last_failure.as_ref().map(|f| {
+                let d = crate::check::diagnose(&u.config, String::new(), Err(f.error.clone()));
+                json!({
+                    "at_unix": unix(f.at),
+                    "grant_error": d.grant_error,
+                    "status": d.status,
+                    "hint": d.hint,
+                    "message": d.message,
+                    "detail": f.error.to_string(),
+                })
+            });
+            json!({
+                "name": u.name().as_ref(),
+                "provider": u.config.provider.as_str(),
+                "region": u.config.region.map(|r| r.name),
+                "prefix": u.config.prefix,
+                "api_host": u.api_base().and_then(|b| b.authority().map(|a| a.to_string())),
+                "token": {
+                    "state": snap.state,
+                    "expires_in_secs": secs(snap.expires_in),
+                    "age_secs": secs(snap.age),
+                    "pool_size": 1,
+                },
+                "grants": {"ok": snap.grants_ok, "failed": snap.grants_failed},
+                "last_failure": last_failure,
+                "last_minute": {"requests": requests, "errors": errors},
+                "retries_401": stats.map_or(0, |s| s.retries_401.load(Ordering::Relaxed)),
+                "throttled_429": stats.map_or(0, |s| s.throttled_429.load(Ordering::Relaxed)),
+            })
+        })
+        .collect();
+    let client_docs: Vec<Value> = board
+        .clients
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name.as_ref(),
+                "requests": c.requests.load(Ordering::Relaxed),
+                "forbidden": c.forbidden.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "generated_at_unix": unix(SystemTime::now()),
+        "uptime_secs": board.started.elapsed().as_secs(),
+        "listen": listen.to_string(),
+        "upstreams": upstream_docs,
+        "clients": client_docs,
+    })
+}
+
+/// Escape text for HTML element content and attribute values.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "—".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `h:mm:ss`, as the page's script also writes it.
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// The status page, from the status document.
+pub fn status_html(doc: &Value) -> String {
+    let mut rows = String::new();
+    let mut failures = String::new();
+    let empty = Vec::new();
+    for u in doc["upstreams"].as_array().unwrap_or(&empty) {
+        let name = esc(&text(&u["name"]));
+        let state = text(&u["token"]["state"]);
+        let where_ = match (&u["region"], &u["api_host"]) {
+            (Value::String(r), Value::String(h)) => {
+                format!("{} <small>({})</small>", esc(r), esc(h))
+            }
+            (Value::String(r), _) => esc(r),
+            (_, Value::String(h)) => esc(h),
+            _ => "discovering".into(),
+        };
+        let expiry = match u["token"]["expires_in_secs"].as_f64() {
+            Some(s) => format!(
+                "<span class=\"countdown\" id=\"countdown-{name}\" data-expires-in=\"{s}\">{}</span>",
+                clock(s)
+            ),
+            None => "—".into(),
+        };
+        let age = u["token"]["age_secs"].as_f64().map_or("—".into(), clock);
+        rows.push_str(&format!(
+            "<tr id=\"upstream-{name}\" class=\"state-{state}\"><th scope=\"row\">{name}</th><td>{provider}</td><td>{where_}</td>\
+             <td><span class=\"badge {state}\">{state}</span></td><td>{expiry}</td><td>{age}</td><td>{pool}</td>\
+             <td>{ok} / {failed}</td><td>{req} / {err}</td><td>{retries}</td><td>{throttled}</td></tr>\n",
+            provider = esc(&text(&u["provider"])),
+            state = esc(&state),
+            pool = text(&u["token"]["pool_size"]),
+            ok = text(&u["grants"]["ok"]),
+            failed = text(&u["grants"]["failed"]),
+            req = text(&u["last_minute"]["requests"]),
+            err = text(&u["last_minute"]["errors"]),
+            retries = text(&u["retries_401"]),
+            throttled = text(&u["throttled_429"]),
+        ));
+        if let Some(f) = u["last_failure"].as_object() {
+            failures.push_str(&format!(
+                "<li id=\"failure-{name}\"><strong>{name}</strong>: <code class=\"grant-error\">{grant_error}</code> \
+                 (HTTP {status}) — hint <code class=\"hint\">{hint}</code>: {message}<br><small>{detail}</small></li>\n",
+                grant_error = esc(&text(&f["grant_error"])),
+                status = esc(&text(&f["status"])),
+                hint = esc(&text(&f["hint"])),
+                message = esc(&text(&f["message"])),
+                detail = esc(&text(&f["detail"])),
+            ));
+        }
+    }
+    let mut clients = String::new();
+    for c in doc["clients"].as_array().unwrap_or(&empty) {
+        let name = esc(&text(&c["name"]));
+        clients.push_str(&format!(
+            "<tr id=\"client-{name}\"><th scope=\"row\">{name}</th><td>{}</td><td>{}</td></tr>\n",
+            text(&c["requests"]),
+            text(&c["forbidden"]),
+        ));
+    }
+    if failures.is_empty() {
+        failures.push_str("<li>none</li>");
+    }
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{REFRESH_SECS}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tokengate status</title>
+<style>
+body{{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5rem;color:#1d2430;background:#f6f7f9}}
+h1{{font-size:1.3rem;margin:0}} h2{{font-size:1.05rem;margin:1.4rem 0 .5rem}}
+header p{{margin:.2rem 0;color:#5b6472}}
+table{{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}}
+th,td{{padding:.4rem .7rem;border-bottom:1px solid #e3e6ea;text-align:left;white-space:nowrap}}
+thead th{{background:#eef1f4;font-weight:600}}
+.badge{{padding:.1rem .5rem;border-radius:.7rem;font-weight:600;font-size:.85em}}
+.valid{{background:#d8f3dc;color:#1b5e20}} .refreshing{{background:#fff3bf;color:#7a5b00}}
+.failing{{background:#ffd6d6;color:#8b0000}} .none{{background:#e9ecef;color:#495057}}
+.countdown{{font-variant-numeric:tabular-nums}}
+ul.failures{{background:#fff;padding:.6rem 1.6rem;box-shadow:0 1px 2px #0002}}
+code{{background:#eef1f4;padding:0 .25rem;border-radius:.2rem}}
+</style></head>
+<body>
+<header><h1>tokengate</h1>
+<p>version {version} · listening on {listen} · up {uptime} · this page reloads every {REFRESH_SECS} s · <a href="status.json">status.json</a> · <a href="metrics">metrics</a></p></header>
+<h2>Upstreams</h2>
+<table id="upstreams"><thead><tr><th>upstream</th><th>provider</th><th>region / host</th><th>token</th><th>expires in</th><th>token age</th><th>pool</th><th>grants ok / failed</th><th>last minute: requests / errors</th><th>401 retries</th><th>429s</th></tr></thead>
+<tbody>
+{rows}</tbody></table>
+<h2>Last grant failures</h2>
+<ul class="failures" id="failures">
+{failures}</ul>
+<h2>Clients</h2>
+<table id="clients"><thead><tr><th>client</th><th>requests</th><th>403s</th></tr></thead>
+<tbody>
+{clients}</tbody></table>
+<script>
+(function () {{
+  var start = Date.now();
+  function clock(s) {{
+    s = Math.max(0, Math.floor(s));
+    var m = Math.floor(s / 60) % 60, ss = s % 60;
+    return Math.floor(s / 3600) + ":" + (m < 10 ? "0" : "") + m + ":" + (ss < 10 ? "0" : "") + ss;
+  }}
+  function tick() {{
+    var gone = (Date.now() - start) / 1000;
+    document.querySelectorAll(".countdown").forEach(function (el) {{
+      var left = parseFloat(el.getAttribute("data-expires-in")) - gone;
+      el.textContent = left > 0 ? clock(left) : "expired";
+      el.setAttribute("data-live", "1");
+    }});
+  }}
+  tick();
+  setInterval(tick, 1000);
+}})();
+</script>
+</body></html>
+"#,
+        version = esc(&text(&doc["version"])),
+        listen = esc(&text(&doc["listen"])),
+        uptime = clock(doc["uptime_secs"].as_f64().unwrap_or(0.0)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_forgets_after_a_minute() {
+        let mut w = Window {
+            buckets: [(0, 0, 0); WINDOW_SECS],
+        };
+        w.record(5, false);
+        w.record(5, true);
+        w.record(30, false);
+        assert_eq!(w.totals(30), (3, 1));
+        assert_eq!(w.totals(64), (1, 0));
+        assert_eq!(w.totals(200), (0, 0));
+    }
+
+    #[test]
+    fn html_escapes_what_it_shows() {
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+        assert_eq!(clock(3725.9), "1:02:05");
+    }
+}
