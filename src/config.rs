@@ -64,6 +64,14 @@ struct RawConfig {
     #[serde(default)]
     client: Vec<RawClient>,
     cache: Option<RawCache>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +80,9 @@ struct RawServer {
     listen: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
     admin_listen: Option<String>,
     admin_key_sha256: Option<String>,
     allow_anonymous: Option<bool>,
@@ -133,13 +144,25 @@ pub struct Config {
     /// The file it came from, for messages.
     pub source: PathBuf,
     pub server: ServerConfig,
+    pub log_format: LogFormat,
     pub upstreams: Vec<Arc<UpstreamConfig>>,
     pub clients: Vec<Arc<ClientConfig>>,
+}
+
+/// How log lines (the audit line per request among them) are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// HTTPS on `listen` (rustls), with client certificates verified when `client_ca` is set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
     pub admin_listen: Option<SocketAddr>,
     /// SHA-256 of the key that protects the admin listener, when one is set.
     pub admin_key_sha256: Option<[u8; 32]>,
@@ -416,9 +439,20 @@ impl Cx<'_> {
                 ));
             }
         }
+        let log_format = match raw.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(self.err(
+                    "log.format",
+                    format!("unknown format \"{other}\"; use text or json"),
+                ))
+            }
+        };
         Ok(Config {
             source: self.file.to_path_buf(),
             server,
+            log_format,
             upstreams,
             clients,
         })
@@ -445,12 +479,7 @@ impl Cx<'_> {
                 ));
             }
         }
-        if raw.tls_cert.is_some() || raw.tls_key.is_some() {
-            return Err(self.err(
-                "server.tls_cert",
-                "the HTTPS listener is not supported by this version yet; terminate TLS in front of the proxy",
-            ));
-        }
+        let tls = self.tls(raw.tls_cert, raw.tls_key, raw.client_ca)?;
         let token_paths = match raw.token_paths {
             Some(paths) => {
                 for p in &paths {
@@ -467,8 +496,16 @@ impl Cx<'_> {
         let retry_body_bytes = raw.retry_body_bytes.unwrap_or(1024 * 1024);
         let retry_body_bytes = usize::try_from(retry_body_bytes)
             .map_err(|_| self.err("server.retry_body_bytes", "too large"))?;
+        let max_connections = raw.max_connections.unwrap_or(10_000);
+        let max_connections_per_address = raw.max_connections_per_address.unwrap_or(1_000);
+        if max_connections == 0 || max_connections_per_address == 0 {
+            return Err(self.err("server.max_connections", "must be at least 1"));
+        }
         Ok(ServerConfig {
             listen,
+            tls,
+            max_connections,
+            max_connections_per_address,
             admin_listen,
             admin_key_sha256,
             allow_anonymous: raw.allow_anonymous.unwrap_or(false),
@@ -747,6 +784,81 @@ impl Cx<'_> {
             upstreams: allowed_upstreams,
             allow,
         })
+    }
+
+    /// The HTTPS listener's rustls config from PEM files: certificate chain, private key,
+    /// and optionally the CA whose certificates identify clients (mutual TLS).
+    fn tls(
+        &self,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        client_ca: Option<PathBuf>,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (cert, key) = match (cert, key) {
+            (None, None) => {
+                if client_ca.is_some() {
+                    return Err(self.err("server.client_ca", "needs tls_cert and tls_key"));
+                }
+                return Ok(None);
+            }
+            (Some(c), Some(k)) => (c, k),
+            _ => {
+                return Err(self.err(
+                    "server.tls_cert",
+                    "set both tls_cert and tls_key, or neither",
+                ))
+            }
+        };
+        let base = self.file.parent().unwrap_or(Path::new("."));
+        let certs = |key: &str, path: &Path| -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+            let path = base.join(path);
+            let certs: Vec<_> = CertificateDer::pem_file_iter(&path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    self.err(
+                        key,
+                        format!("cannot read certificates from {}: {e}", path.display()),
+                    )
+                })?;
+            if certs.is_empty() {
+                return Err(self.err(key, format!("{} holds no PEM certificate", path.display())));
+            }
+            Ok(certs)
+        };
+        let chain = certs("server.tls_cert", &cert)?;
+        let key_path = base.join(&key);
+        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+            self.err(
+                "server.tls_key",
+                format!("cannot read a private key from {}: {e}", key_path.display()),
+            )
+        })?;
+        let builder = rustls::ServerConfig::builder();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in certs("server.client_ca", &ca)? {
+                    roots.add(c).map_err(|e| {
+                        self.err(
+                            "server.client_ca",
+                            format!("an unusable CA certificate: {e}"),
+                        )
+                    })?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                    .build()
+                    .map_err(|e| self.err("server.client_ca", e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| self.err("server.tls_key", format!("does not fit tls_cert: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(config)))
     }
 
     // --- value helpers ---

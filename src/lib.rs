@@ -98,8 +98,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     };
     let grace = config.server.shutdown_grace;
+    let limits = server::ConnectionLimits {
+        max_connections: config.server.max_connections,
+        max_per_address: config.server.max_connections_per_address,
+    };
+    let proxy_listener = server::Listener {
+        what: "proxy",
+        tcp: proxy_listener,
+        tls: config
+            .server
+            .tls
+            .clone()
+            .map(tokio_rustls::TlsAcceptor::from),
+        limits,
+    };
     let mut servers = vec![tokio::spawn(server::serve(
-        "proxy",
         proxy_listener,
         stack::proxy_service(&config, &upstreams, &metrics, &board),
         on_stop(),
@@ -114,8 +127,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             board: board.clone(),
         };
         servers.push(tokio::spawn(server::serve(
-            "admin",
-            listener,
+            server::plain("admin", listener),
             admin.service(),
             on_stop(),
             grace,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokengate::config::Config;
+use tokengate::config::{Config, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -59,14 +59,17 @@ fn config_path(cli: &Cli) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("proxy.toml"))
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -104,8 +107,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Key { action }) => return key(action),
-        Some(Command::Check { .. }) => {}
-        _ => init_logging(),
+        Some(Command::Demo { .. }) => init_logging(LogFormat::Text),
+        // `run` logs as its config says, once it is loaded; `check` prints, it does not log.
+        _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -140,6 +144,7 @@ async fn serve(cli: &Cli) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    init_logging(config.log_format);
     let running = match tokengate::start(config).await {
         Ok(r) => r,
         Err(e) => {

@@ -193,15 +193,13 @@ impl Sandbox {
         let grace = Duration::from_secs(1);
         let tasks = vec![
             tokio::spawn(crate::server::serve(
-                "sandbox-login",
-                login,
+                crate::server::plain("sandbox-login", login),
                 login_svc,
                 forever(),
                 grace,
             )),
             tokio::spawn(crate::server::serve(
-                "sandbox-api",
-                api,
+                crate::server::plain("sandbox-api", api),
                 api_svc,
                 forever(),
                 grace,

@@ -1,11 +1,20 @@
 //! Accept loops: serve a tower service on a listener until shutdown, then drain.
 //!
-//! hyper-util's `auto` builder speaks HTTP/1.1 and HTTP/2 (prior knowledge) on the same
-//! port. On shutdown the listener closes at once, connections finish their in-flight
-//! requests ([`GracefulShutdown`]), and whatever is left after the grace period is dropped.
+//! hyper-util's `auto` builder speaks HTTP/1.1 and HTTP/2 on the same port (by ALPN over
+//! TLS, by prior knowledge in the clear). On shutdown the listener closes at once,
+//! connections finish their in-flight requests ([`GracefulShutdown`]), and whatever is left
+//! after the grace period is dropped.
+//!
+//! Hostile or broken clients are bounded here: a request head must arrive within
+//! [`HEADER_READ_TIMEOUT`] and fit in [`MAX_HEADER_BYTES`] (else 431); a TLS handshake must
+//! finish within the same time; the number of connections is capped in all and per client
+//! address, so one client cannot take every slot.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -15,17 +24,94 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower::Service;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tower::{Service, ServiceExt};
 
 use crate::body::ProxyBody;
 
-/// How long a client may take to send a request head: slow or half-open connections
-/// cannot hold a connection slot for ever.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request head, or to finish a TLS handshake:
+/// slow or half-open connections cannot hold a slot for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head accepted (HTTP/1 buffer; HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// How many connections a listener holds at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_per_address: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 10_000,
+            max_per_address: 10_000,
+        }
+    }
+}
+
+/// A listening socket and how to treat what it accepts.
+pub struct Listener {
+    pub what: &'static str,
+    pub tcp: TcpListener,
+    /// HTTPS: the handshake happens before HTTP is spoken.
+    pub tls: Option<TlsAcceptor>,
+    pub limits: ConnectionLimits,
+}
+
+/// The identity a client certificate gave the connection (mutual TLS): its subject's
+/// common name. Set on every request of that connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub Arc<str>);
+
+/// Connections per client address.
+#[derive(Default)]
+struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+/// Holds one slot of an address; frees it when dropped.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    fn enter(table: &Arc<PerAddress>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut map = table.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            table: Arc::clone(table),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The common name of a DER certificate's subject.
+fn common_name(der: &[u8]) -> Option<Arc<str>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(Arc::from(cn))
+}
 
 pub async fn serve<S>(
-    what: &'static str,
-    listener: TcpListener,
+    listener: Listener,
     service: S,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -36,16 +122,37 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let Listener {
+        what,
+        tcp,
+        tls,
+        limits,
+    } = listener;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_address = Arc::new(PerAddress::default());
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+        // At the connection cap, stop accepting: the kernel's backlog holds the rest.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = tcp.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: pause, do not spin.
@@ -56,23 +163,79 @@ pub async fn serve<S>(
             },
             () = &mut shutdown => break,
         };
+        let Some(address_slot) = PerAddress::enter(&per_address, peer.ip(), limits.max_per_address)
+        else {
+            tracing::warn!(listener = what, peer = %peer.ip(), "too many connections from one address; refused");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let service = service.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _slots = (slot, address_slot);
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(
+                        HEADER_READ_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(listener = what, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(listener = what, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(|c| common_name(c.as_ref()))
+                        .map(PeerIdentity);
+                    let service = service.map_request(move |mut req: Request<Incoming>| {
+                        if let Some(id) = &identity {
+                            req.extensions_mut().insert(id.clone());
+                        }
+                        req
+                    });
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(listener = what, error = %e, "connection ended with an error");
             }
         });
     }
-    drop(listener);
+    drop(tcp);
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = what, "drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = what, "grace period over; dropping the remaining connections"),
+    }
+}
+
+/// A plain listener with default limits (the sandbox, tests, the admin listener).
+pub fn plain(what: &'static str, tcp: TcpListener) -> Listener {
+    Listener {
+        what,
+        tcp,
+        tls: None,
+        limits: ConnectionLimits::default(),
     }
 }

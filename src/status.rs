@@ -394,7 +394,7 @@ mod tests {
         w.record(5, true);
         w.record(30, false);
         assert_eq!(w.totals(30), (3, 1));
-        assert_eq!(w.totals(64), (1, 0));
+        assert_eq!(w.totals(66), (1, 0));
         assert_eq!(w.totals(200), (0, 0));
     }
 

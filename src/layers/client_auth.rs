@@ -3,7 +3,8 @@
 //! A client presents its key as `Authorization: Bearer <key>` (what a legacy app already
 //! sends in place of a real token) or as `X-Api-Key: <key>`. The proxy stores only the
 //! key's SHA-256 and compares digests in constant time. With no `[[client]]` configured,
-//! A legacy app that did OAuth against the proxy's own token endpoint presents the
+//! Over HTTPS with `client_ca` set, a client certificate whose subject common name is a
+//! client's name identifies that client without a key. A legacy app that did OAuth against the proxy's own token endpoint presents the
 //! [session token](crate::session) it got there instead. With no `[[client]]` configured,
 //! every caller is anonymous (config only allows that on loopback, or when the operator
 //! says so). Either way the caller's credentials are removed here: they never reach an
@@ -22,6 +23,7 @@ use tower::{Layer, Service};
 use super::{ProxyRequest, ProxyResponse};
 use crate::config::ClientConfig;
 use crate::error::ProxyError;
+use crate::server::PeerIdentity;
 use crate::session::Sessions;
 
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -113,13 +115,17 @@ where
         let caller = if self.clients.is_empty() {
             Caller(None)
         } else {
-            let found = presented_key(req.headers()).and_then(|k| {
-                if Sessions::is_session(k) {
-                    self.sessions.verify(k, &self.clients)
-                } else {
-                    identify(&self.clients, k)
-                }
-            });
+            let found = match presented_key(req.headers()) {
+                Some(k) if Sessions::is_session(k) => self.sessions.verify(k, &self.clients),
+                Some(k) => identify(&self.clients, k),
+                // Mutual TLS: a certificate the client CA signed names the client.
+                None => req
+                    .extensions()
+                    .get::<PeerIdentity>()
+                    .and_then(|PeerIdentity(cn)| {
+                        self.clients.iter().find(|c| c.name == *cn).cloned()
+                    }),
+            };
             match found {
                 Some(client) => Caller(Some(client)),
                 None => return Either::Left(ready(Ok(ProxyError::Unauthorized.into_response()))),

@@ -2,7 +2,10 @@
 //!
 //! The upstream and client come from the [`Served`] the router put on the response;
 //! answers made before routing (401) count under an empty upstream. Counts go to the
-//! Prometheus metrics and to the [status board](crate::status::StatusBoard). The log line has the method,
+//! Prometheus metrics and to the [status board](crate::status::StatusBoard), and one
+//! audit line per request goes to the log (target `tokengate::audit`): client, upstream,
+//! method, path (no query), status, latency, whether it was retried, and the upstream's
+//! correlation id. The log line has the method,
 //! the path without its query (queries can carry things nobody should log) and the status.
 
 use std::convert::Infallible;
@@ -22,6 +25,9 @@ use super::{ProxyRequest, ProxyResponse};
 use crate::error::ProxyErrorCode;
 use crate::metrics::Metrics;
 use crate::status::{Answered, StatusBoard};
+
+/// Response headers that carry the platform's id for a call (Genesys first).
+const CORRELATION_HEADERS: [&str; 3] = ["inin-correlation-id", "x-request-id", "x-correlation-id"];
 
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
@@ -113,15 +119,24 @@ where
             proxy_error: error,
             retried,
         });
-        tracing::debug!(
+        // The audit line: who called what, what came back, and the upstream's own
+        // correlation id to find the call in the platform's logs. Never a header value
+        // that could authenticate, never a query string.
+        let correlation = CORRELATION_HEADERS
+            .iter()
+            .find_map(|h| resp.headers().get(*h))
+            .and_then(|v| v.to_str().ok());
+        tracing::info!(
+            target: "tokengate::audit",
+            client = client.unwrap_or("anonymous"),
+            upstream,
             method = %this.method,
             path = %this.path,
-            upstream,
-            client,
             status,
-            error,
+            ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
             retried,
-            ms = elapsed.as_secs_f64() * 1000.0,
+            correlation_id = correlation,
+            error,
             "request"
         );
         Poll::Ready(Ok(resp))

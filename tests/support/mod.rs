@@ -276,8 +276,7 @@ pub async fn serve_fixed(status: u16, content_type: &'static str, body: &'static
         },
     );
     let task = tokio::spawn(tokengate::server::serve(
-        "fixed",
-        listener,
+        tokengate::server::plain("fixed", listener),
         svc,
         std::future::pending(),
         Duration::from_secs(1),
