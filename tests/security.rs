@@ -1,0 +1,291 @@
+//! Hostile input and the HTTPS listener, over real loopback connections.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn key() -> String {
+    format!("Bearer {CLIENT_KEY}")
+}
+
+async fn works(proxy: &Proxy) -> bool {
+    client()
+        .get(proxy.url("/api/v2/users/me"))
+        .header("Authorization", key())
+        .send()
+        .await
+        .map(|r| r.status() == 200)
+        .unwrap_or(false)
+}
+
+/// Write `bytes` on a fresh connection and read what comes back until close (bounded).
+fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_request_head_is_refused_with_431() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let addr = proxy.addr.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let big = "a".repeat(200 * 1024);
+        exchange(
+            &addr,
+            format!("GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+        )
+    })
+    .await
+    .unwrap();
+    let head = String::from_utf8_lossy(&answer[..answer.len().min(40)]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    assert!(sandbox.seen().is_empty());
+    assert!(works(&proxy).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_bytes_and_a_tls_hello_on_the_plain_port_leave_it_serving() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let addr = proxy.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let garbage: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        exchange(&addr, &garbage);
+        // The start of a TLS 1.2/1.3 ClientHello record.
+        exchange(
+            &addr,
+            &[
+                0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03, 0x00, 0x01,
+            ],
+        );
+        exchange(&addr, b"\r\n\r\n\r\nGET\r\n");
+    })
+    .await
+    .unwrap();
+    assert!(works(&proxy).await);
+    assert!(sandbox.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_slow_half_open_connections_do_not_delay_a_real_call() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    assert!(works(&proxy).await, "warm");
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(&proxy.addr).unwrap();
+        s.write_all(b"GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
+        slow.push(s);
+    }
+    let started = Instant::now();
+    assert!(works(&proxy).await);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "a real call took {took:?}");
+    drop(slow);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_cannot_take_every_connection_slot() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(
+        &sandbox,
+        "max_connections_per_address = 5",
+    ));
+    let held: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(&proxy.addr).unwrap())
+        .collect();
+    // The sixth from the same address is closed at once.
+    let addr = proxy.addr.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        exchange(&addr, b"GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\n\r\n")
+    })
+    .await
+    .unwrap();
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    drop(held);
+    // The slots come back as the proxy sees those connections close.
+    let mut served = false;
+    for _ in 0..500 {
+        if works(&proxy).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(served);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_lines_in_json_name_the_call_and_nothing_secret() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(
+        &standard_config(&sandbox, "").replace("[server]", "[log]\nformat = \"json\"\n\n[server]"),
+    );
+    let c = client();
+    sandbox.revoke_all();
+    let r = c
+        .get(proxy.url("/api/v2/users/me?secret_q=hidden-77"))
+        .header("Authorization", key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let logs = proxy.output.text();
+    let audit: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "tokengate::audit")
+        .collect();
+    assert_eq!(audit.len(), 1, "{logs}");
+    let a = &audit[0];
+    assert_eq!(a["client"], "reporting-job");
+    assert_eq!(a["upstream"], "genesys");
+    assert_eq!(a["method"], "GET");
+    assert_eq!(a["path"], "/api/v2/users/me");
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["retried"], true);
+    assert_eq!(a["correlation_id"].as_str().map(str::len), Some(32));
+    assert!(a["ms"].as_f64().is_some());
+    for s in [CLIENT_KEY, CLIENT_SECRET, "hidden-77"] {
+        assert!(!logs.contains(s));
+    }
+    for t in sandbox.issued_tokens() {
+        assert!(!logs.contains(&t));
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1, and client certificates for two names:
+/// `reporting-job` (a configured client) and `someone-else` (not one).
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+    /// (certificate, key) PEM for reporting-job, then for someone-else.
+    clients: Vec<(String, String)>,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "tokengate test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    let clients = ["reporting-job", "someone-else"]
+        .iter()
+        .map(|name| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, *name);
+            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+            (cert.pem(), key.serialize_pem())
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+    Pki {
+        dir,
+        ca_pem: ca.pem(),
+        clients,
+    }
+}
+
+/// An HTTPS client trusting the test CA, presenting client certificate `which` if given.
+fn https_client(pki: &Pki, which: Option<usize>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap());
+    if let Some(i) = which {
+        let (cert, key) = &pki.clients[i];
+        b = b.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+    }
+    b.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_https_listener_serves_with_a_client_key() {
+    let sandbox = sandbox().await;
+    let pki = pki();
+    let d = pki.dir.path().display();
+    let proxy = Proxy::start(&standard_config(
+        &sandbox,
+        &format!("tls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\""),
+    ));
+    let url = format!("https://{}/api/v2/users/me", proxy.addr);
+    let c = https_client(&pki, None);
+    let r = c
+        .get(&url)
+        .header("Authorization", key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "h2 by ALPN");
+    assert_eq!(
+        c.get(&url).send().await.unwrap().status(),
+        401,
+        "a key is still required"
+    );
+    // Plain HTTP on the HTTPS port gets nowhere.
+    let plain = client()
+        .get(proxy.url("/api/v2/users/me"))
+        .header("Authorization", key())
+        .send()
+        .await;
+    assert!(plain.is_err());
+    assert_eq!(
+        sandbox.seen().len(),
+        0,
+        "users/me is not echoed; nothing else was forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_identifies_the_client_by_its_certificate() {
+    let sandbox = sandbox().await;
+    let pki = pki();
+    let d = pki.dir.path().display();
+    let proxy = Proxy::start(&standard_config(
+        &sandbox,
+        &format!("tls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\nclient_ca = \"{d}/ca.pem\""),
+    ));
+    let url = format!("https://{}/api/v2/users/me", proxy.addr);
+    let r = https_client(&pki, Some(0)).get(&url).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the certificate alone identifies reporting-job"
+    );
+    assert!(
+        https_client(&pki, None)
+            .get(&url)
+            .header("Authorization", key())
+            .send()
+            .await
+            .is_err(),
+        "without a client certificate the handshake fails"
+    );
+    // The right CA, but a name no client has: TLS succeeds, the proxy knows no such client.
+    let r = https_client(&pki, Some(1)).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
