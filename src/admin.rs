@@ -11,29 +11,28 @@
 //! can ask for it).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::{full, ProxyBody};
 use crate::config::Config;
+use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::status::{status_html, status_json, StatusBoard};
-use crate::upstream::Upstream;
+use crate::status::{status_html, status_json};
 
 #[derive(Debug, Clone)]
 pub struct Admin {
-    pub config: Arc<Config>,
+    /// The current config, upstreams and status board (they change on reload).
+    pub live: Live,
     /// The proxy listener's real address (the config may say port 0).
     pub proxy_addr: std::net::SocketAddr,
-    pub upstreams: Arc<[Arc<Upstream>]>,
     pub metrics: Metrics,
-    pub board: Arc<StatusBoard>,
 }
 
 impl Admin {
     pub fn answer(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
+        let now = self.live.current();
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -44,7 +43,7 @@ impl Admin {
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
             "/readyz" => {
-                let failing: Vec<&str> = self
+                let failing: Vec<&str> = now
                     .upstreams
                     .iter()
                     .filter(|u| u.tokens.usable().is_none())
@@ -58,7 +57,7 @@ impl Admin {
                 let body = serde_json::json!({ "ready": failing.is_empty(), "failing": failing });
                 text(status, "application/json", body.to_string())
             }
-            _ if !self.authorized(req) => {
+            _ if !authorized(&now.config, req) => {
                 let mut resp = text(
                     StatusCode::UNAUTHORIZED,
                     "text/plain",
@@ -71,7 +70,7 @@ impl Admin {
                 resp
             }
             "/" => {
-                let doc = status_json(self.proxy_addr, &self.upstreams, &self.board);
+                let doc = status_json(self.proxy_addr, &now.upstreams, &now.board);
                 text(
                     StatusCode::OK,
                     "text/html; charset=utf-8",
@@ -79,7 +78,7 @@ impl Admin {
                 )
             }
             "/status.json" => {
-                let doc = status_json(self.proxy_addr, &self.upstreams, &self.board);
+                let doc = status_json(self.proxy_addr, &now.upstreams, &now.board);
                 text(StatusCode::OK, "application/json", doc.to_string())
             }
             "/metrics" => text(
@@ -90,40 +89,42 @@ impl Admin {
             _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
     }
+}
 
-    /// With no admin key configured the listener is on loopback (config insists), and
-    /// open; with one, the request must carry it.
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(expected) = self.config.server.admin_key_sha256 else {
-            return true;
-        };
-        let Some(value) = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes())
-        else {
-            return false;
-        };
-        let key: Vec<u8> = if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
-            value[7..].trim_ascii().to_vec()
-        } else if value.len() > 6 && value[..6].eq_ignore_ascii_case(b"basic ") {
-            use base64::Engine as _;
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(value[6..].trim_ascii())
-                .unwrap_or_default();
-            match decoded.iter().position(|b| *b == b':') {
-                Some(i) => decoded[i + 1..].to_vec(),
-                None => return false,
-            }
-        } else {
-            return false;
-        };
-        use sha2::Digest as _;
-        use subtle::ConstantTimeEq as _;
-        let digest: [u8; 32] = sha2::Sha256::digest(&key).into();
-        bool::from(digest.ct_eq(&expected))
-    }
+/// With no admin key configured the listener is on loopback (config insists), and open;
+/// with one, the request must carry it.
+fn authorized(config: &Config, req: &Request<Incoming>) -> bool {
+    let Some(expected) = config.server.admin_key_sha256 else {
+        return true;
+    };
+    let Some(value) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+    else {
+        return false;
+    };
+    let key: Vec<u8> = if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
+        value[7..].trim_ascii().to_vec()
+    } else if value.len() > 6 && value[..6].eq_ignore_ascii_case(b"basic ") {
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(value[6..].trim_ascii())
+            .unwrap_or_default();
+        match decoded.iter().position(|b| *b == b':') {
+            Some(i) => decoded[i + 1..].to_vec(),
+            None => return false,
+        }
+    } else {
+        return false;
+    };
+    use sha2::Digest as _;
+    use subtle::ConstantTimeEq as _;
+    let digest: [u8; 32] = sha2::Sha256::digest(&key).into();
+    bool::from(digest.ct_eq(&expected))
+}
 
+impl Admin {
     pub fn service(
         self,
     ) -> impl tower::Service<

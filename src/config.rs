@@ -117,6 +117,8 @@ struct RawUpstream {
     access_key_secret_file: Option<PathBuf>,
     timeout_secs: Option<f64>,
     connect_timeout_secs: Option<f64>,
+    retry_429: Option<u32>,
+    retry_429_max_wait_secs: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,6 +200,11 @@ pub struct UpstreamConfig {
     /// How long the upstream may take to answer with a response head.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// How many times an idempotent request that got 429 is sent again after its
+    /// `Retry-After` (0: 429 goes back to the caller, the default).
+    pub retry_429: u32,
+    /// The most time spent waiting on `Retry-After` for one request.
+    pub retry_429_max_wait: Duration,
     pub grant: GrantConfig,
 }
 
@@ -727,6 +734,12 @@ impl Cx<'_> {
                 &key("connect_timeout_secs"),
                 raw.connect_timeout_secs,
                 10.0,
+            )?,
+            retry_429: raw.retry_429.unwrap_or(0).min(10),
+            retry_429_max_wait: self.secs(
+                &key("retry_429_max_wait_secs"),
+                raw.retry_429_max_wait_secs,
+                30.0,
             )?,
             grant: GrantConfig {
                 token_url,

@@ -20,6 +20,7 @@ pub mod error;
 pub mod forward;
 pub mod keys;
 pub mod layers;
+pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod providers;
@@ -32,7 +33,6 @@ pub mod token;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -40,7 +40,6 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
 
 /// Why the proxy could not start (the config itself was valid).
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +55,8 @@ pub struct Running {
     /// Where the proxy listens (with the real port when the config said port 0).
     pub proxy_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    live: live::Live,
+    builder: live::Builder,
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     refreshers: Vec<JoinHandle<()>>,
@@ -67,20 +68,21 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         .map_err(|source| StartError { what, addr, source })
 }
 
+/// Keep every token of `generation` fresh in the background, if its config asks for it.
+fn spawn_refreshers(generation: &live::Generation) -> Vec<JoinHandle<()>> {
+    if !generation.config.server.prefetch_tokens {
+        return Vec::new();
+    }
+    generation
+        .token_sources()
+        .into_iter()
+        .map(|s| tokio::spawn(s.keep_fresh()))
+        .collect()
+}
+
 /// Bind the listeners and start serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let metrics = Metrics::new();
-    let http = token::grant::side_call_client();
-    let tokens = token::TokenCache::default();
-    let upstreams: Arc<[Arc<Upstream>]> = config
-        .upstreams
-        .iter()
-        .map(|u| {
-            let source = tokens.source_for(&u.name, &u.grant, &http, &metrics);
-            Arc::new(Upstream::new(Arc::clone(u), source))
-        })
-        .collect();
-
+    let builder = live::Builder::new(Metrics::new());
     let proxy_listener = bind("proxy", config.server.listen).await?;
     let admin_listener = match config.server.admin_listen {
         Some(addr) => Some(bind("admin", addr).await?),
@@ -89,7 +91,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let proxy_addr = proxy_listener.local_addr().unwrap_or(config.server.listen);
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let board = Arc::new(status::StatusBoard::new(&config));
     let (stop, stopped) = watch::channel(false);
     let on_stop = move || {
         let mut rx = stopped.clone();
@@ -98,10 +99,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     };
     let grace = config.server.shutdown_grace;
-    let limits = server::ConnectionLimits {
-        max_connections: config.server.max_connections,
-        max_per_address: config.server.max_connections_per_address,
-    };
     let proxy_listener = server::Listener {
         what: "proxy",
         tcp: proxy_listener,
@@ -110,21 +107,26 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .tls
             .clone()
             .map(tokio_rustls::TlsAcceptor::from),
-        limits,
+        limits: server::ConnectionLimits {
+            max_connections: config.server.max_connections,
+            max_per_address: config.server.max_connections_per_address,
+        },
     };
+    let generation = builder.build(config);
+    let refreshers = spawn_refreshers(&generation);
+    let summary = (generation.upstreams.len(), generation.config.clients.len());
+    let live = live::Live::new(generation);
     let mut servers = vec![tokio::spawn(server::serve(
         proxy_listener,
-        stack::proxy_service(&config, &upstreams, &metrics, &board),
+        live.clone(),
         on_stop(),
         grace,
     ))];
     if let Some(listener) = admin_listener {
         let admin = admin::Admin {
-            config: Arc::new(config.clone()),
+            live: live.clone(),
             proxy_addr,
-            upstreams: upstreams.clone(),
-            metrics: metrics.clone(),
-            board: board.clone(),
+            metrics: builder.metrics().clone(),
         };
         servers.push(tokio::spawn(server::serve(
             server::plain("admin", listener),
@@ -133,20 +135,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             grace,
         )));
     }
-    let mut refreshers = Vec::new();
-    if config.server.prefetch_tokens {
-        let mut sources: Vec<&Arc<token::TokenSource>> = Vec::new();
-        for u in upstreams.iter() {
-            if !sources.iter().any(|s| Arc::ptr_eq(s, &u.tokens)) {
-                sources.push(&u.tokens);
-                refreshers.push(tokio::spawn(Arc::clone(&u.tokens).keep_fresh()));
-            }
-        }
-    }
-    tracing::info!(%proxy_addr, admin = ?admin_addr, upstreams = upstreams.len(), clients = config.clients.len(), "serving");
+    tracing::info!(%proxy_addr, admin = ?admin_addr, upstreams = summary.0, clients = summary.1, "serving");
     Ok(Running {
         proxy_addr,
         admin_addr,
+        live,
+        builder,
         stop,
         servers,
         refreshers,
@@ -154,6 +148,35 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 impl Running {
+    /// Serve `config` from now on: new requests meet it, requests in flight finish on the
+    /// old one. Listener settings (addresses, TLS, connection limits) need a restart.
+    pub fn reload(&mut self, config: Config) {
+        let old = self.live.current();
+        let s = (&old.config.server, &config.server);
+        if s.0.listen != s.1.listen
+            || s.0.admin_listen != s.1.admin_listen
+            || s.0.tls.is_some() != s.1.tls.is_some()
+            || s.0.max_connections != s.1.max_connections
+            || s.0.max_connections_per_address != s.1.max_connections_per_address
+        {
+            tracing::warn!(
+                "listener settings changed in the config; they take effect at the next restart"
+            );
+        }
+        let generation = self.builder.build(config);
+        let refreshers = spawn_refreshers(&generation);
+        let summary = (generation.upstreams.len(), generation.config.clients.len());
+        self.live.swap(generation);
+        for r in std::mem::replace(&mut self.refreshers, refreshers) {
+            r.abort();
+        }
+        tracing::info!(
+            upstreams = summary.0,
+            clients = summary.1,
+            "config reloaded"
+        );
+    }
+
     /// Stop accepting, let in-flight requests finish (up to the grace period), and return.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

@@ -145,7 +145,7 @@ async fn serve(cli: &Cli) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.log_format);
-    let running = match tokengate::start(config).await {
+    let mut running = match tokengate::start(config).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tokengate: {e}");
@@ -160,9 +160,50 @@ async fn serve(cli: &Cli) -> ExitCode {
     if let Some(admin) = running.admin_addr {
         println!("tokengate: admin listening on http://{admin}");
     }
-    shutdown_signal().await;
+    let path = config_path(cli);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut reloads = reload_signals();
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = next_reload(&mut reloads) => match Config::load(&path) {
+                Ok(config) => running.reload(config),
+                Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),
+            },
+        }
+    }
     running.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-read the config.
+#[cfg(unix)]
+fn reload_signals() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(not(unix))]
+fn reload_signals() -> Option<()> {
+    None
+}
+
+#[cfg(unix)]
+async fn next_reload(signals: &mut Option<tokio::signal::unix::Signal>) {
+    let received = match signals {
+        Some(s) => s.recv().await.is_some(),
+        None => false,
+    };
+    if !received {
+        // No SIGHUP stream: never reload.
+        return std::future::pending().await;
+    }
+    tracing::info!("SIGHUP: reloading the config");
+}
+
+#[cfg(not(unix))]
+async fn next_reload(_: &mut Option<()>) {
+    std::future::pending().await
 }
 
 async fn check(cli: &Cli, json: bool) -> ExitCode {

@@ -117,6 +117,8 @@ struct State {
     gate: Gate,
     /// Hold `bad.credentials` answers until this many are waiting (0: never hold).
     hold_401s: AtomicU64,
+    /// API calls still to be answered with 429.
+    throttle: AtomicU64,
     held_401s: tokio::sync::watch::Sender<u64>,
 }
 
@@ -148,11 +150,16 @@ pub struct Sandbox {
     options: Arc<SandboxOptions>,
     state: Arc<State>,
     tasks: Vec<JoinHandle<()>>,
+    /// The login host's server and the switch that stops it (see [`Sandbox::stop_login`]).
+    login: Option<(JoinHandle<()>, tokio::sync::watch::Sender<bool>)>,
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
         for t in &self.tasks {
+            t.abort();
+        }
+        if let Some((t, _)) = &self.login {
             t.abort();
         }
     }
@@ -179,39 +186,68 @@ impl Sandbox {
         let (login_addr, api_addr) = (login.local_addr()?, api.local_addr()?);
         let forever = std::future::pending::<()>;
         let (o, s) = (options.clone(), state.clone());
-        let issuer: Arc<str> = Arc::from(format!("http://{login_addr}"));
-        let api_url: Arc<str> = Arc::from(format!("http://{api_addr}"));
-        let login_svc = tower::service_fn(move |req: Request<Incoming>| {
-            let (o, s, issuer, api_url) = (o.clone(), s.clone(), issuer.clone(), api_url.clone());
-            async move { Ok::<_, Infallible>(token_endpoint(&o, &s, &issuer, &api_url, req).await) }
-        });
-        let (o, s) = (options.clone(), state.clone());
         let api_svc = tower::service_fn(move |req: Request<Incoming>| {
             let (o, s) = (o.clone(), s.clone());
             async move { Ok::<_, Infallible>(api_host(&o, &s, req).await) }
         });
-        let grace = Duration::from_secs(1);
-        let tasks = vec![
-            tokio::spawn(crate::server::serve(
-                crate::server::plain("sandbox-login", login),
-                login_svc,
-                forever(),
-                grace,
-            )),
-            tokio::spawn(crate::server::serve(
-                crate::server::plain("sandbox-api", api),
-                api_svc,
-                forever(),
-                grace,
-            )),
-        ];
-        Ok(Sandbox {
+        let tasks = vec![tokio::spawn(crate::server::serve(
+            crate::server::plain("sandbox-api", api),
+            api_svc,
+            forever(),
+            Duration::from_secs(1),
+        ))];
+        let mut sandbox = Sandbox {
             login_addr,
             api_addr,
             options,
             state,
             tasks,
-        })
+            login: None,
+        };
+        sandbox.serve_login(login);
+        Ok(sandbox)
+    }
+
+    fn serve_login(&mut self, listener: TcpListener) {
+        let (o, s) = (self.options.clone(), self.state.clone());
+        let issuer: Arc<str> = Arc::from(format!("http://{}", self.login_addr));
+        let api_url: Arc<str> = Arc::from(format!("http://{}", self.api_addr));
+        let login_svc = tower::service_fn(move |req: Request<Incoming>| {
+            let (o, s, issuer, api_url) = (o.clone(), s.clone(), issuer.clone(), api_url.clone());
+            async move { Ok::<_, Infallible>(token_endpoint(&o, &s, &issuer, &api_url, req).await) }
+        });
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(crate::server::serve(
+            crate::server::plain("sandbox-login", listener),
+            login_svc,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+            Duration::from_millis(200),
+        ));
+        self.login = Some((task, stop));
+    }
+
+    /// Take the login host down, as an outage would: its port refuses connections.
+    pub async fn stop_login(&mut self) {
+        if let Some((task, stop)) = self.login.take() {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+    }
+
+    /// Bring the login host back on the same port.
+    pub async fn start_login(&mut self) -> std::io::Result<()> {
+        if self.login.is_none() {
+            let listener = TcpListener::bind(self.login_addr).await?;
+            self.serve_login(listener);
+        }
+        Ok(())
+    }
+
+    /// Answer the next `n` API calls with 429 and `Retry-After: 1`, as a spent rate limit.
+    pub fn throttle_next(&self, n: u64) {
+        self.state.throttle.store(n, Ordering::SeqCst);
     }
 
     pub fn token_url(&self) -> String {
@@ -565,6 +601,19 @@ async fn api_answer(s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
             )
         }
         Some(_) => {}
+    }
+    let throttled = s
+        .throttle
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if throttled {
+        let mut resp = json(
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({"message": "Rate limit exceeded the maximum. [300] requests for [60] seconds", "code": "too.many.requests", "status": 429}),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
     }
     let path = req.uri().path().to_string();
     match path.as_str() {

@@ -15,7 +15,7 @@ use crate::layers::bearer::BearerLayer;
 use crate::layers::client_auth::ClientAuthLayer;
 use crate::layers::guard::GuardLayer;
 use crate::layers::observe::ObserveLayer;
-use crate::layers::retry::RetryOn401Layer;
+use crate::layers::retry::RetryLayer;
 use crate::layers::route::RouteLayer;
 use crate::layers::token_endpoint::TokenEndpointLayer;
 use crate::metrics::Metrics;
@@ -58,7 +58,7 @@ pub fn proxy_service(
         // Where it goes, and whether this caller may go there.
         .layer(RouteLayer::by_prefix(upstreams))
         // Outside the bearer layer, so a second attempt after a 401 gets a fresh token.
-        .layer(RetryOn401Layer::keeping_bodies_up_to(
+        .layer(RetryLayer::keeping_bodies_up_to(
             config.server.retry_body_bytes,
             metrics.clone(),
         ))

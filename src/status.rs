@@ -79,7 +79,7 @@ pub struct Answered<'a> {
     pub status: u16,
     /// The proxy's own error code, if the proxy made the answer.
     pub proxy_error: Option<&'static str>,
-    pub retried: bool,
+    pub retried_after_401: bool,
 }
 
 const ANONYMOUS: &str = "anonymous";
@@ -130,7 +130,7 @@ impl StatusBoard {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .record(second, a.status >= 400);
-            if a.retried {
+            if a.retried_after_401 {
                 u.retries_401.fetch_add(1, Ordering::Relaxed);
             }
             if a.status == 429 && a.proxy_error.is_none() {

@@ -111,13 +111,13 @@ where
         let status = resp.status().as_u16();
         this.metrics.request(upstream, status, elapsed);
         let error = resp.extensions().get::<ProxyErrorCode>().map(|c| c.0);
-        let retried = resp.extensions().get::<Retried>().is_some();
+        let retried = resp.extensions().get::<Retried>().map(|r| r.0);
         this.board.record(Answered {
             upstream: Some(upstream).filter(|u| !u.is_empty()),
             client,
             status,
             proxy_error: error,
-            retried,
+            retried_after_401: retried == Some("unauthorized"),
         });
         // The audit line: who called what, what came back, and the upstream's own
         // correlation id to find the call in the platform's logs. Never a header value

@@ -1,15 +1,21 @@
-//! Send a request once more when the upstream says 401 — with a fresh token.
+//! Send a request once more when the upstream says 401 — with a fresh token — and, where
+//! the operator asked for it, again after a 429's `Retry-After`.
 //!
 //! A 401 from the upstream means the token stopped being valid (revoked, expired early,
 //! rotated). This layer sits outside [`super::bearer`], so the second attempt goes through
 //! it again and gets a token other than the rejected one. Only one retry: a second 401
 //! goes back to the caller as it came.
 //!
+//! A 429 goes back to the caller with its `Retry-After` unless the upstream sets
+//! `retry_429 = N`: then idempotent requests are sent again after `Retry-After`, at most N
+//! times and `retry_429_max_wait_secs` of waiting in all, as the official Genesys SDKs do.
+//!
 //! To send a request twice its body must be kept. Bodies up to `retry_body_bytes` are read
 //! into memory first; larger ones (or ones that turn out larger while reading) stream
 //! through once and are not retried.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -26,30 +32,53 @@ use crate::body::{self, BoxError, ProxyBody};
 use crate::error::{body_error_or, ProxyError};
 use crate::metrics::Metrics;
 
-/// Set on a response that came from the second attempt.
+/// Set on a response that came from a later attempt: why it was sent again
+/// (`unauthorized` or `throttled`).
 #[derive(Debug, Clone, Copy)]
-pub struct Retried;
+pub struct Retried(pub &'static str);
+
+/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// `Retry-After` as a wait: seconds, or an HTTP date.
+fn retry_after(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
 
 #[derive(Debug, Clone)]
-pub struct RetryOn401Layer {
+pub struct RetryLayer {
     keep_bytes: usize,
     metrics: Metrics,
 }
 
-impl RetryOn401Layer {
+impl RetryLayer {
     /// Retry requests whose bodies are at most `keep_bytes` long.
     pub fn keeping_bodies_up_to(keep_bytes: usize, metrics: Metrics) -> Self {
-        RetryOn401Layer {
+        RetryLayer {
             keep_bytes,
             metrics,
         }
     }
 }
 
-impl<S> Layer<S> for RetryOn401Layer {
-    type Service = RetryOn401<S>;
-    fn layer(&self, inner: S) -> RetryOn401<S> {
-        RetryOn401 {
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
             inner,
             keep_bytes: self.keep_bytes,
             metrics: self.metrics.clone(),
@@ -58,7 +87,7 @@ impl<S> Layer<S> for RetryOn401Layer {
 }
 
 #[derive(Debug, Clone)]
-pub struct RetryOn401<S> {
+pub struct Retry<S> {
     inner: S,
     keep_bytes: usize,
     metrics: Metrics,
@@ -123,7 +152,7 @@ fn copy_with_body(head: &http::request::Parts, body: Bytes) -> ProxyRequest {
     req
 }
 
-impl<S> Service<ProxyRequest> for RetryOn401<S>
+impl<S> Service<ProxyRequest> for Retry<S>
 where
     // A concrete future type: rustc cannot yet prove a generic `S::Future` is `Send` inside
     // an `async` block (rust-lang/rust#110338); the inner layers box theirs anyway.
@@ -165,22 +194,59 @@ where
                 }
                 Kept::Whole(body) => body,
             };
-            let resp = inner.call(copy_with_body(&head, body.clone())).await?;
-            let rejected = match resp.extensions().get::<TokenUsed>() {
-                Some(TokenUsed(generation)) if resp.status() == StatusCode::UNAUTHORIZED => {
-                    *generation
-                }
-                _ => return Ok(resp),
-            };
-            if let Some(route) = head.extensions.get::<Route>() {
-                metrics.retry(route.upstream.name(), "unauthorized");
-                tracing::info!(upstream = %route.upstream.name(), "upstream answered 401; retrying with a fresh token");
+            let mut resp = inner.call(copy_with_body(&head, body.clone())).await?;
+            let upstream = head
+                .extensions
+                .get::<Route>()
+                .map(|r| Arc::clone(&r.upstream));
+            let name = upstream.as_ref().map_or("", |u| u.name().as_ref());
+            let mut retried = None;
+            let from_upstream = |r: &ProxyResponse| r.extensions().get::<TokenUsed>().copied();
+            if let (StatusCode::UNAUTHORIZED, Some(TokenUsed(rejected))) =
+                (resp.status(), from_upstream(&resp))
+            {
+                metrics.retry(name, "unauthorized");
+                tracing::info!(
+                    upstream = name,
+                    "upstream answered 401; retrying with a fresh token"
+                );
+                drop(resp);
+                let mut again = copy_with_body(&head, body.clone());
+                again.extensions_mut().insert(ReplaceToken(rejected));
+                resp = inner.ready().await?.call(again).await?;
+                retried = Some("unauthorized");
             }
-            drop(resp);
-            let mut again = copy_with_body(&head, body);
-            again.extensions_mut().insert(ReplaceToken(rejected));
-            let mut resp = inner.ready().await?.call(again).await?;
-            resp.extensions_mut().insert(Retried);
+            if let Some(u) = upstream.as_ref().filter(|_| idempotent(&head.method)) {
+                let (mut left, mut budget) = (u.config.retry_429, u.config.retry_429_max_wait);
+                while left > 0
+                    && resp.status() == StatusCode::TOO_MANY_REQUESTS
+                    && from_upstream(&resp).is_some()
+                {
+                    let wait =
+                        retry_after(resp.headers()).unwrap_or(std::time::Duration::from_secs(1));
+                    if wait > budget {
+                        break;
+                    }
+                    (left, budget) = (left - 1, budget - wait);
+                    metrics.retry(name, "throttled");
+                    tracing::info!(
+                        upstream = name,
+                        wait_secs = wait.as_secs_f32(),
+                        "upstream answered 429; retrying after Retry-After"
+                    );
+                    drop(resp);
+                    tokio::time::sleep(wait).await;
+                    resp = inner
+                        .ready()
+                        .await?
+                        .call(copy_with_body(&head, body.clone()))
+                        .await?;
+                    retried = retried.or(Some("throttled"));
+                }
+            }
+            if let Some(reason) = retried {
+                resp.extensions_mut().insert(Retried(reason));
+            }
             Ok(resp)
         })
     }

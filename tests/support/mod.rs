@@ -160,6 +160,11 @@ impl Proxy {
         )
     }
 
+    /// Replace the proxy's config file (then `signal("HUP")` to reload it).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(self._dir.path().join("proxy.toml"), config).unwrap();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

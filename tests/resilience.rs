@@ -1,0 +1,165 @@
+//! Outages and changes survived: the token endpoint down, 429s, config reloads.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn key() -> String {
+    format!("Bearer {CLIENT_KEY}")
+}
+
+async fn call(proxy: &Proxy, path: &str) -> reqwest::Response {
+    client()
+        .get(proxy.url(path))
+        .header("Authorization", key())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_token_endpoint_costs_nothing_while_the_token_lives_then_503_fast_then_recovery() {
+    let mut sandbox = Sandbox::start(SandboxOptions {
+        token_lifetime: Duration::from_secs(3),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    assert_eq!(call(&proxy, "/api/v2/users/me").await.status(), 200);
+    sandbox.stop_login().await;
+    // The cached token keeps serving until it is no longer usable...
+    let mut served = 0;
+    let first_503 = loop {
+        let started = Instant::now();
+        let r = call(&proxy, "/api/v2/users/me").await;
+        match r.status().as_u16() {
+            200 => served += 1,
+            503 => break (r, started.elapsed()),
+            other => panic!("unexpected {other}"),
+        }
+        assert!(served < 1_000_000);
+    };
+    assert!(served > 0, "calls succeeded while the token lived");
+    // ...then callers get a fast 503 token_unavailable with Retry-After, never a hang.
+    let (resp, took) = first_503;
+    assert!(took < Duration::from_secs(2), "503 took {took:?}");
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "token_unavailable");
+    assert_eq!(sandbox.api_401s(), 0, "no expired token was sent");
+    // The token endpoint returns: the proxy recovers by itself.
+    sandbox.start_login().await.unwrap();
+    let mut ok = false;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        if call(&proxy, "/api/v2/users/me").await.status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the proxy did not recover");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_goes_back_with_retry_after_unless_retries_are_on() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    sandbox.throttle_next(1);
+    let r = call(&proxy, "/api/v2/users/me").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers().get("retry-after").unwrap(), "1");
+
+    let retrying = standard_config(&sandbox, "").replace(
+        "client_secret = \"${SANDBOX_SECRET}\"",
+        "client_secret = \"${SANDBOX_SECRET}\"\nretry_429 = 2",
+    );
+    let proxy = Proxy::start(&retrying);
+    sandbox.throttle_next(1);
+    let r = call(&proxy, "/api/v2/users/me").await;
+    assert_eq!(r.status(), 200, "the later 200");
+    // Not for a POST: it might not be idempotent.
+    sandbox.throttle_next(1);
+    let r = client()
+        .post(proxy.url("/api/v2/analytics/conversations/details/query"))
+        .header("Authorization", key())
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let metrics = client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "tokengate_retries_total",
+            &["reason=\"throttled\""]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_a_new_config_refuses_a_broken_one_and_drops_no_call() {
+    let a = sandbox().await;
+    let b = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&a, ""));
+    assert_eq!(call(&proxy, "/api/v2/first").await.status(), 200);
+    assert_eq!(a.seen().len(), 1);
+
+    // A call in flight on the old config...
+    let before = a.api_calls();
+    let in_flight = tokio::spawn(
+        client()
+            .get(proxy.url("/api/v2/sandbox/gate"))
+            .header("Authorization", key())
+            .send(),
+    );
+    wait_for(Duration::from_secs(10), || {
+        (a.api_calls() > before).then_some(())
+    })
+    .await
+    .unwrap();
+    // ...while the upstream changes to another host.
+    proxy.rewrite_config(&standard_config(&b, ""));
+    proxy.signal("HUP");
+    let output = proxy.output.clone();
+    wait_for(Duration::from_secs(10), || {
+        output.text().contains("config reloaded").then_some(())
+    })
+    .await
+    .expect("the reload is logged");
+    assert_eq!(call(&proxy, "/api/v2/second").await.status(), 200);
+    assert_eq!(b.seen().len(), 1, "new calls go to the new upstream");
+    assert_eq!(b.seen()[0].path, "/api/v2/second");
+    a.open_gate();
+    assert_eq!(
+        in_flight.await.unwrap().unwrap().status(),
+        200,
+        "the call in flight finished"
+    );
+
+    // A broken file is refused; the running config keeps serving.
+    proxy.rewrite_config("[[upstream]]\nname = \"broken\"\nprovider = \"nope\"\n");
+    proxy.signal("HUP");
+    wait_for(Duration::from_secs(10), || {
+        output
+            .text()
+            .contains("config reload refused")
+            .then_some(())
+    })
+    .await
+    .expect("the refusal is logged");
+    assert_eq!(call(&proxy, "/api/v2/third").await.status(), 200);
+    assert_eq!(b.seen().len(), 2);
+}
