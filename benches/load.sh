@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Load benchmark: tokengate against nginx and haproxy doing the same job — forward to one
+# upstream with an Authorization header — measured side by side, in alternating rounds.
+#
+#   benches/load.sh                 # 3 rounds of 10 s each, 64 connections
+#   ROUNDS=5 DURATION=20 CONNECTIONS=64 benches/load.sh
+#
+# Everything runs on loopback: the upstream is nginx (its own process, 1 worker) answering
+# a small JSON body; in front of it nginx (2 workers, keep-alive upstream, fixed bearer
+# header), haproxy (2 threads, http-reuse always, fixed bearer header) and tokengate (a
+# real token from the built-in sandbox's login host). wrk drives each, and the upstream
+# directly, in turn. Needs nginx, haproxy and wrk (Debian: nginx-light haproxy wrk); it
+# installs nothing itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+
+missing=()
+for tool in nginx haproxy wrk; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "benches/load.sh: missing ${missing[*]}; install them first (Debian: apt-get install nginx-light haproxy wrk)" >&2
+  exit 1
+fi
+
+cargo build --release --quiet
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up=$(free_port); ng=$(free_port); hp=$(free_port); tg=$(free_port)
+
+# --- the upstream: nginx, one worker, a small JSON body ---
+mkdir -p "$work/up" "$work/ng"
+cat > "$work/up/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$up;
+    location / { default_type application/json; return 200 '{"id":"7e4c1b9a","name":"Bench User","state":"active"}'; }
+  }
+}
+CONF
+nginx -c "$work/up/nginx.conf" -p "$work/up" -g 'daemon off;' &
+pids+=($!)
+
+# --- nginx in front: 2 workers, keep-alive upstream, a fixed bearer header ---
+cat > "$work/ng/nginx.conf" <<CONF
+worker_processes 2;
+pid $work/ng/nginx.pid;
+error_log $work/ng/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream api { server 127.0.0.1:$up; keepalive 128; }
+  server {
+    listen 127.0.0.1:$ng;
+    location / {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer fixed-token-from-a-cron-job";
+    }
+  }
+}
+CONF
+nginx -c "$work/ng/nginx.conf" -p "$work/ng" -g 'daemon off;' &
+pids+=($!)
+nginx_front=$!
+
+# --- haproxy in front: 2 threads, http-reuse always, a fixed bearer header ---
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend front
+  bind 127.0.0.1:$hp
+  http-request set-header Authorization "Bearer fixed-token-from-a-cron-job"
+  default_backend api
+backend api
+  server up 127.0.0.1:$up
+CONF
+haproxy -f "$work/haproxy.cfg" -db &
+pids+=($!)
+haproxy_pid=$!
+
+# --- tokengate in front, with a real token from the sandbox's login host ---
+./target/release/tokengate demo --listen 127.0.0.1:0 > "$work/demo.out" 2>/dev/null &
+pids+=($!)
+for _ in $(seq 100); do grep -q "login host" "$work/demo.out" 2>/dev/null && break; sleep 0.1; done
+login=$(grep -oP 'login host\s+\K\S+' "$work/demo.out")
+ad=$(free_port)
+cat > "$work/proxy.toml" <<CONF
+[server]
+listen = "127.0.0.1:$tg"
+admin_listen = "127.0.0.1:$ad"
+[[upstream]]
+name = "bench"
+provider = "oauth2"
+token_url = "$login"
+base_url = "http://127.0.0.1:$up"
+client_id = "sandbox-client"
+client_secret = "sandbox-secret"
+CONF
+TOKENGATE_LOG=warn ./target/release/tokengate run -c "$work/proxy.toml" > "$work/tg.out" 2>&1 &
+pids+=($!)
+tokengate_pid=$!
+
+for port in $up $ng $hp $tg; do
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/api/v2/users/me" >/dev/null && break; sleep 0.1; done
+done
+
+peak_rss_mib() { # the sum of VmHWM over a process and its children, in MiB
+  local total=0
+  for p in "$@" $(pgrep -P "$1" || true); do
+    kb=$(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    total=$((total + ${kb:-0}))
+  done
+  echo "scale=1; $total / 1024" | bc
+}
+
+# wrk's numbers: req/s, p50 and p99 in ms, non-2xx count.
+run_wrk() {
+  local out
+  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/api/v2/users/me")
+  local rps p50 p99 errors
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms/,"",v); print v } else { sub(/s/,"",v); print v*1000 } }'; }
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${errors:-0}"
+}
+
+declare -A results
+names=(upstream nginx haproxy tokengate)
+ports=($up $ng $hp $tg)
+for round in $(seq "$ROUNDS"); do
+  for i in "${!names[@]}"; do
+    results[${names[$i]}]+="$(run_wrk "${ports[$i]}")"$'\n'
+  done
+  echo "round $round of $ROUNDS done" >&2
+done
+
+median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+col() { awk -v c="$2" 'NF {print $c}' <<<"$1" | median; }
+
+grants=$(curl -s "http://127.0.0.1:$ad/metrics" | awk '/^tokengate_token_grants_total/ {s+=$NF} END {print s+0}')
+echo
+echo "tokengate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS alternating rounds, medians"
+echo
+printf '| %-10s | %10s | %8s | %8s | %7s | %13s |\n' target "req/s" "p50 ms" "p99 ms" errors "peak RSS MiB"
+printf '|%s|%s|%s|%s|%s|%s|\n' "------------" "------------" "----------" "----------" "---------" "---------------"
+for n in "${names[@]}"; do
+  case $n in
+    nginx) rss=$(peak_rss_mib "$nginx_front") ;;
+    haproxy) rss=$(peak_rss_mib "$haproxy_pid") ;;
+    tokengate) rss=$(peak_rss_mib "$tokengate_pid") ;;
+    *) rss="-" ;;
+  esac
+  errs=$(awk 'NF {s+=$4} END {print s+0}' <<<"${results[$n]}")
+  printf '| %-10s | %10.0f | %8.2f | %8.2f | %7s | %13s |\n' "$n" "$(col "${results[$n]}" 1)" "$(col "${results[$n]}" 2)" "$(col "${results[$n]}" 3)" "$errs" "$rss"
+done
+tg_rps=$(col "${results[tokengate]}" 1); tg_p99=$(col "${results[tokengate]}" 3)
+echo
+for peer in nginx haproxy; do
+  printf 'tokengate / %-8s throughput %.2fx, p99 %.2fx\n' "$peer" \
+    "$(echo "$tg_rps / $(col "${results[$peer]}" 1)" | bc -l)" \
+    "$(echo "$tg_p99 / $(col "${results[$peer]}" 3)" | bc -l)"
+done
+echo "token grants by tokengate during the run: $grants"
