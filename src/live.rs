@@ -5,7 +5,8 @@
 //! A reload builds a new generation beside the old one and swaps it in atomically: new
 //! requests meet the new config, requests in flight finish on the old one. Token sources
 //! live in a [`TokenCache`] that outlives generations, keyed by everything that shapes a
-//! grant, so an upstream whose credentials did not change keeps its token.
+//! grant, so an upstream whose credentials did not change keeps its token; the key that
+//! signs session tokens outlives them too.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::layers::BoxFuture;
 use crate::metrics::Metrics;
+use crate::session::Sessions;
 use crate::status::StatusBoard;
 use crate::token::{TokenCache, TokenSource};
 use crate::upstream::Upstream;
@@ -51,6 +53,8 @@ impl Generation {
 /// What outlives a generation: the token cache, the side-call client, the metrics.
 pub struct Builder {
     tokens: TokenCache,
+    /// Signs the proxy's own session tokens; kept, so sessions survive a reload.
+    sessions: Arc<Sessions>,
     http: reqwest::Client,
     metrics: Metrics,
 }
@@ -59,6 +63,7 @@ impl Builder {
     pub fn new(metrics: Metrics) -> Builder {
         Builder {
             tokens: TokenCache::default(),
+            sessions: Arc::new(Sessions::new()),
             http: crate::token::grant::side_call_client(),
             metrics,
         }
@@ -85,6 +90,7 @@ impl Builder {
             &upstreams,
             &self.metrics,
             &board,
+            &self.sessions,
         ));
         Generation {
             config: Arc::new(config),

@@ -3,7 +3,7 @@
 //! Such an app (an official Genesys SDK, say) first asks `/oauth/token` for a token with
 //! its client name and key as Basic credentials, then sends that token on every call. The
 //! proxy answers with a session token that names the client and its expiry, signed with
-//! HMAC-SHA-256 under a key made at random when the process starts. It is never the
+//! HMAC-SHA-256 under a key made at random when the process starts (reloads keep it). It is never the
 //! upstream's token and carries nothing secret: the signature covers the client's key
 //! hash, so rotating a client's key ends its sessions; a restart ends them all (the app
 //! then gets 401 and asks again, as OAuth clients do).
@@ -27,14 +27,11 @@ const PREFIX: &str = "tgs.";
 pub struct Sessions {
     /// One HMAC-SHA-256 block: the key length HMAC uses as is.
     key: [u8; 64],
-    lifetime: Duration,
 }
 
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions")
-            .field("lifetime", &self.lifetime)
-            .finish_non_exhaustive()
+        f.debug_struct("Sessions").finish_non_exhaustive()
     }
 }
 
@@ -44,15 +41,19 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+impl Default for Sessions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Sessions {
-    pub fn new(lifetime: Duration) -> Sessions {
+    /// A new signing key. It lives as long as the process (config reloads keep it), so
+    /// sessions survive a reload.
+    pub fn new() -> Sessions {
         let mut key = [0u8; 64];
         rand::rngs::OsRng.fill_bytes(&mut key);
-        Sessions { key, lifetime }
-    }
-
-    pub fn lifetime(&self) -> Duration {
-        self.lifetime
+        Sessions { key }
     }
 
     fn mac(&self, name: &str, expiry: u64, key_sha256: &[u8; 32]) -> Hmac<Sha256> {
@@ -64,13 +65,13 @@ impl Sessions {
         mac
     }
 
-    /// A session token for `client` (`None`: an anonymous caller).
-    pub fn issue(&self, client: Option<&ClientConfig>) -> String {
+    /// A session token for `client` (`None`: an anonymous caller), valid for `lifetime`.
+    pub fn issue(&self, client: Option<&ClientConfig>, lifetime: Duration) -> String {
         let (name, key_sha256) = match client {
             Some(c) => (c.name.as_ref(), c.key_sha256),
             None => ("", [0u8; 32]),
         };
-        let expiry = now_unix() + self.lifetime.as_secs();
+        let expiry = now_unix() + lifetime.as_secs();
         let tag = self.mac(name, expiry, &key_sha256).finalize().into_bytes();
         format!(
             "{PREFIX}{}.{expiry}.{}",
@@ -119,9 +120,9 @@ mod tests {
 
     #[test]
     fn sessions_verify_for_their_client_only() {
-        let s = Sessions::new(Duration::from_secs(60));
+        let s = Sessions::new();
         let clients = vec![client("a", "ka"), client("b", "kb")];
-        let t = s.issue(Some(&clients[0]));
+        let t = s.issue(Some(&clients[0]), Duration::from_secs(60));
         assert!(Sessions::is_session(t.as_bytes()));
         assert!(!t.contains("ka"));
         assert_eq!(s.verify(t.as_bytes(), &clients).unwrap().name.as_ref(), "a");
@@ -133,17 +134,15 @@ mod tests {
         );
         assert!(s.verify(forged.as_bytes(), &clients).is_none());
         assert!(s.verify(t.as_bytes(), &[client("a", "rotated")]).is_none());
-        assert!(Sessions::new(Duration::from_secs(60))
-            .verify(t.as_bytes(), &clients)
-            .is_none());
+        assert!(Sessions::new().verify(t.as_bytes(), &clients).is_none());
         assert!(s.verify(b"tgs.garbage", &clients).is_none());
     }
 
     #[test]
     fn expired_sessions_are_refused() {
-        let s = Sessions::new(Duration::from_secs(0));
+        let s = Sessions::new();
         let clients = vec![client("a", "ka")];
-        let t = s.issue(Some(&clients[0]));
+        let t = s.issue(Some(&clients[0]), Duration::ZERO);
         assert!(s.verify(t.as_bytes(), &clients).is_none());
     }
 }

@@ -29,6 +29,7 @@ pub fn proxy_service(
     upstreams: &[Arc<Upstream>],
     metrics: &Metrics,
     board: &Arc<StatusBoard>,
+    sessions: &Arc<Sessions>,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<ProxyBody>,
@@ -37,7 +38,6 @@ pub fn proxy_service(
 > + Clone
        + Send
        + 'static {
-    let sessions = Arc::new(Sessions::new(config.server.session_lifetime));
     ServiceBuilder::new()
         // One body type from here on: hyper's, limited, or a kept copy for a retry.
         .map_request(|req: Request<Incoming>| req.map(body::boxed))
@@ -52,9 +52,13 @@ pub fn proxy_service(
             &config.server.token_paths,
             &config.clients,
             sessions.clone(),
+            config.server.session_lifetime,
         ))
         // Who is calling; strips the caller's credentials so they can never be forwarded.
-        .layer(ClientAuthLayer::with_clients(&config.clients, sessions))
+        .layer(ClientAuthLayer::with_clients(
+            &config.clients,
+            sessions.clone(),
+        ))
         // Where it goes, and whether this caller may go there.
         .layer(RouteLayer::by_prefix(upstreams))
         // Outside the bearer layer, so a second attempt after a 401 gets a fresh token.

@@ -116,6 +116,18 @@ async fn sighup_applies_a_new_config_refuses_a_broken_one_and_drops_no_call() {
     let proxy = Proxy::start(&standard_config(&a, ""));
     assert_eq!(call(&proxy, "/api/v2/first").await.status(), 200);
     assert_eq!(a.seen().len(), 1);
+    // A legacy app's session token from the proxy's token endpoint, before the reload.
+    let session: serde_json::Value = client()
+        .post(proxy.url("/oauth/token"))
+        .basic_auth("reporting-job", Some(CLIENT_KEY))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = session["access_token"].as_str().unwrap().to_string();
 
     // A call in flight on the old config...
     let before = a.api_calls();
@@ -142,6 +154,13 @@ async fn sighup_applies_a_new_config_refuses_a_broken_one_and_drops_no_call() {
     assert_eq!(call(&proxy, "/api/v2/second").await.status(), 200);
     assert_eq!(b.seen().len(), 1, "new calls go to the new upstream");
     assert_eq!(b.seen()[0].path, "/api/v2/second");
+    let r = client()
+        .get(proxy.url("/api/v2/with-session"))
+        .bearer_auth(&session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "sessions survive a reload");
     a.open_gate();
     assert_eq!(
         in_flight.await.unwrap().unwrap().status(),
@@ -161,5 +180,5 @@ async fn sighup_applies_a_new_config_refuses_a_broken_one_and_drops_no_call() {
     .await
     .expect("the refusal is logged");
     assert_eq!(call(&proxy, "/api/v2/third").await.status(), 200);
-    assert_eq!(b.seen().len(), 2);
+    assert_eq!(b.seen().len(), 3);
 }

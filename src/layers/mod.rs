@@ -2,7 +2,8 @@
 //! (the stack itself is composed in [`crate::stack`]).
 //!
 //! Every service here answers with a response, never an error (`Error = Infallible`): a
-//! layer that refuses a request answers with [`ProxyError::into_response`], so the
+//! layer that refuses a request answers with
+//! [`ProxyError::into_response`](crate::error::ProxyError::into_response), so the
 //! response that reaches the caller is always the contract's.
 
 pub mod bearer;
@@ -20,8 +21,6 @@ use std::pin::Pin;
 use http::{Request, Response};
 
 use crate::body::ProxyBody;
-#[allow(unused_imports)] // for the docs above
-use crate::error::ProxyError;
 
 pub type ProxyRequest = Request<ProxyBody>;
 pub type ProxyResponse = Response<ProxyBody>;

@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use base64::Engine as _;
 use futures_util::future::Either;
@@ -32,18 +33,22 @@ pub struct TokenEndpointLayer {
     paths: Arc<[String]>,
     clients: Arc<[Arc<ClientConfig>]>,
     sessions: Arc<Sessions>,
+    lifetime: Duration,
 }
 
 impl TokenEndpointLayer {
+    /// Answer at `paths`, with sessions of `lifetime` signed by `sessions`.
     pub fn answering_at(
         paths: &[String],
         clients: &[Arc<ClientConfig>],
         sessions: Arc<Sessions>,
+        lifetime: Duration,
     ) -> Self {
         TokenEndpointLayer {
             paths: paths.into(),
             clients: clients.into(),
             sessions,
+            lifetime,
         }
     }
 }
@@ -56,6 +61,7 @@ impl<S> Layer<S> for TokenEndpointLayer {
             paths: self.paths.clone(),
             clients: self.clients.clone(),
             sessions: self.sessions.clone(),
+            lifetime: self.lifetime,
         }
     }
 }
@@ -66,6 +72,7 @@ pub struct TokenEndpoint<S> {
     paths: Arc<[String]>,
     clients: Arc<[Arc<ClientConfig>]>,
     sessions: Arc<Sessions>,
+    lifetime: Duration,
 }
 
 fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> ProxyResponse {
@@ -119,6 +126,7 @@ async fn answer(
     req: ProxyRequest,
     clients: Arc<[Arc<ClientConfig>]>,
     sessions: Arc<Sessions>,
+    lifetime: Duration,
 ) -> ProxyResponse {
     if req.method() != Method::POST {
         return oauth_error(
@@ -163,11 +171,11 @@ async fn answer(
             ),
         }
     };
-    let token = sessions.issue(client.as_deref());
+    let token = sessions.issue(client.as_deref(), lifetime);
     let body = serde_json::json!({
         "access_token": token,
         "token_type": "bearer",
-        "expires_in": sessions.lifetime().as_secs(),
+        "expires_in": lifetime.as_secs(),
     });
     let mut resp = Response::new(body::full(body.to_string()));
     let h = resp.headers_mut();
@@ -200,9 +208,10 @@ where
         if !self.paths.iter().any(|p| p == req.uri().path()) {
             return Either::Right(self.inner.call(req));
         }
-        let (clients, sessions) = (self.clients.clone(), self.sessions.clone());
-        Either::Left(Box::pin(
-            async move { Ok(answer(req, clients, sessions).await) },
-        ))
+        let (clients, sessions, lifetime) =
+            (self.clients.clone(), self.sessions.clone(), self.lifetime);
+        Either::Left(Box::pin(async move {
+            Ok(answer(req, clients, sessions, lifetime).await)
+        }))
     }
 }
