@@ -46,7 +46,7 @@ impl Admin {
                 let failing: Vec<&str> = now
                     .upstreams
                     .iter()
-                    .filter(|u| u.tokens.usable().is_none())
+                    .filter(|u| u.tokens.iter().any(|t| t.usable().is_none()))
                     .map(|u| u.name().as_ref())
                     .collect();
                 let status = if failing.is_empty() {

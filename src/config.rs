@@ -205,6 +205,8 @@ pub struct UpstreamConfig {
     pub retry_429: u32,
     /// The most time spent waiting on `Retry-After` for one request.
     pub retry_429_max_wait: Duration,
+    /// Token pool size: each Genesys token has its own API rate limit.
+    pub tokens: u32,
     pub grant: GrantConfig,
 }
 
@@ -571,13 +573,9 @@ impl Cx<'_> {
                 return Err(self.err(&key(field), "is only valid for provider = \"cxone\""));
             }
         }
-        if let Some(n) = raw.tokens {
-            if n != 1 {
-                return Err(self.err(
-                    &key("tokens"),
-                    "token pools are not supported by this version yet; use tokens = 1",
-                ));
-            }
+        let tokens = raw.tokens.unwrap_or(1);
+        if !(1..=32).contains(&tokens) {
+            return Err(self.err(&key("tokens"), "must be between 1 and 32"));
         }
         // Where tokens and calls go: the provider's defaults, then the overrides.
         let region = match provider {
@@ -736,6 +734,7 @@ impl Cx<'_> {
                 10.0,
             )?,
             retry_429: raw.retry_429.unwrap_or(0).min(10),
+            tokens,
             retry_429_max_wait: self.secs(
                 &key("retry_429_max_wait_secs"),
                 raw.retry_429_max_wait_secs,

@@ -41,9 +41,9 @@ impl Generation {
     /// The distinct token sources (upstreams with the same credentials share one).
     pub fn token_sources(&self) -> Vec<Arc<TokenSource>> {
         let mut sources: Vec<Arc<TokenSource>> = Vec::new();
-        for u in self.upstreams.iter() {
-            if !sources.iter().any(|s| Arc::ptr_eq(s, &u.tokens)) {
-                sources.push(Arc::clone(&u.tokens));
+        for t in self.upstreams.iter().flat_map(|u| u.tokens.iter()) {
+            if !sources.iter().any(|s| Arc::ptr_eq(s, t)) {
+                sources.push(Arc::clone(t));
             }
         }
         sources
@@ -78,10 +78,13 @@ impl Builder {
             .upstreams
             .iter()
             .map(|u| {
-                let source = self
-                    .tokens
-                    .source_for(&u.name, &u.grant, &self.http, &self.metrics);
-                Arc::new(Upstream::new(Arc::clone(u), source))
+                let pool = (0..u.tokens)
+                    .map(|i| {
+                        self.tokens
+                            .source_for(&u.name, &u.grant, i, &self.http, &self.metrics)
+                    })
+                    .collect();
+                Arc::new(Upstream::new(Arc::clone(u), pool))
             })
             .collect();
         let board = Arc::new(StatusBoard::new(&config));

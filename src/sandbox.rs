@@ -68,6 +68,9 @@ pub struct SandboxOptions {
     pub access_key_id: String,
     pub access_key_secret: String,
     pub tenant_id: String,
+    /// Genesys-like API rate limit: calls allowed per token per `limit_window`.
+    pub per_token_limit: Option<u64>,
+    pub limit_window: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -85,6 +88,8 @@ impl Default for SandboxOptions {
             access_key_id: "sandbox-access-key-id".into(),
             access_key_secret: "sandbox-access-key-secret".into(),
             tenant_id: "11eb0a6e-0000-4000-8000-00000000cafe".into(),
+            per_token_limit: None,
+            limit_window: Duration::from_secs(60),
         }
     }
 }
@@ -119,6 +124,8 @@ struct State {
     hold_401s: AtomicU64,
     /// API calls still to be answered with 429.
     throttle: AtomicU64,
+    /// Per token: when its rate-limit window started, and the calls in it.
+    usage: Mutex<HashMap<String, (Instant, u64)>>,
     held_401s: tokio::sync::watch::Sender<u64>,
 }
 
@@ -567,9 +574,8 @@ fn unauthorized(code: &str, message: &str) -> Response<ProxyBody> {
 }
 
 async fn api_host(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
-    let _ = o;
     s.api_calls.fetch_add(1, Ordering::SeqCst);
-    let mut resp = api_answer(s, req).await;
+    let mut resp = api_answer(o, s, req).await;
     if resp.status() == StatusCode::UNAUTHORIZED {
         s.api_401s.fetch_add(1, Ordering::SeqCst);
     }
@@ -578,7 +584,36 @@ async fn api_host(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Resp
     resp
 }
 
-async fn api_answer(s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
+/// Count a call against `token`'s rate limit; the 429 to answer when it is spent.
+fn rate_limited(o: &SandboxOptions, s: &State, token: &str) -> Option<Response<ProxyBody>> {
+    let allowed = o.per_token_limit?;
+    let now = Instant::now();
+    let (count, reset) = {
+        let mut usage = lock(&s.usage);
+        let entry = usage.entry(token.to_string()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= o.limit_window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        let left = o.limit_window.saturating_sub(now.duration_since(entry.0));
+        (entry.1, left.as_secs().max(1))
+    };
+    if count <= allowed {
+        return None;
+    }
+    let mut resp = json(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::json!({"message": format!("Rate limit exceeded the maximum. [{allowed}] requests for [{}] seconds", o.limit_window.as_secs()), "code": "too.many.requests", "status": 429}),
+    );
+    let h = resp.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(reset));
+    h.insert("inin-ratelimit-count", HeaderValue::from(count));
+    h.insert("inin-ratelimit-allowed", HeaderValue::from(allowed));
+    h.insert("inin-ratelimit-reset", HeaderValue::from(reset));
+    Some(resp)
+}
+
+async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -601,6 +636,9 @@ async fn api_answer(s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
             )
         }
         Some(_) => {}
+    }
+    if let Some(resp) = rate_limited(o, s, &token) {
+        return resp;
     }
     let throttled = s
         .throttle

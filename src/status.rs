@@ -167,7 +167,14 @@ pub fn status_json(
     let upstream_docs: Vec<Value> = upstreams
         .iter()
         .map(|u| {
-            let snap = u.tokens.snapshot();
+            // The pool's first token stands for the state; counts add up over the pool.
+            let snaps: Vec<_> = u.tokens.iter().map(|t| t.snapshot()).collect();
+            let mut snap = snaps[0].clone();
+            snap.grants_ok = snaps.iter().map(|s| s.grants_ok).sum();
+            snap.grants_failed = snaps.iter().map(|s| s.grants_failed).sum();
+            if snaps.iter().any(|s| s.state == "failing") {
+                snap.state = "failing";
+            }
             let stats = board.upstreams.iter().find(|s| s.name == *u.name());
             let (requests, errors) = stats.map_or((0, 0), |s| {
                 s.window
@@ -196,7 +203,7 @@ pub fn status_json(
                     "state": snap.state,
                     "expires_in_secs": secs(snap.expires_in),
                     "age_secs": secs(snap.age),
-                    "pool_size": 1,
+                    "pool_size": u.tokens.len(),
                 },
                 "grants": {"ok": snap.grants_ok, "failed": snap.grants_failed},
                 "last_failure": last_failure,

@@ -1,8 +1,19 @@
-//! An upstream at run time: its configuration, its token cache and its connection pool.
+//! An upstream at run time: its configuration, its pool of token sources and its
+//! connection pool.
+//!
+//! Genesys Cloud limits API requests per token (300 a minute by default), so one token
+//! shared by a whole team throttles it. With `tokens = N` the upstream keeps N tokens and
+//! spreads calls over them round-robin, steering away from a token whose answers said it
+//! is spent (a 429, or `inin-ratelimit-count` at `inin-ratelimit-allowed`) until its
+//! window resets. The N tokens are minted one at a time (see [`TokenCache`]).
+//!
+//! [`TokenCache`]: crate::token::TokenCache
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use http::HeaderMap;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -17,19 +28,28 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 #[derive(Debug)]
 pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
-    pub tokens: Arc<TokenSource>,
+    /// The pool: one source per token (one, unless `tokens = N`).
+    pub tokens: Vec<Arc<TokenSource>>,
     pub client: UpstreamClient,
+    next: AtomicUsize,
+    /// Per pooled token: until when (ms after `epoch`) it is spent; 0 when it is not.
+    spent_until: Vec<AtomicU64>,
+    epoch: Instant,
 }
 
 impl Upstream {
-    /// `tokens` comes from the [`TokenCache`](crate::token::TokenCache), shared with any
+    /// `tokens` come from the [`TokenCache`](crate::token::TokenCache), shared with any
     /// upstream that has the same credentials.
-    pub fn new(config: Arc<UpstreamConfig>, tokens: Arc<TokenSource>) -> Upstream {
+    pub fn new(config: Arc<UpstreamConfig>, tokens: Vec<Arc<TokenSource>>) -> Upstream {
         let client = upstream_client(config.connect_timeout);
+        let spent_until = tokens.iter().map(|_| AtomicU64::new(0)).collect();
         Upstream {
             config,
             tokens,
             client,
+            next: AtomicUsize::new(0),
+            spent_until,
+            epoch: Instant::now(),
         }
     }
 
@@ -42,7 +62,55 @@ impl Upstream {
         self.config
             .base_url
             .clone()
-            .or_else(|| self.tokens.api_base())
+            .or_else(|| self.tokens.first().and_then(|t| t.api_base()))
+    }
+
+    /// The pooled token source for the next call: round-robin over those not spent; if
+    /// all are spent, the one that recovers first.
+    pub fn pick(&self) -> (usize, &Arc<TokenSource>) {
+        let n = self.tokens.len();
+        if n == 1 {
+            return (0, &self.tokens[0]);
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut soonest = (u64::MAX, start % n);
+        for i in (0..n).map(|k| (start + k) % n) {
+            let until = self.spent_until[i].load(Ordering::Relaxed);
+            if until <= now {
+                return (i, &self.tokens[i]);
+            }
+            if until < soonest.0 {
+                soonest = (until, i);
+            }
+        }
+        (soonest.1, &self.tokens[soonest.1])
+    }
+
+    /// Read an answer's rate-limit signals for pooled token `index`.
+    pub fn observe_limits(&self, index: usize, status: u16, headers: &HeaderMap) {
+        if self.tokens.len() < 2 {
+            return;
+        }
+        let number = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let reset = number("inin-ratelimit-reset").or_else(|| number("retry-after"));
+        let spent = status == 429
+            || matches!(
+                (number("inin-ratelimit-count"), number("inin-ratelimit-allowed")),
+                (Some(count), Some(allowed)) if count >= allowed
+            );
+        if spent {
+            let wait = Duration::from_secs(reset.unwrap_or(1).clamp(1, 600));
+            let until = (self.epoch.elapsed() + wait).as_millis() as u64;
+            if let Some(slot) = self.spent_until.get(index) {
+                slot.store(until, Ordering::Relaxed);
+            }
+        }
     }
 }
 

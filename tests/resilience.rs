@@ -182,3 +182,54 @@ async fn sighup_applies_a_new_config_refuses_a_broken_one_and_drops_no_call() {
     assert_eq!(call(&proxy, "/api/v2/third").await.status(), 200);
     assert_eq!(b.seen().len(), 3);
 }
+
+/// The API host allows `K` calls per token per window; the proxy keeps `tokens` tokens.
+async fn pool_run(tokens: u32) -> (Sandbox, Vec<u16>) {
+    const K: u64 = 20;
+    let sandbox = Sandbox::start(SandboxOptions {
+        per_token_limit: Some(K),
+        limit_window: Duration::from_secs(120),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let config = standard_config(&sandbox, "prefetch_tokens = false").replace(
+        "client_secret = \"${SANDBOX_SECRET}\"",
+        &format!("client_secret = \"${{SANDBOX_SECRET}}\"\ntokens = {tokens}"),
+    );
+    let proxy = Proxy::start(&config);
+    let c = client();
+    let mut statuses = Vec::new();
+    // 3K calls, six at a time, well inside one window.
+    for _ in 0..(3 * K / 6) {
+        let batch = (0..6).map(|_| {
+            c.get(proxy.url("/api/v2/routing/queues"))
+                .header("Authorization", key())
+                .send()
+        });
+        for r in futures_util::future::join_all(batch).await {
+            statuses.push(r.unwrap().status().as_u16());
+        }
+    }
+    (sandbox, statuses)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_of_three_tokens_carries_three_times_one_tokens_limit() {
+    let (sandbox, statuses) = pool_run(3).await;
+    assert_eq!(statuses.len(), 60);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(sandbox.grants(), 3, "one grant per pooled token");
+    assert_eq!(
+        sandbox.max_grants_in_flight(),
+        1,
+        "never two grants at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_token_alone_hits_the_limit_the_pool_avoids() {
+    let (_sandbox, statuses) = pool_run(1).await;
+    let throttled = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(throttled, 40, "{statuses:?}");
+}

@@ -1,9 +1,11 @@
 //! Attach the upstream's bearer token, from its cache.
 //!
-//! The token comes from the route's [`TokenSource`](crate::token::TokenSource): usually one
-//! atomic load. If the retry layer marked the request with [`ReplaceToken`], the source is
-//! asked for a token other than the rejected one. The response is marked with the
-//! generation of the token it was made with, so a 401 can name the token it rejected.
+//! The token comes from one of the route's [token sources](crate::token::TokenSource) —
+//! picked by [`Upstream::pick`](crate::upstream::Upstream::pick) when there is a pool —
+//! usually with one atomic load. If the retry layer marked the request with
+//! [`ReplaceToken`], that source is asked for a token other than the rejected one. The
+//! response is marked with the token it was made with, so a 401 can name the token it
+//! rejected, and its rate-limit headers steer the pool.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -16,13 +18,20 @@ use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::error::{ProxyError, ProxyErrorCode};
 use crate::token::TokenError;
 
-/// Set on a request: the upstream rejected token `0`; use another.
-#[derive(Debug, Clone, Copy)]
-pub struct ReplaceToken(pub u64);
+/// Which token a request carried: its place in the upstream's pool, and its generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenId {
+    pub pool_index: usize,
+    pub generation: u64,
+}
 
-/// Set on an upstream's response: it answered a request carrying token `0`.
+/// Set on a request: the upstream rejected this token; use another from the same source.
 #[derive(Debug, Clone, Copy)]
-pub struct TokenUsed(pub u64);
+pub struct ReplaceToken(pub TokenId);
+
+/// Set on an upstream's response: it answered a request carrying this token.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenUsed(pub TokenId);
 
 #[derive(Debug, Clone, Default)]
 pub struct BearerLayer;
@@ -91,10 +100,16 @@ where
         };
         let replace = req.extensions().get::<ReplaceToken>().copied();
         Box::pin(async move {
-            let tokens = &route.upstream.tokens;
-            let token = match replace {
-                Some(ReplaceToken(rejected)) => tokens.replace(rejected).await,
-                None => tokens.token().await,
+            let upstream = &route.upstream;
+            let (pool_index, token) = match replace {
+                Some(ReplaceToken(rejected)) => {
+                    let i = rejected.pool_index.min(upstream.tokens.len() - 1);
+                    (i, upstream.tokens[i].replace(rejected.generation).await)
+                }
+                None => {
+                    let (i, source) = upstream.pick();
+                    (i, source.token().await)
+                }
             };
             let token = match token {
                 Ok(t) => t,
@@ -104,7 +119,11 @@ where
                 .insert(header::AUTHORIZATION, token.header().clone());
             let mut resp = inner.call(req).await?;
             if resp.extensions().get::<ProxyErrorCode>().is_none() {
-                resp.extensions_mut().insert(TokenUsed(token.generation));
+                upstream.observe_limits(pool_index, resp.status().as_u16(), resp.headers());
+                resp.extensions_mut().insert(TokenUsed(TokenId {
+                    pool_index,
+                    generation: token.generation,
+                }));
             }
             Ok(resp)
         })

@@ -144,25 +144,38 @@ impl Backoff {
 /// minted for the old one.
 #[derive(Default)]
 pub struct TokenCache {
-    sources: Mutex<HashMap<String, Arc<TokenSource>>>,
+    sources: Mutex<HashMap<(String, u32), Arc<TokenSource>>>,
+    /// One per set of credentials: the tokens of a pool are minted one at a time, since
+    /// the token endpoint has its own rate limit.
+    pool_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TokenCache {
-    /// The source for `grant`, made on first use; `upstream` names it in logs and metrics.
+    /// The `index`th token source of the pool for `grant`, made on first use; `upstream`
+    /// names it in logs and metrics.
     pub fn source_for(
         &self,
         upstream: &Arc<str>,
         grant: &GrantConfig,
+        index: u32,
         http: &reqwest::Client,
         metrics: &Metrics,
     ) -> Arc<TokenSource> {
+        let key = grant.cache_key();
+        let pool_lock = Arc::clone(
+            self.pool_locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .entry(key.clone())
+                .or_default(),
+        );
         let mut sources = self
             .sources
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let source = sources.entry(grant.cache_key()).or_insert_with(|| {
+        let source = sources.entry((key, index)).or_insert_with(|| {
             let granter = Granter::new(http.clone(), grant.clone());
-            TokenSource::new(Arc::clone(upstream), granter, metrics.clone())
+            TokenSource::new(Arc::clone(upstream), granter, metrics.clone(), pool_lock)
         });
         Arc::clone(source)
     }
@@ -176,6 +189,8 @@ pub struct TokenSource {
     current: ArcSwapOption<Token>,
     /// Held while a grant is in flight: the single flight.
     minting: tokio::sync::Mutex<Backoff>,
+    /// Shared by the sources of one pool: one grant at a time for the same credentials.
+    pool_lock: Arc<tokio::sync::Mutex<()>>,
     /// Set while a background refresh task exists, so the hot path spawns at most one.
     refreshing: AtomicBool,
     generations: AtomicU64,
@@ -216,11 +231,17 @@ impl std::fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    pub fn new(upstream: Arc<str>, granter: Granter, metrics: Metrics) -> Arc<TokenSource> {
+    pub fn new(
+        upstream: Arc<str>,
+        granter: Granter,
+        metrics: Metrics,
+        pool_lock: Arc<tokio::sync::Mutex<()>>,
+    ) -> Arc<TokenSource> {
         Arc::new(TokenSource {
             upstream,
             granter,
             metrics,
+            pool_lock,
             current: ArcSwapOption::empty(),
             minting: tokio::sync::Mutex::new(Backoff::default()),
             refreshing: AtomicBool::new(false),
@@ -361,8 +382,11 @@ impl TokenSource {
                 }),
             };
         }
+        let pool_turn = self.pool_lock.lock().await;
         let sent = Instant::now();
-        match self.granter.grant().await {
+        let result = self.granter.grant().await;
+        drop(pool_turn);
+        match result {
             Ok(granted) => {
                 let header = HeaderValue::from_str(&format!(
                     "Bearer {}",
@@ -447,10 +471,13 @@ mod tests {
         };
         let cache = TokenCache::default();
         let (http, metrics, name) = (reqwest::Client::new(), Metrics::new(), Arc::from("a"));
-        let a = cache.source_for(&name, &grant("s1", ""), &http, &metrics);
-        let same = cache.source_for(&name, &grant("s1", ""), &http, &metrics);
-        let other_secret = cache.source_for(&name, &grant("s2", ""), &http, &metrics);
-        let other_scope = cache.source_for(&name, &grant("s1", "scope = \"x\""), &http, &metrics);
+        let a = cache.source_for(&name, &grant("s1", ""), 0, &http, &metrics);
+        let same = cache.source_for(&name, &grant("s1", ""), 0, &http, &metrics);
+        let other_secret = cache.source_for(&name, &grant("s2", ""), 0, &http, &metrics);
+        let other_scope =
+            cache.source_for(&name, &grant("s1", "scope = \"x\""), 0, &http, &metrics);
+        let second_of_pool = cache.source_for(&name, &grant("s1", ""), 1, &http, &metrics);
+        assert!(!Arc::ptr_eq(&a, &second_of_pool));
         assert!(Arc::ptr_eq(&a, &same));
         assert!(!Arc::ptr_eq(&a, &other_secret));
         assert!(!Arc::ptr_eq(&a, &other_scope));
