@@ -4,6 +4,7 @@ mod support;
 
 use std::io::Write;
 use std::process::Stdio;
+use std::time::Duration;
 
 use support::*;
 
@@ -199,7 +200,14 @@ async fn a_run_with_known_secrets_logs_none_of_them() {
                 .unwrap(),
         );
     }
-    let logs = proxy.output.text();
+    // Scan everything, up to the audit line of the last call (the 401).
+    let output = proxy.output.clone();
+    let logs = wait_for(Duration::from_secs(10), || {
+        let text = output.text();
+        text.contains("status=401").then_some(text)
+    })
+    .await
+    .expect("the last call's audit line");
     assert!(
         logs.contains("token granted"),
         "debug logs were captured:\n{logs}"

@@ -124,14 +124,8 @@ async fn a_path_no_upstream_serves_is_404_no_route() {
         client_toml("job", "")
     );
     let proxy = Proxy::start(&config);
-    let c = client();
     for path in ["/api/v2/users/me", "/genesysx/api"] {
-        let resp = c
-            .get(proxy.url(path))
-            .header("Authorization", key())
-            .send()
-            .await
-            .unwrap();
+        let resp = get_with_key(&proxy, path).await;
         let (status, body) = error_of(resp).await;
         assert_eq!(
             (status, body["error"].as_str()),
@@ -139,12 +133,7 @@ async fn a_path_no_upstream_serves_is_404_no_route() {
             "{path}"
         );
     }
-    let resp = c
-        .get(proxy.url("/genesys/api/v2/users/me"))
-        .header("Authorization", key())
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(&proxy, "/genesys/api/v2/users/me").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         sandbox.seen().len(),
@@ -210,12 +199,7 @@ async fn refused_credentials_are_502_token_grant_failed_with_the_grant_error() {
         &standard_config(&sandbox, ""),
         &[("SANDBOX_SECRET", "a-wrong-secret-value")],
     );
-    let resp = client()
-        .get(proxy.url("/api/v2/users/me"))
-        .header("Authorization", key())
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(&proxy, "/api/v2/users/me").await;
     let (status, body) = error_of(resp).await;
     assert_eq!(status, 502);
     assert_eq!(body["error"], "token_grant_failed");
@@ -228,14 +212,8 @@ async fn refused_credentials_are_502_token_grant_failed_with_the_grant_error() {
     );
     // A refused grant backs off (1 s, then longer): callers get the same answer fast and
     // the token endpoint is not hammered.
-    let c = client();
     for _ in 0..20 {
-        let resp = c
-            .get(proxy.url("/api/v2/users/me"))
-            .header("Authorization", key())
-            .send()
-            .await
-            .unwrap();
+        let resp = get_with_key(&proxy, "/api/v2/users/me").await;
         assert_eq!(resp.status(), 502);
     }
     assert!(
@@ -255,12 +233,7 @@ async fn a_dead_upstream_is_502_upstream_unreachable() {
     let config =
         standard_config(&sandbox, "").replace(&sandbox.api_url(), &format!("http://{closed}"));
     let proxy = Proxy::start(&config);
-    let resp = client()
-        .get(proxy.url("/api/v2/users/me"))
-        .header("Authorization", key())
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(&proxy, "/api/v2/users/me").await;
     let (status, body) = error_of(resp).await;
     assert_eq!(
         (status, body["error"].as_str()),
@@ -280,14 +253,8 @@ async fn an_unreachable_token_endpoint_is_503_token_unavailable_with_retry_after
         &format!("http://{closed}/oauth/token"),
     );
     let proxy = Proxy::start(&config);
-    let c = client();
     for _ in 0..2 {
-        let resp = c
-            .get(proxy.url("/api/v2/users/me"))
-            .header("Authorization", key())
-            .send()
-            .await
-            .unwrap();
+        let resp = get_with_key(&proxy, "/api/v2/users/me").await;
         let retry_after: u64 = resp
             .headers()
             .get("retry-after")
@@ -314,12 +281,7 @@ async fn an_upstream_that_does_not_answer_is_504_upstream_timeout() {
         "client_secret = \"${SANDBOX_SECRET}\"\ntimeout_secs = 0.5",
     );
     let proxy = Proxy::start(&config);
-    let resp = client()
-        .get(proxy.url("/api/v2/sandbox/hang"))
-        .header("Authorization", key())
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(&proxy, "/api/v2/sandbox/hang").await;
     let (status, body) = error_of(resp).await;
     assert_eq!(
         (status, body["error"].as_str()),

@@ -11,12 +11,7 @@ fn key() -> String {
 }
 
 async fn call(proxy: &Proxy, path: &str) -> reqwest::Response {
-    client()
-        .get(proxy.url(path))
-        .header("Authorization", key())
-        .send()
-        .await
-        .unwrap()
+    get_with_key(proxy, path).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

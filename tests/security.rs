@@ -133,7 +133,6 @@ async fn audit_lines_in_json_name_the_call_and_nothing_secret() {
     let proxy = Proxy::start(
         &standard_config(&sandbox, "").replace("[server]", "[log]\nformat = \"json\"\n\n[server]"),
     );
-    let c = client();
     // Revoke the token fetched at start (once it exists), so the call is retried.
     wait_for(Duration::from_secs(10), || {
         (sandbox.grants() == 1).then_some(())
@@ -141,14 +140,16 @@ async fn audit_lines_in_json_name_the_call_and_nothing_secret() {
     .await
     .expect("the token is fetched at start");
     sandbox.revoke_all();
-    let r = c
-        .get(proxy.url("/api/v2/users/me?secret_q=hidden-77"))
-        .header("Authorization", key())
-        .send()
-        .await
-        .unwrap();
+    let r = get_with_key(&proxy, "/api/v2/users/me?secret_q=hidden-77").await;
     assert_eq!(r.status(), 200);
-    let logs = proxy.output.text();
+    // The line is written before the answer leaves; wait until the reader has it.
+    let output = proxy.output.clone();
+    let logs = wait_for(Duration::from_secs(10), || {
+        let text = output.text();
+        text.contains("tokengate::audit").then_some(text)
+    })
+    .await
+    .expect("an audit line");
     let audit: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

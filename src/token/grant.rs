@@ -290,18 +290,11 @@ impl Granter {
 
     /// GET a discovery document.
     async fn discovery(&self, url: &str) -> Result<serde_json::Value, GrantError> {
-        let resp = self
+        let req = self
             .http
             .get(url)
-            .header(http::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        let status = resp.status().as_u16();
-        let content_type = header_text(resp.headers(), http::header::CONTENT_TYPE);
-        let body = read_limited(resp)
-            .await
-            .map_err(|e| self.transport_error(&e))?;
+            .header(http::header::ACCEPT, "application/json");
+        let (status, content_type, body) = self.exchange(req).await?;
         match serde_json::from_slice(&body) {
             Ok(doc) if (200..300).contains(&status) => Ok(doc),
             _ => Err(GrantError::NotOAuth {
@@ -384,17 +377,22 @@ impl Granter {
         if let Some(value) = basic {
             req = req.header(http::header::AUTHORIZATION, value);
         }
-        let resp = req
-            .body(form)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
+        let (status, content_type, body) = self.exchange(req.body(form)).await?;
+        self.parse_answer(status, &content_type, &body)
+    }
+
+    /// Send a side call; its status, content type and (bounded) body.
+    async fn exchange(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(u16, String, Vec<u8>), GrantError> {
+        let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
         let status = resp.status().as_u16();
         let content_type = header_text(resp.headers(), http::header::CONTENT_TYPE);
         let body = read_limited(resp)
             .await
             .map_err(|e| self.transport_error(&e))?;
-        self.parse_answer(status, &content_type, &body)
+        Ok((status, content_type, body))
     }
 
     fn parse_answer(

@@ -247,6 +247,16 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// `GET path` through the proxy as the test client (`CLIENT_KEY`).
+pub async fn get_with_key(proxy: &Proxy, path: &str) -> reqwest::Response {
+    client()
+        .get(proxy.url(path))
+        .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The value of the metric line `name{labels}` in Prometheus text, summed over matches.
 pub fn metric(text: &str, name: &str, label_filter: &[&str]) -> f64 {
     text.lines()
