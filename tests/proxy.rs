@@ -147,14 +147,7 @@ async fn a_revoked_token_costs_one_fresh_grant_and_the_body_arrives_intact_on_th
     assert_eq!(answer["body_sha256"], hex::encode(Sha256::digest(&body)));
     assert_eq!(sandbox.api_401s(), 1, "one 401 for the revoked token");
     assert_eq!(sandbox.grants(), 2, "one fresh grant");
-    let metrics = client
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = admin_text(&proxy, "/metrics").await;
     assert_eq!(
         metric(
             &metrics,
@@ -332,14 +325,7 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
         .send()
         .await
         .unwrap();
-    let text = client
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = admin_text(&proxy, "/metrics").await;
     assert_eq!(
         metric(
             &text,

@@ -86,14 +86,7 @@ async fn a_429_goes_back_with_retry_after_unless_retries_are_on() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
-    let metrics = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = admin_text(&proxy, "/metrics").await;
     assert_eq!(
         metric(
             &metrics,

@@ -138,22 +138,8 @@ async fn the_status_document_has_every_upstream_and_client_and_no_secret() {
         (Some("reporting-job"), Some(5), Some(1))
     );
 
-    let page = c
-        .get(proxy.admin_url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let metrics = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = admin_text(&proxy, "/").await;
+    let metrics = admin_text(&proxy, "/metrics").await;
     for s in secrets(&sandbox) {
         for (what, text) in [
             ("status.json", doc.to_string()),

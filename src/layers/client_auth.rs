@@ -32,12 +32,6 @@ pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 #[derive(Debug, Clone)]
 pub struct Caller(pub Option<Arc<ClientConfig>>);
 
-impl Caller {
-    pub fn name(&self) -> &str {
-        self.0.as_ref().map_or("anonymous", |c| &c.name)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ClientAuthLayer {
     clients: Arc<[Arc<ClientConfig>]>,

@@ -253,10 +253,6 @@ impl TokenSource {
         })
     }
 
-    pub fn upstream(&self) -> &Arc<str> {
-        &self.upstream
-    }
-
     /// The token to attach to a request. Waits only when no usable token exists.
     pub async fn token(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
         let now = Instant::now();

@@ -257,6 +257,18 @@ pub async fn get_with_key(proxy: &Proxy, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// The body of `GET path` on the proxy's admin listener.
+pub async fn admin_text(proxy: &Proxy, path: &str) -> String {
+    client()
+        .get(proxy.admin_url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The value of the metric line `name{labels}` in Prometheus text, summed over matches.
 pub fn metric(text: &str, name: &str, label_filter: &[&str]) -> f64 {
     text.lines()
