@@ -26,7 +26,7 @@ fn token_cache_hit(c: &mut Criterion) {
         );
         let config = Config::from_toml(&text, "bench.toml".as_ref(), &|_| None).unwrap();
         let granter = Granter::new(side_call_client(), config.upstreams[0].grant.clone());
-        let tokens = TokenSource::new(Arc::from("s"), granter, Metrics::new(), Default::default());
+        let tokens = TokenSource::new(Arc::from("s"), granter, Metrics::new(), Default::default(), None);
         tokens.token().await.unwrap();
         std::mem::forget(sandbox); // keep it serving for the rest of the run
         tokens

@@ -3,10 +3,11 @@
 # loopback ports, in front of the built-in sandbox), the benches compiled and run once as
 # tests, and the doc examples.
 #
-# Beyond the Rust toolchain, two tests need programs this script installs first:
+# Beyond the Rust toolchain, some tests need programs this script installs first:
 # - the official Genesys Cloud Python SDK, into target/sdk-venv from PyPI (and Python
 #   itself from the OS packages when it is missing);
-# - Debian's chromium, which renders the operator's status page.
+# - Debian's chromium, which renders the operator's status page;
+# - Debian's redis-server, which the replica tests start on free ports.
 # OS packages are installed with apt-get when we are root; otherwise the script says what
 # is missing.
 set -euo pipefail
@@ -43,6 +44,16 @@ if [ -z "${TOKENGATE_CHROMIUM:-}" ]; then
   fi
   TOKENGATE_CHROMIUM="$(command -v chromium)"
   export TOKENGATE_CHROMIUM
+fi
+
+if [ -z "${TOKENGATE_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "scripts/test.sh: installing redis-server (for the replica tests)"
+    apt-get install -y redis-server >/dev/null || { apt-get update >/dev/null && apt-get install -y redis-server >/dev/null; }
+  else
+    echo "scripts/test.sh: redis-server is needed for the replica tests; install it (Debian: apt-get install redis-server)" >&2
+    exit 1
+  fi
 fi
 
 cargo test --all-targets "$@"

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{ExposeSecret, SecretBox, SecretString};
 use serde::Deserialize;
 
 use crate::policy::AllowRule;
@@ -135,7 +135,11 @@ struct RawClient {
 #[allow(dead_code)] // read only to give a precise "not supported yet" error
 struct RawCache {
     redis_url: Option<String>,
+    redis_url_file: Option<PathBuf>,
     encryption_key: Option<String>,
+    encryption_key_file: Option<PathBuf>,
+    timeout_ms: Option<u64>,
+    key_prefix: Option<String>,
 }
 
 // === The typed config ===
@@ -149,6 +153,45 @@ pub struct Config {
     pub log_format: LogFormat,
     pub upstreams: Vec<Arc<UpstreamConfig>>,
     pub clients: Vec<Arc<ClientConfig>>,
+    /// The fleet's shared token cache; `None`: each process keeps its tokens in memory.
+    pub cache: Option<CacheConfig>,
+}
+
+/// `[cache]`: tokens shared by replicas through Redis, encrypted at rest.
+#[derive(Clone)]
+pub struct CacheConfig {
+    /// May carry a password, so it is a secret.
+    pub redis_url: SecretString,
+    /// `host:port` (or socket path) of the Redis server: what logs name.
+    pub redis_target: String,
+    /// XChaCha20-Poly1305 key for the values stored in Redis.
+    pub encryption_key: Arc<SecretBox<[u8; 32]>>,
+    /// How long one Redis command may take before the proxy carries on without it.
+    pub timeout: Duration,
+    /// Prefix of every key the proxy writes, so several fleets can share one Redis.
+    pub key_prefix: String,
+}
+
+impl std::fmt::Debug for CacheConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheConfig")
+            .field("redis_target", &self.redis_target)
+            .field("redis_url", &"[redacted]")
+            .field("encryption_key", &"[redacted]")
+            .field("timeout", &self.timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+impl CacheConfig {
+    /// Whether two configs talk to the same Redis the same way (a reload keeps the client).
+    pub fn same_as(&self, other: &CacheConfig) -> bool {
+        self.redis_url.expose_secret() == other.redis_url.expose_secret()
+            && self.encryption_key.expose_secret() == other.encryption_key.expose_secret()
+            && self.timeout == other.timeout
+            && self.key_prefix == other.key_prefix
+    }
 }
 
 /// How log lines (the audit line per request among them) are written.
@@ -387,12 +430,7 @@ impl Cx<'_> {
     }
 
     fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        if raw.cache.is_some() {
-            return Err(self.err(
-                "[cache]",
-                "a shared Redis token cache is not supported by this version yet; remove [cache] to use the in-memory cache",
-            ));
-        }
+        let cache = raw.cache.map(|c| self.cache(c)).transpose()?;
         let server = self.server(raw.server)?;
         if raw.upstream.is_empty() {
             return Err(self.err("[[upstream]]", "at least one upstream is required"));
@@ -464,6 +502,53 @@ impl Cx<'_> {
             log_format,
             upstreams,
             clients,
+            cache,
+        })
+    }
+
+    fn cache(&self, raw: RawCache) -> Result<CacheConfig, ConfigError> {
+        let redis_url = self.secret("cache.redis_url", raw.redis_url, raw.redis_url_file)?;
+        // Messages name the scheme and the problem, never the URL: it may hold a password.
+        let info = redis::IntoConnectionInfo::into_connection_info(redis_url.expose_secret())
+            .map_err(|e| {
+                self.err(
+                    "cache.redis_url",
+                    format!(
+                        "is not a Redis URL such as redis://host:6379, rediss://:password@host:6380/0 or redis+unix:///path ({})",
+                        e.category()
+                    ),
+                )
+            })?;
+        let key = self.secret(
+            "cache.encryption_key",
+            raw.encryption_key,
+            raw.encryption_key_file,
+        )?;
+        let encryption_key = parse_key(key.expose_secret().trim()).ok_or_else(|| {
+            self.err(
+                "cache.encryption_key",
+                "must be 32 bytes written as 64 hex digits or in base64 (make one with `head -c 32 /dev/urandom | base64`)",
+            )
+        })?;
+        let timeout = match raw.timeout_ms {
+            None => Duration::from_millis(500),
+            Some(ms @ 1..=60_000) => Duration::from_millis(ms),
+            Some(_) => return Err(self.err("cache.timeout_ms", "must be 1 to 60000")),
+        };
+        let key_prefix = raw.key_prefix.unwrap_or_else(|| "tokengate".into());
+        if key_prefix.is_empty()
+            || !key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(self.err("cache.key_prefix", "use letters, digits and - _ . : only"));
+        }
+        Ok(CacheConfig {
+            redis_url,
+            redis_target: info.addr().to_string(),
+            encryption_key: Arc::new(SecretBox::new(Box::new(encryption_key))),
+            timeout,
+            key_prefix,
         })
     }
 
@@ -1024,6 +1109,22 @@ impl Cx<'_> {
     }
 }
 
+/// A 32-byte key written as 64 hex digits or as base64 (standard or URL-safe, padded or not).
+fn parse_key(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    let engines = [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let bytes = (text.len() == 64)
+        .then(|| hex::decode(text).ok())
+        .flatten()
+        .or_else(|| engines.iter().find_map(|e| e.decode(text).ok()))?;
+    bytes.try_into().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1106,6 +1207,47 @@ client_secret = "${SECRET}"
         assert!(err.contains("allow_anonymous"), "{err}");
         let ok = format!("[server]\nlisten = \"0.0.0.0:8080\"\nallow_anonymous = true\n{GENESYS}");
         assert!(load(&ok).is_ok());
+    }
+
+    #[test]
+    fn cache_takes_hex_or_base64_keys_and_names_bad_values_without_secrets() {
+        let cache = |url: &str, key: &str| {
+            load(&format!(
+                "{GENESYS}\n[cache]\nredis_url = \"{url}\"\nencryption_key = \"{key}\"\n"
+            ))
+        };
+        let hex_key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let b64_key = "ABEiM0RVZneImaq7zN3u/wARIjNEVWZ3iJmqu8zd7v8=";
+        let a = cache("redis://:pw-123@10.0.0.5:6379/2", hex_key).unwrap();
+        let b = cache("redis://:pw-123@10.0.0.5:6379/2", b64_key).unwrap();
+        let (a, b) = (a.cache.unwrap(), b.cache.unwrap());
+        assert!(a.same_as(&b), "the same 32 bytes either way");
+        assert_eq!(a.redis_target, "10.0.0.5:6379");
+        assert_eq!(a.key_prefix, "tokengate");
+        let dbg = format!("{a:?}");
+        assert!(
+            !dbg.contains("pw-123") && !dbg.contains("0011223344"),
+            "{dbg}"
+        );
+
+        let short = cache("redis://h:6379", "abcd").unwrap_err().to_string();
+        assert!(
+            short.contains("cache.encryption_key") && short.contains("32 bytes"),
+            "{short}"
+        );
+        assert!(!short.contains("abcd"), "{short}");
+        let bad_url = cache("http://:pw-123@h:6379", hex_key)
+            .unwrap_err()
+            .to_string();
+        assert!(bad_url.contains("cache.redis_url"), "{bad_url}");
+        assert!(!bad_url.contains("pw-123"), "{bad_url}");
+        let missing = load(&format!("{GENESYS}\n[cache]\nredis_url = \"redis://h\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("cache.encryption_key") && missing.contains("required"),
+            "{missing}"
+        );
     }
 
     #[test]

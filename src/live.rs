@@ -74,6 +74,10 @@ impl Builder {
     }
 
     pub fn build(&self, config: Config) -> Generation {
+        // The config checked the URL, so this fails only in ways it could not foresee.
+        if let Err(why) = self.tokens.use_shared(config.cache.as_ref()) {
+            tracing::error!(error = %why, "cannot use the shared token cache; tokens stay in memory");
+        }
         let upstreams: Arc<[Arc<Upstream>]> = config
             .upstreams
             .iter()

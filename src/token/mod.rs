@@ -12,6 +12,7 @@
 //! - refreshed in the background from `min(L/4, 5 min)` before that.
 
 pub mod grant;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,9 +25,10 @@ use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
-use crate::config::GrantConfig;
+use crate::config::{CacheConfig, GrantConfig};
 use crate::metrics::Metrics;
 use grant::{GrantError, Granter};
+use shared::{FleetLock, SharedCache, SharedToken};
 
 /// A bearer token, ready to be attached.
 pub struct Token {
@@ -121,6 +123,9 @@ struct Backoff {
     failures: u32,
     until: Option<Instant>,
     last_error: Option<GrantError>,
+    /// The last token the upstream rejected: the fleet's cache may still hold it, and it
+    /// must not come back from there.
+    rejected: Option<HeaderValue>,
 }
 
 impl Backoff {
@@ -148,9 +153,27 @@ pub struct TokenCache {
     /// One per set of credentials: the tokens of a pool are minted one at a time, since
     /// the token endpoint has its own rate limit.
     pool_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The fleet's cache in Redis when `[cache]` is configured; swapped on reload.
+    shared: Arc<ArcSwapOption<SharedCache>>,
 }
 
 impl TokenCache {
+    /// Uses the fleet's cache `config` describes from now on (`None`: memory only). A
+    /// reload that names the same Redis the same way keeps the connection.
+    pub fn use_shared(&self, config: Option<&CacheConfig>) -> Result<(), String> {
+        let current = self.shared.load_full();
+        let next = match (config, current) {
+            (None, _) => None,
+            (Some(c), Some(cur)) if cur.config().same_as(c) => return Ok(()),
+            (Some(c), _) => {
+                tracing::info!(redis = %c.redis_target, "replicas share tokens through Redis");
+                Some(Arc::new(SharedCache::new(c)?))
+            }
+        };
+        self.shared.store(next);
+        Ok(())
+    }
+
     /// The `index`th token source of the pool for `grant`, made on first use; `upstream`
     /// names it in logs and metrics.
     pub fn source_for(
@@ -173,12 +196,43 @@ impl TokenCache {
             .sources
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let source = sources.entry((key, index)).or_insert_with(|| {
+        let source = sources.entry((key.clone(), index)).or_insert_with(|| {
             let granter = Granter::new(http.clone(), grant.clone());
-            TokenSource::new(Arc::clone(upstream), granter, metrics.clone(), pool_lock)
+            let fleet = Fleet {
+                shared: Arc::clone(&self.shared),
+                cache_key: key.clone(),
+                index,
+            };
+            TokenSource::new(
+                Arc::clone(upstream),
+                granter,
+                metrics.clone(),
+                pool_lock,
+                Some(fleet),
+            )
         });
         Arc::clone(source)
     }
+}
+
+/// Where a token source stands in the fleet's cache.
+pub struct Fleet {
+    /// Empty while no `[cache]` is configured.
+    shared: Arc<ArcSwapOption<SharedCache>>,
+    /// [`GrantConfig::cache_key`]: the credentials, hashed again before Redis sees them.
+    cache_key: String,
+    /// The place in the pool.
+    index: u32,
+}
+
+/// What the fleet's cache gave.
+enum FleetAnswer {
+    /// A token another replica minted.
+    Token(Arc<Token>),
+    /// Nothing usable, and the fleet lock is ours: mint, store, release.
+    Mint(Arc<SharedCache>, String, FleetLock),
+    /// Redis is unavailable (or the lock was held too long): mint on our own.
+    Alone,
 }
 
 /// One upstream's token cache.
@@ -191,6 +245,8 @@ pub struct TokenSource {
     minting: tokio::sync::Mutex<Backoff>,
     /// Shared by the sources of one pool: one grant at a time for the same credentials.
     pool_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The fleet's cache, and this source's place in it.
+    fleet: Option<Fleet>,
     /// Set while a background refresh task exists, so the hot path spawns at most one.
     refreshing: AtomicBool,
     generations: AtomicU64,
@@ -236,12 +292,14 @@ impl TokenSource {
         granter: Granter,
         metrics: Metrics,
         pool_lock: Arc<tokio::sync::Mutex<()>>,
+        fleet: Option<Fleet>,
     ) -> Arc<TokenSource> {
         Arc::new(TokenSource {
             upstream,
             granter,
             metrics,
             pool_lock,
+            fleet,
             current: ArcSwapOption::empty(),
             minting: tokio::sync::Mutex::new(Backoff::default()),
             refreshing: AtomicBool::new(false),
@@ -362,6 +420,7 @@ impl TokenSource {
         // Discard the rejected token, and only it: a newer one would have satisfied us.
         if let (Want::Replacing(g), Some(t)) = (want, current.as_ref()) {
             if t.generation == g {
+                backoff.rejected = Some(t.header.clone());
                 self.current.store(None);
             }
         }
@@ -379,31 +438,40 @@ impl TokenSource {
             };
         }
         let pool_turn = self.pool_lock.lock().await;
+        let fleet_turn = match self.ask_fleet(want, backoff.rejected.as_ref()).await {
+            FleetAnswer::Token(token) => {
+                self.current.store(Some(Arc::clone(&token)));
+                *backoff = Backoff {
+                    rejected: backoff.rejected.take(),
+                    ..Backoff::default()
+                };
+                return Ok(token);
+            }
+            FleetAnswer::Mint(shared, creds, lock) => Some((shared, creds, lock)),
+            FleetAnswer::Alone => None,
+        };
         let sent = Instant::now();
+        let sent_wall = std::time::SystemTime::now();
         let result = self.granter.grant().await;
         drop(pool_turn);
+        let result = result.and_then(|granted| {
+            let token = self.mint(&granted, sent)?;
+            Ok((granted, token))
+        });
         match result {
-            Ok(granted) => {
-                let header = HeaderValue::from_str(&format!(
-                    "Bearer {}",
-                    granted.access_token.expose_secret()
-                ));
-                // The granter checked that the token fits a header; stay defensive anyway.
-                let Ok(mut header) = header else {
-                    let cause = GrantError::NotOAuth {
-                        status: 200,
-                        api_code: None,
-                        what: "a token that cannot be sent in a header".into(),
+            Ok((granted, token)) => {
+                if let Some((shared, creds, lock)) = fleet_turn {
+                    let for_fleet = SharedToken {
+                        access_token: granted.access_token.clone(),
+                        issued_at: sent_wall,
+                        lifetime: granted.expires_in,
+                        api_base: granted.api_base.as_ref().map(|u| u.to_string()),
                     };
-                    backoff.record(cause.clone(), Instant::now());
-                    return Err(TokenError {
-                        cause,
-                        retry_after: backoff.active(Instant::now()),
-                    });
-                };
-                header.set_sensitive(true);
-                let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-                let token = Arc::new(Token::new(header, generation, sent, granted.expires_in));
+                    let index = self.fleet.as_ref().map_or(0, |f| f.index);
+                    // A failed store only means the others mint their own this time.
+                    let _ = shared.put(&creds, index, &for_fleet).await;
+                    shared.release(lock).await;
+                }
                 if let Some(base) = granted.api_base {
                     self.api_base.store(Some(Arc::new(base)));
                 }
@@ -413,13 +481,16 @@ impl TokenSource {
                 self.grants_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     upstream = %self.upstream,
-                    generation,
+                    generation = token.generation,
                     expires_in_secs = granted.expires_in.as_secs(),
                     "token granted"
                 );
                 Ok(token)
             }
             Err(cause) => {
+                if let Some((shared, _, lock)) = fleet_turn {
+                    shared.release(lock).await;
+                }
                 self.metrics.grant(&self.upstream, cause.outcome());
                 self.grants_failed.fetch_add(1, Ordering::Relaxed);
                 *self
@@ -443,6 +514,105 @@ impl TokenSource {
                 }
             }
         }
+    }
+
+    /// A [`Token`] for a token string, lifetime measured from `sent`.
+    fn token_for(
+        &self,
+        access_token: &secrecy::SecretString,
+        sent: Instant,
+        lifetime: Duration,
+    ) -> Result<Arc<Token>, GrantError> {
+        let header = HeaderValue::from_str(&format!("Bearer {}", access_token.expose_secret()));
+        // The granter checked that the token fits a header; stay defensive anyway.
+        let Ok(mut header) = header else {
+            return Err(GrantError::NotOAuth {
+                status: 200,
+                api_code: None,
+                what: "a token that cannot be sent in a header".into(),
+            });
+        };
+        header.set_sensitive(true);
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Arc::new(Token::new(header, generation, sent, lifetime)))
+    }
+
+    fn mint(&self, granted: &grant::Granted, sent: Instant) -> Result<Arc<Token>, GrantError> {
+        self.token_for(&granted.access_token, sent, granted.expires_in)
+    }
+
+    /// Looks for a token in the fleet's cache; while another replica holds the fleet lock,
+    /// waits for its token rather than minting one more. Called with the pool's turn held.
+    async fn ask_fleet(&self, want: Want, rejected: Option<&HeaderValue>) -> FleetAnswer {
+        let Some(fleet) = self.fleet.as_ref() else {
+            return FleetAnswer::Alone;
+        };
+        let Some(shared) = fleet.shared.load_full() else {
+            return FleetAnswer::Alone;
+        };
+        let creds = shared.credentials_id(&fleet.cache_key);
+        let deadline = Instant::now() + shared.lease();
+        loop {
+            match shared.get(&creds, fleet.index).await {
+                Err(_) => return FleetAnswer::Alone,
+                Ok(found) => {
+                    if let Some(t) = found.and_then(|f| self.adopt(f, want, rejected)) {
+                        return FleetAnswer::Token(t);
+                    }
+                }
+            }
+            match shared.try_lock(&creds).await {
+                Err(_) => return FleetAnswer::Alone,
+                Ok(Some(lock)) => {
+                    // The holder before us may have stored its token between our read and
+                    // our lock: look once more, or we would mint a second one.
+                    if let Ok(Some(found)) = shared.get(&creds, fleet.index).await {
+                        if let Some(t) = self.adopt(found, want, rejected) {
+                            shared.release(lock).await;
+                            return FleetAnswer::Token(t);
+                        }
+                    }
+                    return FleetAnswer::Mint(shared, creds, lock);
+                }
+                Ok(None) => {}
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    lease_secs = shared.lease().as_secs(),
+                    "another replica held the fleet's token lock for its whole lease; minting here"
+                );
+                return FleetAnswer::Alone;
+            }
+            // Grants take tens to hundreds of milliseconds; jitter keeps waiters apart.
+            let pause = rand::thread_rng().gen_range(20..60);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    /// A token from the fleet's cache, if it gives this caller what it wants.
+    fn adopt(
+        &self,
+        found: SharedToken,
+        want: Want,
+        rejected: Option<&HeaderValue>,
+    ) -> Option<Arc<Token>> {
+        let age = std::time::SystemTime::now()
+            .duration_since(found.issued_at)
+            .unwrap_or_default();
+        let now = Instant::now();
+        let sent = now.checked_sub(age)?;
+        let token = self
+            .token_for(&found.access_token, sent, found.lifetime)
+            .ok()?;
+        if !want.satisfied_by(&token, now) || rejected == Some(token.header()) {
+            return None;
+        }
+        if let Some(base) = found.api_base.and_then(|b| b.parse::<http::Uri>().ok()) {
+            self.api_base.store(Some(Arc::new(base)));
+        }
+        tracing::debug!(upstream = %self.upstream, generation = token.generation, "token taken from the shared cache");
+        Some(token)
     }
 }
 

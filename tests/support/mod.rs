@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub use tokengate::sandbox::{Sandbox, SandboxOptions};
 
+pub mod redis_server;
+
 pub const CLIENT_KEY: &str = "tg_test-client-key-0123456789abcdefghijklmnop";
 pub const CLIENT_SECRET: &str = "sandbox-secret-Zq8!x";
 

@@ -1,0 +1,385 @@
+//! The fleet's shared token cache: tokens kept in Redis, encrypted, so replicas behind a
+//! load balancer share one token (and one grant) instead of minting one each.
+//!
+//! Redis is consulted only when a replica's own copy is missing, due for refresh or was
+//! just rejected — never on the request hot path, which stays one atomic load.
+//!
+//! What Redis holds, per set of credentials (a hash of [`GrantConfig::cache_key`], never
+//! the credentials themselves):
+//! - `<prefix>:token:<creds>:<pool index>` — the token, sealed with XChaCha20-Poly1305
+//!   under the configured key, the Redis key as associated data (a value copied under
+//!   another key does not open), and a TTL of the token's remaining life;
+//! - `<prefix>:lock:<creds>` — the fleet's single flight: `SET NX PX` with a lease, held by
+//!   whoever is minting, released with a compare-and-delete. A holder that dies only
+//!   delays the others by the lease.
+//!
+//! Redis down or slow is never a failed request: every command has a short timeout, and
+//! after a failure the cache is left alone for a few seconds (each replica mints on its
+//! own meanwhile). The outage is logged once, and the return once.
+//!
+//! [`GrantConfig::cache_key`]: crate::config::GrantConfig::cache_key
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::config::CacheConfig;
+
+/// Stored values start with this, so a future format can be told apart.
+const FORMAT: &[u8] = b"tg1";
+const NONCE_LEN: usize = 24;
+/// How long the cache is left alone after a failed command.
+const COOL_OFF: Duration = Duration::from_secs(5);
+/// Releases the fleet lock only if we still hold it (it may have expired and been taken).
+const RELEASE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// A token as the fleet shares it.
+pub struct SharedToken {
+    pub access_token: SecretString,
+    /// Wall-clock time the grant was sent: replicas share no monotonic clock.
+    pub issued_at: SystemTime,
+    pub lifetime: Duration,
+    /// CXone: the tenant's API host discovery found.
+    pub api_base: Option<String>,
+}
+
+/// The sealed form. Field names are short: this is what Redis stores, encrypted.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    t: String,
+    at_ms: u64,
+    life_ms: u64,
+    api: Option<String>,
+}
+
+/// Redis could not be used this time; the caller carries on without it.
+#[derive(Debug)]
+pub struct Unavailable;
+
+/// A held fleet lock; give it back with [`SharedCache::release`].
+pub struct FleetLock {
+    key: String,
+    value: String,
+}
+
+pub struct SharedCache {
+    config: CacheConfig,
+    redis: ConnectionManager,
+    cipher: XChaCha20Poly1305,
+    /// How long a minting replica holds the fleet lock at most.
+    lease: Duration,
+    cool_off_until: Mutex<Option<Instant>>,
+    /// Set while an outage has been logged, so it is logged once, and the return once.
+    down: AtomicBool,
+}
+
+impl std::fmt::Debug for SharedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCache")
+            .field("redis", &self.config.redis_target)
+            .finish()
+    }
+}
+
+impl SharedCache {
+    /// Connects lazily: a Redis that is down at start is an outage like any other. Call
+    /// within the tokio runtime (the connection manager spawns its task there).
+    pub fn new(config: &CacheConfig) -> Result<SharedCache, String> {
+        let client = redis::Client::open(config.redis_url.expose_secret())
+            .map_err(|e| format!("cache.redis_url: {}", e.category()))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let redis = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| format!("cache.redis_url: {}", e.category()))?;
+        let cipher = XChaCha20Poly1305::new(config.encryption_key.expose_secret().into());
+        Ok(SharedCache {
+            config: config.clone(),
+            redis,
+            cipher,
+            // Longer than the slowest grant (three side calls of at most 15 s would be
+            // extreme; one is the norm), short enough that a dead holder is soon forgotten.
+            lease: Duration::from_secs(20),
+            cool_off_until: Mutex::new(None),
+            down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The part of every key that names a set of credentials: a hash, so Redis never
+    /// sees a client id or anything derived from a secret that could be tested offline.
+    pub fn credentials_id(&self, cache_key: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(self.config.key_prefix.as_bytes());
+        h.update([0]);
+        h.update(cache_key.as_bytes());
+        hex::encode(&h.finalize()[..16])
+    }
+
+    fn token_key(&self, creds: &str, index: u32) -> String {
+        format!("{}:token:{creds}:{index}", self.config.key_prefix)
+    }
+
+    fn lock_key(&self, creds: &str) -> String {
+        format!("{}:lock:{creds}", self.config.key_prefix)
+    }
+
+    /// The fleet's token for this pool slot, if one is stored and opens with our key.
+    pub async fn get(&self, creds: &str, index: u32) -> Result<Option<SharedToken>, Unavailable> {
+        let key = self.token_key(creds, index);
+        let mut redis = self.redis.clone();
+        let value: Option<Vec<u8>> = self
+            .run(redis::cmd("GET").arg(&key).query_async(&mut redis))
+            .await?;
+        Ok(value.and_then(|v| self.open(&key, &v)))
+    }
+
+    /// Stores a freshly minted token for the fleet, until its life ends.
+    pub async fn put(
+        &self,
+        creds: &str,
+        index: u32,
+        token: &SharedToken,
+    ) -> Result<(), Unavailable> {
+        let remaining = (token.issued_at + token.lifetime)
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let ttl_ms = remaining.as_millis().min(u64::MAX as u128) as u64;
+        if ttl_ms == 0 {
+            return Ok(());
+        }
+        let key = self.token_key(creds, index);
+        let value = self.seal(&key, token);
+        let mut redis = self.redis.clone();
+        self.run(
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async::<()>(&mut redis),
+        )
+        .await
+    }
+
+    /// Takes the fleet lock for these credentials if nobody holds it.
+    pub async fn try_lock(&self, creds: &str) -> Result<Option<FleetLock>, Unavailable> {
+        let mut nonce = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let lock = FleetLock {
+            key: self.lock_key(creds),
+            value: hex::encode(nonce),
+        };
+        let mut redis = self.redis.clone();
+        let taken: Option<String> = self
+            .run(
+                redis::cmd("SET")
+                    .arg(&lock.key)
+                    .arg(&lock.value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.lease.as_millis() as u64)
+                    .query_async(&mut redis),
+            )
+            .await?;
+        Ok(taken.map(|_| lock))
+    }
+
+    /// Gives the lock back, if it is still ours.
+    pub async fn release(&self, lock: FleetLock) {
+        let mut redis = self.redis.clone();
+        let script = redis::Script::new(RELEASE);
+        let mut call = script.key(&lock.key);
+        call.arg(&lock.value);
+        // A failure here costs the others at most the lease.
+        let _ = self.run(call.invoke_async::<i64>(&mut redis)).await;
+    }
+
+    /// Runs one command with the timeout and the cool-off; logs an outage once.
+    async fn run<T>(
+        &self,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        {
+            let until = self
+                .cool_off_until
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if until.is_some_and(|u| Instant::now() < u) {
+                return Err(Unavailable);
+            }
+        }
+        let outcome = match tokio::time::timeout(self.config.timeout, command).await {
+            Ok(Ok(value)) => Ok(value),
+            // Only the error's category and kind are logged: details could echo a command.
+            Ok(Err(e)) => Err(format!("{} ({:?})", e.category(), e.kind())),
+            Err(_) => Err(format!(
+                "no answer within {} ms",
+                self.config.timeout.as_millis()
+            )),
+        };
+        match outcome {
+            Ok(value) => {
+                if self.down.swap(false, Ordering::AcqRel) {
+                    tracing::info!(redis = %self.config.redis_target, "shared token cache reachable again; replicas share tokens again");
+                }
+                Ok(value)
+            }
+            Err(why) => {
+                *self
+                    .cool_off_until
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                    Some(Instant::now() + COOL_OFF);
+                if !self.down.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        redis = %self.config.redis_target,
+                        error = %why,
+                        "shared token cache unavailable; this replica mints and keeps its own tokens until it returns"
+                    );
+                }
+                Err(Unavailable)
+            }
+        }
+    }
+
+    fn seal(&self, key: &str, token: &SharedToken) -> Vec<u8> {
+        let millis = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
+        let plain = Sealed {
+            t: token.access_token.expose_secret().to_string(),
+            at_ms: millis(
+                token
+                    .issued_at
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default(),
+            ),
+            life_ms: millis(token.lifetime),
+            api: token.api_base.clone(),
+        };
+        // Serialising a struct of strings and integers cannot fail.
+        let plain = serde_json::to_vec(&plain).unwrap_or_default();
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let sealed = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &plain,
+                    aad: key.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(FORMAT.len() + NONCE_LEN + sealed.len());
+        out.extend_from_slice(FORMAT);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// `None` for anything that does not open: another key, another fleet, tampering.
+    fn open(&self, key: &str, value: &[u8]) -> Option<SharedToken> {
+        let rest = value.strip_prefix(FORMAT)?;
+        if rest.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let plain = self
+            .cipher
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: key.as_bytes(),
+                },
+            )
+            .map_err(|_| {
+                tracing::warn!(
+                    redis = %self.config.redis_target,
+                    "a shared token did not open with this replica's cache.encryption_key; ignoring it (do all replicas use the same key?)"
+                )
+            })
+            .ok()?;
+        let sealed: Sealed = serde_json::from_slice(&plain).ok()?;
+        Some(SharedToken {
+            access_token: SecretString::from(sealed.t),
+            issued_at: UNIX_EPOCH + Duration::from_millis(sealed.at_ms),
+            lifetime: Duration::from_millis(sealed.life_ms),
+            api_base: sealed.api,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(key_byte: u8) -> SharedCache {
+        let toml = format!(
+            "[[upstream]]\nname = \"a\"\nprovider = \"oauth2\"\ntoken_url = \"http://127.0.0.1:1/t\"\nbase_url = \"http://127.0.0.1:1\"\nclient_id = \"id\"\nclient_secret = \"s\"\n[cache]\nredis_url = \"redis://127.0.0.1:1\"\nencryption_key = \"{}\"\n",
+            hex::encode([key_byte; 32])
+        );
+        let config = crate::config::Config::from_toml(&toml, "t.toml".as_ref(), &|_| None).unwrap();
+        SharedCache::new(config.cache.as_ref().unwrap()).unwrap()
+    }
+
+    fn token() -> SharedToken {
+        SharedToken {
+            access_token: SecretString::from("the-token-value"),
+            issued_at: SystemTime::now(),
+            lifetime: Duration::from_secs(3600),
+            api_base: Some("https://api.example".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn sealed_tokens_open_only_with_the_same_key_under_the_same_name() {
+        let (a, other_key) = (cache(1), cache(2));
+        let sealed = a.seal("k1", &token());
+        assert!(!String::from_utf8_lossy(&sealed).contains("the-token-value"));
+        let opened = a.open("k1", &sealed).unwrap();
+        assert_eq!(opened.access_token.expose_secret(), "the-token-value");
+        assert_eq!(opened.lifetime, Duration::from_secs(3600));
+        assert_eq!(opened.api_base.as_deref(), Some("https://api.example"));
+        assert!(a.open("k2", &sealed).is_none(), "moved to another key");
+        assert!(
+            other_key.open("k1", &sealed).is_none(),
+            "another fleet's key"
+        );
+        let mut tampered = sealed.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(a.open("k1", &tampered).is_none());
+        assert!(a.open("k1", b"tg1short").is_none());
+        assert!(a.open("k1", b"").is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_name_no_credentials() {
+        let a = cache(1);
+        let id = a.credentials_id("https://login.example/oauth/token|client-id|secret-hash");
+        assert_eq!(id.len(), 32);
+        assert!(!a.token_key(&id, 0).contains("client-id"));
+        assert!(a.token_key(&id, 2).starts_with("tokengate:token:"));
+        assert!(a.lock_key(&id).starts_with("tokengate:lock:"));
+    }
+}

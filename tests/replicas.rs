@@ -1,0 +1,297 @@
+//! Several replicas sharing one Redis: one grant for the fleet, tokens encrypted at rest,
+//! Redis outages survived, Redis left alone while tokens are good.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::redis_server::RedisServer;
+use support::*;
+
+/// The fleet's encryption key, as an operator would pass it: base64 in the environment.
+const CACHE_KEY_B64: &str = "q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=";
+
+fn fleet_config(sandbox: &Sandbox, redis: &RedisServer, upstream_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}{upstream_extra}{}\n[cache]\nredis_url = \"{}\"\nencryption_key = \"${{TOKENGATE_CACHE_KEY}}\"\ntimeout_ms = 300\n",
+        upstream_toml(sandbox, "genesys", "/"),
+        client_toml("reporting-job", ""),
+        redis.url()
+    )
+}
+
+fn start_fleet(config: &str, n: usize) -> Vec<Proxy> {
+    (0..n)
+        .map(|_| {
+            Proxy::start_with_env(
+                config,
+                &[
+                    ("SANDBOX_SECRET", CLIENT_SECRET),
+                    ("TOKENGATE_CACHE_KEY", CACHE_KEY_B64),
+                ],
+            )
+        })
+        .collect()
+}
+
+/// `n` calls at once, spread round-robin over the replicas; the statuses.
+async fn spread_calls(fleet: &[Proxy], n: usize) -> Vec<u16> {
+    let calls = (0..n).map(|i| {
+        let proxy = &fleet[i % fleet.len()];
+        async move {
+            get_with_key(proxy, "/api/v2/users/me")
+                .await
+                .status()
+                .as_u16()
+        }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_sharing_one_redis_serve_three_hundred_calls_with_one_grant() {
+    let sandbox = sandbox().await;
+    let redis = RedisServer::start();
+    let fleet = start_fleet(&fleet_config(&sandbox, &redis, ""), 3);
+
+    let statuses = spread_calls(&fleet, 300).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(sandbox.grants(), 1, "one grant for the whole fleet");
+    for proxy in &fleet {
+        let metrics = admin_text(proxy, "/metrics").await;
+        let served = metric(&metrics, "tokengate_requests_total", &["status=\"200\""]);
+        assert_eq!(served, 100.0, "each replica served its share");
+    }
+
+    // What Redis holds opens with the fleet's key only: no token, secret or id in clear.
+    let stored = redis.dump();
+    assert!(
+        stored
+            .iter()
+            .any(|(k, _)| k.starts_with("tokengate:token:")),
+        "the token is shared through Redis: {:?}",
+        stored.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    let tokens = sandbox.issued_tokens();
+    assert_eq!(tokens.len(), 1);
+    for (key, value) in &stored {
+        let text = String::from_utf8_lossy(value);
+        for token in &tokens {
+            assert!(!text.contains(token.as_str()), "token in clear under {key}");
+            assert!(!text.contains(&token[..12]), "token prefix under {key}");
+        }
+        for secret in [CLIENT_SECRET, sandbox.options().client_id.as_str()] {
+            assert!(!text.contains(secret) && !key.contains(secret), "{key}");
+        }
+    }
+    // Nor do the logs carry the Redis password or the encryption key.
+    for proxy in &fleet {
+        let log = proxy.output.text();
+        assert!(log.contains("replicas share tokens through Redis"), "{log}");
+        assert!(!log.contains(&redis.password), "Redis password in a log");
+        assert!(!log.contains(CACHE_KEY_B64), "encryption key in a log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_calls_on_a_shared_token_cost_a_handful_of_redis_commands() {
+    let sandbox = sandbox().await;
+    let redis = RedisServer::start();
+    let fleet = start_fleet(&fleet_config(&sandbox, &redis, ""), 3);
+    // Every replica has its copy of the fleet's token...
+    assert!(spread_calls(&fleet, 3).await.iter().all(|s| *s == 200));
+    redis.reset_stats();
+    // ...so a thousand calls are served without asking Redis.
+    for chunk in 0..10 {
+        let statuses = spread_calls(&fleet, 100).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "chunk {chunk}: {statuses:?}"
+        );
+    }
+    let counts = redis.command_counts();
+    let total: u64 = counts
+        .iter()
+        .filter(|(name, _)| name != "info" && name != "config")
+        .map(|(_, calls)| calls)
+        .sum();
+    eprintln!("Redis commands over 1000 calls: {total} ({counts:?})");
+    assert!(total <= 5, "a handful, not one per call: {counts:?}");
+    assert_eq!(sandbox.grants(), 1);
+}
+
+/// Calls keep flowing from several tasks while `disturb` runs; returns (ok, failed).
+async fn under_load<F: std::future::Future<Output = ()>>(
+    fleet: &[Proxy],
+    disturb: F,
+) -> (u64, Vec<String>) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let urls: Vec<String> = fleet.iter().map(|p| p.url("/api/v2/users/me")).collect();
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let (ok, failures, stop, urls) =
+                (ok.clone(), failures.clone(), stop.clone(), urls.clone());
+            tokio::spawn(async move {
+                let client = client();
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = client
+                        .get(&urls[i % urls.len()])
+                        .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => {
+                            let status = r.status();
+                            let body = r.text().await.unwrap_or_default();
+                            failures.lock().unwrap().push(format!("{status} {body}"));
+                        }
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    disturb.await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    (ok.load(Ordering::Relaxed), failures)
+}
+
+/// Waits (bounded) until the sandbox has made `n` more grants than `from`.
+async fn grants_reach(sandbox: &Sandbox, n: u64) {
+    let reached = wait_for(Duration::from_secs(60), || {
+        (sandbox.grants() >= n).then_some(())
+    })
+    .await;
+    assert!(reached.is_some(), "grants stayed at {}", sandbox.grants());
+}
+
+async fn redis_outage_mid_load_fails_no_call(stop_signal: Option<&str>) {
+    // Two-second tokens: replicas renew them while Redis is away, and after it returns.
+    let sandbox = Sandbox::start(SandboxOptions {
+        token_lifetime: Duration::from_secs(2),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let mut redis = RedisServer::start();
+    let fleet = start_fleet(&fleet_config(&sandbox, &redis, ""), 3);
+    let (ok, failures) = under_load(&fleet, async {
+        grants_reach(&sandbox, 2).await; // shared tokens flowing, one renewal done
+        let before = sandbox.grants();
+        match stop_signal {
+            None => redis.kill(),
+            Some(sig) => {
+                let pid = redis.pid().unwrap().to_string();
+                assert!(std::process::Command::new("kill")
+                    .args([sig, &pid])
+                    .status()
+                    .unwrap()
+                    .success());
+            }
+        }
+        // Each replica now renews on its own: several lifetimes pass without Redis.
+        grants_reach(&sandbox, before + 6).await;
+        match stop_signal {
+            None => assert!(redis.spawn(), "redis restarts on its port"),
+            Some(_) => {
+                let pid = redis.pid().unwrap().to_string();
+                assert!(std::process::Command::new("kill")
+                    .args(["-CONT", &pid])
+                    .status()
+                    .unwrap()
+                    .success());
+            }
+        }
+        // Every replica rejoins the fleet by itself.
+        let rejoined = wait_for(Duration::from_secs(60), || {
+            fleet
+                .iter()
+                .all(|p| {
+                    p.output
+                        .text()
+                        .contains("shared token cache reachable again")
+                })
+                .then_some(())
+        })
+        .await;
+        assert!(rejoined.is_some(), "replicas did not rejoin");
+    })
+    .await;
+    assert!(
+        failures.is_empty(),
+        "{} failed calls: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 100, "load ran: {ok} calls");
+    for p in &fleet {
+        let log = p.output.text();
+        assert_eq!(
+            log.matches("shared token cache unavailable").count(),
+            1,
+            "the outage is logged once per replica"
+        );
+    }
+    // After the return, tokens are shared through Redis again.
+    let shared = wait_for(Duration::from_secs(30), || {
+        redis
+            .dump()
+            .iter()
+            .any(|(k, _)| k.starts_with("tokengate:token:"))
+            .then_some(())
+    })
+    .await;
+    assert!(shared.is_some(), "no token stored after Redis returned");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_mid_load_fails_no_call_and_the_fleet_rejoins() {
+    redis_outage_mid_load_fails_no_call(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_frozen_mid_load_fails_no_call_and_the_fleet_rejoins() {
+    redis_outage_mid_load_fails_no_call(Some("-STOP")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_rejected_by_the_api_is_replaced_once_for_the_whole_fleet() {
+    let sandbox = sandbox().await;
+    let redis = RedisServer::start();
+    let fleet = start_fleet(&fleet_config(&sandbox, &redis, ""), 3);
+    assert!(spread_calls(&fleet, 3).await.iter().all(|s| *s == 200));
+    assert_eq!(sandbox.grants(), 1);
+    // The API host answers 401 to the token everywhere, until 30 calls have met it.
+    sandbox.revoke_all_and_hold_401s(30);
+    let statuses = spread_calls(&fleet, 30).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(sandbox.grants(), 2, "one replacement for the fleet");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_pool_is_shared_by_the_fleet_and_minted_one_at_a_time() {
+    let sandbox = sandbox().await;
+    let redis = RedisServer::start();
+    let fleet = start_fleet(&fleet_config(&sandbox, &redis, "tokens = 3\n"), 2);
+    let statuses = spread_calls(&fleet, 120).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(sandbox.grants(), 3, "one pool of three for both replicas");
+    assert_eq!(
+        sandbox.max_grants_in_flight(),
+        1,
+        "never two grants at once"
+    );
+}
