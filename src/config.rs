@@ -117,6 +117,7 @@ struct RawUpstream {
     access_key_secret_file: Option<PathBuf>,
     timeout_secs: Option<f64>,
     connect_timeout_secs: Option<f64>,
+    request_timeout_secs: Option<f64>,
     retry_429: Option<u32>,
     retry_429_max_wait_secs: Option<f64>,
 }
@@ -243,6 +244,9 @@ pub struct UpstreamConfig {
     /// How long the upstream may take to answer with a response head.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// The most one call may take from arrival to the last byte of the answer, token wait
+    /// and retries included (`None`: no limit beyond `timeout`, the default).
+    pub request_timeout: Option<Duration>,
     /// How many times an idempotent request that got 429 is sent again after its
     /// `Retry-After` (0: 429 goes back to the caller, the default).
     pub retry_429: u32,
@@ -818,6 +822,10 @@ impl Cx<'_> {
                 raw.connect_timeout_secs,
                 10.0,
             )?,
+            request_timeout: raw
+                .request_timeout_secs
+                .map(|v| self.secs(&key("request_timeout_secs"), Some(v), 0.0))
+                .transpose()?,
             retry_429: raw.retry_429.unwrap_or(0).min(10),
             tokens,
             retry_429_max_wait: self.secs(

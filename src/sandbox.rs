@@ -12,7 +12,7 @@
 //! Beyond the platform, a few endpoints exercise the proxy: `GET /api/v2/sandbox/bytes?n=N`
 //! streams N bytes, `/api/v2/sandbox/gate` answers when the test opens the gate,
 //! `/api/v2/sandbox/always401` rejects every token, `/api/v2/sandbox/hang`
-//! never answers, and every other path echoes what it received (method, path, query,
+//! never answers, `/api/v2/sandbox/stall` sends its head and a first chunk, then nothing, and every other path echoes what it received (method, path, query,
 //! header names, body length and SHA-256).
 
 use std::collections::HashMap;
@@ -659,6 +659,15 @@ async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Re
             return unauthorized("bad.credentials", "Invalid login credentials.")
         }
         "/api/v2/sandbox/hang" => std::future::pending::<()>().await,
+        "/api/v2/sandbox/stall" => {
+            let first = futures_util::stream::once(async {
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(
+                    b"[{\"partial\":",
+                )))
+            });
+            let stream = futures_util::StreamExt::chain(first, futures_util::stream::pending());
+            return Response::new(body::boxed(StreamBody::new(stream)));
+        }
         "/api/v2/sandbox/gate" => {
             let mut open = s.gate.0.subscribe();
             let _ = open.wait_for(|open| *open).await;

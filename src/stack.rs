@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::forward::Forward;
 use crate::layers::bearer::BearerLayer;
 use crate::layers::client_auth::ClientAuthLayer;
+use crate::layers::deadline::DeadlineLayer;
 use crate::layers::guard::GuardLayer;
 use crate::layers::observe::ObserveLayer;
 use crate::layers::retry::RetryLayer;
@@ -61,6 +62,8 @@ pub fn proxy_service(
         ))
         // Where it goes, and whether this caller may go there.
         .layer(RouteLayer::by_prefix(upstreams))
+        // The upstream's limit on the whole call, retries and token waits included.
+        .layer(DeadlineLayer)
         // Outside the bearer layer, so a second attempt after a 401 gets a fresh token.
         .layer(RetryLayer::keeping_bodies_up_to(
             config.server.retry_body_bytes,

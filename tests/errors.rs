@@ -289,6 +289,37 @@ async fn an_upstream_that_does_not_answer_is_504_upstream_timeout() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn request_timeout_bounds_the_whole_call_head_and_body() {
+    let sandbox = sandbox().await;
+    let config = standard_config(&sandbox, "").replace(
+        "client_secret = \"${SANDBOX_SECRET}\"",
+        "client_secret = \"${SANDBOX_SECRET}\"\ntimeout_secs = 300\nrequest_timeout_secs = 1",
+    );
+    let proxy = Proxy::start(&config);
+    // Calls within the limit are untouched.
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    // No head within the whole-call limit (far shorter than timeout_secs): 504.
+    let bounded = std::time::Duration::from_secs(60);
+    let resp = tokio::time::timeout(bounded, get_with_key(&proxy, "/api/v2/sandbox/hang"))
+        .await
+        .expect("the proxy answered");
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("upstream_timeout"))
+    );
+    // A head, then a body that stalls: the answer is cut off, never left hanging and
+    // never made to look complete.
+    let resp = get_with_key(&proxy, "/api/v2/sandbox/stall").await;
+    assert_eq!(resp.status(), 200);
+    let rest = tokio::time::timeout(bounded, resp.bytes())
+        .await
+        .expect("the body ended");
+    assert!(rest.is_err(), "a cut-off body must not read as complete");
+    assert!(proxy.output.text().contains("request_timeout_secs"));
+}
+
 /// Send raw bytes on a fresh connection; return the status line.
 fn raw(addr: &str, request: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();

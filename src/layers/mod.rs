@@ -8,6 +8,7 @@
 
 pub mod bearer;
 pub mod client_auth;
+pub mod deadline;
 pub mod guard;
 pub mod observe;
 pub mod retry;

@@ -1,0 +1,135 @@
+//! A limit on the whole call, when the upstream has `request_timeout_secs`: from arrival to
+//! the last byte of the answer, waiting for a token, a retry after 401 or 429, and the
+//! upload included.
+//!
+//! Before the answer's head exists the caller gets `504 upstream_timeout`. Once it is on
+//! its way the status cannot change, so the body ends in an error instead: the connection
+//! is cut and the caller sees a truncated answer rather than a complete-looking one.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+use super::route::Route;
+use super::{BoxFuture, ProxyRequest, ProxyResponse};
+use crate::body::{self, BoxError, ProxyBody};
+use crate::error::ProxyError;
+
+#[derive(Debug, Clone, Default)]
+pub struct DeadlineLayer;
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+}
+
+impl<S> Service<ProxyRequest> for Deadline<S>
+where
+    // A concrete future type, as in the retry layer (rust-lang/rust#110338).
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+        let route = req.extensions().get::<Route>();
+        let limit = route.and_then(|r| r.upstream.config.request_timeout);
+        let (Some(limit), Some(route)) = (limit, route) else {
+            return self.inner.call(req);
+        };
+        let upstream = std::sync::Arc::clone(&route.upstream.config.name);
+        let deadline = Instant::now() + limit;
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let resp = match tokio::time::timeout_at(deadline, call).await {
+                Err(_) => return Ok(ProxyError::UpstreamTimeout(limit).into_response()),
+                Ok(Ok(resp)) => resp,
+            };
+            let (head, answer) = resp.into_parts();
+            let answer = body::boxed(DeadlineBody::new(answer, deadline, limit, upstream));
+            Ok(ProxyResponse::from_parts(head, answer))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body that fails when the call's time is up.
+    struct DeadlineBody {
+        inner: ProxyBody,
+        #[pin]
+        sleep: Sleep,
+        limit: Duration,
+        upstream: std::sync::Arc<str>,
+    }
+}
+
+impl DeadlineBody {
+    fn new(
+        inner: ProxyBody,
+        deadline: Instant,
+        limit: Duration,
+        upstream: std::sync::Arc<str>,
+    ) -> DeadlineBody {
+        DeadlineBody {
+            inner,
+            sleep: tokio::time::sleep_until(deadline),
+            limit,
+            upstream,
+        }
+    }
+}
+
+/// The error that ends a body cut off by the deadline (seen in logs only).
+#[derive(Debug, thiserror::Error)]
+#[error("the call took longer than request_timeout_secs ({0:?}); the answer was cut off")]
+pub struct CallTimedOut(Duration);
+
+impl Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = Pin::new(this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match this.sleep.poll(cx) {
+            Poll::Ready(()) => {
+                let cut = CallTimedOut(*this.limit);
+                tracing::warn!(upstream = %this.upstream, "{cut}");
+                Poll::Ready(Some(Err(Box::new(cut))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
