@@ -1034,7 +1034,9 @@ impl Cx<'_> {
         Ok(SecretString::from(value))
     }
 
+    /// An address, `${VAR}` allowed (replicas sharing one file each set their own).
     fn socket_addr(&self, key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+        let s = self.interpolate(key, s)?;
         s.parse().map_err(|_| {
             self.err(
                 key,

@@ -295,3 +295,29 @@ async fn a_token_pool_is_shared_by_the_fleet_and_minted_one_at_a_time() {
         "never two grants at once"
     );
 }
+
+#[test]
+fn the_readme_replica_example_is_a_valid_config() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("## Running several replicas")
+        .expect("the section")..];
+    let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    let text = &section[start..start + section[start..].find("```").unwrap()];
+    let text = text.replace(
+        "<tokengate key hash of the team's key>",
+        &tokengate::keys::hash_key(CLIENT_KEY),
+    );
+    let env = |name: &str| match name {
+        "LISTEN" => Some("127.0.0.1:8081".to_string()),
+        "ADMIN_LISTEN" => Some("127.0.0.1:9901".to_string()),
+        "TOKENGATE_CACHE_KEY" => Some(CACHE_KEY_B64.to_string()),
+        other => Some(format!("value-of-{other}")),
+    };
+    let config =
+        tokengate::config::Config::from_toml(&text, "replicas.toml".as_ref(), &env).unwrap();
+    let cache = config.cache.expect("[cache]");
+    assert_eq!(cache.redis_target, "127.0.0.1:6379");
+    assert_eq!(config.upstreams[0].tokens, 2);
+}
