@@ -83,6 +83,7 @@ struct RawServer {
     client_ca: Option<PathBuf>,
     max_connections: Option<usize>,
     max_connections_per_address: Option<usize>,
+    workers: Option<usize>,
     admin_listen: Option<String>,
     admin_key_sha256: Option<String>,
     allow_anonymous: Option<bool>,
@@ -209,6 +210,8 @@ pub struct ServerConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub max_connections: usize,
     pub max_connections_per_address: usize,
+    /// Threads serving the proxy listener, each with its own runtime and upstream pools.
+    pub workers: usize,
     pub admin_listen: Option<SocketAddr>,
     /// SHA-256 of the key that protects the admin listener, when one is set.
     pub admin_key_sha256: Option<[u8; 32]>,
@@ -599,11 +602,19 @@ impl Cx<'_> {
         if max_connections == 0 || max_connections_per_address == 0 {
             return Err(self.err("server.max_connections", "must be at least 1"));
         }
+        let workers = match raw.workers {
+            None | Some(0) => crate::workers::default_count(),
+            Some(n @ 1..=1024) => n,
+            Some(_) => {
+                return Err(self.err("server.workers", "must be 1 to 1024 (0: one per core)"))
+            }
+        };
         Ok(ServerConfig {
             listen,
             tls,
             max_connections,
             max_connections_per_address,
+            workers,
             admin_listen,
             admin_key_sha256,
             allow_anonymous: raw.allow_anonymous.unwrap_or(false),

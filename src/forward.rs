@@ -94,7 +94,7 @@ impl Service<ProxyRequest> for Forward {
         headers.remove(header::HOST);
         Box::pin(async move {
             let timeout = upstream.config.timeout;
-            let answer = tokio::time::timeout(timeout, upstream.client.request(req)).await;
+            let answer = tokio::time::timeout(timeout, upstream.client().request(req)).await;
             let resp = match answer {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {

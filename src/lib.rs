@@ -31,6 +31,7 @@ pub mod stack;
 pub mod status;
 pub mod token;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 
@@ -80,15 +81,27 @@ fn spawn_refreshers(generation: &live::Generation) -> Vec<JoinHandle<()>> {
         .collect()
 }
 
-/// Bind the listeners and start serving.
+/// Bind the listeners and start serving: the proxy listener on `server.workers` threads
+/// (see [`workers`]), the admin listener and the token refreshers on the caller's runtime.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let builder = live::Builder::new(Metrics::new());
-    let proxy_listener = bind("proxy", config.server.listen).await?;
+    let worker_count = config.server.workers;
+    let builder = live::Builder::new(Metrics::new(), worker_count);
+    let proxy_listeners =
+        workers::bind_reuseport(config.server.listen, worker_count).map_err(|source| {
+            StartError {
+                what: "proxy",
+                addr: config.server.listen,
+                source,
+            }
+        })?;
     let admin_listener = match config.server.admin_listen {
         Some(addr) => Some(bind("admin", addr).await?),
         None => None,
     };
-    let proxy_addr = proxy_listener.local_addr().unwrap_or(config.server.listen);
+    let proxy_addr = proxy_listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(config.server.listen);
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let (stop, stopped) = watch::channel(false);
@@ -99,29 +112,47 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     };
     let grace = config.server.shutdown_grace;
-    let proxy_listener = server::Listener {
-        what: "proxy",
-        tcp: proxy_listener,
-        tls: config
-            .server
-            .tls
-            .clone()
-            .map(tokio_rustls::TlsAcceptor::from),
-        limits: server::ConnectionLimits {
-            max_connections: config.server.max_connections,
-            max_per_address: config.server.max_connections_per_address,
-        },
-    };
+    let tls = config
+        .server
+        .tls
+        .clone()
+        .map(tokio_rustls::TlsAcceptor::from);
+    let gate = server::ConnectionGate::new(server::ConnectionLimits {
+        max_connections: config.server.max_connections,
+        max_per_address: config.server.max_connections_per_address,
+    });
     let generation = builder.build(config);
     let refreshers = spawn_refreshers(&generation);
     let summary = (generation.upstreams.len(), generation.config.clients.len());
     let live = live::Live::new(generation);
-    let mut servers = vec![tokio::spawn(server::serve(
-        proxy_listener,
-        live.clone(),
-        on_stop(),
-        grace,
-    ))];
+    let mut servers = Vec::new();
+    for (index, socket) in proxy_listeners.into_iter().enumerate() {
+        let (live, tls, gate, stopping) = (live.clone(), tls.clone(), gate.clone(), on_stop());
+        let serve = move || async move {
+            let tcp = match TcpListener::from_std(socket) {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "cannot serve the proxy listener");
+                    return;
+                }
+            };
+            let listener = server::Listener {
+                what: "proxy",
+                tcp,
+                tls,
+                gate,
+            };
+            server::serve(listener, live, stopping, grace).await;
+        };
+        let finished = workers::spawn(index, serve).map_err(|source| StartError {
+            what: "proxy worker thread",
+            addr: proxy_addr,
+            source,
+        })?;
+        servers.push(tokio::spawn(async move {
+            let _ = finished.await;
+        }));
+    }
     if let Some(listener) = admin_listener {
         let admin = admin::Admin {
             live: live.clone(),
@@ -135,7 +166,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             grace,
         )));
     }
-    tracing::info!(%proxy_addr, admin = ?admin_addr, upstreams = summary.0, clients = summary.1, "serving");
+    tracing::info!(%proxy_addr, admin = ?admin_addr, workers = worker_count, upstreams = summary.0, clients = summary.1, "serving");
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -158,6 +189,7 @@ impl Running {
             || s.0.tls.is_some() != s.1.tls.is_some()
             || s.0.max_connections != s.1.max_connections
             || s.0.max_connections_per_address != s.1.max_connections_per_address
+            || s.0.workers != s.1.workers
         {
             tracing::warn!(
                 "listener settings changed in the config; they take effect at the next restart"

@@ -57,11 +57,14 @@ pub struct Builder {
     sessions: Arc<Sessions>,
     http: reqwest::Client,
     metrics: Metrics,
+    /// Each worker gets its own connection pool per upstream.
+    workers: usize,
 }
 
 impl Builder {
-    pub fn new(metrics: Metrics) -> Builder {
+    pub fn new(metrics: Metrics, workers: usize) -> Builder {
         Builder {
+            workers,
             tokens: TokenCache::default(),
             sessions: Arc::new(Sessions::new()),
             http: crate::token::grant::side_call_client(),
@@ -88,7 +91,7 @@ impl Builder {
                             .source_for(&u.name, &u.grant, i, &self.http, &self.metrics)
                     })
                     .collect();
-                Arc::new(Upstream::new(Arc::clone(u), pool))
+                Arc::new(Upstream::new(Arc::clone(u), pool, self.workers))
             })
             .collect();
         let board = Arc::new(StatusBoard::new(&config));

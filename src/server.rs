@@ -52,13 +52,31 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// The connection slots of one listening address, shared by every socket accepting on it
+/// (one per worker), so the caps hold for the address as a whole.
+pub struct ConnectionGate {
+    slots: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
+    max_per_address: usize,
+}
+
+impl ConnectionGate {
+    pub fn new(limits: ConnectionLimits) -> Arc<ConnectionGate> {
+        Arc::new(ConnectionGate {
+            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            per_address: Arc::new(PerAddress::default()),
+            max_per_address: limits.max_per_address,
+        })
+    }
+}
+
 /// A listening socket and how to treat what it accepts.
 pub struct Listener {
     pub what: &'static str,
     pub tcp: TcpListener,
     /// HTTPS: the handshake happens before HTTP is spoken.
     pub tls: Option<TlsAcceptor>,
-    pub limits: ConnectionLimits,
+    pub gate: Arc<ConnectionGate>,
 }
 
 /// The identity a client certificate gave the connection (mutual TLS): its subject's
@@ -126,8 +144,10 @@ pub async fn serve<S>(
         what,
         tcp,
         tls,
-        limits,
+        gate,
     } = listener;
+    // Connection tasks are spawned on the runtime serving this listener: on a worker, its
+    // own thread.
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -139,13 +159,11 @@ pub async fn serve<S>(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let per_address = Arc::new(PerAddress::default());
     tokio::pin!(shutdown);
     loop {
         // At the connection cap, stop accepting: the kernel's backlog holds the rest.
         let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => match slot {
+            slot = Arc::clone(&gate.slots).acquire_owned() => match slot {
                 Ok(slot) => slot,
                 Err(_) => break,
             },
@@ -163,7 +181,8 @@ pub async fn serve<S>(
             },
             () = &mut shutdown => break,
         };
-        let Some(address_slot) = PerAddress::enter(&per_address, peer.ip(), limits.max_per_address)
+        let Some(address_slot) =
+            PerAddress::enter(&gate.per_address, peer.ip(), gate.max_per_address)
         else {
             tracing::warn!(listener = what, peer = %peer.ip(), "too many connections from one address; refused");
             continue;
@@ -236,6 +255,6 @@ pub fn plain(what: &'static str, tcp: TcpListener) -> Listener {
         what,
         tcp,
         tls: None,
-        limits: ConnectionLimits::default(),
+        gate: ConnectionGate::new(ConnectionLimits::default()),
     }
 }

@@ -30,7 +30,8 @@ pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
     /// The pool: one source per token (one, unless `tokens = N`).
     pub tokens: Vec<Arc<TokenSource>>,
-    pub client: UpstreamClient,
+    /// One connection pool per worker, so a call never waits on another thread's pool.
+    clients: Vec<UpstreamClient>,
     next: AtomicUsize,
     /// Per pooled token: until when (ms after `epoch`) it is spent; 0 when it is not.
     spent_until: Vec<AtomicU64>,
@@ -40,17 +41,28 @@ pub struct Upstream {
 impl Upstream {
     /// `tokens` come from the [`TokenCache`](crate::token::TokenCache), shared with any
     /// upstream that has the same credentials.
-    pub fn new(config: Arc<UpstreamConfig>, tokens: Vec<Arc<TokenSource>>) -> Upstream {
-        let client = upstream_client(config.connect_timeout);
+    pub fn new(
+        config: Arc<UpstreamConfig>,
+        tokens: Vec<Arc<TokenSource>>,
+        workers: usize,
+    ) -> Upstream {
+        let clients = (0..workers.max(1))
+            .map(|_| upstream_client(config.connect_timeout))
+            .collect();
         let spent_until = tokens.iter().map(|_| AtomicU64::new(0)).collect();
         Upstream {
             config,
             tokens,
-            client,
+            clients,
             next: AtomicUsize::new(0),
             spent_until,
             epoch: Instant::now(),
         }
+    }
+
+    /// The connection pool of the worker running this call.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.clients[crate::workers::current() % self.clients.len()]
     }
 
     pub fn name(&self) -> &Arc<str> {
