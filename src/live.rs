@@ -91,7 +91,12 @@ impl Builder {
                             .source_for(&u.name, &u.grant, i, &self.http, &self.metrics)
                     })
                     .collect();
-                Arc::new(Upstream::new(Arc::clone(u), pool, self.workers))
+                Arc::new(Upstream::new(
+                    Arc::clone(u),
+                    pool,
+                    self.workers,
+                    self.metrics.for_upstream(&u.name),
+                ))
             })
             .collect();
         let board = Arc::new(StatusBoard::new(&config));

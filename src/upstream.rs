@@ -20,6 +20,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
+use crate::metrics::UpstreamMetrics;
 use crate::token::TokenSource;
 
 /// hyper-util's pooled client over rustls; HTTP/1.1 or HTTP/2 as ALPN decides.
@@ -32,6 +33,8 @@ pub struct Upstream {
     pub tokens: Vec<Arc<TokenSource>>,
     /// One connection pool per worker, so a call never waits on another thread's pool.
     clients: Vec<UpstreamClient>,
+    /// Request counters and latency, resolved once.
+    pub metrics: UpstreamMetrics,
     next: AtomicUsize,
     /// Per pooled token: until when (ms after `epoch`) it is spent; 0 when it is not.
     spent_until: Vec<AtomicU64>,
@@ -45,6 +48,7 @@ impl Upstream {
         config: Arc<UpstreamConfig>,
         tokens: Vec<Arc<TokenSource>>,
         workers: usize,
+        metrics: UpstreamMetrics,
     ) -> Upstream {
         let clients = (0..workers.max(1))
             .map(|_| upstream_client(config.connect_timeout))
@@ -54,6 +58,7 @@ impl Upstream {
             config,
             tokens,
             clients,
+            metrics,
             next: AtomicUsize::new(0),
             spent_until,
             epoch: Instant::now(),

@@ -72,9 +72,11 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
+        // The path is copied only when the audit line will be written.
+        let audited = tracing::enabled!(target: "tokengate::audit", tracing::Level::INFO);
         Observed {
             method: req.method().clone(),
-            path: req.uri().path().to_string(),
+            path: audited.then(|| req.uri().path().to_string()),
             started: Instant::now(),
             metrics: self.metrics.clone(),
             board: self.board.clone(),
@@ -88,7 +90,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         method: Method,
-        path: String,
+        path: Option<String>,
         started: Instant,
         metrics: Metrics,
         board: Arc<StatusBoard>,
@@ -106,10 +108,14 @@ where
         let Ok(resp) = std::task::ready!(this.inner.poll(cx));
         let elapsed = this.started.elapsed();
         let served = resp.extensions().get::<Served>();
-        let upstream = served.and_then(|s| s.upstream.as_deref()).unwrap_or("");
+        let routed = served.and_then(|s| s.upstream.as_ref());
+        let upstream = routed.map_or("", |u| u.name().as_ref());
         let client = served.and_then(|s| s.client.as_deref());
         let status = resp.status().as_u16();
-        this.metrics.request(upstream, status, elapsed);
+        match routed {
+            Some(u) => u.metrics.request(status, elapsed),
+            None => this.metrics.request("", status, elapsed),
+        }
         let error = resp.extensions().get::<ProxyErrorCode>().map(|c| c.0);
         let retried = resp.extensions().get::<Retried>().map(|r| r.0);
         this.board.record(Answered {
@@ -126,12 +132,15 @@ where
             .iter()
             .find_map(|h| resp.headers().get(*h))
             .and_then(|v| v.to_str().ok());
+        let Some(path) = this.path else {
+            return Poll::Ready(Ok(resp));
+        };
         tracing::info!(
             target: "tokengate::audit",
             client = client.unwrap_or("anonymous"),
             upstream,
             method = %this.method,
-            path = %this.path,
+            path = %path,
             status,
             ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
             retried,

@@ -36,7 +36,7 @@ pub struct Route {
 /// (its own refusals included), for logs, metrics and the status page.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
-    pub upstream: Option<Arc<str>>,
+    pub upstream: Option<Arc<Upstream>>,
     /// `None` for an anonymous caller.
     pub client: Option<Arc<str>>,
 }
@@ -150,7 +150,7 @@ where
         match self.route(&req) {
             Ok(route) => {
                 let served = Served {
-                    upstream: Some(route.upstream.name().clone()),
+                    upstream: Some(Arc::clone(&route.upstream)),
                     client,
                 };
                 req.extensions_mut().insert(route);
