@@ -30,19 +30,51 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// One of [`HOP_BY_HOP`] or `Trailer`. A match on the text is a length test and at most a
+/// short comparison, cheaper than comparing `HeaderName`s one by one.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
 /// Remove hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names (cheap comparisons of standard headers) finds the few that
+    // are present, so only those cost a hashed removal. Usually it is `Connection:
+    // keep-alive` alone, or nothing.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name))
+        .cloned()
+        .collect();
+    if present.is_empty() {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        // Connection options, not header names (RFC 9112 §9.6).
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in named.iter().chain(present.iter()) {
         headers.remove(name);
     }
-    headers.remove(header::TRAILER);
 }
 
 /// The upstream URI: the base's scheme, host and path, then the request's path and query.
@@ -50,9 +82,11 @@ pub fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, ProxyError> {
     let unusable = || ProxyError::BadRequest("the request path cannot be forwarded");
     let base_path = base.path().trim_end_matches('/');
     let mut parts = base.clone().into_parts();
+    let mut joined = String::with_capacity(base_path.len() + path_and_query.len());
+    joined.push_str(base_path);
+    joined.push_str(path_and_query);
     parts.path_and_query = Some(
-        format!("{base_path}{path_and_query}")
-            .parse()
+        http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(joined))
             .map_err(|_| unusable())?,
     );
     Uri::from_parts(parts).map_err(|_| unusable())
@@ -137,6 +171,14 @@ mod tests {
     }
 
     #[test]
+    fn the_hop_by_hop_test_knows_every_listed_name() {
+        for name in HOP_BY_HOP.iter().chain([&header::TRAILER]) {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        assert!(!is_hop_by_hop(&header::AUTHORIZATION));
+    }
+
+    #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -153,5 +195,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+        // A name only the Connection header makes hop-by-hop goes too.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::ACCEPT]);
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
     }
 }

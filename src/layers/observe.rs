@@ -27,7 +27,11 @@ use crate::metrics::Metrics;
 use crate::status::{Answered, StatusBoard};
 
 /// Response headers that carry the platform's id for a call (Genesys first).
-const CORRELATION_HEADERS: [&str; 3] = ["inin-correlation-id", "x-request-id", "x-correlation-id"];
+static CORRELATION_HEADERS: [http::HeaderName; 3] = [
+    http::HeaderName::from_static("inin-correlation-id"),
+    http::HeaderName::from_static("x-request-id"),
+    http::HeaderName::from_static("x-correlation-id"),
+];
 
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
@@ -125,16 +129,16 @@ where
             proxy_error: error,
             retried_after_401: retried == Some("unauthorized"),
         });
+        let Some(path) = this.path else {
+            return Poll::Ready(Ok(resp));
+        };
         // The audit line: who called what, what came back, and the upstream's own
         // correlation id to find the call in the platform's logs. Never a header value
         // that could authenticate, never a query string.
         let correlation = CORRELATION_HEADERS
             .iter()
-            .find_map(|h| resp.headers().get(*h))
+            .find_map(|h| resp.headers().get(h))
             .and_then(|v| v.to_str().ok());
-        let Some(path) = this.path else {
-            return Poll::Ready(Ok(resp));
-        };
         tracing::info!(
             target: "tokengate::audit",
             client = client.unwrap_or("anonymous"),
