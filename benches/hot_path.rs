@@ -7,13 +7,18 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
+use http_body_util::BodyExt;
 use tokengate::config::Config;
 use tokengate::forward::strip_hop_by_hop;
 use tokengate::metrics::Metrics;
 use tokengate::policy::AllowRule;
 use tokengate::sandbox::{Sandbox, SandboxOptions};
+use tokengate::session::Sessions;
+use tokengate::status::StatusBoard;
 use tokengate::token::grant::{side_call_client, Granter};
 use tokengate::token::TokenSource;
+use tokengate::upstream::Upstream;
+use tower::ServiceExt;
 
 fn token_cache_hit(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -34,6 +39,55 @@ fn token_cache_hit(c: &mut Criterion) {
     c.bench_function("token cache hit", |b| {
         b.to_async(&rt)
             .iter(|| async { tokens.token().await.unwrap().generation })
+    });
+}
+
+/// One GET through every layer of the in-process tower stack (client key check, routing,
+/// token, retry bookkeeping, forwarding) to the sandbox's API host on loopback, answer
+/// body read. On one current-thread runtime, as a worker runs it.
+fn whole_stack(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = "tg_bench-client-key-0123456789abcdef";
+    let service = rt.block_on(async {
+        let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+        let text = format!(
+            "[[upstream]]\nname = \"s\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nbase_url = \"{}\"\nclient_id = \"sandbox-client\"\nclient_secret = \"sandbox-secret\"\n[[client]]\nname = \"bench\"\nkey_sha256 = \"{}\"\n",
+            sandbox.token_url(),
+            sandbox.api_url(),
+            tokengate::keys::hash_key(key)
+        );
+        let config = Config::from_toml(&text, "bench.toml".as_ref(), &|_| None).unwrap();
+        let metrics = Metrics::new();
+        let granter = Granter::new(side_call_client(), config.upstreams[0].grant.clone());
+        let tokens = TokenSource::new(Arc::from("s"), granter, metrics.clone(), Default::default(), None);
+        tokens.token().await.unwrap();
+        let upstream = Arc::new(Upstream::new(
+            Arc::clone(&config.upstreams[0]),
+            vec![tokens],
+            1,
+            metrics.for_upstream("s"),
+        ));
+        let board = Arc::new(StatusBoard::new(&config));
+        let sessions = Arc::new(Sessions::new());
+        std::mem::forget(sandbox); // keep it serving for the rest of the run
+        tokengate::stack::request_path(&config, &[upstream], &metrics, &board, &sessions)
+    });
+    c.bench_function("one GET through the whole stack", |b| {
+        b.to_async(&rt).iter(|| {
+            let service = service.clone();
+            async move {
+                let req = http::Request::get("/api/v2/users/me")
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(tokengate::body::empty())
+                    .unwrap();
+                let resp = service.oneshot(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                resp.into_body().collect().await.unwrap().to_bytes().len()
+            }
+        })
     });
 }
 
@@ -73,5 +127,11 @@ fn policy_match(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, token_cache_hit, header_rewrite, policy_match);
+criterion_group!(
+    benches,
+    token_cache_hit,
+    whole_stack,
+    header_rewrite,
+    policy_match
+);
 criterion_main!(benches);

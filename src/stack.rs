@@ -42,6 +42,26 @@ pub fn proxy_service(
     ServiceBuilder::new()
         // One body type from here on: hyper's, limited, or a kept copy for a retry.
         .map_request(|req: Request<Incoming>| req.map(body::boxed))
+        .service(request_path(config, upstreams, metrics, board, sessions))
+}
+
+/// The layers every request goes through, on the proxy's one body type (also what the
+/// in-process benchmark drives).
+pub fn request_path(
+    config: &Config,
+    upstreams: &[Arc<Upstream>],
+    metrics: &Metrics,
+    board: &Arc<StatusBoard>,
+    sessions: &Arc<Sessions>,
+) -> impl Service<
+    Request<ProxyBody>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
         // Outermost, so that every answer is counted — including the proxy's own refusals.
         .layer(ObserveLayer::recording_to(metrics.clone(), board.clone()))
         // Refuse what must never be forwarded (CONNECT, absolute-form, oversized bodies)
