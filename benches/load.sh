@@ -8,9 +8,11 @@
 # Everything runs on loopback: the upstream is nginx (its own process, 1 worker) answering
 # a small JSON body; in front of it nginx (2 workers, keep-alive upstream, fixed bearer
 # header), haproxy (2 threads, http-reuse always, fixed bearer header) and tokengate (a
-# real token from the built-in sandbox's login host). wrk drives each, and the upstream
-# directly, in turn. Needs nginx, haproxy and wrk (Debian: nginx-light haproxy wrk); it
-# installs nothing itself.
+# real token from the built-in sandbox's login host, and a client key checked on every
+# call, as in production). wrk drives each, and the upstream directly, in turn. Then each
+# proxy holds 1,000 keep-alive connections under load for a while, and the table reports
+# every process's peak RSS over the whole run. Needs nginx, haproxy and wrk (Debian:
+# nginx-light haproxy wrk); it installs nothing itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 1
 fi
 
+ulimit -n 65536 2>/dev/null || ulimit -n 4096
 cargo build --release --quiet
 work=$(mktemp -d)
 pids=()
@@ -65,7 +68,7 @@ cat > "$work/ng/nginx.conf" <<CONF
 worker_processes 2;
 pid $work/ng/nginx.pid;
 error_log $work/ng/error.log;
-events { worker_connections 4096; }
+events { worker_connections 8192; }
 http {
   access_log off;
   keepalive_requests 1000000;
@@ -89,7 +92,7 @@ nginx_front=$!
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 2
-  maxconn 4096
+  maxconn 20000
 defaults
   mode http
   timeout connect 5s
@@ -113,10 +116,16 @@ pids+=($!)
 for _ in $(seq 100); do grep -q "login host" "$work/demo.out" 2>/dev/null && break; sleep 0.1; done
 login=$(grep -oP 'login host\s+\K\S+' "$work/demo.out")
 ad=$(free_port)
+made=$(./target/release/tokengate key new)
+key=$(awk '/^key:/ {print $2}' <<<"$made")
+key_hash=$(awk '/^key_sha256:/ {print $2}' <<<"$made")
 cat > "$work/proxy.toml" <<CONF
 [server]
 listen = "127.0.0.1:$tg"
 admin_listen = "127.0.0.1:$ad"
+[[client]]
+name = "bench"
+key_sha256 = "$key_hash"
 [[upstream]]
 name = "bench"
 provider = "oauth2"
@@ -129,8 +138,9 @@ TOKENGATE_LOG=warn ./target/release/tokengate run -c "$work/proxy.toml" > "$work
 pids+=($!)
 tokengate_pid=$!
 
+auth="Authorization: Bearer $key"
 for port in $up $ng $hp $tg; do
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/api/v2/users/me" >/dev/null && break; sleep 0.1; done
+  for _ in $(seq 100); do curl -sf -H "$auth" "http://127.0.0.1:$port/api/v2/users/me" >/dev/null && break; sleep 0.1; done
 done
 
 peak_rss_mib() { # the sum of VmHWM over a process and its children, in MiB
@@ -142,15 +152,16 @@ peak_rss_mib() { # the sum of VmHWM over a process and its children, in MiB
   echo "scale=1; $total / 1024" | bc
 }
 
-# wrk's numbers: req/s, p50 and p99 in ms, non-2xx count.
-run_wrk() {
+# wrk's numbers: req/s, p50 and p99 in ms, non-2xx count. Every target gets the same
+# Authorization header (the peers overwrite it; tokengate checks it as a client key).
+run_wrk() { # port [connections] [seconds]
   local out
-  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/api/v2/users/me")
+  out=$(wrk -t"$THREADS" -c"${2:-$CONNECTIONS}" -d"${3:-$DURATION}s" --latency -H "$auth" "http://127.0.0.1:$1/api/v2/users/me")
   local rps p50 p99 errors
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  errors=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  errors=$(awk '/Non-2xx/ {n+=$NF} /Socket errors/ {gsub(",", ""); n+=$4+$6+$8+$10} END {print n+0}' <<<"$out")
   to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms/,"",v); print v } else { sub(/s/,"",v); print v*1000 } }'; }
   echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${errors:-0}"
 }
@@ -165,12 +176,20 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round of $ROUNDS done" >&2
 done
 
+# 1,000 keep-alive connections on each proxy (two threads of wrk), for the RSS column.
+declare -A wide
+for i in 1 2 3; do
+  wide[${names[$i]}]="$(THREADS=2 run_wrk "${ports[$i]}" 1000 5)"
+done
+echo "1,000-connection phase done" >&2
+
 median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 col() { awk -v c="$2" 'NF {print $c}' <<<"$1" | median; }
 
 grants=$(curl -s "http://127.0.0.1:$ad/metrics" | awk '/^tokengate_token_grants_total/ {s+=$NF} END {print s+0}')
 echo
-echo "tokengate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS alternating rounds, medians"
+cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+echo "tokengate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores ($cpu), wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS alternating rounds, medians"
 echo
 printf '| %-10s | %10s | %8s | %8s | %7s | %13s |\n' target "req/s" "p50 ms" "p99 ms" errors "peak RSS MiB"
 printf '|%s|%s|%s|%s|%s|%s|\n' "------------" "------------" "----------" "----------" "---------" "---------------"
@@ -183,6 +202,12 @@ for n in "${names[@]}"; do
   esac
   errs=$(awk 'NF {s+=$4} END {print s+0}' <<<"${results[$n]}")
   printf '| %-10s | %10.0f | %8.2f | %8.2f | %7s | %13s |\n' "$n" "$(col "${results[$n]}" 1)" "$(col "${results[$n]}" 2)" "$(col "${results[$n]}" 3)" "$errs" "$rss"
+done
+echo
+echo "With 1,000 keep-alive connections (wrk -t2 -c1000 -d5s, once each): req/s, p99 ms, errors"
+for n in nginx haproxy tokengate; do
+  read -r rps p50 p99 errs <<<"${wide[$n]}"
+  printf '  %-10s %10.0f %8.2f %7s\n' "$n" "$rps" "$p99" "$errs"
 done
 tg_rps=$(col "${results[tokengate]}" 1); tg_p99=$(col "${results[tokengate]}" 3)
 echo

@@ -112,6 +112,7 @@ struct RawUpstream {
     scope: Option<String>,
     token_params: Option<BTreeMap<String, String>>,
     tokens: Option<u32>,
+    max_connections: Option<usize>,
     issuer: Option<String>,
     access_key_id: Option<String>,
     access_key_secret: Option<String>,
@@ -257,6 +258,9 @@ pub struct UpstreamConfig {
     pub retry_429_max_wait: Duration,
     /// Token pool size: each Genesys token has its own API rate limit.
     pub tokens: u32,
+    /// The most connections open to this upstream at once (the proxy's share of them is
+    /// split evenly over its workers); calls beyond it wait for one, within `timeout`.
+    pub max_connections: usize,
     pub grant: GrantConfig,
 }
 
@@ -677,6 +681,10 @@ impl Cx<'_> {
         if !(1..=32).contains(&tokens) {
             return Err(self.err(&key("tokens"), "must be between 1 and 32"));
         }
+        let max_connections = raw.max_connections.unwrap_or(128);
+        if !(1..=100_000).contains(&max_connections) {
+            return Err(self.err(&key("max_connections"), "must be between 1 and 100000"));
+        }
         // Where tokens and calls go: the provider's defaults, then the overrides.
         let region = match provider {
             Provider::Genesys => {
@@ -839,6 +847,7 @@ impl Cx<'_> {
                 .transpose()?,
             retry_429: raw.retry_429.unwrap_or(0).min(10),
             tokens,
+            max_connections,
             retry_429_max_wait: self.secs(
                 &key("retry_429_max_wait_secs"),
                 raw.retry_429_max_wait_secs,

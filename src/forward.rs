@@ -6,6 +6,7 @@
 //! bytes flow as they come, with hyper's back-pressure.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, HeaderMap, HeaderName, Uri, Version};
@@ -116,7 +117,18 @@ impl Service<ProxyRequest> for Forward {
         headers.remove(header::HOST);
         Box::pin(async move {
             let timeout = upstream.config.timeout;
-            let answer = tokio::time::timeout(timeout, upstream.client().request(req)).await;
+            let (client, permits) = upstream.client();
+            let exchange = async {
+                // A free connection slot first: at the cap, calls queue here rather than
+                // open one more connection (the wait counts against `timeout_secs`).
+                let permit = Arc::clone(permits).acquire_owned().await;
+                let resp = client.request(req).await;
+                (permit, resp)
+            };
+            let (permit, answer) = match tokio::time::timeout(timeout, exchange).await {
+                Ok((permit, answer)) => (permit.ok(), Ok(answer)),
+                Err(elapsed) => (None, Err(elapsed)),
+            };
             let resp = match answer {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {
@@ -133,7 +145,9 @@ impl Service<ProxyRequest> for Forward {
             };
             let (mut head, incoming) = resp.into_parts();
             strip_hop_by_hop(&mut head.headers);
-            Ok(http::Response::from_parts(head, body::boxed(incoming)))
+            // The connection is busy until the body has been read (or dropped).
+            let answer = body::holding(incoming, permit);
+            Ok(http::Response::from_parts(head, answer))
         })
     }
 }

@@ -8,11 +8,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokengate::config::{Config, LogFormat};
 
-/// mimalloc: per-thread caches suit a worker per core, and the profile showed glibc's
-/// malloc and free among the largest costs of a proxied call.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tokengate",

@@ -116,6 +116,8 @@ struct State {
     refresh_tokens: Mutex<HashMap<String, ()>>,
     max_grants_in_flight: AtomicU64,
     api_calls: AtomicU64,
+    api_in_flight: AtomicU64,
+    max_api_in_flight: AtomicU64,
     api_401s: AtomicU64,
     seen: Mutex<Vec<SeenRequest>>,
     /// `/api/v2/sandbox/gate` answers once this is true.
@@ -295,6 +297,11 @@ impl Sandbox {
     /// The most token requests that were ever being answered at the same time.
     pub fn max_grants_in_flight(&self) -> u64 {
         self.state.max_grants_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most API calls the API host was answering at once (until their answer heads).
+    pub fn max_api_in_flight(&self) -> u64 {
+        self.state.max_api_in_flight.load(Ordering::SeqCst)
     }
 
     pub fn api_calls(&self) -> u64 {
@@ -575,7 +582,10 @@ fn unauthorized(code: &str, message: &str) -> Response<ProxyBody> {
 
 async fn api_host(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<ProxyBody> {
     s.api_calls.fetch_add(1, Ordering::SeqCst);
+    let in_flight = s.api_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_api_in_flight.fetch_max(in_flight, Ordering::SeqCst);
     let mut resp = api_answer(o, s, req).await;
+    s.api_in_flight.fetch_sub(1, Ordering::SeqCst);
     if resp.status() == StatusCode::UNAUTHORIZED {
         s.api_401s.fetch_add(1, Ordering::SeqCst);
     }

@@ -17,6 +17,7 @@ use http::HeaderMap;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::Semaphore;
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
@@ -31,8 +32,10 @@ pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
     /// The pool: one source per token (one, unless `tokens = N`).
     pub tokens: Vec<Arc<TokenSource>>,
-    /// One connection pool per worker, so a call never waits on another thread's pool.
-    clients: Vec<UpstreamClient>,
+    /// One connection pool per worker, so a call never waits on another thread's pool,
+    /// each with its share of `max_connections`: a call takes a permit before it is sent
+    /// and its answer's body gives it back when it ends.
+    clients: Vec<(UpstreamClient, Arc<Semaphore>)>,
     /// Request counters and latency, resolved once.
     pub metrics: UpstreamMetrics,
     next: AtomicUsize,
@@ -50,8 +53,15 @@ impl Upstream {
         workers: usize,
         metrics: UpstreamMetrics,
     ) -> Upstream {
-        let clients = (0..workers.max(1))
-            .map(|_| upstream_client(config.connect_timeout))
+        let workers = workers.max(1);
+        let share = config.max_connections.div_ceil(workers).max(1);
+        let clients = (0..workers)
+            .map(|_| {
+                (
+                    upstream_client(config.connect_timeout),
+                    Arc::new(Semaphore::new(share)),
+                )
+            })
             .collect();
         let spent_until = tokens.iter().map(|_| AtomicU64::new(0)).collect();
         Upstream {
@@ -65,8 +75,8 @@ impl Upstream {
         }
     }
 
-    /// The connection pool of the worker running this call.
-    pub fn client(&self) -> &UpstreamClient {
+    /// The connection pool of the worker running this call, and its connection permits.
+    pub fn client(&self) -> &(UpstreamClient, Arc<Semaphore>) {
         &self.clients[crate::workers::current() % self.clients.len()]
     }
 

@@ -221,3 +221,30 @@ async fn one_token_alone_hits_the_limit_the_pool_avoids() {
     let throttled = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!(throttled, 40, "{statuses:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_caps_the_calls_in_flight_upstream_and_the_rest_wait_their_turn() {
+    let sandbox = sandbox().await;
+    let config = standard_config(&sandbox, "workers = 1").replace(
+        "client_secret = \"${SANDBOX_SECRET}\"",
+        "client_secret = \"${SANDBOX_SECRET}\"\nmax_connections = 2",
+    );
+    let proxy = Proxy::start(&config);
+    // Six calls wait at a gate on the API host; only two may be there at once.
+    let calls =
+        futures_util::future::join_all((0..6).map(|_| call(&proxy, "/api/v2/sandbox/gate")));
+    let mut calls = Box::pin(calls);
+    let two_there = tokio::select! {
+        _ = &mut calls => panic!("the calls finished before the gate opened"),
+        r = wait_for(Duration::from_secs(30), || (sandbox.api_calls() >= 2).then_some(())) => r,
+    };
+    assert!(two_there.is_some(), "two calls reach the API host");
+    sandbox.open_gate();
+    let statuses: Vec<u16> = calls.await.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(statuses, [200; 6], "the waiting calls are served in turn");
+    assert_eq!(
+        sandbox.max_api_in_flight(),
+        2,
+        "never more than max_connections at once"
+    );
+}
