@@ -30,7 +30,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 1
 fi
 
-ulimit -n 65536 2>/dev/null || ulimit -n 4096
+# 1,000 connections to each proxy, and as many onwards: raise the file limit to the hard one.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build --release --quiet
 work=$(mktemp -d)
 pids=()
@@ -92,7 +93,7 @@ nginx_front=$!
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 2
-  maxconn 20000
+  maxconn 4000
 defaults
   mode http
   timeout connect 5s
