@@ -70,7 +70,12 @@ impl Admin {
                 resp
             }
             "/" => {
-                let doc = status_json(self.proxy_addr, &now.upstreams, &now.board);
+                let doc = status_json(
+                    self.proxy_addr,
+                    &now.upstreams,
+                    &now.board,
+                    now.shared.as_deref(),
+                );
                 text(
                     StatusCode::OK,
                     "text/html; charset=utf-8",
@@ -78,7 +83,12 @@ impl Admin {
                 )
             }
             "/status.json" => {
-                let doc = status_json(self.proxy_addr, &now.upstreams, &now.board);
+                let doc = status_json(
+                    self.proxy_addr,
+                    &now.upstreams,
+                    &now.board,
+                    now.shared.as_deref(),
+                );
                 text(StatusCode::OK, "application/json", doc.to_string())
             }
             "/metrics" => text(

@@ -24,6 +24,7 @@ use crate::layers::BoxFuture;
 use crate::metrics::Metrics;
 use crate::session::Sessions;
 use crate::status::StatusBoard;
+use crate::token::shared::SharedCache;
 use crate::token::{TokenCache, TokenSource};
 use crate::upstream::Upstream;
 
@@ -35,6 +36,8 @@ pub struct Generation {
     pub upstreams: Arc<[Arc<Upstream>]>,
     pub board: Arc<StatusBoard>,
     pub service: ProxyService,
+    /// The fleet's token cache, when `[cache]` is configured.
+    pub shared: Option<Arc<SharedCache>>,
 }
 
 impl Generation {
@@ -78,7 +81,7 @@ impl Builder {
 
     pub fn build(&self, config: Config) -> Generation {
         // The config checked the URL, so this fails only in ways it could not foresee.
-        if let Err(why) = self.tokens.use_shared(config.cache.as_ref()) {
+        if let Err(why) = self.tokens.use_shared(config.cache.as_ref(), &self.metrics) {
             tracing::error!(error = %why, "cannot use the shared token cache; tokens stay in memory");
         }
         let upstreams: Arc<[Arc<Upstream>]> = config
@@ -112,6 +115,7 @@ impl Builder {
             upstreams,
             board,
             service,
+            shared: self.tokens.shared(),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -32,6 +33,11 @@ struct RetryLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RedisLabels {
+    redis: String,
+}
+
 type HistogramFamily = Family<UpstreamLabels, Histogram, fn() -> Histogram>;
 
 /// All of the proxy's metrics. Cheap to clone; every clone records into the same registry.
@@ -46,6 +52,7 @@ struct Inner {
     duration: HistogramFamily,
     grants: Family<GrantLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
+    shared_cache_up: Family<RedisLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -68,6 +75,7 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 18)));
         let grants = Family::<GrantLabels, Counter>::default();
         let retries = Family::<RetryLabels, Counter>::default();
+        let shared_cache_up = Family::<RedisLabels, Gauge>::default();
         registry.register(
             "tokengate_requests",
             "Requests answered, by upstream and status (upstream is empty before routing)",
@@ -88,6 +96,11 @@ impl Metrics {
             "Requests sent to the upstream a second time, by reason",
             retries.clone(),
         );
+        registry.register(
+            "tokengate_shared_cache_up",
+            "1 while the shared token cache in Redis answers, 0 while this replica works without it",
+            shared_cache_up.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -95,6 +108,7 @@ impl Metrics {
                 duration,
                 grants,
                 retries,
+                shared_cache_up,
             }),
         }
     }
@@ -150,6 +164,16 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// The gauge that says whether the shared cache at `redis` (host:port) answers.
+    pub fn shared_cache_up(&self, redis: &str) -> Gauge {
+        self.inner
+            .shared_cache_up
+            .get_or_create(&RedisLabels {
+                redis: redis.to_string(),
+            })
+            .clone()
     }
 
     /// The Prometheus text exposition.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::config::Config;
+use crate::token::shared::SharedCache;
 use crate::upstream::Upstream;
 
 /// How often the page reloads itself.
@@ -162,6 +163,7 @@ pub fn status_json(
     listen: std::net::SocketAddr,
     upstreams: &[Arc<Upstream>],
     board: &StatusBoard,
+    shared: Option<&SharedCache>,
 ) -> Value {
     let second = board.started.elapsed().as_secs();
     let upstream_docs: Vec<Value> = upstreams
@@ -231,6 +233,15 @@ pub fn status_json(
         "listen": listen.to_string(),
         "upstreams": upstream_docs,
         "clients": client_docs,
+        "shared_cache": shared.map(|c| {
+            let (taken, stored) = c.counts();
+            json!({
+                "redis": c.config().redis_target,
+                "state": if c.is_up() { "ok" } else { "unavailable" },
+                "tokens_taken": taken,
+                "tokens_stored": stored,
+            })
+        }),
     })
 }
 
@@ -326,6 +337,17 @@ pub fn status_html(doc: &Value) -> String {
     if failures.is_empty() {
         failures.push_str("<li>none</li>");
     }
+    let shared = match doc["shared_cache"].as_object() {
+        None => String::new(),
+        Some(c) => format!(
+            "<p id=\"shared-cache\">tokens shared through Redis at {redis}: <span class=\"badge {badge}\">{state}</span> · {taken} taken from the fleet, {stored} stored for it</p>",
+            redis = esc(&text(&c["redis"])),
+            badge = if c["state"] == "ok" { "valid" } else { "failing" },
+            state = esc(&text(&c["state"])),
+            taken = text(&c["tokens_taken"]),
+            stored = text(&c["tokens_stored"]),
+        ),
+    };
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -348,7 +370,8 @@ code{{background:#eef1f4;padding:0 .25rem;border-radius:.2rem}}
 </style></head>
 <body>
 <header><h1>tokengate</h1>
-<p>version {version} · listening on {listen} · up {uptime} · this page reloads every {REFRESH_SECS} s · <a href="status.json">status.json</a> · <a href="metrics">metrics</a></p></header>
+<p>version {version} · listening on {listen} · up {uptime} · this page reloads every {REFRESH_SECS} s · <a href="status.json">status.json</a> · <a href="metrics">metrics</a></p>
+{shared}</header>
 <h2>Upstreams</h2>
 <table id="upstreams"><thead><tr><th>upstream</th><th>provider</th><th>region / host</th><th>token</th><th>expires in</th><th>token age</th><th>pool</th><th>grants ok / failed</th><th>last minute: requests / errors</th><th>401 retries</th><th>429s</th></tr></thead>
 <tbody>

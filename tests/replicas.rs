@@ -65,6 +65,30 @@ async fn three_replicas_sharing_one_redis_serve_three_hundred_calls_with_one_gra
         assert_eq!(served, 100.0, "each replica served its share");
     }
 
+    // The status document and the metrics show the shared cache; two replicas took the
+    // token the third stored.
+    let mut taken = 0;
+    let mut stored = 0;
+    for proxy in &fleet {
+        let doc: serde_json::Value =
+            serde_json::from_str(&admin_text(proxy, "/status.json").await).unwrap();
+        let cache = &doc["shared_cache"];
+        assert_eq!(cache["state"], "ok", "{doc}");
+        assert_eq!(cache["redis"], format!("127.0.0.1:{}", redis.port));
+        taken += cache["tokens_taken"].as_u64().unwrap();
+        stored += cache["tokens_stored"].as_u64().unwrap();
+        let metrics = admin_text(proxy, "/metrics").await;
+        assert_eq!(metric(&metrics, "tokengate_shared_cache_up", &[]), 1.0);
+        let page = admin_text(proxy, "/").await;
+        assert!(page.contains("id=\"shared-cache\""), "{page}");
+        assert!(!page.contains(&redis.password) && !doc.to_string().contains(&redis.password));
+    }
+    assert_eq!(
+        (taken, stored),
+        (2, 1),
+        "one replica minted and stored, two took"
+    );
+
     // What Redis holds opens with the fleet's key only: no token, secret or id in clear.
     let stored = redis.dump();
     assert!(
@@ -202,8 +226,27 @@ async fn redis_outage_mid_load_fails_no_call(stop_signal: Option<&str>) {
                     .success());
             }
         }
-        // Each replica now renews on its own: several lifetimes pass without Redis.
+        // Each replica now renews on its own: several lifetimes pass without Redis, and
+        // each one's metrics say so.
         grants_reach(&sandbox, before + 6).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut down = 0;
+            for p in &fleet {
+                let metrics = admin_text(p, "/metrics").await;
+                if metric(&metrics, "tokengate_shared_cache_up", &[]) == 0.0 {
+                    down += 1;
+                }
+            }
+            if down == fleet.len() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gauge did not drop"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         match stop_signal {
             None => assert!(redis.spawn(), "redis restarts on its port"),
             Some(_) => {

@@ -160,18 +160,27 @@ pub struct TokenCache {
 impl TokenCache {
     /// Uses the fleet's cache `config` describes from now on (`None`: memory only). A
     /// reload that names the same Redis the same way keeps the connection.
-    pub fn use_shared(&self, config: Option<&CacheConfig>) -> Result<(), String> {
+    pub fn use_shared(
+        &self,
+        config: Option<&CacheConfig>,
+        metrics: &Metrics,
+    ) -> Result<(), String> {
         let current = self.shared.load_full();
         let next = match (config, current) {
             (None, _) => None,
             (Some(c), Some(cur)) if cur.config().same_as(c) => return Ok(()),
             (Some(c), _) => {
                 tracing::info!(redis = %c.redis_target, "replicas share tokens through Redis");
-                Some(Arc::new(SharedCache::new(c)?))
+                Some(Arc::new(SharedCache::new(c, metrics)?))
             }
         };
         self.shared.store(next);
         Ok(())
+    }
+
+    /// The fleet's cache in use, if any (for the status page).
+    pub fn shared(&self) -> Option<Arc<SharedCache>> {
+        self.shared.load_full()
     }
 
     /// The `index`th token source of the pool for `grant`, made on first use; `upstream`
@@ -557,6 +566,7 @@ impl TokenSource {
                 Err(_) => return FleetAnswer::Alone,
                 Ok(found) => {
                     if let Some(t) = found.and_then(|f| self.adopt(f, want, rejected)) {
+                        shared.count_taken();
                         return FleetAnswer::Token(t);
                     }
                 }
@@ -569,6 +579,7 @@ impl TokenSource {
                     if let Ok(Some(found)) = shared.get(&creds, fleet.index).await {
                         if let Some(t) = self.adopt(found, want, rejected) {
                             shared.release(lock).await;
+                            shared.count_taken();
                             return FleetAnswer::Token(t);
                         }
                     }

@@ -19,7 +19,7 @@
 //!
 //! [`GrantConfig::cache_key`]: crate::config::GrantConfig::cache_key
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +33,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::config::CacheConfig;
+use crate::metrics::Metrics;
 
 /// Stored values start with this, so a future format can be told apart.
 const FORMAT: &[u8] = b"tg1";
@@ -81,6 +82,11 @@ pub struct SharedCache {
     cool_off_until: Mutex<Option<Instant>>,
     /// Set while an outage has been logged, so it is logged once, and the return once.
     down: AtomicBool,
+    /// `tokengate_shared_cache_up`.
+    up: prometheus_client::metrics::gauge::Gauge,
+    /// Tokens this replica took from the fleet, and stored for it.
+    taken: AtomicU64,
+    stored: AtomicU64,
 }
 
 impl std::fmt::Debug for SharedCache {
@@ -94,7 +100,7 @@ impl std::fmt::Debug for SharedCache {
 impl SharedCache {
     /// Connects lazily: a Redis that is down at start is an outage like any other. Call
     /// within the tokio runtime (the connection manager spawns its task there).
-    pub fn new(config: &CacheConfig) -> Result<SharedCache, String> {
+    pub fn new(config: &CacheConfig, metrics: &Metrics) -> Result<SharedCache, String> {
         let client = redis::Client::open(config.redis_url.expose_secret())
             .map_err(|e| format!("cache.redis_url: {}", e.category()))?;
         let manager_config = ConnectionManagerConfig::new()
@@ -105,7 +111,12 @@ impl SharedCache {
         let redis = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|e| format!("cache.redis_url: {}", e.category()))?;
         let cipher = XChaCha20Poly1305::new(config.encryption_key.expose_secret().into());
+        let up = metrics.shared_cache_up(&config.redis_target);
+        up.set(1);
         Ok(SharedCache {
+            up,
+            taken: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
             config: config.clone(),
             redis,
             cipher,
@@ -123,6 +134,24 @@ impl SharedCache {
 
     pub fn lease(&self) -> Duration {
         self.lease
+    }
+
+    /// Whether the last command reached Redis.
+    pub fn is_up(&self) -> bool {
+        !self.down.load(Ordering::Acquire)
+    }
+
+    /// Counts a token taken from the fleet instead of minted.
+    pub fn count_taken(&self) {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tokens taken from the fleet and stored for it by this replica.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.taken.load(Ordering::Relaxed),
+            self.stored.load(Ordering::Relaxed),
+        )
     }
 
     /// The part of every key that names a set of credentials: a hash, so Redis never
@@ -178,7 +207,9 @@ impl SharedCache {
                 .arg(ttl_ms)
                 .query_async::<()>(&mut redis),
         )
-        .await
+        .await?;
+        self.stored.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Takes the fleet lock for these credentials if nobody holds it.
@@ -239,12 +270,14 @@ impl SharedCache {
         };
         match outcome {
             Ok(value) => {
+                self.up.set(1);
                 if self.down.swap(false, Ordering::AcqRel) {
                     tracing::info!(redis = %self.config.redis_target, "shared token cache reachable again; replicas share tokens again");
                 }
                 Ok(value)
             }
             Err(why) => {
+                self.up.set(0);
                 *self
                     .cool_off_until
                     .lock()
@@ -339,7 +372,7 @@ mod tests {
             hex::encode([key_byte; 32])
         );
         let config = crate::config::Config::from_toml(&toml, "t.toml".as_ref(), &|_| None).unwrap();
-        SharedCache::new(config.cache.as_ref().unwrap()).unwrap()
+        SharedCache::new(config.cache.as_ref().unwrap(), &Metrics::new()).unwrap()
     }
 
     fn token() -> SharedToken {
