@@ -224,10 +224,37 @@ async fn check(cli: &Cli, json: bool) -> ExitCode {
             );
         }
     }
+    // The shared cache does not decide the exit code (serving never depends on it), but an
+    // operator running check wants to know whether the fleet can share its tokens.
+    if let (Some(cache), false) = (&config.cache, json) {
+        println!("{}", check_shared_cache(cache).await);
+    }
     if results.iter().all(|d| d.ok) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+async fn check_shared_cache(cache: &tokengate::config::CacheConfig) -> String {
+    let target = &cache.redis_target;
+    let shared = match tokengate::token::shared::SharedCache::new(
+        cache,
+        &tokengate::metrics::Metrics::new(),
+    ) {
+        Ok(s) => s,
+        Err(e) => return format!("FAIL  shared cache {target}: {e}"),
+    };
+    match shared.probe().await {
+        Err(why) => format!(
+            "FAIL  shared cache {target}: unreachable: {why}; replicas will mint their own tokens until it answers"
+        ),
+        Ok((_, closed)) if closed > 0 => format!(
+            "FAIL  shared cache {target}: {closed} stored token(s) do not open with this cache.encryption_key; give every replica the same key"
+        ),
+        Ok((opened, _)) => format!(
+            "ok    shared cache {target}: reachable; {opened} shared token(s), all open with this cache.encryption_key"
+        ),
     }
 }
 

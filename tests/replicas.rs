@@ -364,3 +364,45 @@ fn the_readme_replica_example_is_a_valid_config() {
     assert_eq!(cache.redis_target, "127.0.0.1:6379");
     assert_eq!(config.upstreams[0].tokens, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_says_whether_the_fleet_can_share_tokens() {
+    let sandbox = sandbox().await;
+    let mut redis = RedisServer::start();
+    let config = fleet_config(&sandbox, &redis, "");
+    let proxy = start_fleet(&config, 1).pop().unwrap();
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    let (_dir, path) = write_config(&config);
+    let password = redis.password.clone();
+    let check = |cache_key: &str| {
+        let out = binary()
+            .args(["check", "-c"])
+            .arg(&path)
+            .env("SANDBOX_SECRET", CLIENT_SECRET)
+            .env("TOKENGATE_CACHE_KEY", cache_key)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!text.contains(&password), "{text}");
+        (out.status.code(), text)
+    };
+    let (code, text) = check(CACHE_KEY_B64);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("ok    shared cache 127.0.0.1:"), "{text}");
+    assert!(text.contains("1 shared token(s), all open"), "{text}");
+    // Another replica with another key would not be able to use the fleet's tokens.
+    let other_key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let (code, text) = check(other_key);
+    assert_eq!(code, Some(0), "the grant itself is fine: {text}");
+    assert!(
+        text.contains("do not open with this cache.encryption_key"),
+        "{text}"
+    );
+    redis.kill();
+    let (_, text) = check(CACHE_KEY_B64);
+    assert!(
+        text.contains("FAIL  shared cache") && text.contains("unreachable"),
+        "{text}"
+    );
+}

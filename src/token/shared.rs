@@ -245,6 +245,53 @@ impl SharedCache {
         let _ = self.run(call.invoke_async::<i64>(&mut redis)).await;
     }
 
+    /// For `tokengate check`: reach Redis, and try every shared token stored under this
+    /// prefix with this replica's key. `(tokens that open, tokens that do not)`, or why
+    /// Redis could not be used.
+    pub async fn probe(&self) -> Result<(usize, usize), String> {
+        let work = async {
+            let mut redis = self.redis.clone();
+            redis::cmd("PING").query_async::<String>(&mut redis).await?;
+            let pattern = format!("{}:token:*", self.config.key_prefix);
+            let (mut opened, mut closed) = (0, 0);
+            let mut cursor: u64 = 0;
+            // Bounded: a fleet has a handful of tokens; a stranger's keyspace is not ours
+            // to walk.
+            for _ in 0..100 {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(100)
+                    .query_async(&mut redis)
+                    .await?;
+                for key in keys {
+                    let value: Option<Vec<u8>> =
+                        redis::cmd("GET").arg(&key).query_async(&mut redis).await?;
+                    match value.map(|v| self.unseal(&key, &v).is_some()) {
+                        Some(true) => opened += 1,
+                        Some(false) => closed += 1,
+                        None => {}
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            Ok::<_, redis::RedisError>((opened, closed))
+        };
+        match tokio::time::timeout(self.config.timeout * 10, work).await {
+            Ok(Ok(counts)) => Ok(counts),
+            Ok(Err(e)) => Err(format!("{} ({:?})", e.category(), e.kind())),
+            Err(_) => Err(format!(
+                "no answer within {} ms",
+                (self.config.timeout * 10).as_millis()
+            )),
+        }
+    }
+
     /// Runs one command with the timeout and the cool-off; logs an outage once.
     async fn run<T>(
         &self,
@@ -329,29 +376,29 @@ impl SharedCache {
         out
     }
 
-    /// `None` for anything that does not open: another key, another fleet, tampering.
-    fn open(&self, key: &str, value: &[u8]) -> Option<SharedToken> {
+    /// The plaintext of a stored value; `None` for anything that does not open: another
+    /// key, another fleet, tampering, a value of another format.
+    fn unseal(&self, key: &str, value: &[u8]) -> Option<Vec<u8>> {
         let rest = value.strip_prefix(FORMAT)?;
         if rest.len() < NONCE_LEN {
             return None;
         }
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        let plain = self
-            .cipher
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: key.as_bytes(),
-                },
-            )
-            .map_err(|_| {
-                tracing::warn!(
-                    redis = %self.config.redis_target,
-                    "a shared token did not open with this replica's cache.encryption_key; ignoring it (do all replicas use the same key?)"
-                )
-            })
-            .ok()?;
+        let payload = Payload {
+            msg: sealed,
+            aad: key.as_bytes(),
+        };
+        self.cipher.decrypt(XNonce::from_slice(nonce), payload).ok()
+    }
+
+    fn open(&self, key: &str, value: &[u8]) -> Option<SharedToken> {
+        let Some(plain) = self.unseal(key, value) else {
+            tracing::warn!(
+                redis = %self.config.redis_target,
+                "a shared token did not open with this replica's cache.encryption_key; ignoring it (do all replicas use the same key?)"
+            );
+            return None;
+        };
         let sealed: Sealed = serde_json::from_slice(&plain).ok()?;
         Some(SharedToken {
             access_token: SecretString::from(sealed.t),
