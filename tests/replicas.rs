@@ -15,9 +15,8 @@ const CACHE_KEY_B64: &str = "q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=";
 
 fn fleet_config(sandbox: &Sandbox, redis: &RedisServer, upstream_extra: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}{upstream_extra}{}\n[cache]\nredis_url = \"{}\"\nencryption_key = \"${{TOKENGATE_CACHE_KEY}}\"\ntimeout_ms = 300\n",
-        upstream_toml(sandbox, "genesys", "/"),
-        client_toml("reporting-job", ""),
+        "{}\n[cache]\nredis_url = \"{}\"\nencryption_key = \"${{TOKENGATE_CACHE_KEY}}\"\ntimeout_ms = 300\n",
+        config_with(sandbox, "", upstream_extra),
         redis.url()
     )
 }

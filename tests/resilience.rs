@@ -68,10 +68,7 @@ async fn a_429_goes_back_with_retry_after_unless_retries_are_on() {
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers().get("retry-after").unwrap(), "1");
 
-    let retrying = standard_config(&sandbox, "").replace(
-        "client_secret = \"${SANDBOX_SECRET}\"",
-        "client_secret = \"${SANDBOX_SECRET}\"\nretry_429 = 2",
-    );
+    let retrying = config_with(&sandbox, "", "retry_429 = 2");
     let proxy = Proxy::start(&retrying);
     sandbox.throttle_next(1);
     let r = call(&proxy, "/api/v2/users/me").await;
@@ -181,9 +178,10 @@ async fn pool_run(tokens: u32) -> (Sandbox, Vec<u16>) {
     })
     .await
     .unwrap();
-    let config = standard_config(&sandbox, "prefetch_tokens = false").replace(
-        "client_secret = \"${SANDBOX_SECRET}\"",
-        &format!("client_secret = \"${{SANDBOX_SECRET}}\"\ntokens = {tokens}"),
+    let config = config_with(
+        &sandbox,
+        "prefetch_tokens = false",
+        &format!("tokens = {tokens}"),
     );
     let proxy = Proxy::start(&config);
     let c = client();
@@ -225,10 +223,7 @@ async fn one_token_alone_hits_the_limit_the_pool_avoids() {
 #[tokio::test(flavor = "multi_thread")]
 async fn max_connections_caps_the_calls_in_flight_upstream_and_the_rest_wait_their_turn() {
     let sandbox = sandbox().await;
-    let config = standard_config(&sandbox, "workers = 1").replace(
-        "client_secret = \"${SANDBOX_SECRET}\"",
-        "client_secret = \"${SANDBOX_SECRET}\"\nmax_connections = 2",
-    );
+    let config = config_with(&sandbox, "workers = 1", "max_connections = 2");
     let proxy = Proxy::start(&config);
     // Six calls wait at a gate on the API host; only two may be there at once.
     let calls =

@@ -59,8 +59,13 @@ pub fn client_toml(name: &str, extra: &str) -> String {
 
 /// The usual config: one client, the sandbox at `/`, an admin listener.
 pub fn standard_config(sandbox: &Sandbox, server_extra: &str) -> String {
+    config_with(sandbox, server_extra, "")
+}
+
+/// The usual config with lines added to `[server]` and to the upstream.
+pub fn config_with(sandbox: &Sandbox, server_extra: &str, upstream_extra: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n{}{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n{}{upstream_extra}\n{}",
         upstream_toml(sandbox, "genesys", "/"),
         client_toml("reporting-job", "")
     )
