@@ -230,3 +230,29 @@ async fn a_run_with_known_secrets_logs_none_of_them() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_proxy_on_a_port_in_use_exits_1_instead_of_sharing_it() {
+    let sandbox = sandbox().await;
+    let first = Proxy::start(&standard_config(&sandbox, ""));
+    let taken = standard_config(&sandbox, "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", first.addr),
+        1,
+    );
+    let (_dir, path) = write_config(&taken);
+    let out = binary()
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("SANDBOX_SECRET", CLIENT_SECRET)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot listen on") && err.contains(&first.addr),
+        "{err}"
+    );
+    // The first one still serves.
+    assert_eq!(get_with_key(&first, "/api/v2/users/me").await.status(), 200);
+}
