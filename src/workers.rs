@@ -111,6 +111,29 @@ fn kernel_hex_ip(hex: &str) -> Option<std::net::IpAddr> {
     }
 }
 
+/// Runs `serve` on a new thread with its own current-thread runtime; the thread is worker
+/// `index`. The returned receiver completes when `serve` has returned.
+pub fn spawn<F, Fut>(index: usize, serve: F) -> std::io::Result<tokio::sync::oneshot::Receiver<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("tokengate-worker-{index}"))
+        .spawn(move || {
+            set_current(index);
+            runtime.block_on(serve());
+            // Tasks still running (a background token refresh) end with the runtime.
+            drop(runtime);
+            let _ = done.send(());
+        })?;
+    Ok(finished)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,27 +162,4 @@ mod tests {
             Some("::1".parse().unwrap())
         );
     }
-}
-
-/// Runs `serve` on a new thread with its own current-thread runtime; the thread is worker
-/// `index`. The returned receiver completes when `serve` has returned.
-pub fn spawn<F, Fut>(index: usize, serve: F) -> std::io::Result<tokio::sync::oneshot::Receiver<()>>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (done, finished) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("tokengate-worker-{index}"))
-        .spawn(move || {
-            set_current(index);
-            runtime.block_on(serve());
-            // Tasks still running (a background token refresh) end with the runtime.
-            drop(runtime);
-            let _ = done.send(());
-        })?;
-    Ok(finished)
 }
