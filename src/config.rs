@@ -1,7 +1,7 @@
 //! Configuration: `proxy.toml` as written by an operator, turned into typed values.
 //!
 //! Two steps, so that nothing downstream ever re-checks a string:
-//! 1. [`RawConfig`] mirrors the file. `deny_unknown_fields` everywhere: a typo in a key must
+//! 1. `RawConfig` mirrors the file. `deny_unknown_fields` everywhere: a typo in a key must
 //!    be an error, never a silently different behaviour.
 //! 2. [`Config::from_toml`] resolves `${VAR}` references, reads secret files, looks up
 //!    provider endpoints and validates everything, naming the offending key in each error.

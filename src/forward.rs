@@ -1,6 +1,6 @@
 //! The innermost service: send the request to its upstream and stream the answer back.
 //!
-//! The request goes to [`Route::target`], over the upstream's pooled hyper-util client
+//! The request goes to its [`Route`]'s upstream, over the worker's pooled hyper-util client
 //! (rustls; HTTP/1.1 or HTTP/2 by ALPN). Hop-by-hop headers (RFC 9110 §7.6.1) are removed
 //! both ways, `Host` is set by the client from the target, and neither body is buffered:
 //! bytes flow as they come, with hyper's back-pressure.

@@ -7,6 +7,10 @@
 //! its own rate limit — never sees a burst. Failed grants back off exponentially, with
 //! jitter; while a usable token exists nobody waits for a grant at all.
 //!
+//! With `[cache]`, a source that needs a token asks the fleet first ([`shared`]): another
+//! replica's token from Redis, or the fleet's lock and then a grant of its own, stored for
+//! the others. Redis is never on the hot path, and never a reason for a request to fail.
+//!
 //! A token's life, for `expires_in = L`:
 //! - usable until `L - min(L/10, 60 s)`: a margin for clock skew and time in flight;
 //! - refreshed in the background from `min(L/4, 5 min)` before that.
