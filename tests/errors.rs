@@ -21,6 +21,12 @@ async fn error_of(resp: reqwest::Response) -> (u16, serde_json::Value) {
     (status, resp.json().await.unwrap())
 }
 
+/// The answer is the contract's JSON error with this status and code.
+async fn expect_error(resp: reqwest::Response, status: u16, code: &str) {
+    let (got, body) = error_of(resp).await;
+    assert_eq!((got, body["error"].as_str()), (status, Some(code)));
+}
+
 fn key() -> String {
     format!("Bearer {CLIENT_KEY}")
 }
@@ -35,22 +41,14 @@ async fn missing_or_wrong_client_key_is_401_unauthorized() {
         resp.headers().get("www-authenticate").unwrap(),
         "Bearer realm=\"tokengate\""
     );
-    let (status, body) = error_of(resp).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (401, Some("unauthorized"))
-    );
+    expect_error(resp, 401, "unauthorized").await;
     let resp = c
         .get(proxy.url("/api/v2/users/me"))
         .header("Authorization", "Bearer not-the-key")
         .send()
         .await
         .unwrap();
-    let (status, body) = error_of(resp).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (401, Some("unauthorized"))
-    );
+    expect_error(resp, 401, "unauthorized").await;
     assert!(sandbox.seen().is_empty(), "nothing was forwarded");
     // The key also works as X-Api-Key.
     let resp = c
@@ -106,8 +104,7 @@ allow = ["GET /api/v2/analytics/**", "POST /api/v2/analytics/conversations/detai
         .send()
         .await
         .unwrap();
-    let (status, body) = error_of(resp).await;
-    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+    expect_error(resp, 403, "forbidden").await;
     assert_eq!(
         sandbox.seen().len(),
         1,
@@ -160,11 +157,7 @@ async fn a_body_over_the_limit_is_413_body_too_large() {
         .send()
         .await
         .unwrap();
-    let (status, body) = error_of(resp).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (413, Some("body_too_large"))
-    );
+    expect_error(resp, 413, "body_too_large").await;
     // Streamed without a length, crossing the limit on the way.
     let chunks =
         futures_util::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(vec![b'b'; 400])));
@@ -175,11 +168,7 @@ async fn a_body_over_the_limit_is_413_body_too_large() {
         .send()
         .await
         .unwrap();
-    let (status, body) = error_of(resp).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (413, Some("body_too_large"))
-    );
+    expect_error(resp, 413, "body_too_large").await;
     assert!(sandbox.seen().is_empty());
     // Under the limit passes.
     let resp = c
@@ -226,28 +215,18 @@ async fn refused_credentials_are_502_token_grant_failed_with_the_grant_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_upstream_is_502_upstream_unreachable() {
     let sandbox = sandbox().await;
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let closed = closed_addr();
     let config =
         standard_config(&sandbox, "").replace(&sandbox.api_url(), &format!("http://{closed}"));
     let proxy = Proxy::start(&config);
     let resp = get_with_key(&proxy, "/api/v2/users/me").await;
-    let (status, body) = error_of(resp).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (502, Some("upstream_unreachable"))
-    );
+    expect_error(resp, 502, "upstream_unreachable").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_token_endpoint_is_503_token_unavailable_with_retry_after() {
     let sandbox = sandbox().await;
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let closed = closed_addr();
     let config = standard_config(&sandbox, "").replace(
         &sandbox.token_url(),
         &format!("http://{closed}/oauth/token"),
@@ -264,11 +243,7 @@ async fn an_unreachable_token_endpoint_is_503_token_unavailable_with_retry_after
             .parse()
             .unwrap();
         assert!((1..=120).contains(&retry_after));
-        let (status, body) = error_of(resp).await;
-        assert_eq!(
-            (status, body["error"].as_str()),
-            (503, Some("token_unavailable"))
-        );
+        expect_error(resp, 503, "token_unavailable").await;
     }
     assert_eq!(sandbox.api_calls(), 0);
 }
@@ -279,11 +254,7 @@ async fn an_upstream_that_does_not_answer_is_504_upstream_timeout() {
     let config = config_with(&sandbox, "", "timeout_secs = 0.5");
     let proxy = Proxy::start(&config);
     let resp = get_with_key(&proxy, "/api/v2/sandbox/hang").await;
-    let (status, body) = error_of(resp).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (504, Some("upstream_timeout"))
-    );
+    expect_error(resp, 504, "upstream_timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -298,11 +269,7 @@ async fn request_timeout_bounds_the_whole_call_head_and_body() {
     let resp = tokio::time::timeout(bounded, get_with_key(&proxy, "/api/v2/sandbox/hang"))
         .await
         .expect("the proxy answered");
-    let (status, body) = error_of(resp).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (504, Some("upstream_timeout"))
-    );
+    expect_error(resp, 504, "upstream_timeout").await;
     // A head, then a body that stalls: the answer is cut off, never left hanging and
     // never made to look complete.
     let resp = get_with_key(&proxy, "/api/v2/sandbox/stall").await;
