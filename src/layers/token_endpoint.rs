@@ -75,12 +75,8 @@ pub struct TokenEndpoint<S> {
     lifetime: Duration,
 }
 
-fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> ProxyResponse {
-    let body = serde_json::json!({
-        "error": error,
-        "error_description": description,
-        "message": description,
-    });
+/// A JSON answer that no cache may keep (RFC 6749 §5.1: token answers carry secrets).
+fn no_store_json(status: StatusCode, body: &serde_json::Value) -> ProxyResponse {
     let mut resp = Response::new(body::full(body.to_string()));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -89,6 +85,17 @@ fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> Pr
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> ProxyResponse {
+    let body = serde_json::json!({
+        "error": error,
+        "error_description": description,
+        "message": description,
+    });
+    let mut resp = no_store_json(status, &body);
+    let h = resp.headers_mut();
     if status == StatusCode::UNAUTHORIZED {
         h.insert(
             header::WWW_AUTHENTICATE,
@@ -177,14 +184,9 @@ async fn answer(
         "token_type": "bearer",
         "expires_in": lifetime.as_secs(),
     });
-    let mut resp = Response::new(body::full(body.to_string()));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    let mut resp = no_store_json(StatusCode::OK, &body);
+    resp.headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     tracing::info!(
         client = client.as_ref().map_or("anonymous", |c| &c.name),
         "session token issued"
