@@ -62,12 +62,7 @@ fn start(config: &str) -> Proxy {
 async fn discovery_grant_and_an_api_call_through_the_proxy() {
     let sandbox = cxone_sandbox(Duration::from_secs(3600)).await;
     let proxy = start(&cxone_config(&sandbox, ""));
-    let resp = client()
-        .get(proxy.url("/cxone/inContactAPI/services/v30.0/agents?top=5"))
-        .header("Authorization", format!("Bearer {CLIENT_KEY}"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(&proxy, "/cxone/inContactAPI/services/v30.0/agents?top=5").await;
     assert_eq!(resp.status(), 200);
     let seen = sandbox.seen();
     assert_eq!(seen.len(), 1);
@@ -119,12 +114,7 @@ async fn overridden_token_and_api_urls_skip_discovery() {
         .replace(&sandbox.issuer(), &format!("http://{}", closed_addr()))
         .replace("#EXTRA", &extra);
     let proxy = start(&config);
-    let resp = client()
-        .get(proxy.url("/cxone/services/v30.0/agents"))
-        .header("Authorization", format!("Bearer {CLIENT_KEY}"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(&proxy, "/cxone/services/v30.0/agents").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         sandbox.seen()[0].path,

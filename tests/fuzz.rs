@@ -104,11 +104,6 @@ async fn random_request_heads_never_break_the_proxy() {
     })
     .await
     .unwrap();
-    let r = client()
-        .get(proxy.url("/api/v2/users/me"))
-        .header("Authorization", format!("Bearer {CLIENT_KEY}"))
-        .send()
-        .await
-        .unwrap();
+    let r = get_with_key(&proxy, "/api/v2/users/me").await;
     assert_eq!(r.status(), 200);
 }
