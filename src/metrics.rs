@@ -53,6 +53,8 @@ struct Inner {
     grants: Family<GrantLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
     shared_cache_up: Family<RedisLabels, Gauge>,
+    /// Resolved on the first answer refused before routing.
+    unrouted: OnceLock<UpstreamMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,40 +111,19 @@ impl Metrics {
                 grants,
                 retries,
                 shared_cache_up,
+                unrouted: OnceLock::new(),
             }),
         }
     }
 
     /// The request metrics of one upstream, resolved once (see [`UpstreamMetrics`]).
     pub fn for_upstream(&self, upstream: &str) -> UpstreamMetrics {
-        let duration = self
-            .inner
-            .duration
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.to_string(),
-            })
-            .clone();
-        UpstreamMetrics {
-            name: upstream.to_string(),
-            duration,
-            requests: self.inner.requests.clone(),
-            by_status: (100..600).map(|_| OnceLock::new()).collect(),
-        }
+        UpstreamMetrics::resolve(&self.inner.requests, &self.inner.duration, upstream)
     }
 
-    /// Records an answer that belongs to no upstream (refused before routing).
-    pub fn request(&self, upstream: &str, status: u16, elapsed: Duration) {
-        let upstream = upstream.to_string();
-        self.inner
-            .duration
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
-        self.inner
-            .requests
-            .get_or_create(&RequestLabels { upstream, status })
-            .inc();
+    /// Answers that belong to no upstream (refused before routing): upstream "".
+    pub fn unrouted(&self) -> &UpstreamMetrics {
+        self.inner.unrouted.get_or_init(|| self.for_upstream(""))
     }
 
     /// `outcome`: `ok`, or the failure's kind (`refused`, `unreachable`, ...).
@@ -205,6 +186,24 @@ impl std::fmt::Debug for UpstreamMetrics {
 }
 
 impl UpstreamMetrics {
+    fn resolve(
+        requests: &Family<RequestLabels, Counter>,
+        duration: &HistogramFamily,
+        upstream: &str,
+    ) -> UpstreamMetrics {
+        let duration = duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .clone();
+        UpstreamMetrics {
+            name: upstream.to_string(),
+            duration,
+            requests: requests.clone(),
+            by_status: (100..600).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
     pub fn request(&self, status: u16, elapsed: Duration) {
         self.duration.observe(elapsed.as_secs_f64());
         let resolve = || {

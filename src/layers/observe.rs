@@ -118,7 +118,7 @@ where
         let status = resp.status().as_u16();
         match routed {
             Some(u) => u.metrics.request(status, elapsed),
-            None => this.metrics.request("", status, elapsed),
+            None => this.metrics.unrouted().request(status, elapsed),
         }
         let error = resp.extensions().get::<ProxyErrorCode>().map(|c| c.0);
         let retried = resp.extensions().get::<Retried>().map(|r| r.0);

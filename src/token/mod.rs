@@ -468,7 +468,7 @@ impl TokenSource {
         let result = self.granter.grant().await;
         drop(pool_turn);
         let result = result.and_then(|granted| {
-            let token = self.mint(&granted, sent)?;
+            let token = self.token_for(&granted.access_token, sent, granted.expires_in)?;
             Ok((granted, token))
         });
         match result {
@@ -548,10 +548,6 @@ impl TokenSource {
         header.set_sensitive(true);
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Arc::new(Token::new(header, generation, sent, lifetime)))
-    }
-
-    fn mint(&self, granted: &grant::Granted, sent: Instant) -> Result<Arc<Token>, GrantError> {
-        self.token_for(&granted.access_token, sent, granted.expires_in)
     }
 
     /// Looks for a token in the fleet's cache; while another replica holds the fleet lock,
