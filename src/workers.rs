@@ -71,26 +71,27 @@ pub fn bind_reuseport(
 /// wildcard address, per the kernel's tables (`/proc/net/tcp`, `/proc/net/tcp6`; where
 /// they do not exist, nothing is known and the bind decides).
 fn listened_on(addr: SocketAddr) -> bool {
-    let tables = ["/proc/net/tcp", "/proc/net/tcp6"];
-    tables
+    ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
-        .filter_map(|t| std::fs::read_to_string(t).ok())
-        .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-        .any(|line| {
-            let mut fields = line.split_whitespace();
-            let (Some(local), Some(_remote), Some(state)) =
-                (fields.nth(1), fields.next(), fields.next())
-            else {
-                return false;
-            };
-            const LISTEN: &str = "0A";
-            let Some((ip_hex, port_hex)) = local.split_once(':') else {
-                return false;
-            };
-            state == LISTEN
-                && u16::from_str_radix(port_hex, 16).ok() == Some(addr.port())
-                && (ip_hex.chars().all(|c| c == '0') || kernel_hex_ip(ip_hex) == Some(addr.ip()))
-        })
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .any(|text| text.lines().skip(1).any(|line| listens(line, addr)))
+}
+
+/// Whether one line of `/proc/net/tcp{,6}` is a socket listening on `addr`'s port, on
+/// its IP or the wildcard address.
+fn listens(line: &str, addr: SocketAddr) -> bool {
+    const LISTEN: &str = "0A";
+    let mut fields = line.split_whitespace();
+    let (Some(local), Some(_remote), Some(state)) = (fields.nth(1), fields.next(), fields.next())
+    else {
+        return false;
+    };
+    let Some((ip_hex, port_hex)) = local.split_once(':') else {
+        return false;
+    };
+    state == LISTEN
+        && u16::from_str_radix(port_hex, 16).ok() == Some(addr.port())
+        && (ip_hex.chars().all(|c| c == '0') || kernel_hex_ip(ip_hex) == Some(addr.ip()))
 }
 
 /// An address as `/proc/net/tcp{,6}` writes it: 32-bit words in host byte order.
