@@ -103,9 +103,25 @@ async fn one_address_cannot_take_every_connection_slot() {
         &sandbox,
         "max_connections_per_address = 5",
     ));
-    let held: Vec<TcpStream> = (0..5)
-        .map(|_| TcpStream::connect(&proxy.addr).unwrap())
-        .collect();
+    // Each held connection is answered once, so the proxy has surely accepted all five
+    // (each worker accepts from its own queue: a connect alone proves nothing).
+    let addr = proxy.addr.clone();
+    let held: Vec<TcpStream> = tokio::task::spawn_blocking(move || {
+        (0..5)
+            .map(|_| {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                s.write_all(b"GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let mut head = [0u8; 12];
+                s.read_exact(&mut head).unwrap();
+                assert_eq!(&head, b"HTTP/1.1 401");
+                s
+            })
+            .collect()
+    })
+    .await
+    .unwrap();
     // The sixth from the same address is closed at once.
     let addr = proxy.addr.clone();
     let answer = tokio::task::spawn_blocking(move || {
