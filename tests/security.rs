@@ -312,3 +312,50 @@ async fn mutual_tls_identifies_the_client_by_its_certificate() {
     let r = https_client(&pki, Some(1)).get(&url).send().await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_with_prior_knowledge_is_served_on_the_plain_port() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let answer = h2
+        .get(proxy.url("/api/v2/users/me"))
+        .header("Authorization", key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+    assert_eq!(answer.status(), 200);
+    // And HTTP/1.1 on the same port, after it.
+    assert!(works(&proxy).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_that_shuts_its_sending_side_after_the_request_still_gets_the_answer() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let addr = proxy.addr.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(
+            format!(
+                "GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+                key()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
