@@ -58,7 +58,7 @@ impl Upstream {
         let clients = (0..workers)
             .map(|_| {
                 (
-                    upstream_client(config.connect_timeout),
+                    upstream_client(config.connect_timeout, share),
                     Arc::new(Semaphore::new(share)),
                 )
             })
@@ -141,7 +141,10 @@ impl Upstream {
     }
 }
 
-fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
+/// `idle_max`: connections kept open between calls. The pool may open a connection for a
+/// call and then hand that call one that came free first; without this cap the extra one
+/// would stay open too, and the pool would outgrow the worker's share of `max_connections`.
+fn upstream_client(connect_timeout: Duration, idle_max: usize) -> UpstreamClient {
     let mut http = HttpConnector::new();
     // The https connector below decides between http and https by the URL's scheme.
     http.enforce_http(false);
@@ -156,5 +159,6 @@ fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
         .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(idle_max)
         .build(https)
 }

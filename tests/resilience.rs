@@ -243,3 +243,37 @@ async fn max_connections_caps_the_calls_in_flight_upstream_and_the_rest_wait_the
         "never more than max_connections at once"
     );
 }
+
+/// Connections the kernel holds open to `port` on loopback, as seen by the listening side
+/// (`/proc/net/tcp`: local port `port`, state ESTABLISHED).
+fn connections_accepted_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields[1].rsplit(':').next().unwrap();
+            u16::from_str_radix(local_port, 16).unwrap() == port && fields[3] == "01"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bursts_of_calls_never_leave_more_than_max_connections_open_to_the_api_host() {
+    let sandbox = sandbox().await;
+    let config = config_with(&sandbox, "workers = 1", "max_connections = 4");
+    let proxy = Proxy::start(&config);
+    let port = sandbox.api_addr.port();
+    let mut most = 0;
+    for _ in 0..20 {
+        let statuses = futures_util::future::join_all(
+            (0..50).map(|_| call(&proxy, "/api/v2/users/me")),
+        )
+        .await;
+        assert!(statuses.iter().all(|r| r.status() == 200));
+        most = most.max(connections_accepted_on(port));
+    }
+    assert!(most >= 1, "the calls went over loopback connections");
+    assert!(most <= 4, "{most} connections open to the API host; max_connections is 4");
+}
