@@ -267,13 +267,14 @@ async fn bursts_of_calls_never_leave_more_than_max_connections_open_to_the_api_h
     let port = sandbox.api_addr.port();
     let mut most = 0;
     for _ in 0..20 {
-        let statuses = futures_util::future::join_all(
-            (0..50).map(|_| call(&proxy, "/api/v2/users/me")),
-        )
-        .await;
+        let statuses =
+            futures_util::future::join_all((0..50).map(|_| call(&proxy, "/api/v2/users/me"))).await;
         assert!(statuses.iter().all(|r| r.status() == 200));
         most = most.max(connections_accepted_on(port));
     }
     assert!(most >= 1, "the calls went over loopback connections");
-    assert!(most <= 4, "{most} connections open to the API host; max_connections is 4");
+    assert!(
+        most <= 4,
+        "{most} connections open to the API host; max_connections is 4"
+    );
 }
