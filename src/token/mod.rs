@@ -335,13 +335,15 @@ impl TokenSource {
                 return Ok(t);
             }
         }
-        self.obtain(Want::Usable).await
+        // Boxed: the grant path's state is large and rarely needed; every call waiting
+        // on a cached token would otherwise carry its size (about 2 KB each).
+        Box::pin(self.obtain(Want::Usable)).await
     }
 
     /// A token to replace `rejected`, which the upstream answered with 401. Concurrent
     /// callers that saw the same rejection share one grant; a newer token is kept.
     pub async fn replace(self: &Arc<Self>, rejected: u64) -> Result<Arc<Token>, TokenError> {
-        self.obtain(Want::Replacing(rejected)).await
+        Box::pin(self.obtain(Want::Replacing(rejected))).await
     }
 
     /// The state of this source, for the status page.
