@@ -171,6 +171,9 @@ pub async fn serve<S>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .half_close(true);
+    // Shared, not copied into every connection's task: a task lives as long as its
+    // connection, and at 1,000 connections every byte of it is a kilobyte.
+    let (builder, http1) = (Arc::new(builder), Arc::new(http1));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -201,8 +204,8 @@ pub async fn serve<S>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let builder = builder.clone();
-        let http1 = http1.clone();
+        let builder = Arc::clone(&builder);
+        let http1 = Arc::clone(&http1);
         let watcher = graceful.watcher();
         let service = service.clone();
         let tls = tls.clone();
@@ -278,7 +281,7 @@ async fn serve_tls<S>(
     what: &'static str,
     acceptor: TlsAcceptor,
     stream: tokio::net::TcpStream,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
