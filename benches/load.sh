@@ -63,6 +63,7 @@ http {
 CONF
 nginx -c "$work/up/nginx.conf" -p "$work/up" -g 'daemon off;' &
 pids+=($!)
+upstream_pid=$!
 
 # --- nginx in front: 2 workers, keep-alive upstream, a fixed bearer header ---
 cat > "$work/ng/nginx.conf" <<CONF
@@ -153,26 +154,52 @@ peak_rss_mib() { # the sum of VmHWM over a process and its children, in MiB
   echo "scale=1; $total / 1024" | bc
 }
 
-# wrk's numbers: req/s, p50 and p99 in ms, non-2xx count. Every target gets the same
+# CPU time (user, system; in clock ticks) of processes and their children's threads so far.
+cpu_ticks() {
+  local user=0 sys=0 p task
+  for p in "$@" $(for q in "$@"; do pgrep -P "$q"; done || true); do
+    for task in /proc/"$p"/task/*/stat; do
+      read -r u s < <(awk '{print $14, $15}' "$task" 2>/dev/null || echo "0 0")
+      user=$((user + ${u:-0})); sys=$((sys + ${s:-0}))
+    done
+  done
+  echo "$user $sys"
+}
+# CPU time of the calling shell's finished children (wrk), in clock ticks, from `times`
+# output on stdin (`times` must run in that shell itself, not in a command substitution).
+children_ticks() { awk -v hz="$(getconf CLK_TCK)" 'NR==2 { for (i=1;i<=2;i++) { v=$i; sub(/s$/,"",v); split(v,a,"m"); t+=(a[1]*60+a[2])*hz } print int(t) }'; }
+
+# wrk's numbers: req/s, p50 and p99 in ms, non-2xx count, then CPU microseconds per call:
+# the proxy's user and system time, the upstream's, and wrk's. Every target gets the same
 # Authorization header (the peers overwrite it; tokengate checks it as a client key).
-run_wrk() { # port [connections] [seconds]
-  local out
-  out=$(wrk -t"$THREADS" -c"${2:-$CONNECTIONS}" -d"${3:-$DURATION}s" --latency -H "$auth" "http://127.0.0.1:$1/api/v2/users/me")
-  local rps p50 p99 errors
+run_wrk() { # port proxy-pid [connections] [seconds]
+  local out before after up_before up_after wrk_before wrk_after
+  before=$(cpu_ticks "$2"); up_before=$(cpu_ticks "$upstream_pid"); times > "$work/times"
+  wrk_before=$(children_ticks < "$work/times")
+  out=$(wrk -t"$THREADS" -c"${3:-$CONNECTIONS}" -d"${4:-$DURATION}s" --latency -H "$auth" "http://127.0.0.1:$1/api/v2/users/me")
+  times > "$work/times"; wrk_after=$(children_ticks < "$work/times")
+  after=$(cpu_ticks "$2"); up_after=$(cpu_ticks "$upstream_pid")
+  local rps p50 p99 errors calls
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  calls=$(awk '/requests in/ {print $1}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   errors=$(awk '/Non-2xx/ {n+=$NF} /Socket errors/ {gsub(",", ""); n+=$4+$6+$8+$10} END {print n+0}' <<<"$out")
   to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms/,"",v); print v } else { sub(/s/,"",v); print v*1000 } }'; }
-  echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${errors:-0}"
+  per_call() { awk -v t="$1" -v n="$calls" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }'; }
+  read -r u0 s0 <<<"$before"; read -r u1 s1 <<<"$after"
+  read -r uu0 us0 <<<"$up_before"; read -r uu1 us1 <<<"$up_after"
+  if [ "$2" = "$upstream_pid" ]; then uu1=$uu0; us1=$us0; fi
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${errors:-0} $(per_call $((u1 - u0))) $(per_call $((s1 - s0))) $(per_call $((uu1 + us1 - uu0 - us0))) $(per_call $((wrk_after - wrk_before)))"
 }
 
 declare -A results
 names=(upstream nginx haproxy tokengate)
 ports=($up $ng $hp $tg)
+procs=($upstream_pid $nginx_front $haproxy_pid $tokengate_pid)
 for round in $(seq "$ROUNDS"); do
   for i in "${!names[@]}"; do
-    results[${names[$i]}]+="$(run_wrk "${ports[$i]}")"$'\n'
+    results[${names[$i]}]+="$(run_wrk "${ports[$i]}" "${procs[$i]}")"$'\n'
   done
   echo "round $round of $ROUNDS done" >&2
 done
@@ -180,7 +207,7 @@ done
 # 1,000 keep-alive connections on each proxy (two threads of wrk), for the RSS column.
 declare -A wide
 for i in 1 2 3; do
-  wide[${names[$i]}]="$(THREADS=2 run_wrk "${ports[$i]}" 1000 5)"
+  wide[${names[$i]}]="$(THREADS=2 run_wrk "${ports[$i]}" "${procs[$i]}" 1000 5)"
 done
 echo "1,000-connection phase done" >&2
 
@@ -192,8 +219,8 @@ echo
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 echo "tokengate load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores ($cpu), wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $ROUNDS alternating rounds, medians"
 echo
-printf '| %-10s | %10s | %8s | %8s | %7s | %13s |\n' target "req/s" "p50 ms" "p99 ms" errors "peak RSS MiB"
-printf '|%s|%s|%s|%s|%s|%s|\n' "------------" "------------" "----------" "----------" "---------" "---------------"
+printf '| %-10s | %10s | %8s | %8s | %7s | %13s | %20s |\n' target "req/s" "p50 ms" "p99 ms" errors "peak RSS MiB" "CPU us/call usr+sys"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' "------------" "------------" "----------" "----------" "---------" "---------------" "----------------------"
 for n in "${names[@]}"; do
   case $n in
     nginx) rss=$(peak_rss_mib "$nginx_front") ;;
@@ -202,12 +229,13 @@ for n in "${names[@]}"; do
     *) rss="-" ;;
   esac
   errs=$(awk 'NF {s+=$4} END {print s+0}' <<<"${results[$n]}")
-  printf '| %-10s | %10.0f | %8.2f | %8.2f | %7s | %13s |\n' "$n" "$(col "${results[$n]}" 1)" "$(col "${results[$n]}" 2)" "$(col "${results[$n]}" 3)" "$errs" "$rss"
+  cpu_col=$(printf '%.1f + %.1f' "$(col "${results[$n]}" 5)" "$(col "${results[$n]}" 6)")
+  printf '| %-10s | %10.0f | %8.2f | %8.2f | %7s | %13s | %20s |\n' "$n" "$(col "${results[$n]}" 1)" "$(col "${results[$n]}" 2)" "$(col "${results[$n]}" 3)" "$errs" "$rss" "$cpu_col"
 done
 echo
 echo "With 1,000 keep-alive connections (wrk -t2 -c1000 -d5s, once each): req/s, p99 ms, errors"
 for n in nginx haproxy tokengate; do
-  read -r rps p50 p99 errs <<<"${wide[$n]}"
+  read -r rps p50 p99 errs _ <<<"${wide[$n]}"
   printf '  %-10s %10.0f %8.2f %7s\n' "$n" "$rps" "$p99" "$errs"
 done
 tg_rps=$(col "${results[tokengate]}" 1); tg_p99=$(col "${results[tokengate]}" 3)
@@ -217,4 +245,15 @@ for peer in nginx haproxy; do
     "$(echo "$tg_rps / $(col "${results[$peer]}" 1)" | bc -l)" \
     "$(echo "$tg_p99 / $(col "${results[$peer]}" 3)" | bc -l)"
 done
+# Where the CPU of one call goes on these shared cores: wrk + proxy + upstream. For 1.2x
+# nginx's throughput the whole chain may spend at most nginx's chain / 1.2 per call; what
+# is left of that for tokengate, next to the system time it spends on its sockets.
+chain() { echo "$(col "${results[$1]}" 5) + $(col "${results[$1]}" 6) + $(col "${results[$1]}" 7) + $(col "${results[$1]}" 8)" | bc -l; }
+echo
+for n in nginx haproxy tokengate; do
+  printf 'CPU per call, whole chain via %-9s %6.1f us (wrk %.1f, proxy %.1f + %.1f, upstream %.1f)\n' "$n" "$(chain "$n")" \
+    "$(col "${results[$n]}" 8)" "$(col "${results[$n]}" 5)" "$(col "${results[$n]}" 6)" "$(col "${results[$n]}" 7)"
+done
+budget=$(echo "$(chain nginx) / 1.2 - $(col "${results[tokengate]}" 8) - $(col "${results[tokengate]}" 7)" | bc -l)
+printf 'for 1.2x nginx, tokengate may spend %.1f us per call in all; its system time alone is %.1f us\n' "$budget" "$(col "${results[tokengate]}" 6)"
 echo "token grants by tokengate during the run: $grants"
