@@ -154,13 +154,15 @@ pub async fn serve<S>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(MAX_HEADER_BYTES)
+        .half_close(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     // Plain connections that start like HTTP/1 skip `auto`'s protocol sniffing (see
-    // `peek_protocol`). Half-closes are allowed: a caller that shuts its sending side after
+    // `peek_protocol`). Half-closes are allowed (here and on `auto`'s HTTP/1, for HTTPS
+    // callers alike): a caller that shuts its sending side after
     // the request still gets the answer, and hyper does not watch for that end of stream
     // while a call is in flight, which would take a second 8 KiB read buffer per waiting
     // call (the first is held by the request's headers). A caller that hangs up therefore
