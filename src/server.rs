@@ -177,6 +177,9 @@ pub async fn serve<S>(
     // connection, and at 1,000 connections every byte of it is a kilobyte.
     let (builder, http1) = (Arc::new(builder), Arc::new(http1));
     let graceful = GracefulShutdown::new();
+    // Tells connections still waiting for their first bytes (not yet watched by
+    // `graceful`) that the listener is closing, so they do not hold up the drain.
+    let (closing, closed) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         // At the connection cap, stop accepting: the kernel's backlog holds the rest.
@@ -209,6 +212,7 @@ pub async fn serve<S>(
         let builder = Arc::clone(&builder);
         let http1 = Arc::clone(&http1);
         let watcher = graceful.watcher();
+        let mut closed = closed.clone();
         let service = service.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -216,7 +220,10 @@ pub async fn serve<S>(
             let result = match tls {
                 // The common case is served inline; the others are boxed, so that every
                 // plain HTTP/1 connection's task is only as large as HTTP/1 needs.
-                None => match peek_protocol(&stream).await {
+                None => match tokio::select! {
+                    protocol = peek_protocol(&stream) => protocol,
+                    _ = closed.wait_for(|closing| *closing) => None,
+                } {
                     Some(Protocol::Http1) => {
                         let conn = http1.serve_connection(
                             TokioIo::new(stream),
@@ -236,7 +243,13 @@ pub async fn serve<S>(
                     None => return,
                 },
                 Some(acceptor) => {
-                    Box::pin(serve_tls(what, acceptor, stream, builder, service, watcher)).await
+                    let conn = TlsConnection {
+                        acceptor,
+                        stream,
+                        builder,
+                        service,
+                    };
+                    Box::pin(serve_tls(what, conn, watcher, closed)).await
                 }
             };
             if let Err(e) = result {
@@ -245,6 +258,7 @@ pub async fn serve<S>(
         });
     }
     drop(tcp);
+    let _ = closing.send(true);
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = what, "drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = what, "grace period over; dropping the remaining connections"),
@@ -277,15 +291,27 @@ async fn peek_protocol(stream: &tokio::net::TcpStream) -> Option<Protocol> {
     }
 }
 
-/// An HTTPS connection: the handshake (bounded by [`HEADER_READ_TIMEOUT`]), the client
-/// certificate's name for the key check, then HTTP/1.1 or HTTP/2 by ALPN.
-async fn serve_tls<S>(
-    what: &'static str,
+/// An accepted connection on an HTTPS listener, before its handshake.
+struct TlsConnection<S> {
     acceptor: TlsAcceptor,
     stream: tokio::net::TcpStream,
     builder: Arc<auto::Builder<TokioExecutor>>,
     service: S,
+}
+
+/// An HTTPS connection: the handshake (bounded by [`HEADER_READ_TIMEOUT`], and abandoned
+/// if the listener closes meanwhile), the client certificate's name for the key check,
+/// then HTTP/1.1 or HTTP/2 by ALPN.
+async fn serve_tls<S>(
+    what: &'static str,
+    TlsConnection {
+        acceptor,
+        stream,
+        builder,
+        service,
+    }: TlsConnection<S>,
     watcher: hyper_util::server::graceful::Watcher,
+    mut closed: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
@@ -294,7 +320,12 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+    let finished = tokio::select! {
+        finished = handshake => finished,
+        _ = closed.wait_for(|closing| *closing) => return Ok(()),
+    };
+    let stream = match finished {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(listener = what, error = %e, "TLS handshake failed");

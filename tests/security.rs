@@ -359,3 +359,35 @@ async fn a_caller_that_shuts_its_sending_side_after_the_request_still_gets_the_a
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_does_not_wait_for_tls_handshakes_that_never_start() {
+    let sandbox = sandbox().await;
+    let pki = pki();
+    let d = pki.dir.path().display();
+    let mut proxy = Proxy::start(&standard_config(
+        &sandbox,
+        &format!("tls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\""),
+    ));
+    let url = format!("https://{}/api/v2/users/me", proxy.addr);
+    let served = https_client(&pki, None)
+        .get(&url)
+        .header("Authorization", key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let silent: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(&proxy.addr).unwrap())
+        .collect();
+    let asked = Instant::now();
+    proxy.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Well inside the 10 s a handshake may take (and the 30 s grace).
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    drop(silent);
+}
