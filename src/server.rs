@@ -161,12 +161,12 @@ pub async fn serve<S>(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     // Plain connections that start like HTTP/1 skip `auto`'s protocol sniffing (see
-    // `peek_protocol`). Half-closes are allowed (here and on `auto`'s HTTP/1, for HTTPS
-    // callers alike): a caller that shuts its sending side after
-    // the request still gets the answer, and hyper does not watch for that end of stream
-    // while a call is in flight, which would take a second 8 KiB read buffer per waiting
-    // call (the first is held by the request's headers). A caller that hangs up therefore
-    // does not cancel a call already under way; `request_timeout_secs` bounds it.
+    // `peek_protocol`). Half-closes are allowed (here and on `auto`'s HTTP/1 above): a
+    // caller that shuts its sending side after the request still gets the answer, and
+    // hyper does not watch for that end of stream while a call is in flight, which would
+    // take a second 8 KiB read buffer per waiting call (the first is held by the
+    // request's headers). A caller that hangs up therefore does not cancel a call already
+    // under way; the upstream's timeouts bound it.
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())
@@ -220,28 +220,31 @@ pub async fn serve<S>(
             let result = match tls {
                 // The common case is served inline; the others are boxed, so that every
                 // plain HTTP/1 connection's task is only as large as HTTP/1 needs.
-                None => match tokio::select! {
-                    protocol = peek_protocol(&stream) => protocol,
-                    _ = closed.wait_for(|closing| *closing) => None,
-                } {
-                    Some(Protocol::Http1) => {
-                        let conn = http1.serve_connection(
-                            TokioIo::new(stream),
-                            TowerToHyperService::new(service),
-                        );
-                        watcher.watch(conn).await.map_err(Into::into)
-                    }
-                    Some(Protocol::MaybeHttp2) => {
-                        let conn = builder
-                            .serve_connection(
+                None => {
+                    let protocol = tokio::select! {
+                        protocol = peek_protocol(&stream) => protocol,
+                        _ = closed.wait_for(|closing| *closing) => None,
+                    };
+                    match protocol {
+                        Some(Protocol::Http1) => {
+                            let conn = http1.serve_connection(
                                 TokioIo::new(stream),
                                 TowerToHyperService::new(service),
-                            )
-                            .into_owned();
-                        Box::pin(watcher.watch(conn)).await
+                            );
+                            watcher.watch(conn).await.map_err(Into::into)
+                        }
+                        Some(Protocol::MaybeHttp2) => {
+                            let conn = builder
+                                .serve_connection(
+                                    TokioIo::new(stream),
+                                    TowerToHyperService::new(service),
+                                )
+                                .into_owned();
+                            Box::pin(watcher.watch(conn)).await
+                        }
+                        None => return,
                     }
-                    None => return,
-                },
+                }
                 Some(acceptor) => {
                     let conn = TlsConnection {
                         acceptor,
