@@ -200,6 +200,24 @@ impl Proxy {
         wait_until(Duration::from_secs(30), || child.try_wait().ok().flatten())
             .expect("tokengate exits")
     }
+
+    /// SIGTERM while `silent` connections are open that have sent nothing: the process
+    /// must exit 0 well inside the 10 s a request head or handshake may take (and the
+    /// 30 s grace), as there is nothing of theirs to drain.
+    pub async fn terminate_with_silent_connections(mut self, silent: usize) {
+        let held: Vec<std::net::TcpStream> = (0..silent)
+            .map(|_| std::net::TcpStream::connect(&self.addr).unwrap())
+            .collect();
+        let asked = Instant::now();
+        self.signal("TERM");
+        let status = tokio::task::spawn_blocking(move || self.wait_exit())
+            .await
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(5), "exit took {took:?}");
+        drop(held);
+    }
 }
 
 impl Drop for Proxy {
