@@ -22,6 +22,26 @@ async fn works(proxy: &Proxy) -> bool {
         .unwrap_or(false)
 }
 
+/// The proxy with an HTTPS listener (the `pki` server certificate), and a first call over
+/// it with the client key: 200 over HTTP/2 by ALPN.
+async fn https_proxy(sandbox: &Sandbox, pki: &Pki) -> (Proxy, String) {
+    let d = pki.dir.path().display();
+    let proxy = Proxy::start(&standard_config(
+        sandbox,
+        &format!("tls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\""),
+    ));
+    let url = format!("https://{}/api/v2/users/me", proxy.addr);
+    let r = https_client(pki, None)
+        .get(&url)
+        .header("Authorization", key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "h2 by ALPN");
+    (proxy, url)
+}
+
 /// Write `bytes` on a fresh connection and read what comes back until close (bounded).
 fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -249,21 +269,8 @@ fn https_client(pki: &Pki, which: Option<usize>) -> reqwest::Client {
 async fn the_https_listener_serves_with_a_client_key() {
     let sandbox = sandbox().await;
     let pki = pki();
-    let d = pki.dir.path().display();
-    let proxy = Proxy::start(&standard_config(
-        &sandbox,
-        &format!("tls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\""),
-    ));
-    let url = format!("https://{}/api/v2/users/me", proxy.addr);
+    let (proxy, url) = https_proxy(&sandbox, &pki).await;
     let c = https_client(&pki, None);
-    let r = c
-        .get(&url)
-        .header("Authorization", key())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.version(), reqwest::Version::HTTP_2, "h2 by ALPN");
     assert_eq!(
         c.get(&url).send().await.unwrap().status(),
         401,
@@ -364,18 +371,6 @@ async fn a_caller_that_shuts_its_sending_side_after_the_request_still_gets_the_a
 async fn sigterm_does_not_wait_for_tls_handshakes_that_never_start() {
     let sandbox = sandbox().await;
     let pki = pki();
-    let d = pki.dir.path().display();
-    let proxy = Proxy::start(&standard_config(
-        &sandbox,
-        &format!("tls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\""),
-    ));
-    let url = format!("https://{}/api/v2/users/me", proxy.addr);
-    let served = https_client(&pki, None)
-        .get(&url)
-        .header("Authorization", key())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(served.status(), 200);
+    let (proxy, _) = https_proxy(&sandbox, &pki).await;
     proxy.terminate_with_silent_connections(3).await;
 }
