@@ -121,10 +121,18 @@ mod tests {
     #[test]
     fn sessions_verify_for_their_client_only() {
         let s = Sessions::new();
-        let clients = vec![client("a", "ka"), client("b", "kb")];
+        // Keys long enough that a random token cannot contain one by chance (a two-letter
+        // key did, now and then).
+        let (key_a, key_b) = ("tgk_key-of-client-a-7Hq2", "tgk_key-of-client-b-9Lm4");
+        let clients = vec![client("a", key_a), client("b", key_b)];
         let t = s.issue(Some(&clients[0]), Duration::from_secs(60));
         assert!(Sessions::is_session(t.as_bytes()));
-        assert!(!t.contains("ka"));
+        assert!(!t.contains(key_a));
+        let key_hash = URL_SAFE_NO_PAD.encode(clients[0].key_sha256);
+        assert!(
+            !t.contains(&key_hash[..16]),
+            "no part of the key's hash either"
+        );
         assert_eq!(s.verify(t.as_bytes(), &clients).unwrap().name.as_ref(), "a");
         // Tampered name, a rotated key, another process's key: all refused.
         let forged = t.replacen(
