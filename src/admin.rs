@@ -135,16 +135,7 @@ fn authorized(config: &Config, req: &Request<Incoming>) -> bool {
 }
 
 impl Admin {
-    pub fn service(
-        self,
-    ) -> impl tower::Service<
-        Request<Incoming>,
-        Response = Response<ProxyBody>,
-        Error = Infallible,
-        Future = impl Send + 'static,
-    > + Clone
-           + Send
-           + 'static {
+    pub fn service(self) -> impl crate::server::HttpService<Incoming> {
         tower::service_fn(move |req: Request<Incoming>| {
             let resp = self.answer(&req);
             async move { Ok::<_, Infallible>(resp) }

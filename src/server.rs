@@ -37,6 +37,29 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head accepted (HTTP/1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// What a listener serves: requests with body `B` in, the proxy's answers out, never an
+/// error (refusals are answers), cloneable per connection, runnable on any worker. One
+/// name for the bound that the proxy's stack, the admin listener and `serve` share.
+pub trait HttpService<B>:
+    Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<
+            Request<B>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// How many connections a listener holds at once.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -135,11 +158,7 @@ pub async fn serve<S>(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService<Incoming>,
 {
     let Listener {
         what,
@@ -317,11 +336,7 @@ async fn serve_tls<S>(
     mut closed: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: HttpService<Incoming>,
 {
     let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
     let finished = tokio::select! {

@@ -1,12 +1,11 @@
 //! The proxy's request path, composed in one place. Read top to bottom: it is the order
 //! in which a request meets each layer.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{Request, Response};
+use http::Request;
 use hyper::body::Incoming;
-use tower::{Service, ServiceBuilder};
+use tower::ServiceBuilder;
 
 use crate::body::{self, ProxyBody};
 use crate::config::Config;
@@ -20,6 +19,7 @@ use crate::layers::retry::RetryLayer;
 use crate::layers::route::RouteLayer;
 use crate::layers::token_endpoint::TokenEndpointLayer;
 use crate::metrics::Metrics;
+use crate::server::HttpService;
 use crate::session::Sessions;
 use crate::status::StatusBoard;
 use crate::upstream::Upstream;
@@ -31,14 +31,7 @@ pub fn proxy_service(
     metrics: &Metrics,
     board: &Arc<StatusBoard>,
     sessions: &Arc<Sessions>,
-) -> impl Service<
-    Request<Incoming>,
-    Response = Response<ProxyBody>,
-    Error = Infallible,
-    Future = impl Send + 'static,
-> + Clone
-       + Send
-       + 'static {
+) -> impl HttpService<Incoming> {
     ServiceBuilder::new()
         // One body type from here on: hyper's, limited, or a kept copy for a retry.
         .map_request(|req: Request<Incoming>| req.map(body::boxed))
@@ -53,14 +46,7 @@ pub fn request_path(
     metrics: &Metrics,
     board: &Arc<StatusBoard>,
     sessions: &Arc<Sessions>,
-) -> impl Service<
-    Request<ProxyBody>,
-    Response = Response<ProxyBody>,
-    Error = Infallible,
-    Future = impl Send + 'static,
-> + Clone
-       + Send
-       + 'static {
+) -> impl HttpService<ProxyBody> {
     ServiceBuilder::new()
         // Outermost, so that every answer is counted — including the proxy's own refusals.
         .layer(ObserveLayer::recording_to(metrics.clone(), board.clone()))
