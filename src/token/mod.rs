@@ -221,14 +221,15 @@ impl TokenCache {
                 granter,
                 metrics.clone(),
                 pool_lock,
-                Some(fleet),
+                fleet,
             )
         });
         Arc::clone(source)
     }
 }
 
-/// Where a token source stands in the fleet's cache.
+/// Where a token source stands in the fleet's cache (the default: in no fleet).
+#[derive(Default)]
 pub struct Fleet {
     /// Empty while no `[cache]` is configured.
     shared: Arc<ArcSwapOption<SharedCache>>,
@@ -259,7 +260,7 @@ pub struct TokenSource {
     /// Shared by the sources of one pool: one grant at a time for the same credentials.
     pool_lock: Arc<tokio::sync::Mutex<()>>,
     /// The fleet's cache, and this source's place in it.
-    fleet: Option<Fleet>,
+    fleet: Fleet,
     /// Set while a background refresh task exists, so the hot path spawns at most one.
     refreshing: AtomicBool,
     generations: AtomicU64,
@@ -305,7 +306,7 @@ impl TokenSource {
         granter: Granter,
         metrics: Metrics,
         pool_lock: Arc<tokio::sync::Mutex<()>>,
-        fleet: Option<Fleet>,
+        fleet: Fleet,
     ) -> Arc<TokenSource> {
         Arc::new(TokenSource {
             upstream,
@@ -482,7 +483,7 @@ impl TokenSource {
                         lifetime: granted.expires_in,
                         api_base: granted.api_base.as_ref().map(|u| u.to_string()),
                     };
-                    let index = self.fleet.as_ref().map_or(0, |f| f.index);
+                    let index = self.fleet.index;
                     // A failed store only means the others mint their own this time.
                     let _ = shared.put(&creds, index, &for_fleet).await;
                     shared.release(lock).await;
@@ -555,9 +556,7 @@ impl TokenSource {
     /// Looks for a token in the fleet's cache; while another replica holds the fleet lock,
     /// waits for its token rather than minting one more. Called with the pool's turn held.
     async fn ask_fleet(&self, want: Want, rejected: Option<&HeaderValue>) -> FleetAnswer {
-        let Some(fleet) = self.fleet.as_ref() else {
-            return FleetAnswer::Alone;
-        };
+        let fleet = &self.fleet;
         let Some(shared) = fleet.shared.load_full() else {
             return FleetAnswer::Alone;
         };
