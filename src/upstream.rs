@@ -53,10 +53,8 @@ impl Upstream {
         workers: usize,
         metrics: UpstreamMetrics,
     ) -> Upstream {
-        let workers = workers.max(1);
-        let share = config.max_connections.div_ceil(workers).max(1);
-        let clients = (0..workers)
-            .map(|_| {
+        let clients = connection_shares(config.max_connections, workers)
+            .map(|share| {
                 (
                     upstream_client(config.connect_timeout, share),
                     Arc::new(Semaphore::new(share)),
@@ -141,6 +139,15 @@ impl Upstream {
     }
 }
 
+/// Each worker's share of `max_connections`. The shares add up to it exactly (the first
+/// workers take the remainder); a worker always has at least one, or its calls could never
+/// be sent.
+fn connection_shares(max_connections: usize, workers: usize) -> impl Iterator<Item = usize> {
+    let workers = workers.max(1);
+    let (base, extra) = (max_connections / workers, max_connections % workers);
+    (0..workers).map(move |worker| (base + usize::from(worker < extra)).max(1))
+}
+
 /// `idle_max`: connections kept open between calls. The pool may open a connection for a
 /// call and then hand that call one that came free first; without this cap the extra one
 /// would stay open too, and the pool would outgrow the worker's share of `max_connections`.
@@ -161,4 +168,19 @@ fn upstream_client(connect_timeout: Duration, idle_max: usize) -> UpstreamClient
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(idle_max)
         .build(https)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_shares;
+
+    #[test]
+    fn the_workers_shares_add_up_to_max_connections() {
+        let shares = |max, workers| connection_shares(max, workers).collect::<Vec<_>>();
+        assert_eq!(shares(128, 2), [64, 64]);
+        assert_eq!(shares(4, 3), [2, 1, 1]);
+        assert_eq!(shares(5, 1), [5]);
+        // Fewer connections than workers: one each, or a worker could send nothing.
+        assert_eq!(shares(1, 2), [1, 1]);
+    }
 }
