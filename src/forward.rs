@@ -2,7 +2,8 @@
 //!
 //! The request goes to its [`Route`]'s upstream, over the worker's pooled hyper-util client
 //! (rustls; HTTP/1.1 or HTTP/2 by ALPN). Hop-by-hop headers (RFC 9110 §7.6.1) are removed
-//! both ways, `Host` is set by the client from the target, and neither body is buffered:
+//! from the answer here and from the request at the edge (the guard layer), `Host` is set
+//! by the client from the target, and neither body is buffered:
 //! bytes flow as they come, with hyper's back-pressure.
 
 use std::convert::Infallible;
@@ -112,9 +113,9 @@ impl Service<ProxyRequest> for Forward {
         *req.uri_mut() = target;
         // The upstream connection's protocol is the client's choice (ALPN), not the caller's.
         *req.version_mut() = Version::HTTP_11;
-        let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
-        headers.remove(header::HOST);
+        // The caller's hop-by-hop headers went at the edge (guard): stripping them here,
+        // after the bearer layer, would let `Connection: authorization` remove the token.
+        req.headers_mut().remove(header::HOST);
         Box::pin(async move {
             let timeout = upstream.config.timeout;
             let (client, permits) = upstream.client();

@@ -4,18 +4,68 @@
 //!   proxy's business; tokengate only ever connects to its configured upstreams.
 //! - A declared `Content-Length` over `max_body_bytes` gets 413 before anything is read; a
 //!   body without one is wrapped so that it fails when it crosses the limit.
+//!
+//! And clean what the caller sent, before any layer acts on it: hop-by-hop headers (and
+//! those the caller's `Connection` names) go here, at the edge, so that nothing a caller
+//! sends can remove a header a later layer sets (`Connection: authorization` once stripped
+//! the proxy's own bearer token in `forward`, and each such call cost a grant). Headers that
+//! ask a server to treat the call as another method or path, and forwarding headers the
+//! caller made up, go too: the upstream must see the call the allow list checked.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{ready, Either, Ready};
-use http::{header, Method, Version};
+use http::{header, HeaderMap, HeaderName, Method, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{Layer, Service};
 
+use super::client_auth::X_API_KEY;
 use super::{ProxyRequest, ProxyResponse};
 use crate::body::{self, BoxError};
 use crate::error::{BodyLimitExceeded, ProxyError};
+use crate::forward::strip_hop_by_hop;
+
+/// Headers a caller may not set: method overrides and URL rewrites (frameworks honour them,
+/// and they would let a call be something other than what the allow list checked), and
+/// forwarding headers, which would otherwise reach the API as if the proxy had vouched for
+/// them.
+static CALLER_MUST_NOT_SET: [HeaderName; 9] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+];
+
+/// Remove what the caller must not pass on (see the module docs). The caller's
+/// credentials stay even when its `Connection` header names them: the proxy is the
+/// recipient that header speaks to, and client auth reads and removes them itself.
+pub fn clean_caller_headers(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let credentials = [
+            (header::AUTHORIZATION, headers.remove(header::AUTHORIZATION)),
+            (X_API_KEY.clone(), headers.remove(&X_API_KEY)),
+        ];
+        strip_hop_by_hop(headers);
+        for (name, value) in credentials {
+            if let Some(value) = value {
+                headers.insert(name, value);
+            }
+        }
+    } else {
+        strip_hop_by_hop(headers);
+    }
+    for name in &CALLER_MUST_NOT_SET {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct GuardLayer {
@@ -84,10 +134,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+    fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
         if let Err(e) = self.check(&req) {
             return Either::Left(ready(Ok(e.into_response())));
         }
+        clean_caller_headers(req.headers_mut());
         let max = self.max_body_bytes;
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
         let req = req.map(|b| {

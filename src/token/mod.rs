@@ -130,7 +130,15 @@ struct Backoff {
     /// The last token the upstream rejected: the fleet's cache may still hold it, and it
     /// must not come back from there.
     rejected: Option<HeaderValue>,
+    /// The generation of the last token minted to replace a rejected one.
+    replacement: Option<u64>,
 }
+
+/// A token minted to replace a rejected one is not replaced again while it is younger than
+/// this: the platform just issued it, so a 401 for it says more about the call than about
+/// the token, and a caller that can provoke 401s must not make the proxy mint a token per
+/// call (the token endpoint has its own rate limit, shared by every client).
+const REPLACEMENT_MIN_AGE: Duration = Duration::from_secs(5);
 
 impl Backoff {
     fn record(&mut self, error: GrantError, now: Instant) {
@@ -433,6 +441,13 @@ impl TokenSource {
         if let Some(t) = current.as_ref().filter(|t| want.satisfied_by(t, now)) {
             return Ok(Arc::clone(t));
         }
+        if let (Want::Replacing(g), Some(t)) = (want, current.as_ref()) {
+            let young = now.saturating_duration_since(t.obtained) < REPLACEMENT_MIN_AGE;
+            if t.generation == g && backoff.replacement == Some(g) && young && t.is_usable(now) {
+                tracing::debug!(upstream = %self.upstream, generation = g, "a token minted seconds ago to replace a rejected one was rejected too; keeping it");
+                return Ok(Arc::clone(t));
+            }
+        }
         // Discard the rejected token, and only it: a newer one would have satisfied us.
         if let (Want::Replacing(g), Some(t)) = (want, current.as_ref()) {
             if t.generation == g {
@@ -492,7 +507,10 @@ impl TokenSource {
                     self.api_base.store(Some(Arc::new(base)));
                 }
                 self.current.store(Some(Arc::clone(&token)));
-                *backoff = Backoff::default();
+                *backoff = Backoff {
+                    replacement: matches!(want, Want::Replacing(_)).then_some(token.generation),
+                    ..Backoff::default()
+                };
                 self.metrics.grant(&self.upstream, "ok");
                 self.grants_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
