@@ -2,10 +2,21 @@
 //!
 //! Rules read `"GET /api/v2/analytics/**"`: `*` matches one path segment, `**` any number of
 //! them (none included), `*` as the method matches every method. Paths are matched only
-//! when they are plain: a path with dot-segments, empty segments or percent-encoded
-//! `.`, `/` or `\` is refused before matching, so such tricks cannot widen a rule.
+//! when they are plain (see [`is_plain_path`]), so encodings and normalisation tricks
+//! cannot widen a rule.
+//!
+//! Matching is linear in the path's length: one pass over its segments, carrying the set
+//! of rule positions still alive as a bit set (a rule has at most [`MAX_RULE_SEGMENTS`]).
+//! A recursive matcher backtracked on rules with several `**`: a 5 KB path against
+//! `/api/**/x/**/x/**/y` held a worker for 13 s.
 
 use http::Method;
+use percent_encoding::percent_decode_str;
+
+/// Segments in one rule: enough for any real API path, and the matcher's bit set.
+pub const MAX_RULE_SEGMENTS: usize = 63;
+/// Segments in a path a client with rules may call: no real API path comes near it.
+pub const MAX_PATH_SEGMENTS: usize = 256;
 
 /// One `METHOD /path/glob` rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +48,7 @@ impl AllowRule {
         if !path.starts_with('/') {
             return Err(format!("the path in \"{rule}\" must start with '/'"));
         }
-        let segments = path[1..]
+        let segments: Vec<Segment> = path[1..]
             .split('/')
             .map(|s| match s {
                 "*" => Segment::One,
@@ -45,6 +56,11 @@ impl AllowRule {
                 lit => Segment::Literal(lit.to_string()),
             })
             .collect();
+        if segments.len() > MAX_RULE_SEGMENTS {
+            return Err(format!(
+                "\"{rule}\" has more than {MAX_RULE_SEGMENTS} path segments"
+            ));
+        }
         Ok(AllowRule { method, segments })
     }
 
@@ -53,39 +69,78 @@ impl AllowRule {
         if self.method.as_ref().is_some_and(|m| m != method) {
             return false;
         }
-        let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
-        glob(&self.segments, &segs)
+        glob(
+            &self.segments,
+            path.strip_prefix('/').unwrap_or(path).split('/'),
+        )
     }
 }
 
-fn glob(pattern: &[Segment], path: &[&str]) -> bool {
-    let Some((seg, rest)) = pattern.split_first() else {
-        return path.is_empty();
+/// Does `pattern` match the whole of `path`? Bit `j` of `alive` says the first `j`
+/// pattern segments match the path read so far; each path segment moves every live
+/// position on at once, so the cost is (path segments) × (pattern segments), never more.
+fn glob<'a>(pattern: &[Segment], path: impl Iterator<Item = &'a str>) -> bool {
+    let m = pattern.len();
+    // `**` matches no segment too: a live position before one makes the next live.
+    let close = |mut alive: u64| {
+        for (j, seg) in pattern.iter().enumerate() {
+            if alive & (1 << j) != 0 && *seg == Segment::Any {
+                alive |= 1 << (j + 1);
+            }
+        }
+        alive
     };
-    match (seg, path.split_first()) {
-        (Segment::Any, _) => (0..=path.len()).any(|i| glob(rest, &path[i..])),
-        (_, None) => false,
-        (Segment::One, Some((p, more))) => !p.is_empty() && glob(rest, more),
-        (Segment::Literal(l), Some((p, more))) => l == p && glob(rest, more),
+    let mut alive = close(1);
+    for p in path {
+        let mut next = 0u64;
+        for (j, seg) in pattern.iter().enumerate() {
+            if alive & (1 << j) == 0 {
+                continue;
+            }
+            match seg {
+                Segment::Any => next |= 1 << j,
+                Segment::One if !p.is_empty() => next |= 1 << (j + 1),
+                Segment::Literal(l) if l == p => next |= 1 << (j + 1),
+                _ => {}
+            }
+        }
+        alive = close(next);
+        if alive == 0 {
+            return false;
+        }
     }
+    alive & (1 << m) != 0
 }
 
-/// A path whose meaning cannot change under normalisation: no `.`/`..` segments, no empty
-/// segments (`//`), no percent-encoded `.`, `/` or `\`, no backslash.
+/// A path whose meaning cannot change on its way, however the API host decodes or
+/// normalises it. Decoded once, it must be valid UTF-8 (no overlong forms), printable
+/// ASCII, with no `%` left (double encoding), no `;` (matrix parameters, `..;/`), no
+/// backslash, no `.`/`..` or empty segments (a trailing `/` is fine), no encoded `/`, and
+/// at most [`MAX_PATH_SEGMENTS`] segments.
 pub fn is_plain_path(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains('\\') {
+    if !path.starts_with('/') {
         return false;
     }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2e") || lower.contains("%2f") || lower.contains("%5c") {
+    let Ok(decoded) = percent_decode_str(path).decode_utf8() else {
+        return false;
+    };
+    if !decoded
+        .bytes()
+        .all(|b| matches!(b, b' '..=b'~') && !matches!(b, b'%' | b';' | b'\\'))
+    {
         return false;
     }
-    let inner = &path[1..];
+    // An encoded '/' would add a segment only after decoding.
+    let count = path.split('/').count();
+    if count != decoded.split('/').count() || count > MAX_PATH_SEGMENTS + 1 {
+        return false;
+    }
+    let inner = &decoded[1..];
     inner.is_empty()
         || inner.split('/').enumerate().all(|(i, s)| match s {
             "." | ".." => false,
             // A trailing '/' is harmless; an empty segment inside is not.
-            "" => i == inner.split('/').count() - 1,
+            "" => i == count - 2,
             _ => true,
         })
 }
@@ -121,6 +176,13 @@ mod tests {
             "/a%2Fb",
             "/a\\b",
             "a",
+            "/a/..;/b",
+            "/a;x/b",
+            "/a/%252e%252e/b",
+            "/a/%00/b",
+            "/a/%c0%ae%c0%ae/b",
+            "/a/%e2%80%a8",
+            "/a/%5c",
         ] {
             assert!(!is_plain_path(p), "{p}");
         }
@@ -130,7 +192,35 @@ mod tests {
     }
 
     #[test]
+    fn globs_with_several_double_stars_match_in_linear_time() {
+        let r = rule("GET /api/**/x/**/x/**/y");
+        assert!(r.allows(&Method::GET, "/api/x/x/y"));
+        assert!(r.allows(&Method::GET, "/api/a/x/b/c/x/y"));
+        assert!(!r.allows(&Method::GET, "/api/x/y"));
+        // 30,000 segments of "x": a backtracking matcher tries ~n^3 splits and never ends.
+        let long = format!("/api{}/z", "/x".repeat(30_000));
+        let started = std::time::Instant::now();
+        assert!(!r.allows(&Method::GET, &long));
+        assert!(r.allows(&Method::GET, &format!("/api{}/y", "/x".repeat(30_000))));
+        // Bound only a failure: the linear matcher takes about a millisecond.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        let r = rule("* /**");
+        assert!(r.allows(&Method::GET, "/"));
+        assert!(r.allows(&Method::GET, "/a/b"));
+        let r = rule("GET /a/*/**");
+        assert!(!r.allows(&Method::GET, "/a"));
+        assert!(r.allows(&Method::GET, "/a/b"));
+    }
+
+    #[test]
+    fn long_paths_are_not_plain() {
+        assert!(is_plain_path(&"/a".repeat(MAX_PATH_SEGMENTS)));
+        assert!(!is_plain_path(&"/a".repeat(MAX_PATH_SEGMENTS + 1)));
+    }
+
+    #[test]
     fn bad_rules_are_refused() {
+        assert!(AllowRule::parse(&format!("GET {}", "/a".repeat(64))).is_err());
         assert!(AllowRule::parse("/api").is_err());
         assert!(AllowRule::parse("GET api").is_err());
         assert!(AllowRule::parse("G@T /api").is_err());

@@ -38,6 +38,9 @@ pub struct Upstream {
     clients: Vec<(UpstreamClient, Arc<Semaphore>)>,
     /// Request counters and latency, resolved once.
     pub metrics: UpstreamMetrics,
+    /// `base_url` has a path of its own: every caller's path must then be plain, or `..`
+    /// would climb out of it (see [`crate::policy::is_plain_path`]).
+    pub plain_paths_only: bool,
     next: AtomicUsize,
     /// Per pooled token: until when (ms after `epoch`) it is spent; 0 when it is not.
     spent_until: Vec<AtomicU64>,
@@ -62,7 +65,12 @@ impl Upstream {
             })
             .collect();
         let spent_until = tokens.iter().map(|_| AtomicU64::new(0)).collect();
+        let plain_paths_only = config
+            .base_url
+            .as_ref()
+            .is_some_and(|b| !b.path().trim_matches('/').is_empty());
         Upstream {
+            plain_paths_only,
             config,
             tokens,
             clients,

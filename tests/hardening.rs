@@ -98,3 +98,89 @@ async fn method_override_and_forwarding_headers_do_not_reach_the_api() {
         assert!(!names.contains(&name), "{name} reached the API: {names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_path_against_a_rule_with_three_double_stars_is_answered_at_once() {
+    let sandbox = sandbox().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}{}",
+        upstream_toml(&sandbox, "genesys", "/"),
+        client_toml("job", "allow = [\"GET /api/**/x/**/x/**/y\"]"),
+    );
+    let proxy = Proxy::start(&config);
+    // 60 KB: 30,000 segments, and 200 segments of 300 bytes (under the segment cap).
+    let many = format!("/api{}/z", "/x".repeat(30_000));
+    let long = format!("/api{}/z", format!("/{}", "x".repeat(299)).repeat(200));
+    for path in [many, long] {
+        let started = std::time::Instant::now();
+        let r = get_with_key(&proxy, &path).await;
+        let took = started.elapsed();
+        assert_eq!(r.status(), 403);
+        eprintln!("{} bytes answered in {took:?}", path.len());
+        // A bound on failure only (the backtracking matcher took 13 s for 5 KB).
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    assert_eq!(get_with_key(&proxy, "/api/a/x/b/x/y").await.status(), 200);
+    assert_eq!(sandbox.seen().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encodings_that_could_change_a_path_on_its_way_do_not_pass_an_allow_list() {
+    let sandbox = sandbox().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}{}",
+        upstream_toml(&sandbox, "genesys", "/"),
+        client_toml("job", "allow = [\"GET /api/v2/analytics/**\"]"),
+    );
+    let proxy = Proxy::start(&config);
+    let addr = proxy.addr.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        [
+            "/api/v2/analytics/..;/users",
+            "/api/v2/analytics/%252e%252e/users",
+            "/api/v2/analytics/%c0%ae%c0%ae/users",
+            "/api/v2/analytics/%00/x",
+        ]
+        .map(|path| {
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {CLIENT_KEY}\r\nConnection: close\r\n\r\n"
+            );
+            (path, status_of(&raw(&addr, &request)))
+        })
+    })
+    .await
+    .unwrap();
+    for (path, status) in answers {
+        assert_eq!(status, 403, "{path}");
+    }
+    assert!(sandbox.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_without_rules_cannot_climb_out_of_a_base_url_path() {
+    let sandbox = sandbox().await;
+    let upstream = upstream_toml(&sandbox, "genesys", "/").replace(
+        &format!("base_url = \"{}\"", sandbox.api_url()),
+        &format!("base_url = \"{}/api/v2/analytics\"", sandbox.api_url()),
+    );
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{upstream}{}",
+        client_toml("job", "")
+    );
+    let proxy = Proxy::start(&config);
+    let addr = proxy.addr.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        ["/../users", "/%2e%2e/users", "/reports"].map(|path| {
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {CLIENT_KEY}\r\nConnection: close\r\n\r\n"
+            );
+            status_of(&raw(&addr, &request))
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers, [403, 403, 200]);
+    let seen = sandbox.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/api/v2/analytics/reports");
+}

@@ -6,7 +6,9 @@
 //! can make the proxy connect anywhere else.
 //!
 //! Policy: a client's `upstreams` list and its `allow` rules (see [`crate::policy`]); rules
-//! match the path as the caller sent it, and only paths in plain form.
+//! match the path as the caller sent it, and only paths in plain form. An upstream whose
+//! `base_url` has a path takes plain paths only, from every caller: `..` must not climb
+//! out of it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -73,6 +75,13 @@ pub struct Router<S> {
     upstreams: Arc<[Arc<Upstream>]>,
 }
 
+fn not_plain() -> ProxyError {
+    ProxyError::Forbidden(
+        "the path has dot-segments, empty segments, encoded separators or characters that could change its meaning on the way"
+            .into(),
+    )
+}
+
 /// The rest of `path` after `prefix`, if `prefix` matches whole segments.
 fn strip_prefix<'a>(prefix: &str, path: &'a str) -> Option<&'a str> {
     if prefix == "/" {
@@ -105,9 +114,7 @@ impl<S> Router<S> {
             }
             if let Some(rules) = &client.allow {
                 if !is_plain_path(path) {
-                    return Err(ProxyError::Forbidden(
-                        "the path has dot-segments, empty segments or encoded separators".into(),
-                    ));
+                    return Err(not_plain());
                 }
                 if !rules.iter().any(|r| r.allows(req.method(), path)) {
                     return Err(ProxyError::Forbidden(format!(
@@ -117,6 +124,9 @@ impl<S> Router<S> {
                     )));
                 }
             }
+        }
+        if upstream.plain_paths_only && !is_plain_path(path) {
+            return Err(not_plain());
         }
         Ok(Route {
             upstream: Arc::clone(upstream),
