@@ -184,3 +184,45 @@ async fn a_client_without_rules_cannot_climb_out_of_a_base_url_path() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/api/v2/analytics/reports");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_mode_refuses_foreign_hosts_and_cross_site_requests() {
+    let sandbox = sandbox().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+        upstream_toml(&sandbox, "genesys", "/")
+    );
+    let proxy = Proxy::start(&config);
+    let addr = proxy.addr.clone();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let answers = tokio::task::spawn_blocking(move || {
+        let ask = |extra: &str| {
+            let request = format!(
+                "GET /api/v2/conversations HTTP/1.1\r\n{extra}Connection: close\r\n\r\n"
+            );
+            status_of(&raw(&addr, &request))
+        };
+        [
+            ask("Host: attacker.example\r\n"),
+            ask(&format!("Host: attacker.example:{port}\r\n")),
+            ask(&format!(
+                "Host: 127.0.0.1:{port}\r\nOrigin: http://attacker.example\r\n"
+            )),
+            ask(&format!(
+                "Host: localhost:{port}\r\nSec-Fetch-Site: cross-site\r\n"
+            )),
+            status_of(&raw(
+                &addr,
+                &format!("OPTIONS /api/v2/conversations HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: http://attacker.example\r\nAccess-Control-Request-Method: DELETE\r\nConnection: close\r\n\r\n"),
+            )),
+            ask(&format!(
+                "Host: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n"
+            )),
+            ask(&format!("Host: localhost:{port}\r\n")),
+        ]
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers, [403, 403, 403, 403, 204, 200, 200]);
+    assert_eq!(sandbox.seen().len(), 2, "only the two same-origin calls");
+}

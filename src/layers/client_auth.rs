@@ -93,6 +93,68 @@ pub fn identify(clients: &[Arc<ClientConfig>], key: &[u8]) -> Option<Arc<ClientC
     found
 }
 
+/// Is `host` (a `Host` header or an authority, port allowed) a loopback name?
+fn is_loopback_host(host: &str) -> bool {
+    let Ok(authority) = host.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let name = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Anonymous mode (no `[[client]]`, loopback only) trusts whoever can connect, and a
+/// browser on the same machine can connect too: a page elsewhere could call the proxy
+/// (a cross-site request) or rebind its own name to 127.0.0.1 (DNS rebinding) and use the
+/// team's token. So only loopback `Host` names, and no cross-site requests; a CORS
+/// preflight is answered here, without any `Access-Control-Allow-*`, and never forwarded.
+fn anonymous_browser_check(req: &ProxyRequest) -> Result<(), ProxyResponse> {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if !host.is_some_and(is_loopback_host) {
+        return Err(ProxyError::Forbidden(
+            "without [[client]] keys the proxy answers only requests addressed to a loopback name (localhost, 127.0.0.1, [::1])".into(),
+        )
+        .into_response());
+    }
+    if req.method() == http::Method::OPTIONS
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        let mut resp = http::Response::new(crate::body::empty());
+        *resp.status_mut() = http::StatusCode::NO_CONTENT;
+        resp.extensions_mut()
+            .insert(crate::error::ProxyErrorCode("preflight_refused"));
+        return Err(resp);
+    }
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| !matches!(v.as_bytes(), b"same-origin" | b"none"))
+        || headers.get(header::ORIGIN).is_some_and(|origin| {
+            let origin_host = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.parse::<http::Uri>().ok())
+                .and_then(|u| u.authority().map(|a| a.as_str().to_ascii_lowercase()));
+            origin_host != host.map(str::to_ascii_lowercase)
+        });
+    if cross_site {
+        return Err(ProxyError::Forbidden(
+            "cross-site requests are refused: without [[client]] keys a web page must not use the team's token".into(),
+        )
+        .into_response());
+    }
+    Ok(())
+}
+
 impl<S> Service<ProxyRequest> for ClientAuth<S>
 where
     S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible>,
@@ -107,6 +169,9 @@ where
 
     fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
         let caller = if self.clients.is_empty() {
+            if let Err(refusal) = anonymous_browser_check(&req) {
+                return Either::Left(ready(Ok(refusal)));
+            }
             Caller(None)
         } else {
             let found = match presented_key(req.headers()) {
@@ -145,6 +210,28 @@ mod tests {
             upstreams: None,
             allow: None,
         })
+    }
+
+    #[test]
+    fn loopback_hosts_are_told_apart() {
+        for h in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:1",
+            "[::1]:9",
+            "a.localhost",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "attacker.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.1",
+            "",
+            "local host",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
     }
 
     #[test]
