@@ -226,3 +226,42 @@ async fn anonymous_mode_refuses_foreign_hosts_and_cross_site_requests() {
     assert_eq!(answers, [403, 403, 403, 403, 204, 200, 200]);
     assert_eq!(sandbox.seen().len(), 2, "only the two same-origin calls");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_returns_within_two_seconds_of_the_token_endpoint() {
+    let mut sandbox = sandbox().await;
+    sandbox.stop_login().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    // Callers keep calling through a 20 s outage, in which the proxy fails at least six
+    // grants (a backoff doubling from 1 s would then wait 32 s before the next).
+    let failed = |text: &str| metric(text, "tokengate_token_grants_total", &["unreachable"]);
+    let outage = std::time::Instant::now();
+    loop {
+        let r = get_with_key(&proxy, "/api/v2/users/me").await;
+        assert_eq!(r.status(), 503);
+        let failures = failed(&admin_text(&proxy, "/metrics").await);
+        if failures >= 6.0 && outage.elapsed() >= Duration::from_secs(20) {
+            break;
+        }
+        assert!(
+            outage.elapsed() < Duration::from_secs(90),
+            "grants were not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sandbox.start_login().await.unwrap();
+    let back = std::time::Instant::now();
+    loop {
+        if get_with_key(&proxy, "/api/v2/users/me").await.status() == 200 {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(60), "never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = back.elapsed();
+    eprintln!(
+        "outage {:?}, recovered {took:?} after the token endpoint",
+        outage.elapsed()
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}

@@ -122,9 +122,18 @@ impl Want {
     }
 }
 
+/// While no usable token is held, a failed grant that may succeed on its own (the token
+/// endpoint down, slow or rate limited) is tried again by the next call once it is this
+/// old, however long the backoff has grown: service comes back within about this long of
+/// the token endpoint. One probe at a time (the single flight), so at most one grant a
+/// second reaches an endpoint that is failing.
+const PROBE_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Default)]
 struct Backoff {
     failures: u32,
+    /// When the last grant failed.
+    failed_at: Option<Instant>,
     until: Option<Instant>,
     last_error: Option<GrantError>,
     /// The last token the upstream rejected: the fleet's cache may still hold it, and it
@@ -147,11 +156,34 @@ impl Backoff {
         let base = Duration::from_secs(exp).min(Duration::from_secs(60));
         let jitter = rand::thread_rng().gen_range(0.8..1.2);
         self.until = Some(now + base.mul_f64(jitter));
+        self.failed_at = Some(now);
         self.last_error = Some(error);
     }
 
     fn active(&self, now: Instant) -> Option<Duration> {
         self.until.filter(|u| *u > now).map(|u| u - now)
+    }
+
+    /// How long until a caller holding no usable token may probe with a grant of its own
+    /// (see [`PROBE_AFTER`]); `None` when the backoff is not active or the last failure
+    /// will not pass by itself (refused credentials wait out the whole backoff).
+    fn probe_in(&self, now: Instant) -> Option<Duration> {
+        self.active(now)?;
+        if !self
+            .last_error
+            .as_ref()
+            .is_some_and(GrantError::is_transient)
+        {
+            return None;
+        }
+        let since = now.saturating_duration_since(self.failed_at?);
+        Some(PROBE_AFTER.saturating_sub(since))
+    }
+
+    /// What a caller with no usable token waits for: the backoff, or a probe sooner.
+    fn wait_without_token(&self, now: Instant) -> Option<Duration> {
+        let wait = self.active(now)?;
+        Some(self.probe_in(now).map_or(wait, |probe| probe.min(wait)))
     }
 }
 
@@ -401,6 +433,7 @@ impl TokenSource {
                 let backoff = self.minting.lock().await;
                 let now = Instant::now();
                 match (self.usable(), backoff.active(now)) {
+                    (None, Some(_)) => now + backoff.wait_without_token(now).unwrap_or_default(),
                     (_, Some(wait)) => now + wait,
                     (Some(t), None) => t.refresh_at,
                     (None, None) => now,
@@ -456,7 +489,9 @@ impl TokenSource {
             }
         }
         let fallback = current.filter(|t| want.tolerates(t, now));
-        if let Some(wait) = backoff.active(now) {
+        let probe = fallback.is_none() && backoff.probe_in(now) == Some(Duration::ZERO);
+        if let Some(wait) = backoff.active(now).filter(|_| !probe) {
+            let wait = backoff.wait_without_token(now).unwrap_or(wait);
             return match fallback {
                 Some(t) => Ok(t),
                 None => Err(TokenError {
@@ -535,7 +570,7 @@ impl TokenSource {
                     error: cause.clone(),
                 });
                 backoff.record(cause.clone(), Instant::now());
-                let retry_after = backoff.active(Instant::now());
+                let retry_after = backoff.wait_without_token(Instant::now());
                 tracing::warn!(
                     upstream = %self.upstream,
                     error = %cause,
@@ -699,6 +734,28 @@ mod tests {
         assert_eq!(t.usable_until - now, Duration::from_secs(86400 - 60));
         assert_eq!(t.refresh_at - now, Duration::from_secs(86400 - 360));
         assert!(!format!("{t:?}").contains("Bearer x"));
+    }
+
+    #[test]
+    fn without_a_token_a_transient_failure_is_probed_after_a_second() {
+        let now = Instant::now();
+        let mut b = Backoff::default();
+        for _ in 0..6 {
+            b.record(GrantError::Timeout, now);
+        }
+        assert!(b.active(now).unwrap() > Duration::from_secs(20));
+        assert_eq!(b.wait_without_token(now), Some(PROBE_AFTER));
+        assert_eq!(b.probe_in(now + PROBE_AFTER), Some(Duration::ZERO));
+        let mut refused = Backoff::default();
+        refused.record(
+            GrantError::NotOAuth {
+                status: 200,
+                api_code: None,
+                what: "html".into(),
+            },
+            now,
+        );
+        assert_eq!(refused.probe_in(now + PROBE_AFTER), None);
     }
 
     #[test]
