@@ -114,14 +114,14 @@ fn is_loopback_host(host: &str) -> bool {
 /// (a cross-site request) or rebind its own name to 127.0.0.1 (DNS rebinding) and use the
 /// team's token. So only loopback `Host` names, and no cross-site requests; a CORS
 /// preflight is answered here, without any `Access-Control-Allow-*`, and never forwarded.
-fn anonymous_browser_check(req: &ProxyRequest) -> Result<(), ProxyResponse> {
+fn anonymous_browser_refusal(req: &ProxyRequest) -> Option<ProxyResponse> {
     let headers = req.headers();
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     if !host.is_some_and(is_loopback_host) {
-        return Err(ProxyError::Forbidden(
+        return Some(ProxyError::Forbidden(
             "without [[client]] keys the proxy answers only requests addressed to a loopback name (localhost, 127.0.0.1, [::1])".into(),
         )
         .into_response());
@@ -133,7 +133,7 @@ fn anonymous_browser_check(req: &ProxyRequest) -> Result<(), ProxyResponse> {
         *resp.status_mut() = http::StatusCode::NO_CONTENT;
         resp.extensions_mut()
             .insert(crate::error::ProxyErrorCode("preflight_refused"));
-        return Err(resp);
+        return Some(resp);
     }
     let cross_site = headers
         .get("sec-fetch-site")
@@ -147,12 +147,12 @@ fn anonymous_browser_check(req: &ProxyRequest) -> Result<(), ProxyResponse> {
             origin_host != host.map(str::to_ascii_lowercase)
         });
     if cross_site {
-        return Err(ProxyError::Forbidden(
+        return Some(ProxyError::Forbidden(
             "cross-site requests are refused: without [[client]] keys a web page must not use the team's token".into(),
         )
         .into_response());
     }
-    Ok(())
+    None
 }
 
 impl<S> Service<ProxyRequest> for ClientAuth<S>
@@ -169,7 +169,7 @@ where
 
     fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
         let caller = if self.clients.is_empty() {
-            if let Err(refusal) = anonymous_browser_check(&req) {
+            if let Some(refusal) = anonymous_browser_refusal(&req) {
                 return Either::Left(ready(Ok(refusal)));
             }
             Caller(None)
