@@ -29,45 +29,6 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
-pin_project_lite::pin_project! {
-    /// A body that keeps `held` alive until the body is dropped (a connection permit).
-    struct Holding<B, T> {
-        #[pin]
-        inner: B,
-        held: T,
-    }
-}
-
-impl<B: http_body::Body, T> http_body::Body for Holding<B, T> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Box `body`, keeping `held` alive as long as the body is.
-pub fn holding<B, T>(body: B, held: T) -> ProxyBody
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-    T: Send + 'static,
-{
-    boxed(Holding { inner: body, held })
-}
-
 /// Read a whole small body; `None` if it is longer than `limit` or fails.
 pub async fn read_small(mut body: ProxyBody, limit: usize) -> Option<Bytes> {
     let mut out = Vec::new();
@@ -80,4 +41,161 @@ pub async fn read_small(mut body: ProxyBody, limit: usize) -> Option<Bytes> {
         }
     }
     Some(out.into())
+}
+
+/// Answers whose body is already here when their head arrives, up to this size, are read
+/// whole before they are passed on (see [`settle_answer`]).
+pub const SETTLED_ANSWER_BYTES: usize = 64 * 1024;
+
+/// An upstream's answer body, made so that a slow or stalled caller cannot hold the
+/// upstream connection (`permit`) for longer than the answer needs:
+///
+/// - what is already here is taken at once, without waiting; if that is the whole body
+///   (and at most [`SETTLED_ANSWER_BYTES`]), the permit is given back right away and the
+///   caller reads from memory at its own pace. Most API answers are small JSON that
+///   arrives with its head.
+/// - otherwise the body streams with the permit held, and is cut (the connection to the
+///   upstream dropped, the caller's answer truncated) when the upstream sends nothing for
+///   `idle`: a stalled answer frees its connection instead of pinning it for ever.
+pub fn settle_answer<B, T>(mut body: B, permit: T, idle: std::time::Duration) -> ProxyBody
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    T: Send + Unpin + 'static,
+{
+    use futures_util::FutureExt as _;
+    let mut read: Vec<http_body::Frame<Bytes>> = Vec::new();
+    let mut size = 0usize;
+    loop {
+        if body.is_end_stream() {
+            drop(permit);
+            return whole(read);
+        }
+        match body.frame().now_or_never() {
+            Some(None) => {
+                drop(permit);
+                return whole(read);
+            }
+            Some(Some(Ok(frame))) => {
+                size += frame.data_ref().map_or(0, Bytes::len);
+                let more = frame.is_data() && size <= SETTLED_ANSWER_BYTES;
+                read.push(frame);
+                if !more {
+                    break;
+                }
+            }
+            // Not here yet, or failed: the streaming path reports a failure in order.
+            Some(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                let failed = futures_util::stream::once(async move { Err(e) });
+                let read = futures_util::stream::iter(read.into_iter().map(Ok));
+                return boxed(http_body_util::StreamBody::new(
+                    futures_util::StreamExt::chain(read, failed),
+                ));
+            }
+            None => break,
+        }
+    }
+    boxed(Streaming {
+        read: read.into(),
+        inner: body,
+        _permit: permit,
+        idle,
+        last_progress: tokio::time::Instant::now(),
+        timer: None,
+    })
+}
+
+/// The frames read, as one body (one `Bytes` when there was one data frame).
+fn whole(mut read: Vec<http_body::Frame<Bytes>>) -> ProxyBody {
+    if read.iter().all(http_body::Frame::is_data) {
+        let mut data: Vec<Bytes> = read.drain(..).filter_map(|f| f.into_data().ok()).collect();
+        return match data.len() {
+            0 => empty(),
+            1 => full(data.swap_remove(0)),
+            _ => full(data.concat()),
+        };
+    }
+    boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+        read.into_iter().map(Ok::<_, std::convert::Infallible>),
+    )))
+}
+
+/// The error that ends an answer the upstream stopped sending (seen in logs only).
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing of the answer for {0:?} (timeout_secs); it was cut off")]
+pub struct AnswerStalled(std::time::Duration);
+
+/// An answer streaming from the upstream with its connection permit (see [`settle_answer`]).
+struct Streaming<B, T> {
+    read: std::collections::VecDeque<http_body::Frame<Bytes>>,
+    inner: B,
+    /// Held, never read: the connection is the upstream's until this body ends.
+    _permit: T,
+    idle: std::time::Duration,
+    last_progress: tokio::time::Instant,
+    /// Armed only when the body has to wait, and moved on lazily: a frame costs no timer
+    /// update, only a clock read.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B, T> http_body::Body for Streaming<B, T>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    T: Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(frame) = this.read.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            this.last_progress = tokio::time::Instant::now();
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let due = this.last_progress + this.idle;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let cut = AnswerStalled(this.idle);
+                tracing::warn!("{cut}");
+                Poll::Ready(Some(Err(Box::new(cut))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let read: u64 = self
+            .read
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let inner = self.inner.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower() + read);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + read);
+        }
+        hint
+    }
 }

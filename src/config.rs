@@ -120,6 +120,7 @@ struct RawUpstream {
     timeout_secs: Option<f64>,
     connect_timeout_secs: Option<f64>,
     request_timeout_secs: Option<f64>,
+    queue_timeout_secs: Option<f64>,
     retry_429: Option<u32>,
     retry_429_max_wait_secs: Option<f64>,
 }
@@ -259,8 +260,11 @@ pub struct UpstreamConfig {
     /// Token pool size: each Genesys token has its own API rate limit.
     pub tokens: u32,
     /// The most connections open to this upstream at once (the proxy's share of them is
-    /// split evenly over its workers); calls beyond it wait for one, within `timeout`.
+    /// split evenly over its workers); calls beyond it wait for one, within `queue_timeout`.
     pub max_connections: usize,
+    /// How long a call may wait for a free connection before `503 upstream_busy`
+    /// (`queue_timeout_secs`, 5 s by default).
+    pub queue_timeout: Duration,
     pub grant: GrantConfig,
 }
 
@@ -848,6 +852,7 @@ impl Cx<'_> {
             retry_429: raw.retry_429.unwrap_or(0).min(10),
             tokens,
             max_connections,
+            queue_timeout: self.secs(&key("queue_timeout_secs"), raw.queue_timeout_secs, 5.0)?,
             retry_429_max_wait: self.secs(
                 &key("retry_429_max_wait_secs"),
                 raw.retry_429_max_wait_secs,

@@ -37,6 +37,13 @@ pub enum ProxyError {
     UpstreamUnreachable(String),
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// Every connection the upstream may have was in use for the whole queue time: the
+    /// proxy is busy, which says nothing about the API's health.
+    #[error("every connection to upstream \"{upstream}\" (max_connections) was busy for {waited:?}; try again shortly")]
+    UpstreamBusy {
+        upstream: std::sync::Arc<str>,
+        waited: Duration,
+    },
 }
 
 /// Set on every response the proxy made itself, so logs and metrics can tell it from an
@@ -56,6 +63,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -70,6 +78,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::UpstreamBusy { .. } => "upstream_busy",
         }
     }
 
@@ -111,6 +120,9 @@ impl ProxyError {
             } => {
                 let secs = after.as_secs().max(1);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ProxyError::UpstreamBusy { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
@@ -156,6 +168,14 @@ mod tests {
                 ProxyError::UpstreamTimeout(Duration::from_secs(1)),
                 504,
                 "upstream_timeout",
+            ),
+            (
+                ProxyError::UpstreamBusy {
+                    upstream: "u".into(),
+                    waited: Duration::from_secs(1),
+                },
+                503,
+                "upstream_busy",
             ),
         ];
         for (err, status, code) in rows {

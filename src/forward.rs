@@ -119,18 +119,23 @@ impl Service<ProxyRequest> for Forward {
         Box::pin(async move {
             let timeout = upstream.config.timeout;
             let (client, permits) = upstream.client();
-            let exchange = async {
-                // A free connection slot first: at the cap, calls queue here rather than
-                // open one more connection (the wait counts against `timeout_secs`).
-                let permit = Arc::clone(permits).acquire_owned().await;
-                let resp = client.request(req).await;
-                (permit, resp)
-            };
-            let (permit, answer) = match tokio::time::timeout(timeout, exchange).await {
-                Ok((permit, answer)) => (permit.ok(), Ok(answer)),
-                Err(elapsed) => (None, Err(elapsed)),
-            };
-            let resp = match answer {
+            // A free connection first: at the cap, calls queue here rather than open one
+            // more. Waiting is the proxy being busy, not the API being slow, so it ends in
+            // 503 upstream_busy, never in a 504 that would blame the API.
+            let queue = upstream.config.queue_timeout;
+            let permit =
+                match tokio::time::timeout(queue, Arc::clone(permits).acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) | Err(_) => {
+                        let busy = ProxyError::UpstreamBusy {
+                            upstream: Arc::clone(upstream.name()),
+                            waited: queue,
+                        };
+                        tracing::warn!(upstream = %upstream.name(), "{busy}");
+                        return Ok(busy.into_response());
+                    }
+                };
+            let resp = match tokio::time::timeout(timeout, client.request(req)).await {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {
                     let failure = if e.is_connect() {
@@ -146,8 +151,9 @@ impl Service<ProxyRequest> for Forward {
             };
             let (mut head, incoming) = resp.into_parts();
             strip_hop_by_hop(&mut head.headers);
-            // The connection is busy until the body has been read (or dropped).
-            let answer = body::holding(incoming, permit);
+            // The connection is busy until the body has been read (or dropped): at once
+            // for a small answer that came with its head, else as the caller reads it.
+            let answer = body::settle_answer(incoming, permit, timeout);
             Ok(http::Response::from_parts(head, answer))
         })
     }

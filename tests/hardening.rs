@@ -265,3 +265,174 @@ async fn service_returns_within_two_seconds_of_the_token_endpoint() {
     );
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
+
+/// The usual config, with `upstream_extra` lines on the upstream and one worker, so that
+/// every connection shares one worker's connection permits.
+fn one_worker_config(sandbox: &Sandbox, upstream_extra: &str) -> String {
+    config_with(sandbox, "workers = 1", upstream_extra)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_a_busy_upstream_ends_in_503_upstream_busy_never_504() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&one_worker_config(
+        &sandbox,
+        "max_connections = 4\ntimeout_secs = 30\nqueue_timeout_secs = 1",
+    ));
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    // Four calls wait for the API's answer; a fifth waits for a connection and gets its
+    // 200 once one frees.
+    let gated: Vec<_> = (0..4)
+        .map(|_| {
+            let url = proxy.url("/api/v2/sandbox/gate");
+            tokio::spawn(async move {
+                client()
+                    .get(url)
+                    .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    let api_calls = sandbox.api_calls();
+    wait_for(Duration::from_secs(10), || {
+        (sandbox.api_calls() >= api_calls + 4).then_some(())
+    })
+    .await
+    .expect("four calls at the gate");
+    let fifth = {
+        let url = proxy.url("/api/v2/users/me");
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    sandbox.open_gate();
+    for g in gated {
+        assert_eq!(g.await.unwrap(), 200);
+    }
+    assert_eq!(fifth.await.unwrap(), 200);
+    // Four answers that stall after their first bytes hold every connection: the next
+    // call is told the proxy is busy, with Retry-After, and the API is not blamed.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let r = get_with_key(&proxy, "/api/v2/sandbox/stall").await;
+        assert_eq!(r.status(), 200);
+        stalled.push(r);
+    }
+    let r = get_with_key(&proxy, "/api/v2/users/me").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_busy");
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_giving_up_on_stalled_answers_do_not_pin_the_upstream_connections() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&config_with(&sandbox, "", "timeout_secs = 3"));
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let callers: Vec<_> = (0..160)
+        .map(|_| {
+            let (c, url) = (impatient.clone(), proxy.url("/api/v2/sandbox/stall"));
+            tokio::spawn(async move {
+                let r = c
+                    .get(url)
+                    .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+                    .send()
+                    .await;
+                // Gives up: the head came, the rest never does.
+                if let Ok(r) = r {
+                    assert!(r.bytes().await.is_err());
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await.unwrap();
+    }
+    let gave_up = std::time::Instant::now();
+    loop {
+        let r = get_with_key(&proxy, "/api/v2/users/me").await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            gave_up.elapsed() < Duration::from_secs(5),
+            "still {} 5 s after the callers gave up",
+            r.status()
+        );
+    }
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let url = proxy.url("/api/v2/users/me");
+            tokio::spawn(async move {
+                client()
+                    .get(url)
+                    .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert!(gave_up.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_that_never_read_their_answers_do_not_hold_the_upstream_connections() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    // 8 HTTP/2 connections announcing a zero flow-control window, 20 calls each: more
+    // calls than the upstream's 128 connections; each gets its head and never its body.
+    let (mut held, mut senders) = (Vec::new(), Vec::new());
+    for _ in 0..8 {
+        let tcp = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut pending = Vec::new();
+        for _ in 0..20 {
+            let req = http::Request::get(proxy.url("/api/v2/users/me"))
+                .header("x-api-key", CLIENT_KEY)
+                .body(())
+                .unwrap();
+            let mut send = send.clone().ready().await.unwrap();
+            let (resp, _) = send.send_request(req, true).unwrap();
+            pending.push(resp);
+        }
+        for resp in pending {
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            held.push(resp);
+        }
+        senders.push(send);
+    }
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+    drop((held, senders));
+}
