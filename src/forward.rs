@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, HeaderMap, HeaderName, Uri, Version};
+use http_body::Body as _;
 use tower::Service;
 
 use crate::body;
 use crate::error::{body_error_or, ProxyError};
+use crate::layers::retry::idempotent;
 use crate::layers::route::Route;
 use crate::layers::{BoxFuture, ProxyRequest};
 use crate::token::grant::error_chain;
@@ -82,6 +84,39 @@ pub fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, ProxyError> {
     Uri::from_parts(parts).map_err(|_| unusable())
 }
 
+/// How many times a call is sent again after its pooled connection closed under it: each
+/// time the pool drops that connection, and a burst of idle closes can take several.
+const STALE_RESENDS: usize = 3;
+
+/// Did the upstream close the connection before any byte of an answer arrived? That is
+/// a pooled keep-alive connection the API host (or a load balancer) closed as idle just
+/// as the call was sent on it: nothing was answered, so an idempotent call may be sent
+/// again on another connection (nginx's `proxy_next_upstream`, haproxy's
+/// `retry-on conn-failure`).
+fn closed_before_answering(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(err) = cause {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        cause = err.source();
+    }
+    false
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Forward;
 
@@ -135,7 +170,35 @@ impl Service<ProxyRequest> for Forward {
                         return Ok(busy.into_response());
                     }
                 };
-            let resp = match tokio::time::timeout(timeout, client.request(req)).await {
+            // An idempotent call with no body can be sent again as it was: kept for the
+            // case where a pooled connection turns out to have been closed under it.
+            let resend = (idempotent(req.method()) && req.body().is_end_stream()).then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                )
+            });
+            let mut attempt = client.request(req);
+            let mut resent = 0;
+            let answer = loop {
+                let answer = tokio::time::timeout(timeout, attempt).await;
+                match (&answer, &resend) {
+                    (Ok(Err(e)), Some((method, uri, headers)))
+                        if resent < STALE_RESENDS && closed_before_answering(e) =>
+                    {
+                        resent += 1;
+                        tracing::debug!(upstream = %upstream.name(), "a pooled connection was closed under the call; sending it again");
+                        let mut again = http::Request::new(body::empty());
+                        *again.method_mut() = method.clone();
+                        *again.uri_mut() = uri.clone();
+                        *again.headers_mut() = headers.clone();
+                        attempt = client.request(again);
+                    }
+                    _ => break answer,
+                }
+            };
+            let resp = match answer {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {
                     let failure = if e.is_connect() {

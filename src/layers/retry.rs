@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 pub struct Retried(pub &'static str);
 
 /// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
-fn idempotent(method: &http::Method) -> bool {
+pub(crate) fn idempotent(method: &http::Method) -> bool {
     use http::Method;
     matches!(
         *method,
