@@ -199,3 +199,74 @@ where
         hint
     }
 }
+
+/// A caller's request body must keep arriving: nothing for this long ends it.
+pub const REQUEST_BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// ...and all of it must arrive within this long of the request's head.
+pub const REQUEST_BODY_TOTAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A request body that fails with [`BodyTimedOut`](crate::error::BodyTimedOut) when its
+/// caller stops sending ([`REQUEST_BODY_IDLE`]) or takes too long in all
+/// ([`REQUEST_BODY_TOTAL`]), so a slow upload cannot hold memory, a connection to the
+/// upstream, or a token-endpoint read for ever. The timer is armed only when the body has
+/// to wait for its caller; a body that is already here costs a clock read.
+pub fn with_deadlines(body: ProxyBody) -> ProxyBody {
+    let now = tokio::time::Instant::now();
+    boxed(SlowBodyGuard {
+        inner: body,
+        total_due: now + REQUEST_BODY_TOTAL,
+        last_progress: now,
+        timer: None,
+    })
+}
+
+struct SlowBodyGuard {
+    inner: ProxyBody,
+    total_due: tokio::time::Instant,
+    last_progress: tokio::time::Instant,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for SlowBodyGuard {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use crate::error::BodyTimedOut;
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            this.last_progress = tokio::time::Instant::now();
+            return Poll::Ready(frame);
+        }
+        let idle_due = this.last_progress + REQUEST_BODY_IDLE;
+        let due = idle_due.min(this.total_due);
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) if due == this.total_due => {
+                Poll::Ready(Some(Err(Box::new(BodyTimedOut::Total(REQUEST_BODY_TOTAL)))))
+            }
+            Poll::Ready(()) => {
+                Poll::Ready(Some(Err(Box::new(BodyTimedOut::Idle(REQUEST_BODY_IDLE)))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

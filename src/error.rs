@@ -23,6 +23,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("{0}")]
+    BodyTimeout(BodyTimedOut),
     #[error("{message}")]
     TokenGrantFailed {
         grant_error: Option<String>,
@@ -59,6 +61,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::TokenGrantFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -74,6 +77,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::TokenGrantFailed { .. } => "token_grant_failed",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
@@ -111,7 +115,7 @@ impl ProxyError {
             }
             // The rest of the body is never read: the connection cannot carry another
             // request, and the client must not try.
-            ProxyError::BodyTooLarge { .. } => {
+            ProxyError::BodyTooLarge { .. } | ProxyError::BodyTimeout(_) => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::TokenUnavailable {
@@ -143,6 +147,11 @@ mod tests {
             (ProxyError::Forbidden("x".into()), 403, "forbidden"),
             (ProxyError::NoRoute, 404, "no_route"),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (
+                ProxyError::BodyTimeout(BodyTimedOut::Idle(Duration::from_secs(1))),
+                408,
+                "body_timeout",
+            ),
             (
                 ProxyError::TokenGrantFailed {
                     grant_error: Some("invalid_client".into()),
@@ -194,13 +203,25 @@ mod tests {
 #[error("the request body is larger than the limit of {0} bytes")]
 pub struct BodyLimitExceeded(pub u64);
 
+/// The error a request body yields when its caller is too slow to send it.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum BodyTimedOut {
+    #[error("the request body stopped arriving: nothing came for {0:?}")]
+    Idle(Duration),
+    #[error("the request body took longer than {0:?} to arrive")]
+    Total(Duration),
+}
+
 /// The proxy's answer to an error that came out of a request body: 413 if it crossed the
-/// limit anywhere in its causes, else `otherwise`.
+/// limit anywhere in its causes, 408 if it came too slowly, else `otherwise`.
 pub fn body_error_or(e: &(dyn std::error::Error + 'static), otherwise: ProxyError) -> ProxyError {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(BodyLimitExceeded(limit)) = err.downcast_ref::<BodyLimitExceeded>() {
             return ProxyError::BodyTooLarge { limit: *limit };
+        }
+        if let Some(slow) = err.downcast_ref::<BodyTimedOut>() {
+            return ProxyError::BodyTimeout(*slow);
         }
         cur = err.source();
     }

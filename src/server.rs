@@ -36,6 +36,8 @@ use crate::body::ProxyBody;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head accepted (HTTP/1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Concurrent requests on one HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// What a listener serves: requests with body `B` in, the proxy's answers out, never an
 /// error (refusals are answers), cloneable per connection, runnable on any worker. One
@@ -178,7 +180,10 @@ pub async fn serve<S>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        // hyper allows 200 streams a connection; each may hold a request body in flight
+        // (up to its flow-control window), so fewer bound what one connection can hold.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     // Plain connections that start like HTTP/1 skip `auto`'s protocol sniffing (see
     // `peek_protocol`). Half-closes are allowed (here and on `auto`'s HTTP/1 above): a
     // caller that shuts its sending side after the request still gets the answer, and

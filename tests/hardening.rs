@@ -529,3 +529,169 @@ async fn an_api_host_closing_idle_connections_loses_no_get() {
         &failed[..failed.len().min(3)]
     );
 }
+
+const MIB: usize = 1024 * 1024;
+/// An HTTP/2 stream the proxy refused unprocessed (over its concurrent-stream limit).
+const REFUSED: u16 = 0;
+
+/// The statuses a slow upload may end with: 408 (it stopped coming), 400 (an unreadable
+/// token form), 503 upstream_busy for uploads that were still waiting for an upstream
+/// connection (their bodies not yet read: they hold no memory), or an HTTP/2 stream
+/// refused unprocessed.
+fn ended_cleanly(status: u16) -> bool {
+    matches!(status, 408 | 400 | 503 | REFUSED)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_uploads_holding_back_their_last_byte_end_in_bounded_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    let started = std::time::Instant::now();
+    let uploads: Vec<_> = (0..200)
+        .map(|i| {
+            let addr = proxy.addr.clone();
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                let head = format!(
+                    "POST /api/v2/conversations/{i} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {CLIENT_KEY}\r\nContent-Length: {MIB}\r\n\r\n"
+                );
+                s.write_all(head.as_bytes()).await.unwrap();
+                // All but the last byte; the proxy may stop reading first.
+                let _ = s.write_all(&vec![b'x'; MIB - 1]).await;
+                let mut answer = vec![0u8; 12];
+                // Bounds a failure only: the proxy must answer well before.
+                let _ = tokio::time::timeout(Duration::from_secs(90), s.read_exact(&mut answer)).await;
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for u in uploads {
+        let answer = u.await.unwrap();
+        statuses.push(status_of(&answer));
+    }
+    let took = started.elapsed();
+    let peak = proxy.peak_rss();
+    eprintln!(
+        "200 held uploads: {statuses:?} in {took:?}, peak RSS {} MiB",
+        peak / MIB as u64
+    );
+    assert!(statuses.iter().all(|s| ended_cleanly(*s)), "{statuses:?}");
+    assert!(statuses.contains(&408));
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    assert!(peak < 64 * MIB as u64, "peak RSS {peak}");
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+}
+
+/// Open an HTTP/2 (prior knowledge) connection to the proxy.
+async fn h2c(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Start `n` uploads on `send` to `path`, each sending `sent` of `declared` bytes and then
+/// nothing; the statuses they end with.
+async fn h2_held_uploads(
+    send: h2::client::SendRequest<bytes::Bytes>,
+    url: String,
+    n: usize,
+    declared: usize,
+    sent: usize,
+    headers: &'static [(&'static str, &'static str)],
+) -> Vec<tokio::task::JoinHandle<u16>> {
+    (0..n)
+        .map(|_| {
+            let (send, url) = (send.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut req = http::Request::post(url).header("content-length", declared);
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                let mut send = send.ready().await.unwrap();
+                let (resp, mut body) = send.send_request(req.body(()).unwrap(), false).unwrap();
+                let _ = body.send_data(bytes::Bytes::from(vec![b'x'; sent]), false);
+                let answered = tokio::time::timeout(Duration::from_secs(90), resp).await;
+                let status = match answered.expect("an answer within 90 s") {
+                    Ok(r) => r.status().as_u16(),
+                    // Past the connection's stream limit, before the client learnt it.
+                    Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => REFUSED,
+                    Err(e) => panic!("stream failed: {e}"),
+                };
+                drop(body);
+                status
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2c_connection_with_190_held_uploads_ends_them_in_bounded_memory() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    let started = std::time::Instant::now();
+    let send = h2c(&proxy.addr).await;
+    static KEY: [(&str, &str); 1] = [("x-api-key", CLIENT_KEY)];
+    let uploads = h2_held_uploads(
+        send,
+        proxy.url("/api/v2/conversations"),
+        190,
+        MIB,
+        MIB - 1,
+        &KEY,
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for u in uploads {
+        statuses.push(u.await.unwrap());
+    }
+    let took = started.elapsed();
+    let peak = proxy.peak_rss();
+    eprintln!(
+        "190 h2 held uploads: {statuses:?} in {took:?}, peak RSS {} MiB",
+        peak / MIB as u64
+    );
+    assert!(statuses.iter().all(|s| ended_cleanly(*s)), "{statuses:?}");
+    assert!(took < Duration::from_secs(60 * 3), "{took:?}");
+    assert!(peak < 64 * MIB as u64, "peak RSS {peak}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_token_forms_without_a_key_end_in_bounded_memory() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let started = std::time::Instant::now();
+    let mut uploads = Vec::new();
+    static FORM: [(&str, &str); 1] = [("content-type", "application/x-www-form-urlencoded")];
+    for _ in 0..40 {
+        let send = h2c(&proxy.addr).await;
+        uploads.extend(
+            h2_held_uploads(send, proxy.url("/oauth/token"), 190, 16 * 1024, 100, &FORM).await,
+        );
+    }
+    let mut statuses = Vec::new();
+    for u in uploads {
+        statuses.push(u.await.unwrap());
+    }
+    let took = started.elapsed();
+    let peak = proxy.peak_rss();
+    let count = |s: u16| statuses.iter().filter(|x| **x == s).count();
+    eprintln!(
+        "7600 slow token forms: {} 400, {} 408, {} refused, ended in {took:?}, peak RSS {} MiB",
+        count(400),
+        count(408),
+        count(REFUSED),
+        peak / MIB as u64
+    );
+    assert!(
+        statuses.iter().all(|s| matches!(*s, 400 | 408 | REFUSED)),
+        "{:?}",
+        &statuses[..10]
+    );
+    assert!(count(400) + count(408) > 0);
+    assert!(peak < 64 * MIB as u64, "peak RSS {peak}");
+}

@@ -4,6 +4,8 @@
 //!   proxy's business; tokengate only ever connects to its configured upstreams.
 //! - A declared `Content-Length` over `max_body_bytes` gets 413 before anything is read; a
 //!   body without one is wrapped so that it fails when it crosses the limit.
+//! - A body must keep coming: it fails (408 `body_timeout`) when nothing arrives for 10 s
+//!   or all of it takes over 60 s ([`body::with_deadlines`]), wherever it is read.
 //!
 //! And clean what the caller sent, before any layer acts on it: hop-by-hop headers (and
 //! those the caller's `Connection` names) go here, at the edge, so that nothing a caller
@@ -17,6 +19,7 @@ use std::task::{Context, Poll};
 
 use futures_util::future::{ready, Either, Ready};
 use http::{header, HeaderMap, HeaderName, Method, Version};
+use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{Layer, Service};
 
@@ -142,13 +145,17 @@ where
         let max = self.max_body_bytes;
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
         let req = req.map(|b| {
-            body::boxed(Limited::new(b, limit).map_err(move |e| {
+            // No body (most GETs): nothing to limit or time.
+            if b.is_end_stream() {
+                return b;
+            }
+            body::with_deadlines(body::boxed(Limited::new(b, limit).map_err(move |e| {
                 if e.is::<LengthLimitError>() {
                     Box::new(BodyLimitExceeded(max)) as BoxError
                 } else {
                     e
                 }
-            }))
+            })))
         });
         Either::Right(self.inner.call(req))
     }

@@ -11,14 +11,16 @@
 //! times and `retry_429_max_wait_secs` of waiting in all, as the official Genesys SDKs do.
 //!
 //! To send a request twice its body must be kept. Bodies up to `retry_body_bytes` are read
-//! into memory first; larger ones (or ones that turn out larger while reading) stream
+//! into memory first, within a process-wide budget ([`RETRY_BUDGET_BYTES`]); larger ones
+//! (or ones that turn out larger while reading, or that find the budget spent) stream
 //! through once and are not retried.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{header, Request, StatusCode};
 use http_body::Body as _;
@@ -95,10 +97,46 @@ pub struct Retry<S> {
 
 /// A request body after the attempt to keep it.
 enum Kept {
-    /// Fully read: can be sent any number of times.
-    Whole(Bytes),
-    /// Too large to keep: streams once.
+    /// Fully read: can be sent any number of times. Its bytes count against
+    /// [`RETRY_BUDGET_BYTES`] until the call ends.
+    Whole(Bytes, Reserved),
+    /// Too large to keep, or the budget was spent: streams once.
     Streaming(ProxyBody),
+}
+
+/// The most bytes of request bodies the whole process keeps for retries at once. Past it
+/// bodies stream through without being kept (and are not retried) rather than being
+/// refused: without it, 200 callers each holding back the last byte of a 1 MiB body took
+/// 200 MB.
+pub const RETRY_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+
+static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes counted against [`RETRY_BUDGET_BYTES`]; given back when dropped.
+#[derive(Default)]
+struct Reserved(usize);
+
+impl Reserved {
+    /// Count `n` more bytes, if the budget has room for them.
+    fn grow(&mut self, n: usize) -> bool {
+        let fits = KEPT_BYTES
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
+                kept.checked_add(n).filter(|k| *k <= RETRY_BUDGET_BYTES)
+            })
+            .is_ok();
+        if fits {
+            self.0 += n;
+        }
+        fits
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            KEPT_BYTES.fetch_sub(self.0, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Read `body` into memory if it is at most `limit` bytes; otherwise give back a body that
@@ -109,36 +147,42 @@ async fn keep_body(
     limit: usize,
 ) -> Result<Kept, BoxError> {
     if body.is_end_stream() {
-        return Ok(Kept::Whole(Bytes::new()));
+        return Ok(Kept::Whole(Bytes::new(), Reserved::default()));
     }
     if declared.is_some_and(|len| len > limit as u64) {
         return Ok(Kept::Streaming(body));
     }
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut total = 0usize;
+    // A declared length is counted against the budget before anything is read; if it does
+    // not fit, the body streams untouched.
+    let mut reserved = Reserved::default();
+    if let Some(len) = declared {
+        if !reserved.grow(len as usize) {
+            return Ok(Kept::Streaming(body));
+        }
+    }
+    // Copied out of hyper's read buffers as it comes: a kept chunk would pin the whole
+    // buffer it was cut from (measured: 200 held uploads took about 30 MB beyond what was
+    // kept).
+    let mut kept = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         // Trailers on a request are vanishingly rare; they are not worth a retry.
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        total += data.len();
-        chunks.push(data);
-        if total > limit {
-            let read = futures_util::stream::iter(
-                chunks.into_iter().map(|b| Ok(http_body::Frame::data(b))),
-            );
+        let total = kept.len() + data.len();
+        let fits = total <= limit
+            && (declared.is_some_and(|len| total as u64 <= len) || reserved.grow(data.len()));
+        if !fits {
+            let read = [kept.freeze(), data].map(|b| Ok(http_body::Frame::data(b)));
             let rest = BodyStream::new(body);
             return Ok(Kept::Streaming(body::boxed(StreamBody::new(
-                read.chain(rest),
+                futures_util::stream::iter(read).chain(rest),
             ))));
         }
+        kept.extend_from_slice(&data);
     }
-    Ok(Kept::Whole(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => chunks.concat().into(),
-    }))
+    Ok(Kept::Whole(kept.freeze(), reserved))
 }
 
 /// A copy of the request's head with `body`.
@@ -192,8 +236,10 @@ where
                 Kept::Streaming(body) => {
                     return inner.call(Request::from_parts(head, body)).await;
                 }
-                Kept::Whole(body) => body,
+                Kept::Whole(body, reserved) => (body, reserved),
             };
+            // Counted against the budget until this call ends.
+            let (body, _reserved) = body;
             let mut resp = inner.call(copy_with_body(&head, body.clone())).await?;
             let upstream = head
                 .extensions

@@ -109,6 +109,14 @@ fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> Pr
     resp
 }
 
+fn refused_client() -> ProxyResponse {
+    oauth_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        "send the client's name and key as the Basic credentials (client id and secret)",
+    )
+}
+
 /// Client name and key from `Authorization: Basic` (client_secret_basic) or the form
 /// (client_secret_post).
 fn credentials(
@@ -143,6 +151,17 @@ async fn answer(
         );
     }
     let (head, body) = req.into_parts();
+    // Basic credentials are checked before the form is read: a caller without a key must
+    // not make the proxy wait on (and hold) its upload.
+    let basic = head.headers.get(header::AUTHORIZATION);
+    if !clients.is_empty() && basic.is_some() {
+        let known = credentials(basic, &[]).is_some_and(|(name, key)| {
+            identify(&clients, key.as_bytes()).is_some_and(|c| c.name.as_ref() == name)
+        });
+        if !known {
+            return refused_client();
+        }
+    }
     let Some(form) = body::read_small(body, MAX_FORM_BYTES).await else {
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -171,11 +190,7 @@ async fn answer(
             });
         match found {
             Some(c) => Some(c),
-            None => return oauth_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "send the client's name and key as the Basic credentials (client id and secret)",
-            ),
+            None => return refused_client(),
         }
     };
     let token = sessions.issue(client.as_deref(), lifetime);
