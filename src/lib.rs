@@ -159,8 +159,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             proxy_addr,
             metrics: builder.metrics().clone(),
         };
+        // The operator's listener: a few connections are plenty, and no one address may
+        // take them all (a status page left open in many tabs, or a scraper gone wrong).
+        let admin_gate = server::ConnectionGate::new(server::ConnectionLimits {
+            max_connections: 256,
+            max_per_address: 32,
+        });
         servers.push(tokio::spawn(server::serve(
-            server::plain("admin", listener),
+            server::Listener {
+                what: "admin",
+                tcp: listener,
+                tls: None,
+                gate: admin_gate,
+            },
             admin.service(),
             on_stop(),
             grace,

@@ -22,7 +22,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -38,6 +38,14 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent requests on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// An HTTP/2 connection that starts no request for this long is closed (gracefully: a
+/// GOAWAY, and streams in flight finish). HTTP/1 connections have the head timeout for
+/// that; without this an HTTP/2 connection that sent only its preface kept its slot for
+/// ever, and 1,000 of them locked their address out.
+pub const HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 keep-alive: a PING this often, and a peer that does not answer one within the
+/// same time is gone.
+pub const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
 
 /// What a listener serves: requests with body `B` in, the proxy's answers out, never an
 /// error (refusals are answers), cloneable per connection, runnable on any worker. One
@@ -183,7 +191,9 @@ pub async fn serve<S>(
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         // hyper allows 200 streams a connection; each may hold a request body in flight
         // (up to its flow-control window), so fewer bound what one connection can hold.
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .keep_alive_interval(HTTP2_PING_INTERVAL)
+        .keep_alive_timeout(HTTP2_PING_INTERVAL);
     // Plain connections that start like HTTP/1 skip `auto`'s protocol sniffing (see
     // `peek_protocol`). Half-closes are allowed (here and on `auto`'s HTTP/1 above): a
     // caller that shuts its sending side after the request still gets the answer, and
@@ -258,13 +268,14 @@ pub async fn serve<S>(
                             watcher.watch(conn).await.map_err(Into::into)
                         }
                         Some(Protocol::MaybeHttp2) => {
+                            let activity = Activity::new();
                             let conn = builder
                                 .serve_connection(
                                     TokioIo::new(stream),
-                                    TowerToHyperService::new(service),
+                                    TowerToHyperService::new(activity.counting(service)),
                                 )
                                 .into_owned();
-                            Box::pin(watcher.watch(conn)).await
+                            Box::pin(serve_closing_when_idle(conn, watcher, closed, activity)).await
                         }
                         None => return,
                     }
@@ -372,10 +383,94 @@ where
         }
         req
     });
+    let activity = Activity::new();
     let conn = builder
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+        .serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(activity.counting(service)),
+        )
         .into_owned();
-    watcher.watch(conn).await
+    serve_closing_when_idle(conn, watcher, closed, activity).await
+}
+
+/// When a connection last started a request (for [`HTTP2_IDLE_TIMEOUT`]).
+#[derive(Clone)]
+struct Activity {
+    since: tokio::time::Instant,
+    /// Milliseconds after `since`.
+    last_request_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            since: tokio::time::Instant::now(),
+            last_request_ms: Arc::default(),
+        }
+    }
+
+    /// `service`, noting each request's arrival.
+    fn counting<S, B>(
+        &self,
+        service: S,
+    ) -> impl Service<Request<B>, Response = S::Response, Error = S::Error, Future = S::Future> + Clone
+    where
+        S: Service<Request<B>> + Clone,
+    {
+        let activity = self.clone();
+        service.map_request(move |req: Request<B>| {
+            let ms = activity.since.elapsed().as_millis() as u64;
+            activity
+                .last_request_ms
+                .store(ms, std::sync::atomic::Ordering::Relaxed);
+            req
+        })
+    }
+
+    /// Resolves once no request has started for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self
+                .last_request_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let due = self.since + Duration::from_millis(last) + idle;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// Serve an `auto` connection (HTTP/2 or HTTP/1.1) until it ends, shutting it down
+/// gracefully when the listener closes or when it has started no request for
+/// [`HTTP2_IDLE_TIMEOUT`]. Holds `watcher` so the listener's drain waits for it.
+async fn serve_closing_when_idle<C>(
+    conn: C,
+    watcher: hyper_util::server::graceful::Watcher,
+    mut closed: tokio::sync::watch::Receiver<bool>,
+    activity: Activity,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _draining_waits_for_this = watcher;
+    tokio::pin!(conn);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = closed.wait_for(|closing| *closing), if !shutting_down => {
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+            () = activity.idle_for(HTTP2_IDLE_TIMEOUT), if !shutting_down => {
+                tracing::debug!("closing a connection that started no request for {HTTP2_IDLE_TIMEOUT:?}");
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    }
 }
 
 /// A plain listener with default limits (the sandbox, tests, the admin listener).

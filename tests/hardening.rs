@@ -695,3 +695,59 @@ async fn slow_token_forms_without_a_key_end_in_bounded_memory() {
     assert!(count(400) + count(408) > 0);
     assert!(peak < 64 * MIB as u64, "peak RSS {peak}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_idle_http2_connections_are_closed_and_their_address_served_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        let mut s = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+        // The HTTP/2 preface and an empty SETTINGS frame, then nothing.
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        idle.push(tokio::spawn(async move {
+            let mut sink = Vec::new();
+            // Bounds a failure only.
+            let read = s.read_to_end(&mut sink);
+            tokio::time::timeout(Duration::from_secs(120), read)
+                .await
+                .is_ok()
+        }));
+    }
+    // Every slot of this address is taken now.
+    for conn in idle {
+        assert!(conn.await.unwrap(), "an idle connection stayed open");
+    }
+    let took = opened.elapsed();
+    eprintln!("1,000 idle HTTP/2 connections closed within {took:?}");
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_cannot_take_every_admin_connection() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let admin = proxy.admin.clone().unwrap();
+    let answered = tokio::task::spawn_blocking(move || {
+        let held: Vec<TcpStream> = (0..40)
+            .map(|_| TcpStream::connect(&admin).unwrap())
+            .collect();
+        // Past the address's 32, connections are closed at once, unanswered.
+        held.into_iter()
+            .map(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+                let mut b = [0u8; 12];
+                s.read_exact(&mut b).is_ok() && b.starts_with(b"HTTP/1.1 200")
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered.iter().filter(|a| **a).count(), 32, "{answered:?}");
+}
