@@ -404,6 +404,50 @@ pub struct ClientConfig {
     pub allow: Option<Vec<AllowRule>>,
 }
 
+/// A TOML error as line, column, key and what is wrong, never the line itself: toml's own
+/// text quotes the offending line, and a typo beside an inline secret would print the
+/// secret (on stderr, and in the log line of a refused reload). Values toml quotes in its
+/// message (`invalid type: string "..."`) are left out the same way.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.\"".contains(c))
+    });
+    let value = line.split_once('=').map_or("", |(_, v)| v);
+    // Backtick-quoted fragments of the message that come from the value are dropped.
+    let mut message = String::new();
+    for (i, part) in e.message().split('`').enumerate() {
+        if i % 2 == 1 {
+            let from_value = !part.is_empty() && value.contains(part);
+            message.push('`');
+            message.push_str(if from_value { "…" } else { part });
+            message.push('`');
+        } else {
+            message.push_str(part);
+        }
+    }
+    // serde quotes strings with double quotes: the value itself goes too.
+    let bare = value.trim().trim_matches(|c| c == '"' || c == '\'');
+    let quoted = format!("{bare:?}");
+    if !bare.is_empty() && message.contains(&quoted) {
+        message = message.replace(&quoted, "\"…\"");
+    }
+    match key {
+        Some(key) => format!("line {line_no}, column {column}, key `{key}`: {message}"),
+        None => format!("line {line_no}, column {column}: {message}"),
+    }
+}
+
 /// Reads the environment for `${VAR}` references; injected so tests never touch the
 /// process environment.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -423,7 +467,7 @@ impl Config {
     pub fn from_toml(text: &str, file: &Path, env: Env<'_>) -> Result<Config, ConfigError> {
         // toml's own error names the line, column and key (unknown keys included).
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::new(file, e.to_string().trim_end()))?;
+            toml::from_str(text).map_err(|e| ConfigError::new(file, toml_error(text, &e)))?;
         let cx = Cx { file, env };
         cx.build(raw)
     }
@@ -1233,6 +1277,26 @@ client_secret = "${SECRET}"
             err.contains("us-east-9") && err.contains("mx_central_1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn toml_errors_name_the_place_and_never_quote_a_secret() {
+        let secret = "Zq8!x-very-secret";
+        for (text, key) in [
+            (format!("[[upstream]]\nname = \"a\"\nclient_secret = \"{secret}\nprovider = \"genesys\"\n"), None),
+            (format!("[[upstream]]\nname = \"a\"\ntokens = \"{secret}\"\n"), Some("tokens")),
+            (format!("[[upstream]]\nname = \"a\"\nmax_connections = 987654321987654321987\nclient_secret = \"{secret}\"\n"), None),
+            (format!("[[upstream]]\nname = \"a\"\nclient_secret = \"{secret}\" x\n"), None),
+        ] {
+            let err = Config::from_toml(&text, "p.toml".as_ref(), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains(secret) && !err.contains("Zq8"), "{err}");
+            assert!(err.starts_with("p.toml: line "), "{err}");
+            if let Some(key) = key {
+                assert!(err.contains(&format!("key `{key}`")), "{err}");
+            }
+        }
     }
 
     #[test]

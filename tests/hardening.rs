@@ -751,3 +751,132 @@ async fn one_address_cannot_take_every_admin_connection() {
     .unwrap();
     assert_eq!(answered.iter().filter(|a| **a).count(), 32, "{answered:?}");
 }
+
+/// Every encoding a grant request may carry `CLIENT_SECRET` in.
+fn secret_encodings(client_id: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let form: String = form_urlencoded::byte_serialize(CLIENT_SECRET.as_bytes()).collect();
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+    vec![
+        CLIENT_SECRET.to_string(),
+        form.clone(),
+        b64(format!("{client_id}:{CLIENT_SECRET}")),
+        b64(format!("{client_id}:{form}")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_typo_beside_an_inline_secret_does_not_print_the_secret() {
+    let sandbox = sandbox().await;
+    let good = standard_config(&sandbox, "").replace("${SANDBOX_SECRET}", CLIENT_SECRET);
+    // An unterminated string on the secret's own line, and a wrong type beside it.
+    let broken = good.replace(
+        &format!("client_secret = \"{CLIENT_SECRET}\""),
+        &format!("client_secret = \"{CLIENT_SECRET}\ntokens = \"{CLIENT_SECRET}\""),
+    );
+    let (_dir, path) = write_config(&broken);
+    let out = binary().args(["check", "-c"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("line "), "{stderr}");
+    assert!(stderr.contains("key `client_secret`"), "{stderr}");
+    for e in secret_encodings(&sandbox.options().client_id) {
+        assert!(!stderr.contains(&e), "{stderr}");
+    }
+    let typed = good.replace(
+        "[[client]]",
+        &format!("tokens = \"{CLIENT_SECRET}\"\n[[client]]"),
+    );
+    let (_dir, path) = write_config(&typed);
+    let out = binary().args(["check", "-c"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("key `tokens`"), "{stderr}");
+    assert!(!stderr.contains(CLIENT_SECRET), "{stderr}");
+    // The same typo arriving with a reload: refused, and the log line names no secret.
+    let proxy = Proxy::start(&good);
+    proxy.rewrite_config(&broken);
+    proxy.signal("HUP");
+    let output = proxy.output.clone();
+    let logs = wait_for(Duration::from_secs(10), || {
+        let text = output.text();
+        text.contains("config reload refused").then_some(text)
+    })
+    .await
+    .expect("the reload is refused");
+    assert!(logs.contains("key `client_secret`"), "{logs}");
+    for e in secret_encodings(&sandbox.options().client_id) {
+        assert!(!logs.contains(&e), "{logs}");
+    }
+}
+
+/// A token endpoint that echoes the request it got (headers and body) in its refusal,
+/// as a misconfigured gateway or debugging proxy might.
+async fn echoing_token_endpoint() -> Served {
+    use http_body_util::BodyExt;
+    let svc = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+        let (head, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let echo = format!("{:?} {}", head.headers, String::from_utf8_lossy(&body));
+        let answer = serde_json::json!({
+            "error": "invalid_client",
+            "error_description": format!("unknown client; we got: {echo}"),
+            "message": echo,
+        });
+        let mut resp = http::Response::new(tokengate::body::full(answer.to_string()));
+        *resp.status_mut() = http::StatusCode::UNAUTHORIZED;
+        Ok::<_, std::convert::Infallible>(resp)
+    });
+    serve_service(svc).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_endpoint_echoing_the_request_leaks_no_encoding_of_the_secret() {
+    let sandbox = sandbox().await;
+    let echo = echoing_token_endpoint().await;
+    let mut texts = Vec::new();
+    for auth_method in ["basic", "post"] {
+        let config = config_with(&sandbox, "", &format!("auth_method = \"{auth_method}\"\n"))
+            .replace(
+                &sandbox.token_url(),
+                &format!("http://{}/oauth/token", echo.addr),
+            );
+        let proxy = Proxy::start(&config);
+        let r = get_with_key(&proxy, "/api/v2/users/me").await;
+        assert_eq!(r.status(), 502);
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("\"grant_error\":\"invalid_client\""),
+            "{body}"
+        );
+        assert!(
+            !body.contains("we got"),
+            "the endpoint's free text reached the caller: {body}"
+        );
+        texts.push(body);
+        texts.push(admin_text(&proxy, "/status.json").await);
+        texts.push(admin_text(&proxy, "/").await);
+        let (_dir, path) = write_config(&config);
+        let out = binary()
+            .args(["check", "-c"])
+            .arg(&path)
+            .env("SANDBOX_SECRET", CLIENT_SECRET)
+            .output()
+            .unwrap();
+        texts.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        texts.push(String::from_utf8_lossy(&out.stderr).into_owned());
+        texts.push(proxy.output.text());
+    }
+    assert!(
+        texts.iter().any(|t| t.contains("we got")),
+        "the echo was seen somewhere"
+    );
+    for text in &texts {
+        for e in secret_encodings(&sandbox.options().client_id) {
+            assert!(!text.contains(&e), "{e} in {text}");
+        }
+    }
+}

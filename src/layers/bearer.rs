@@ -57,7 +57,7 @@ pub fn token_error(upstream: &str, e: TokenError) -> ProxyError {
             retry_after: e.retry_after,
             message: format!(
                 "no token for upstream \"{upstream}\" is available: {}",
-                e.cause
+                e.cause.for_caller()
             ),
         };
     }
@@ -69,7 +69,7 @@ pub fn token_error(upstream: &str, e: TokenError) -> ProxyError {
         grant_error,
         message: format!(
             "the token grant for upstream \"{upstream}\" failed: {} (`tokengate check` tells why)",
-            e.cause
+            e.cause.for_caller()
         ),
     }
 }

@@ -46,6 +46,27 @@ pub enum GrantError {
     Timeout,
 }
 
+impl GrantError {
+    /// What a caller of the proxy is told: the failure's kind and the endpoint's error
+    /// code, never the endpoint's own text (descriptions, messages, page contents), which
+    /// operators see in the log, on the status page and from `tokengate check`.
+    pub fn for_caller(&self) -> String {
+        match self {
+            GrantError::Refused { status, error, .. } => {
+                format!("the token endpoint refused the grant: HTTP {status}, error \"{error}\"")
+            }
+            GrantError::NotOAuth { status, .. } => {
+                format!(
+                    "the token endpoint's answer is not an OAuth token response (HTTP {status})"
+                )
+            }
+            GrantError::Unreachable(_) => "could not reach the token endpoint".into(),
+            GrantError::Tls(_) => "TLS failed with the token endpoint".into(),
+            GrantError::Timeout => "the token endpoint did not answer in time".into(),
+        }
+    }
+}
+
 fn describe(d: &Option<String>) -> String {
     match d {
         Some(d) => format!(" ({d})"),
@@ -91,6 +112,8 @@ pub struct Granter {
     http: reqwest::Client,
     config: GrantConfig,
     memory: tokio::sync::Mutex<Memory>,
+    /// What [`Granter::redact`] removes; made once.
+    secret_forms: Vec<String>,
 }
 
 impl std::fmt::Debug for Granter {
@@ -132,10 +155,48 @@ struct Memory {
     api_base: Option<http::Uri>,
 }
 
+/// Every form in which a grant request carries a secret of `config`, longest first: the
+/// secret raw, form-encoded and as a JSON string, and the Basic credentials of both
+/// encodings (base64 of `id:secret`, with and without padding). A token endpoint that
+/// echoes the request (a debugging proxy, a misconfigured gateway) echoes one of these.
+fn secret_forms(config: &GrantConfig) -> Vec<String> {
+    let mut secrets = vec![config.client_secret.expose_secret().to_string()];
+    if let GrantFlow::CxoneAccessKey {
+        access_key_secret, ..
+    } = &config.flow
+    {
+        secrets.push(access_key_secret.expose_secret().to_string());
+    }
+    let mut forms = Vec::new();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        forms.push(secret.clone());
+        forms.push(form_urlencoded::byte_serialize(secret.as_bytes()).collect());
+        forms.push(
+            percent_encoding::utf8_percent_encode(secret, percent_encoding::NON_ALPHANUMERIC)
+                .to_string(),
+        );
+        let json = serde_json::Value::String(secret.clone()).to_string();
+        forms.push(json.trim_matches('"').to_string());
+    }
+    let secret = config.client_secret.expose_secret();
+    if !secret.is_empty() {
+        for encoding in [BasicEncoding::Raw, BasicEncoding::FormEncoded] {
+            let header = basic_credentials(&config.client_id, secret, encoding);
+            let encoded = header.trim_start_matches("Basic ").to_string();
+            forms.push(encoded.trim_end_matches('=').to_string());
+            forms.push(encoded);
+        }
+    }
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms.dedup();
+    forms
+}
+
 impl Granter {
     pub fn new(http: reqwest::Client, config: GrantConfig) -> Granter {
         Granter {
             http,
+            secret_forms: secret_forms(&config),
             config,
             memory: tokio::sync::Mutex::new(Memory::default()),
         }
@@ -422,7 +483,7 @@ impl Granter {
                 what: match (&json, field("message")) {
                     (Some(_), Some(m)) => format!("a JSON error: {m}"),
                     (Some(_), None) => "a JSON body without an OAuth \"error\"".into(),
-                    (None, _) => answer_kind(content_type, body),
+                    (None, _) => self.redact(&answer_kind(content_type, body)),
                 },
             });
         }
@@ -430,7 +491,7 @@ impl Granter {
             return Err(GrantError::NotOAuth {
                 status,
                 api_code: None,
-                what: answer_kind(content_type, body),
+                what: self.redact(&answer_kind(content_type, body)),
             });
         };
         let token = json
@@ -495,14 +556,17 @@ impl Granter {
         }
     }
 
-    /// Remove the secret from a text that came from elsewhere, in case a server echoes it.
+    /// Remove every secret from a text that came from elsewhere, in case a server echoes
+    /// the request: in every form the request carried it (see [`secret_forms`]), before
+    /// the text is cut to length (a cut could leave a secret's first half).
     pub fn redact(&self, text: &str) -> String {
-        let secret = self.config.client_secret.expose_secret();
-        let mut s: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
-        if !secret.is_empty() && s.contains(secret) {
-            s = s.replace(secret, "[redacted]");
+        let mut s: String = text.chars().filter(|c| !c.is_control()).collect();
+        for form in &self.secret_forms {
+            if s.contains(form.as_str()) {
+                s = s.replace(form.as_str(), "[redacted]");
+            }
         }
-        s
+        s.chars().take(300).collect()
     }
 }
 

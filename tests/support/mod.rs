@@ -315,9 +315,23 @@ impl Drop for Served {
     }
 }
 
-pub async fn serve_fixed(status: u16, content_type: &'static str, body: &'static str) -> Served {
+/// Serve `svc` on a loopback port; stops when the returned [`Served`] is dropped.
+pub async fn serve_service<S>(svc: S) -> Served
+where
+    S: tokengate::server::HttpService<hyper::body::Incoming>,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(tokengate::server::serve(
+        tokengate::server::plain("test-server", listener),
+        svc,
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    Served { addr, task }
+}
+
+pub async fn serve_fixed(status: u16, content_type: &'static str, body: &'static str) -> Served {
     let svc = tower::service_fn(
         move |_req: http::Request<hyper::body::Incoming>| async move {
             let mut resp = http::Response::new(tokengate::body::full(body));
@@ -327,13 +341,7 @@ pub async fn serve_fixed(status: u16, content_type: &'static str, body: &'static
             Ok::<_, std::convert::Infallible>(resp)
         },
     );
-    let task = tokio::spawn(tokengate::server::serve(
-        tokengate::server::plain("fixed", listener),
-        svc,
-        std::future::pending(),
-        Duration::from_secs(1),
-    ));
-    Served { addr, task }
+    serve_service(svc).await
 }
 
 /// A TLS server whose certificate nobody trusts (self-signed, made here).
