@@ -405,3 +405,39 @@ async fn check_says_whether_the_fleet_can_share_tokens() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_lock_held_by_someone_else_delays_a_grant_by_seconds_not_its_lease() {
+    let sandbox = sandbox().await;
+    let redis = RedisServer::start();
+    let config = fleet_config(&sandbox, &redis, "");
+    let first = start_fleet(&config, 1);
+    assert_eq!(spread_calls(&first, 1).await, [200]);
+    // Someone who can write to Redis takes the fleet's lock for a minute and removes the
+    // stored token: a new replica finds nothing and the lock held.
+    let mut conn = redis.connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:token:*")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let creds = keys[0].split(':').nth(2).unwrap().to_string();
+    let prefix = keys[0].split(':').next().unwrap().to_string();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}:lock:{creds}"))
+        .arg("someone-else")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("DEL").arg(&keys[0]).query(&mut conn).unwrap();
+    let second = start_fleet(&config, 1);
+    let started = std::time::Instant::now();
+    assert_eq!(spread_calls(&second, 1).await, [200]);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "waited {took:?} for a lock with a 20 s lease"
+    );
+    assert_eq!(sandbox.grants(), 2);
+}

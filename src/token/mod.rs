@@ -129,6 +129,9 @@ impl Want {
 /// second reaches an endpoint that is failing.
 const PROBE_AFTER: Duration = Duration::from_secs(1);
 
+/// The longest a source waits for another replica's grant under the fleet lock.
+const FOREIGN_LOCK_WAIT: Duration = Duration::from_secs(3);
+
 #[derive(Debug, Default)]
 struct Backoff {
     failures: u32,
@@ -614,7 +617,9 @@ impl TokenSource {
             return FleetAnswer::Alone;
         };
         let creds = shared.credentials_id(&fleet.cache_key);
-        let deadline = Instant::now() + shared.lease();
+        // A grant takes well under a second: a lock held longer than this is stuck, or held
+        // on purpose by someone who can write to Redis; mint rather than wait out its lease.
+        let deadline = Instant::now() + shared.lease().min(FOREIGN_LOCK_WAIT);
         loop {
             match shared.get(&creds, fleet.index).await {
                 Err(_) => return FleetAnswer::Alone,
@@ -644,8 +649,8 @@ impl TokenSource {
             if Instant::now() >= deadline {
                 tracing::warn!(
                     upstream = %self.upstream,
-                    lease_secs = shared.lease().as_secs(),
-                    "another replica held the fleet's token lock for its whole lease; minting here"
+                    waited_secs = FOREIGN_LOCK_WAIT.as_secs(),
+                    "another replica held the fleet's token lock too long; minting here"
                 );
                 return FleetAnswer::Alone;
             }
