@@ -16,6 +16,7 @@ use tower::Service;
 
 use crate::body;
 use crate::error::{body_error_or, ProxyError};
+use crate::layers::client_auth::Caller;
 use crate::layers::retry::idempotent;
 use crate::layers::route::Route;
 use crate::layers::{BoxFuture, ProxyRequest};
@@ -84,6 +85,9 @@ pub fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, ProxyError> {
     Uri::from_parts(parts).map_err(|_| unusable())
 }
 
+/// The name anonymous callers share their connection slots under.
+static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 /// How many times a call is sent again after its pooled connection closed under it: each
 /// time the pool drops that connection, and a burst of idle closes can take several.
 const STALE_RESENDS: usize = 3;
@@ -151,25 +155,39 @@ impl Service<ProxyRequest> for Forward {
         // The caller's hop-by-hop headers went at the edge (guard): stripping them here,
         // after the bearer layer, would let `Connection: authorization` remove the token.
         req.headers_mut().remove(header::HOST);
+        let caller = match req.extensions().get::<Caller>() {
+            Some(Caller(Some(client))) => Arc::clone(&client.name),
+            _ => Arc::clone(&ANONYMOUS),
+        };
         Box::pin(async move {
             let timeout = upstream.config.timeout;
-            let (client, permits) = upstream.client();
+            let (client, slots) = upstream.client();
             // A free connection first: at the cap, calls queue here rather than open one
-            // more. Waiting is the proxy being busy, not the API being slow, so it ends in
-            // 503 upstream_busy, never in a 504 that would blame the API.
+            // more, and a freed connection goes to the client holding fewest (see
+            // `connection_slots`). Waiting is the proxy being busy, not the API being
+            // slow, so it ends in 503 upstream_busy, never in a 504 that would blame the API.
             let queue = upstream.config.queue_timeout;
-            let permit =
-                match tokio::time::timeout(queue, Arc::clone(permits).acquire_owned()).await {
-                    Ok(Ok(permit)) => permit,
-                    Ok(Err(_)) | Err(_) => {
-                        let busy = ProxyError::UpstreamBusy {
-                            upstream: Arc::clone(upstream.name()),
-                            waited: queue,
-                        };
-                        tracing::warn!(upstream = %upstream.name(), "{busy}");
-                        return Ok(busy.into_response());
-                    }
-                };
+            let free = slots.try_acquire(&caller);
+            if free.is_none() {
+                tracing::debug!(upstream = %upstream.name(), client = %caller, "every connection to the upstream is busy; waiting for one");
+            }
+            let waiting = async {
+                match free {
+                    Some(slot) => slot,
+                    None => slots.acquire(&caller).await,
+                }
+            };
+            let permit = match tokio::time::timeout(queue, waiting).await {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let busy = ProxyError::UpstreamBusy {
+                        upstream: Arc::clone(upstream.name()),
+                        waited: queue,
+                    };
+                    tracing::warn!(upstream = %upstream.name(), "{busy}");
+                    return Ok(busy.into_response());
+                }
+            };
             // An idempotent call with no body can be sent again as it was: kept for the
             // case where a pooled connection turns out to have been closed under it.
             let resend = (idempotent(req.method()) && req.body().is_end_stream()).then(|| {

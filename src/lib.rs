@@ -15,6 +15,7 @@ pub mod admin;
 pub mod body;
 pub mod check;
 pub mod config;
+pub mod connection_slots;
 pub mod demo;
 pub mod error;
 pub mod forward;

@@ -17,10 +17,10 @@ use http::HeaderMap;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::Semaphore;
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
+use crate::connection_slots::ConnectionSlots;
 use crate::metrics::UpstreamMetrics;
 use crate::token::TokenSource;
 
@@ -35,7 +35,7 @@ pub struct Upstream {
     /// One connection pool per worker, so a call never waits on another thread's pool,
     /// each with its share of `max_connections`: a call takes a permit before it is sent
     /// and its answer's body gives it back when it ends.
-    clients: Vec<(UpstreamClient, Arc<Semaphore>)>,
+    clients: Vec<(UpstreamClient, Arc<ConnectionSlots>)>,
     /// Request counters and latency, resolved once.
     pub metrics: UpstreamMetrics,
     /// `base_url` has a path of its own: every caller's path must then be plain, or `..`
@@ -60,7 +60,7 @@ impl Upstream {
             .map(|share| {
                 (
                     upstream_client(config.connect_timeout, share),
-                    Arc::new(Semaphore::new(share)),
+                    ConnectionSlots::new(share),
                 )
             })
             .collect();
@@ -81,8 +81,8 @@ impl Upstream {
         }
     }
 
-    /// The connection pool of the worker running this call, and its connection permits.
-    pub fn client(&self) -> &(UpstreamClient, Arc<Semaphore>) {
+    /// The connection pool of the worker running this call, and its connection slots.
+    pub fn client(&self) -> &(UpstreamClient, Arc<ConnectionSlots>) {
         &self.clients[crate::workers::current() % self.clients.len()]
     }
 

@@ -880,3 +880,65 @@ async fn a_token_endpoint_echoing_the_request_leaks_no_encoding_of_the_secret() 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_queue() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
+    let sandbox = sandbox().await;
+    let config = format!(
+        "{}\n[[client]]\nname = \"b\"\nkey_sha256 = \"{}\"\n",
+        one_worker_config(
+            &sandbox,
+            "max_connections = 4\ntimeout_secs = 2\nqueue_timeout_secs = 30"
+        ),
+        tokengate::keys::hash_key(KEY_B)
+    );
+    let proxy = Proxy::start(&config);
+    // Client A fills every connection with answers that stall (cut after 2 s)...
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(get_with_key(&proxy, "/api/v2/sandbox/stall").await);
+    }
+    // ...and queues four more.
+    let heads = Arc::new(AtomicUsize::new(0));
+    let queued: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, heads) = (proxy.url("/api/v2/sandbox/stall"), Arc::clone(&heads));
+            tokio::spawn(async move {
+                let r = client()
+                    .get(url)
+                    .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+                    .send()
+                    .await
+                    .unwrap();
+                heads.fetch_add(1, Ordering::SeqCst);
+                r.status()
+            })
+        })
+        .collect();
+    let output = proxy.output.clone();
+    wait_for(Duration::from_secs(10), || {
+        (output.text().matches("waiting for one").count() >= 4).then_some(())
+    })
+    .await
+    .expect("A's four calls are waiting");
+    // Client B comes last, and is served with the first connection that frees.
+    let r = client()
+        .get(proxy.url("/api/v2/users/me"))
+        .header("X-Api-Key", KEY_B)
+        .send()
+        .await
+        .unwrap();
+    let a_served_before_b = heads.load(Ordering::SeqCst);
+    assert_eq!(r.status(), 200);
+    assert!(
+        a_served_before_b < 4,
+        "all of A's queue was served before B"
+    );
+    for q in queued {
+        assert_eq!(q.await.unwrap(), 200);
+    }
+    drop(stalled);
+}
