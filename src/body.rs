@@ -101,8 +101,7 @@ where
         inner: body,
         _permit: permit,
         idle,
-        last_progress: tokio::time::Instant::now(),
-        timer: None,
+        quiet: QuietTimer::new(),
     })
 }
 
@@ -133,10 +132,7 @@ struct Streaming<B, T> {
     /// Held, never read: the connection is the upstream's until this body ends.
     _permit: T,
     idle: std::time::Duration,
-    last_progress: tokio::time::Instant,
-    /// Armed only when the body has to wait, and moved on lazily: a frame costs no timer
-    /// update, only a clock read.
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    quiet: QuietTimer,
 }
 
 impl<B, T> http_body::Body for Streaming<B, T>
@@ -152,31 +148,22 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        use std::future::Future as _;
         use std::task::Poll;
         let this = self.get_mut();
         if let Some(frame) = this.read.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
-            this.last_progress = tokio::time::Instant::now();
+            this.quiet.progressed();
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        let due = this.last_progress + this.idle;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() != due {
-            timer.as_mut().reset(due);
+        let due = this.quiet.last_progress + this.idle;
+        if this.quiet.poll_until(due, cx).is_pending() {
+            return Poll::Pending;
         }
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                let cut = AnswerStalled(this.idle);
-                tracing::warn!("{cut}");
-                Poll::Ready(Some(Err(Box::new(cut))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let cut = AnswerStalled(this.idle);
+        tracing::warn!("{cut}");
+        Poll::Ready(Some(Err(Box::new(cut))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -211,20 +198,18 @@ pub const REQUEST_BODY_TOTAL: std::time::Duration = std::time::Duration::from_se
 /// upstream, or a token-endpoint read for ever. The timer is armed only when the body has
 /// to wait for its caller; a body that is already here costs a clock read.
 pub fn with_deadlines(body: ProxyBody) -> ProxyBody {
-    let now = tokio::time::Instant::now();
+    let quiet = QuietTimer::new();
     boxed(SlowBodyGuard {
         inner: body,
-        total_due: now + REQUEST_BODY_TOTAL,
-        last_progress: now,
-        timer: None,
+        total_due: quiet.last_progress + REQUEST_BODY_TOTAL,
+        quiet,
     })
 }
 
 struct SlowBodyGuard {
     inner: ProxyBody,
     total_due: tokio::time::Instant,
-    last_progress: tokio::time::Instant,
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    quiet: QuietTimer,
 }
 
 impl http_body::Body for SlowBodyGuard {
@@ -236,30 +221,23 @@ impl http_body::Body for SlowBodyGuard {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         use crate::error::BodyTimedOut;
-        use std::future::Future as _;
         use std::task::Poll;
         let this = self.get_mut();
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
-            this.last_progress = tokio::time::Instant::now();
+            this.quiet.progressed();
             return Poll::Ready(frame);
         }
-        let idle_due = this.last_progress + REQUEST_BODY_IDLE;
+        let idle_due = this.quiet.last_progress + REQUEST_BODY_IDLE;
         let due = idle_due.min(this.total_due);
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() != due {
-            timer.as_mut().reset(due);
+        if this.quiet.poll_until(due, cx).is_pending() {
+            return Poll::Pending;
         }
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) if due == this.total_due => {
-                Poll::Ready(Some(Err(Box::new(BodyTimedOut::Total(REQUEST_BODY_TOTAL)))))
-            }
-            Poll::Ready(()) => {
-                Poll::Ready(Some(Err(Box::new(BodyTimedOut::Idle(REQUEST_BODY_IDLE)))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let late = if due == this.total_due {
+            BodyTimedOut::Total(REQUEST_BODY_TOTAL)
+        } else {
+            BodyTimedOut::Idle(REQUEST_BODY_IDLE)
+        };
+        Poll::Ready(Some(Err(Box::new(late))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -268,5 +246,42 @@ impl http_body::Body for SlowBodyGuard {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// When a body last made progress, and a timer for "nothing since": armed only when the
+/// body has to wait, and moved on lazily, so a frame costs a clock read, not a timer
+/// update.
+struct QuietTimer {
+    last_progress: tokio::time::Instant,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl QuietTimer {
+    fn new() -> QuietTimer {
+        QuietTimer {
+            last_progress: tokio::time::Instant::now(),
+            timer: None,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.last_progress = tokio::time::Instant::now();
+    }
+
+    /// Ready once `due` has passed; otherwise wakes the task at `due`.
+    fn poll_until(
+        &mut self,
+        due: tokio::time::Instant,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::future::Future as _;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx)
     }
 }

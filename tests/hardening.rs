@@ -19,6 +19,19 @@ fn raw(addr: &str, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `GET url` with the test client's key, in a task of its own; its status.
+fn spawn_get_with_key(url: String) -> tokio::task::JoinHandle<reqwest::StatusCode> {
+    tokio::spawn(async move {
+        client()
+            .get(url)
+            .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    })
+}
+
 fn status_of(answer: &str) -> u16 {
     answer
         .get(9..12)
@@ -283,18 +296,7 @@ async fn waiting_for_a_busy_upstream_ends_in_503_upstream_busy_never_504() {
     // Four calls wait for the API's answer; a fifth waits for a connection and gets its
     // 200 once one frees.
     let gated: Vec<_> = (0..4)
-        .map(|_| {
-            let url = proxy.url("/api/v2/sandbox/gate");
-            tokio::spawn(async move {
-                client()
-                    .get(url)
-                    .header("Authorization", format!("Bearer {CLIENT_KEY}"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            })
-        })
+        .map(|_| spawn_get_with_key(proxy.url("/api/v2/sandbox/gate")))
         .collect();
     let api_calls = sandbox.api_calls();
     wait_for(Duration::from_secs(10), || {
@@ -302,18 +304,7 @@ async fn waiting_for_a_busy_upstream_ends_in_503_upstream_busy_never_504() {
     })
     .await
     .expect("four calls at the gate");
-    let fifth = {
-        let url = proxy.url("/api/v2/users/me");
-        tokio::spawn(async move {
-            client()
-                .get(url)
-                .header("Authorization", format!("Bearer {CLIENT_KEY}"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
+    let fifth = spawn_get_with_key(proxy.url("/api/v2/users/me"));
     sandbox.open_gate();
     for g in gated {
         assert_eq!(g.await.unwrap(), 200);
@@ -376,18 +367,7 @@ async fn callers_giving_up_on_stalled_answers_do_not_pin_the_upstream_connection
         );
     }
     let calls: Vec<_> = (0..50)
-        .map(|_| {
-            let url = proxy.url("/api/v2/users/me");
-            tokio::spawn(async move {
-                client()
-                    .get(url)
-                    .header("Authorization", format!("Bearer {CLIENT_KEY}"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            })
-        })
+        .map(|_| spawn_get_with_key(proxy.url("/api/v2/users/me")))
         .collect();
     for c in calls {
         assert_eq!(c.await.unwrap(), 200);
@@ -737,11 +717,15 @@ async fn one_address_cannot_take_every_admin_connection() {
         let held: Vec<TcpStream> = (0..40)
             .map(|_| TcpStream::connect(&admin).unwrap())
             .collect();
+        // Every request is sent before any answer is read: a silent connection would be
+        // let go after the 10 s a request head may take.
+        for mut s in &held {
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        }
         // Past the address's 32, connections are closed at once, unanswered.
         held.into_iter()
             .map(|mut s| {
                 s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
                 let mut b = [0u8; 12];
                 s.read_exact(&mut b).is_ok() && b.starts_with(b"HTTP/1.1 200")
             })
