@@ -92,6 +92,12 @@ static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Ar
 /// time the pool drops that connection, and a burst of idle closes can take several.
 const STALE_RESENDS: usize = 3;
 
+/// Set on the proxy's answer when the upstream closed a pooled connection before any
+/// byte of an answer (see [`closed_before_answering`]) and the call had a body this layer
+/// could not send again: the retry layer, which keeps bodies, may.
+#[derive(Debug, Clone, Copy)]
+pub struct ClosedBeforeAnswer;
+
 /// Did the upstream close the connection before any byte of an answer arrived? That is
 /// a pooled keep-alive connection the API host (or a load balancer) closed as idle just
 /// as the call was sent on it: nothing was answered, so an idempotent call may be sent
@@ -226,7 +232,12 @@ impl Service<ProxyRequest> for Forward {
                     };
                     tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
                     let err = body_error_or(&e, ProxyError::UpstreamUnreachable(failure));
-                    return Ok(err.into_response());
+                    let mut resp = err.into_response();
+                    if closed_before_answering(&e) {
+                        // The retry layer may send it again if it kept the body.
+                        resp.extensions_mut().insert(ClosedBeforeAnswer);
+                    }
+                    return Ok(resp);
                 }
                 Ok(Ok(resp)) => resp,
             };

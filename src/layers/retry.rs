@@ -32,10 +32,11 @@ use super::route::Route;
 use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::body::{self, BoxError, ProxyBody};
 use crate::error::{body_error_or, ProxyError};
+use crate::forward::ClosedBeforeAnswer;
 use crate::metrics::Metrics;
 
 /// Set on a response that came from a later attempt: why it was sent again
-/// (`unauthorized` or `throttled`).
+/// (`connection_closed`, `unauthorized` or `throttled`).
 #[derive(Debug, Clone, Copy)]
 pub struct Retried(pub &'static str);
 
@@ -247,6 +248,18 @@ where
                 .map(|r| Arc::clone(&r.upstream));
             let name = upstream.as_ref().map_or("", |u| u.name().as_ref());
             let mut retried = None;
+            // A pooled connection closed under the call before any answer: nothing was
+            // answered, and the body is here, so an idempotent call goes once more.
+            if resp.extensions().get::<ClosedBeforeAnswer>().is_some() && idempotent(&head.method) {
+                metrics.retry(name, "connection_closed");
+                drop(resp);
+                resp = inner
+                    .ready()
+                    .await?
+                    .call(copy_with_body(&head, body.clone()))
+                    .await?;
+                retried = Some("connection_closed");
+            }
             let from_upstream = |r: &ProxyResponse| r.extensions().get::<TokenUsed>().copied();
             if let (StatusCode::UNAUTHORIZED, Some(TokenUsed(rejected))) =
                 (resp.status(), from_upstream(&resp))
