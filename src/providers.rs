@@ -1,8 +1,9 @@
 //! What each platform looks like from outside: where its tokens and its API live.
 //!
-//! Facts and sources are in `PROVIDERS.md` of the project's shared notes: the Genesys Cloud
-//! region table is the official SDKs' (`PureCloudRegionHosts`), and the SDKs derive the
-//! login host from the API host by replacing `api.` with `login.`.
+//! Sources: the Genesys Cloud region table is the official SDKs' (`PureCloudRegionHosts`),
+//! and the SDKs derive the login host from the API host by replacing `api.` with `login.`;
+//! CXone's discovery and grant follow NICE's developer portal and a public client of it
+//! (Cognigy's CXone extension, `cxone-api-client.ts`).
 
 /// The kind of platform an upstream is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

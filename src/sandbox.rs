@@ -1,5 +1,5 @@
 //! A Genesys-Cloud-like login host and API host on loopback, for `tokengate demo` and for
-//! the tests. It behaves as `PROVIDERS.md` documents the real platform:
+//! the tests. It behaves as the platforms' developer documentation describes them:
 //!
 //! - `POST /oauth/token` on the login host: `Authorization: Basic base64(id:secret)`, form
 //!   body `grant_type=client_credentials`; answers `{"access_token", "token_type":

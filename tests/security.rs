@@ -61,7 +61,9 @@ async fn an_oversized_request_head_is_refused_with_431() {
         let big = "a".repeat(200 * 1024);
         exchange(
             &addr,
-            format!("GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+            // An echoing path: the API host records every call to it that arrives.
+            format!("GET /api/v2/conversations HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n")
+                .as_bytes(),
         )
     })
     .await

@@ -197,7 +197,11 @@ impl SharedCache {
             return Ok(());
         }
         let key = self.token_key(creds, index);
-        let value = self.seal(&key, token);
+        let Some(value) = self.seal(&key, token) else {
+            // Never store a value that does not open (an empty one, say): the others mint.
+            tracing::warn!("a token could not be sealed for the shared cache; not stored");
+            return Ok(());
+        };
         let mut redis = self.redis.clone();
         self.run(
             redis::cmd("SET")
@@ -342,7 +346,8 @@ impl SharedCache {
         }
     }
 
-    fn seal(&self, key: &str, token: &SharedToken) -> Vec<u8> {
+    /// The stored form of `token` under `key`; `None` if it cannot be made.
+    fn seal(&self, key: &str, token: &SharedToken) -> Option<Vec<u8>> {
         let millis = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
         let plain = Sealed {
             t: token.access_token.expose_secret().to_string(),
@@ -355,8 +360,7 @@ impl SharedCache {
             life_ms: millis(token.lifetime),
             api: token.api_base.clone(),
         };
-        // Serialising a struct of strings and integers cannot fail.
-        let plain = serde_json::to_vec(&plain).unwrap_or_default();
+        let plain = serde_json::to_vec(&plain).ok()?;
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let sealed = self
@@ -368,12 +372,12 @@ impl SharedCache {
                     aad: key.as_bytes(),
                 },
             )
-            .unwrap_or_default();
+            .ok()?;
         let mut out = Vec::with_capacity(FORMAT.len() + NONCE_LEN + sealed.len());
         out.extend_from_slice(FORMAT);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        out
+        Some(out)
     }
 
     /// The plaintext of a stored value; `None` for anything that does not open: another
@@ -434,7 +438,7 @@ mod tests {
     #[tokio::test]
     async fn sealed_tokens_open_only_with_the_same_key_under_the_same_name() {
         let (a, other_key) = (cache(1), cache(2));
-        let sealed = a.seal("k1", &token());
+        let sealed = a.seal("k1", &token()).unwrap();
         assert!(!String::from_utf8_lossy(&sealed).contains("the-token-value"));
         let opened = a.open("k1", &sealed).unwrap();
         assert_eq!(opened.access_token.expose_secret(), "the-token-value");
