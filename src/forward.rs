@@ -11,13 +11,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, HeaderMap, HeaderName, Uri, Version};
-use http_body::Body as _;
 use tower::Service;
 
 use crate::body;
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
-use crate::layers::retry::idempotent;
 use crate::layers::route::Route;
 use crate::layers::{BoxFuture, ProxyRequest};
 use crate::token::grant::error_chain;
@@ -88,13 +86,9 @@ pub fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, ProxyError> {
 /// The name anonymous callers share their connection slots under.
 static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
 
-/// How many times a call is sent again after its pooled connection closed under it: each
-/// time the pool drops that connection, and a burst of idle closes can take several.
-const STALE_RESENDS: usize = 3;
-
 /// Set on the proxy's answer when the upstream closed a pooled connection before any
-/// byte of an answer (see [`closed_before_answering`]) and the call had a body this layer
-/// could not send again: the retry layer, which keeps bodies, may.
+/// byte of an answer (see [`closed_before_answering`]): the retry layer, which keeps the
+/// request's body, sends an idempotent call again.
 #[derive(Debug, Clone, Copy)]
 pub struct ClosedBeforeAnswer;
 
@@ -194,34 +188,7 @@ impl Service<ProxyRequest> for Forward {
                     return Ok(busy.into_response());
                 }
             };
-            // An idempotent call with no body can be sent again as it was: kept for the
-            // case where a pooled connection turns out to have been closed under it.
-            let resend = (idempotent(req.method()) && req.body().is_end_stream()).then(|| {
-                (
-                    req.method().clone(),
-                    req.uri().clone(),
-                    req.headers().clone(),
-                )
-            });
-            let mut attempt = client.request(req);
-            let mut resent = 0;
-            let answer = loop {
-                let answer = tokio::time::timeout(timeout, attempt).await;
-                match (&answer, &resend) {
-                    (Ok(Err(e)), Some((method, uri, headers)))
-                        if resent < STALE_RESENDS && closed_before_answering(e) =>
-                    {
-                        resent += 1;
-                        tracing::debug!(upstream = %upstream.name(), "a pooled connection was closed under the call; sending it again");
-                        let mut again = http::Request::new(body::empty());
-                        *again.method_mut() = method.clone();
-                        *again.uri_mut() = uri.clone();
-                        *again.headers_mut() = headers.clone();
-                        attempt = client.request(again);
-                    }
-                    _ => break answer,
-                }
-            };
+            let answer = tokio::time::timeout(timeout, client.request(req)).await;
             let resp = match answer {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {
@@ -234,7 +201,6 @@ impl Service<ProxyRequest> for Forward {
                     let err = body_error_or(&e, ProxyError::UpstreamUnreachable(failure));
                     let mut resp = err.into_response();
                     if closed_before_answering(&e) {
-                        // The retry layer may send it again if it kept the body.
                         resp.extensions_mut().insert(ClosedBeforeAnswer);
                     }
                     return Ok(resp);

@@ -35,13 +35,16 @@ use crate::error::{body_error_or, ProxyError};
 use crate::forward::ClosedBeforeAnswer;
 use crate::metrics::Metrics;
 
+/// How many times a call is sent again after its pooled connection closed under it.
+const STALE_RESENDS: usize = 3;
+
 /// Set on a response that came from a later attempt: why it was sent again
 /// (`connection_closed`, `unauthorized` or `throttled`).
 #[derive(Debug, Clone, Copy)]
 pub struct Retried(pub &'static str);
 
 /// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
-pub(crate) fn idempotent(method: &http::Method) -> bool {
+fn idempotent(method: &http::Method) -> bool {
     use http::Method;
     matches!(
         *method,
@@ -249,8 +252,15 @@ where
             let name = upstream.as_ref().map_or("", |u| u.name().as_ref());
             let mut retried = None;
             // A pooled connection closed under the call before any answer: nothing was
-            // answered, and the body is here, so an idempotent call goes once more.
-            if resp.extensions().get::<ClosedBeforeAnswer>().is_some() && idempotent(&head.method) {
+            // answered, and the body is here (empty, for most), so an idempotent call goes
+            // again; each time the pool drops that connection, and a burst of idle closes
+            // can take several.
+            let mut resends = 0;
+            while resends < STALE_RESENDS
+                && resp.extensions().get::<ClosedBeforeAnswer>().is_some()
+                && idempotent(&head.method)
+            {
+                resends += 1;
                 metrics.retry(name, "connection_closed");
                 drop(resp);
                 resp = inner
