@@ -73,7 +73,14 @@ fn whole_stack(c: &mut Criterion) {
         let board = Arc::new(StatusBoard::new(&config));
         let sessions = Arc::new(Sessions::new());
         std::mem::forget(sandbox); // keep it serving for the rest of the run
-        tokengate::stack::request_path(&config, &[upstream], &metrics, &board, &sessions)
+        let parts = tokengate::stack::Parts {
+            config: &config,
+            upstreams: &[upstream],
+            metrics: &metrics,
+            board: &board,
+            sessions: &sessions,
+        };
+        tokengate::stack::request_path(&parts, 0)
     });
     c.bench_function("one GET through the whole stack", |b| {
         b.to_async(&rt).iter(|| {

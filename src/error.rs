@@ -48,11 +48,6 @@ pub enum ProxyError {
     },
 }
 
-/// Set on every response the proxy made itself, so logs and metrics can tell it from an
-/// upstream's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProxyErrorCode(pub &'static str);
-
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -130,7 +125,8 @@ impl ProxyError {
             }
             _ => {}
         }
-        resp.extensions_mut().insert(ProxyErrorCode(self.code()));
+        // So logs and metrics can tell the proxy's answer from an upstream's.
+        crate::outcome::Outcome::of(&mut resp).error = Some(self.code());
         resp
     }
 }
@@ -190,10 +186,8 @@ mod tests {
         for (err, status, code) in rows {
             let resp = err.into_response();
             assert_eq!(resp.status().as_u16(), status);
-            assert_eq!(
-                resp.extensions().get::<ProxyErrorCode>(),
-                Some(&ProxyErrorCode(code))
-            );
+            let outcome = crate::outcome::Outcome::read(&resp).map(|o| o.error);
+            assert_eq!(outcome, Some(Some(code)));
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The innermost service: send the request to its upstream and stream the answer back.
 //!
-//! The request goes to its [`Route`]'s upstream, over the worker's pooled hyper-util client
-//! (rustls; HTTP/1.1 or HTTP/2 by ALPN). Hop-by-hop headers (RFC 9110 §7.6.1) are removed
+//! Built for one upstream and one worker: the request (its URI the path within the
+//! upstream, set by the router) goes to that upstream over that worker's own pooled
+//! hyper-util client (rustls; HTTP/1.1 or HTTP/2 by ALPN), so a call never waits on another
+//! thread's pool. Hop-by-hop headers (RFC 9110 §7.6.1) are removed
 //! from the answer here and from the request at the edge (the guard layer), `Host` is set
 //! by the client from the target, and neither body is buffered:
 //! bytes flow as they come, with hyper's back-pressure.
@@ -14,11 +16,13 @@ use http::{header, HeaderMap, HeaderName, Uri, Version};
 use tower::Service;
 
 use crate::body;
+use crate::connection_slots::ConnectionSlots;
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
-use crate::layers::route::Route;
 use crate::layers::{BoxFuture, ProxyRequest};
+use crate::outcome::Outcome;
 use crate::token::grant::error_chain;
+use crate::upstream::{Upstream, UpstreamClient};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// de-facto `Proxy-Connection` and `Keep-Alive`, and `Trailer`. A match on the text is a
@@ -86,12 +90,6 @@ pub fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, ProxyError> {
 /// The name anonymous callers share their connection slots under.
 static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
 
-/// Set on the proxy's answer when the upstream closed a pooled connection before any
-/// byte of an answer (see [`closed_before_answering`]): the retry layer, which keeps the
-/// request's body, sends an idempotent call again.
-#[derive(Debug, Clone, Copy)]
-pub struct ClosedBeforeAnswer;
-
 /// Did the upstream close the connection before any byte of an answer arrived? That is
 /// a pooled keep-alive connection the API host (or a load balancer) closed as idle just
 /// as the call was sent on it: nothing was answered, so an idempotent call may be sent
@@ -121,8 +119,25 @@ fn closed_before_answering(e: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Forward;
+/// One upstream's connections on one worker.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    upstream: Arc<Upstream>,
+    client: UpstreamClient,
+    slots: Arc<ConnectionSlots>,
+}
+
+impl Forward {
+    /// Send calls to `upstream` over the connections of worker `worker`.
+    pub fn to(upstream: &Arc<Upstream>, worker: usize) -> Forward {
+        let (client, slots) = upstream.connections(worker);
+        Forward {
+            upstream: Arc::clone(upstream),
+            client,
+            slots,
+        }
+    }
+}
 
 impl Service<ProxyRequest> for Forward {
     type Response = crate::layers::ProxyResponse;
@@ -134,10 +149,7 @@ impl Service<ProxyRequest> for Forward {
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
-        let Some(route) = req.extensions().get::<Route>().cloned() else {
-            return Box::pin(async { Ok(ProxyError::NoRoute.into_response()) });
-        };
-        let upstream = route.upstream;
+        let upstream = Arc::clone(&self.upstream);
         let Some(base) = upstream.api_base() else {
             let e = ProxyError::TokenUnavailable {
                 retry_after: None,
@@ -145,7 +157,8 @@ impl Service<ProxyRequest> for Forward {
             };
             return Box::pin(async { Ok(e.into_response()) });
         };
-        let target = match target_uri(&base, &route.path_and_query) {
+        let within = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let target = match target_uri(&base, within) {
             Ok(t) => t,
             Err(e) => return Box::pin(async { Ok(e.into_response()) }),
         };
@@ -159,9 +172,9 @@ impl Service<ProxyRequest> for Forward {
             Some(Caller(Some(client))) => Arc::clone(&client.name),
             _ => Arc::clone(&ANONYMOUS),
         };
+        let (client, slots) = (self.client.clone(), Arc::clone(&self.slots));
         Box::pin(async move {
             let timeout = upstream.config.timeout;
-            let (client, slots) = upstream.client();
             // A free connection first: at the cap, calls queue here rather than open one
             // more, and a freed connection goes to the client holding fewest (see
             // `connection_slots`). Waiting is the proxy being busy, not the API being
@@ -200,9 +213,7 @@ impl Service<ProxyRequest> for Forward {
                     tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
                     let err = body_error_or(&e, ProxyError::UpstreamUnreachable(failure));
                     let mut resp = err.into_response();
-                    if closed_before_answering(&e) {
-                        resp.extensions_mut().insert(ClosedBeforeAnswer);
-                    }
+                    Outcome::of(&mut resp).closed_before_answer = closed_before_answering(&e);
                     return Ok(resp);
                 }
                 Ok(Ok(resp)) => resp,

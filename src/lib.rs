@@ -23,6 +23,7 @@ pub mod keys;
 pub mod layers;
 pub mod live;
 pub mod metrics;
+pub mod outcome;
 pub mod policy;
 pub mod providers;
 pub mod sandbox;
@@ -143,7 +144,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 tls,
                 gate,
             };
-            server::serve(listener, live, stopping, grace).await;
+            server::serve(listener, live.for_worker(index), stopping, grace).await;
         };
         let finished = workers::spawn(index, serve).map_err(|source| StartError {
             what: "proxy worker thread",

@@ -35,7 +35,8 @@ pub struct Generation {
     pub config: Arc<Config>,
     pub upstreams: Arc<[Arc<Upstream>]>,
     pub board: Arc<StatusBoard>,
-    pub service: ProxyService,
+    /// The request path, one per worker (each forwards over its own connections).
+    pub services: Vec<ProxyService>,
     /// The fleet's token cache, when `[cache]` is configured.
     pub shared: Option<Arc<SharedCache>>,
 }
@@ -103,18 +104,21 @@ impl Builder {
             })
             .collect();
         let board = Arc::new(StatusBoard::new(&config));
-        let service = BoxCloneSyncService::new(crate::stack::proxy_service(
-            &config,
-            &upstreams,
-            &self.metrics,
-            &board,
-            &self.sessions,
-        ));
+        let parts = crate::stack::Parts {
+            config: &config,
+            upstreams: &upstreams,
+            metrics: &self.metrics,
+            board: &board,
+            sessions: &self.sessions,
+        };
+        let services = (0..self.workers.max(1))
+            .map(|worker| BoxCloneSyncService::new(crate::stack::proxy_service(&parts, worker)))
+            .collect();
         Generation {
             config: Arc::new(config),
             upstreams,
             board,
-            service,
+            services,
             shared: self.tokens.shared(),
         }
     }
@@ -142,9 +146,25 @@ impl Live {
     pub fn swap(&self, generation: Generation) {
         self.0.store(Arc::new(generation));
     }
+
+    /// The service worker `worker` serves: the current generation's request path for it.
+    pub fn for_worker(&self, worker: usize) -> WorkerService {
+        WorkerService {
+            live: self.clone(),
+            worker,
+        }
+    }
 }
 
-impl Service<Request<Incoming>> for Live {
+/// What a worker's listener serves: each request meets the current generation's request
+/// path built for this worker.
+#[derive(Clone, Debug)]
+pub struct WorkerService {
+    live: Live,
+    worker: usize,
+}
+
+impl Service<Request<Incoming>> for WorkerService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = BoxFuture;
@@ -154,7 +174,13 @@ impl Service<Request<Incoming>> for Live {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> BoxFuture {
-        let service = self.0.load().service.clone();
+        let generation = self.live.0.load();
+        // A generation builds a service for every worker; the fallback is never taken.
+        let services = &generation.services;
+        let Some(service) = services.get(self.worker).or(services.first()).cloned() else {
+            let e = crate::error::ProxyError::NoRoute;
+            return Box::pin(async { Ok(e.into_response()) });
+        };
         Box::pin(service.oneshot(req))
     }
 }

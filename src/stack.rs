@@ -1,22 +1,30 @@
 //! The proxy's request path, composed in one place. Read top to bottom: it is the order
 //! in which a request meets each layer.
+//!
+//! Two halves. The front half is shared by every call: observe → guard → token_endpoint →
+//! client_auth → route. The router hands each call to the back half of its upstream, built
+//! once per upstream and per worker with that upstream's settings baked in (linkerd2-proxy's
+//! `NewService<Target>`): deadline (only where `request_timeout_secs` is set) → retry (its
+//! policy) → bearer (its token pool) → forward (this worker's connections to its host).
+//! Nothing in a back half looks its upstream up per request.
 
 use std::sync::Arc;
 
 use http::Request;
 use hyper::body::Incoming;
+use tower::util::Either;
 use tower::ServiceBuilder;
 
 use crate::body::{self, ProxyBody};
 use crate::config::Config;
 use crate::forward::Forward;
-use crate::layers::bearer::BearerLayer;
+use crate::layers::bearer::{Bearer, BearerLayer};
 use crate::layers::client_auth::ClientAuthLayer;
-use crate::layers::deadline::DeadlineLayer;
+use crate::layers::deadline::{Deadline, DeadlineLayer};
 use crate::layers::guard::GuardLayer;
 use crate::layers::observe::ObserveLayer;
-use crate::layers::retry::RetryLayer;
-use crate::layers::route::RouteLayer;
+use crate::layers::retry::{Retry, RetryLayer};
+use crate::layers::route::{Destination, Router};
 use crate::layers::token_endpoint::TokenEndpointLayer;
 use crate::metrics::Metrics;
 use crate::server::HttpService;
@@ -24,29 +32,37 @@ use crate::session::Sessions;
 use crate::status::StatusBoard;
 use crate::upstream::Upstream;
 
-/// Build the service that answers every request on the proxy listener.
-pub fn proxy_service(
-    config: &Config,
-    upstreams: &[Arc<Upstream>],
-    metrics: &Metrics,
-    board: &Arc<StatusBoard>,
-    sessions: &Arc<Sessions>,
-) -> impl HttpService<Incoming> {
+/// What one worker needs to build its request path: the config and what outlives a call.
+pub struct Parts<'a> {
+    pub config: &'a Config,
+    pub upstreams: &'a [Arc<Upstream>],
+    pub metrics: &'a Metrics,
+    pub board: &'a Arc<StatusBoard>,
+    pub sessions: &'a Arc<Sessions>,
+}
+
+/// Build the service that answers every request on worker `worker`'s proxy listener.
+pub fn proxy_service(parts: &Parts<'_>, worker: usize) -> impl HttpService<Incoming> {
     ServiceBuilder::new()
         // One body type from here on: hyper's, limited, or a kept copy for a retry.
         .map_request(|req: Request<Incoming>| req.map(body::boxed))
-        .service(request_path(config, upstreams, metrics, board, sessions))
+        .service(request_path(parts, worker))
 }
 
 /// The layers every request goes through, on the proxy's one body type (also what the
 /// in-process benchmark drives).
-pub fn request_path(
-    config: &Config,
-    upstreams: &[Arc<Upstream>],
-    metrics: &Metrics,
-    board: &Arc<StatusBoard>,
-    sessions: &Arc<Sessions>,
-) -> impl HttpService<ProxyBody> {
+pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyBody> {
+    let Parts {
+        config,
+        upstreams,
+        metrics,
+        board,
+        sessions,
+    } = *parts;
+    let destinations = upstreams.iter().map(|upstream| Destination {
+        upstream: Arc::clone(upstream),
+        service: upstream_service(upstream, worker, config, metrics),
+    });
     ServiceBuilder::new()
         // Outermost, so that every answer is counted — including the proxy's own refusals.
         .layer(ObserveLayer::recording_to(metrics.clone(), board.clone()))
@@ -66,17 +82,36 @@ pub fn request_path(
             &config.clients,
             sessions.clone(),
         ))
-        // Where it goes, and whether this caller may go there.
-        .layer(RouteLayer::by_prefix(upstreams))
+        // Where it goes, and whether this caller may go there; then on to that upstream's
+        // own service.
+        .service(Router::by_prefix(destinations))
+}
+
+/// Retry, bearer and forward, as every upstream has them.
+type Attempts = Retry<Bearer<Forward>>;
+
+/// One upstream's back half: with a deadline on the whole call, or without one.
+pub type UpstreamService = Either<Deadline<Attempts>, Attempts>;
+
+/// The back half of `upstream`'s calls on worker `worker`.
+pub fn upstream_service(
+    upstream: &Arc<Upstream>,
+    worker: usize,
+    config: &Config,
+    metrics: &Metrics,
+) -> UpstreamService {
+    let limit = upstream.config.request_timeout;
+    ServiceBuilder::new()
         // The upstream's limit on the whole call, retries and token waits included.
-        .layer(DeadlineLayer)
+        .option_layer(limit.map(|limit| DeadlineLayer::cutting_after(limit, upstream.name())))
         // Outside the bearer layer, so a second attempt after a 401 gets a fresh token.
-        .layer(RetryLayer::keeping_bodies_up_to(
+        .layer(RetryLayer::for_upstream(
+            &upstream.config,
             config.server.retry_body_bytes,
             metrics.clone(),
         ))
         // The upstream's cached token, in place of whatever the caller sent.
-        .layer(BearerLayer)
-        // To the configured upstream host, streaming both ways.
-        .service(Forward)
+        .layer(BearerLayer::with_tokens_of(upstream))
+        // To the upstream's host, over this worker's connections, streaming both ways.
+        .service(Forward::to(upstream, worker))
 }

@@ -81,9 +81,10 @@ impl Upstream {
         }
     }
 
-    /// The connection pool of the worker running this call, and its connection slots.
-    pub fn client(&self) -> &(UpstreamClient, Arc<ConnectionSlots>) {
-        &self.clients[crate::workers::current() % self.clients.len()]
+    /// Worker `worker`'s connection pool to this upstream, and its connection slots.
+    pub fn connections(&self, worker: usize) -> (UpstreamClient, Arc<ConnectionSlots>) {
+        let (client, slots) = &self.clients[worker % self.clients.len()];
+        (client.clone(), Arc::clone(slots))
     }
 
     pub fn name(&self) -> &Arc<str> {

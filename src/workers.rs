@@ -9,21 +9,7 @@
 //! worker per core, a call is accepted, forwarded and answered on one thread. Tokens,
 //! config and metrics are still shared (atomics and `ArcSwap`, read without locks).
 
-use std::cell::Cell;
 use std::net::SocketAddr;
-
-thread_local! {
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The index of the worker running on this thread (0 outside the workers).
-pub fn current() -> usize {
-    WORKER.with(Cell::get)
-}
-
-fn set_current(index: usize) {
-    WORKER.with(|w| w.set(index));
-}
 
 /// How many workers to run when the config does not say: one per core the process may use.
 pub fn default_count() -> usize {
@@ -113,8 +99,8 @@ fn kernel_hex_ip(hex: &str) -> Option<std::net::IpAddr> {
     }
 }
 
-/// Runs `serve` on a new thread with its own current-thread runtime; the thread is worker
-/// `index`. The returned receiver completes when `serve` has returned.
+/// Runs `serve` on a new thread with its own current-thread runtime, named after worker
+/// `index` (`serve` is given the index it needs: nothing here is thread-local). The returned receiver completes when `serve` has returned.
 pub fn spawn<F, Fut>(index: usize, serve: F) -> std::io::Result<tokio::sync::oneshot::Receiver<()>>
 where
     F: FnOnce() -> Fut + Send + 'static,
@@ -127,7 +113,6 @@ where
     std::thread::Builder::new()
         .name(format!("tokengate-worker-{index}"))
         .spawn(move || {
-            set_current(index);
             runtime.block_on(serve());
             // Tasks still running (a background token refresh) end with the runtime.
             drop(runtime);

@@ -1,51 +1,59 @@
 //! Attach the upstream's bearer token, from its cache.
 //!
-//! The token comes from one of the route's [token sources](crate::token::TokenSource) —
+//! Built for one upstream. The token comes from one of its
+//! [token sources](crate::token::TokenSource) —
 //! picked by [`Upstream::pick`](crate::upstream::Upstream::pick) when there is a pool —
 //! usually with one atomic load. If the retry layer marked the request with
 //! [`ReplaceToken`], that source is asked for a token other than the rejected one. The
-//! response is marked with the token it was made with, so a 401 can name the token it
-//! rejected, and its rate-limit headers steer the pool.
+//! upstream's answer records the token it was made with in its [`Outcome`], so a 401 can
+//! name the token it rejected, and its rate-limit headers steer the pool.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header;
 use tower::{Layer, Service};
 
-use super::route::Route;
 use super::{BoxFuture, ProxyRequest, ProxyResponse};
-use crate::error::{ProxyError, ProxyErrorCode};
+use crate::error::ProxyError;
+use crate::outcome::{Outcome, TokenId};
 use crate::token::TokenError;
+use crate::upstream::Upstream;
 
-/// Which token a request carried: its place in the upstream's pool, and its generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokenId {
-    pub pool_index: usize,
-    pub generation: u64,
-}
-
-/// Set on a request: the upstream rejected this token; use another from the same source.
+/// Set on a request by the retry layer, the one message a request carries inside an
+/// upstream's stack: the upstream rejected this token; use another from the same source.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplaceToken(pub TokenId);
 
-/// Set on an upstream's response: it answered a request carrying this token.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenUsed(pub TokenId);
+#[derive(Debug, Clone)]
+pub struct BearerLayer {
+    upstream: Arc<Upstream>,
+}
 
-#[derive(Debug, Clone, Default)]
-pub struct BearerLayer;
+impl BearerLayer {
+    /// Attach tokens from `upstream`'s pool.
+    pub fn with_tokens_of(upstream: &Arc<Upstream>) -> Self {
+        BearerLayer {
+            upstream: Arc::clone(upstream),
+        }
+    }
+}
 
 impl<S> Layer<S> for BearerLayer {
     type Service = Bearer<S>;
     fn layer(&self, inner: S) -> Bearer<S> {
-        Bearer { inner }
+        Bearer {
+            inner,
+            upstream: Arc::clone(&self.upstream),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Bearer<S> {
     inner: S,
+    upstream: Arc<Upstream>,
 }
 
 /// A failed grant, as the caller sees it: a refusal that needs a configuration change is
@@ -95,12 +103,9 @@ where
         // Take the service that was driven to readiness; leave a clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(route) = req.extensions().get::<Route>().cloned() else {
-            return Box::pin(async { Ok(ProxyError::NoRoute.into_response()) });
-        };
+        let upstream = Arc::clone(&self.upstream);
         let replace = req.extensions().get::<ReplaceToken>().copied();
         Box::pin(async move {
-            let upstream = &route.upstream;
             let (pool_index, token) = match replace {
                 Some(ReplaceToken(rejected)) => {
                     let i = rejected.pool_index.min(upstream.tokens.len() - 1);
@@ -113,17 +118,17 @@ where
             };
             let token = match token {
                 Ok(t) => t,
-                Err(e) => return Ok(token_error(route.upstream.name(), e).into_response()),
+                Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
             };
             req.headers_mut()
                 .insert(header::AUTHORIZATION, token.header().clone());
             let mut resp = inner.call(req).await?;
-            if resp.extensions().get::<ProxyErrorCode>().is_none() {
+            if !Outcome::made_by_proxy(&resp) {
                 upstream.observe_limits(pool_index, resp.status().as_u16(), resp.headers());
-                resp.extensions_mut().insert(TokenUsed(TokenId {
+                Outcome::of(&mut resp).token = Some(TokenId {
                     pool_index,
                     generation: token.generation,
-                }));
+                });
             }
             Ok(resp)
         })

@@ -131,8 +131,7 @@ fn anonymous_browser_refusal(req: &ProxyRequest) -> Option<ProxyResponse> {
     {
         let mut resp = http::Response::new(crate::body::empty());
         *resp.status_mut() = http::StatusCode::NO_CONTENT;
-        resp.extensions_mut()
-            .insert(crate::error::ProxyErrorCode("preflight_refused"));
+        crate::outcome::Outcome::of(&mut resp).error = Some("preflight_refused");
         return Some(resp);
     }
     let cross_site = headers

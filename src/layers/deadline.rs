@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,24 +18,44 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use super::route::Route;
 use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::body::{self, BoxError, ProxyBody};
 use crate::error::ProxyError;
 
-#[derive(Debug, Clone, Default)]
-pub struct DeadlineLayer;
+/// Built only for upstreams that have `request_timeout_secs`; the others have no
+/// deadline layer at all.
+#[derive(Debug, Clone)]
+pub struct DeadlineLayer {
+    limit: Duration,
+    upstream: Arc<str>,
+}
+
+impl DeadlineLayer {
+    pub fn cutting_after(limit: Duration, upstream: &Arc<str>) -> Self {
+        DeadlineLayer {
+            limit,
+            upstream: Arc::clone(upstream),
+        }
+    }
+}
 
 impl<S> Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
     fn layer(&self, inner: S) -> Deadline<S> {
-        Deadline { inner }
+        Deadline {
+            inner,
+            limit: self.limit,
+            upstream: Arc::clone(&self.upstream),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
     inner: S,
+    limit: Duration,
+    /// For the log line when an answer is cut off.
+    upstream: Arc<str>,
 }
 
 impl<S> Service<ProxyRequest> for Deadline<S>
@@ -51,12 +72,7 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
-        let route = req.extensions().get::<Route>();
-        let limit = route.and_then(|r| r.upstream.config.request_timeout);
-        let (Some(limit), Some(route)) = (limit, route) else {
-            return self.inner.call(req);
-        };
-        let upstream = std::sync::Arc::clone(&route.upstream.config.name);
+        let (limit, upstream) = (self.limit, Arc::clone(&self.upstream));
         let deadline = Instant::now() + limit;
         let call = self.inner.call(req);
         Box::pin(async move {
@@ -78,7 +94,7 @@ pin_project_lite::pin_project! {
         #[pin]
         sleep: Sleep,
         limit: Duration,
-        upstream: std::sync::Arc<str>,
+        upstream: Arc<str>,
     }
 }
 
@@ -87,7 +103,7 @@ impl DeadlineBody {
         inner: ProxyBody,
         deadline: Instant,
         limit: Duration,
-        upstream: std::sync::Arc<str>,
+        upstream: Arc<str>,
     ) -> DeadlineBody {
         DeadlineBody {
             inner,

@@ -1,7 +1,7 @@
 //! Outermost: count and time every answer, by upstream and status, and log a line for it.
 //!
-//! The upstream and client come from the [`Served`] the router put on the response;
-//! answers made before routing (401) count under an empty upstream. Counts go to the
+//! Everything else it needs comes from the call's [`Outcome`], read once here; answers
+//! made before routing (401) count under an empty upstream. Counts go to the
 //! Prometheus metrics and to the [status board](crate::status::StatusBoard), and one
 //! audit line per request goes to the log (target `tokengate::audit`): client, upstream,
 //! method, path (no query), status, latency, whether it was retried, and the upstream's
@@ -19,11 +19,9 @@ use tower::{Layer, Service};
 
 use std::sync::Arc;
 
-use super::retry::Retried;
-use super::route::Served;
 use super::{ProxyRequest, ProxyResponse};
-use crate::error::ProxyErrorCode;
 use crate::metrics::Metrics;
+use crate::outcome::{Outcome, RetryReason};
 use crate::status::{Answered, StatusBoard};
 
 /// Response headers that carry the platform's id for a call (Genesys first).
@@ -111,23 +109,22 @@ where
         let this = self.project();
         let Ok(resp) = std::task::ready!(this.inner.poll(cx));
         let elapsed = this.started.elapsed();
-        let served = resp.extensions().get::<Served>();
-        let routed = served.and_then(|s| s.upstream.as_ref());
-        let upstream = routed.map_or("", |u| u.name().as_ref());
-        let client = served.and_then(|s| s.client.as_deref());
         let status = resp.status().as_u16();
-        match routed {
+        let none = Outcome::default();
+        let outcome = Outcome::read(&resp).unwrap_or(&none);
+        let upstream = outcome.upstream.as_ref().map_or("", |u| u.name().as_ref());
+        match &outcome.upstream {
             Some(u) => u.metrics.request(status, elapsed),
             None => this.metrics.unrouted().request(status, elapsed),
         }
-        let error = resp.extensions().get::<ProxyErrorCode>().map(|c| c.0);
-        let retried = resp.extensions().get::<Retried>().map(|r| r.0);
+        let (client, error) = (outcome.client.as_deref(), outcome.error);
+        let retried = outcome.retried.map(RetryReason::as_str);
         this.board.record(Answered {
             upstream: Some(upstream).filter(|u| !u.is_empty()),
             client,
             status,
             proxy_error: error,
-            retried_after_401: retried == Some("unauthorized"),
+            retried_after_401: outcome.retried == Some(RetryReason::Unauthorized),
         });
         let Some(path) = this.path else {
             return Poll::Ready(Ok(resp));

@@ -27,21 +27,16 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use tower::{Layer, Service, ServiceExt};
 
-use super::bearer::{ReplaceToken, TokenUsed};
-use super::route::Route;
+use super::bearer::ReplaceToken;
 use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::body::{self, BoxError, ProxyBody};
+use crate::config::UpstreamConfig;
 use crate::error::{body_error_or, ProxyError};
-use crate::forward::ClosedBeforeAnswer;
 use crate::metrics::Metrics;
+use crate::outcome::{Outcome, RetryReason, TokenId};
 
 /// How many times a call is sent again after its pooled connection closed under it.
 const STALE_RESENDS: usize = 3;
-
-/// Set on a response that came from a later attempt: why it was sent again
-/// (`connection_closed`, `unauthorized` or `throttled`).
-#[derive(Debug, Clone, Copy)]
-pub struct Retried(pub &'static str);
 
 /// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
 fn idempotent(method: &http::Method) -> bool {
@@ -65,19 +60,32 @@ fn retry_after(headers: &http::HeaderMap) -> Option<std::time::Duration> {
     )
 }
 
+/// One upstream's retry policy, fixed when its stack is built.
 #[derive(Debug, Clone)]
-pub struct RetryLayer {
+pub struct RetryPolicy {
+    /// Requests whose bodies are at most this long are kept, so they can be sent again.
     keep_bytes: usize,
+    /// After a 429, idempotent calls go again at most this many times...
+    retry_429: u32,
+    /// ...and wait at most this long in all.
+    retry_429_max_wait: std::time::Duration,
+    upstream: Arc<str>,
     metrics: Metrics,
 }
 
+#[derive(Debug, Clone)]
+pub struct RetryLayer(Arc<RetryPolicy>);
+
 impl RetryLayer {
-    /// Retry requests whose bodies are at most `keep_bytes` long.
-    pub fn keeping_bodies_up_to(keep_bytes: usize, metrics: Metrics) -> Self {
-        RetryLayer {
+    /// `upstream`'s policy, keeping request bodies of at most `keep_bytes`.
+    pub fn for_upstream(upstream: &UpstreamConfig, keep_bytes: usize, metrics: Metrics) -> Self {
+        RetryLayer(Arc::new(RetryPolicy {
             keep_bytes,
+            retry_429: upstream.retry_429,
+            retry_429_max_wait: upstream.retry_429_max_wait,
+            upstream: Arc::clone(&upstream.name),
             metrics,
-        }
+        }))
     }
 }
 
@@ -86,8 +94,7 @@ impl<S> Layer<S> for RetryLayer {
     fn layer(&self, inner: S) -> Retry<S> {
         Retry {
             inner,
-            keep_bytes: self.keep_bytes,
-            metrics: self.metrics.clone(),
+            policy: Arc::clone(&self.0),
         }
     }
 }
@@ -95,8 +102,7 @@ impl<S> Layer<S> for RetryLayer {
 #[derive(Debug, Clone)]
 pub struct Retry<S> {
     inner: S,
-    keep_bytes: usize,
-    metrics: Metrics,
+    policy: Arc<RetryPolicy>,
 }
 
 /// A request body after the attempt to keep it.
@@ -220,16 +226,16 @@ where
     fn call(&mut self, req: ProxyRequest) -> BoxFuture {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let keep_bytes = self.keep_bytes;
-        let metrics = self.metrics.clone();
+        let policy = Arc::clone(&self.policy);
         Box::pin(async move {
+            let (name, metrics) = (&*policy.upstream, &policy.metrics);
             let (head, body) = req.into_parts();
             let declared = head
                 .headers
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            let kept = match keep_body(body, declared, keep_bytes).await {
+            let kept = match keep_body(body, declared, policy.keep_bytes).await {
                 Ok(kept) => kept,
                 Err(e) => {
                     let unread = ProxyError::BadRequest("the request body could not be read");
@@ -245,36 +251,32 @@ where
             // Counted against the budget until this call ends.
             let (body, _reserved) = body;
             let mut resp = inner.call(copy_with_body(&head, body.clone())).await?;
-            let upstream = head
-                .extensions
-                .get::<Route>()
-                .map(|r| Arc::clone(&r.upstream));
-            let name = upstream.as_ref().map_or("", |u| u.name().as_ref());
             let mut retried = None;
             // A pooled connection closed under the call before any answer: nothing was
             // answered, and the body is here (empty, for most), so an idempotent call goes
             // again; each time the pool drops that connection, and a burst of idle closes
             // can take several.
             let mut resends = 0;
-            while resends < STALE_RESENDS
-                && resp.extensions().get::<ClosedBeforeAnswer>().is_some()
-                && idempotent(&head.method)
-            {
+            let closed =
+                |r: &ProxyResponse| Outcome::read(r).is_some_and(|o| o.closed_before_answer);
+            while resends < STALE_RESENDS && closed(&resp) && idempotent(&head.method) {
                 resends += 1;
-                metrics.retry(name, "connection_closed");
+                metrics.retry(name, RetryReason::ConnectionClosed.as_str());
                 drop(resp);
                 resp = inner
                     .ready()
                     .await?
                     .call(copy_with_body(&head, body.clone()))
                     .await?;
-                retried = Some("connection_closed");
+                retried = Some(RetryReason::ConnectionClosed);
             }
-            let from_upstream = |r: &ProxyResponse| r.extensions().get::<TokenUsed>().copied();
-            if let (StatusCode::UNAUTHORIZED, Some(TokenUsed(rejected))) =
+            // The token the upstream saw; none when the proxy made the answer itself.
+            let from_upstream =
+                |r: &ProxyResponse| -> Option<TokenId> { Outcome::read(r).and_then(|o| o.token) };
+            if let (StatusCode::UNAUTHORIZED, Some(rejected)) =
                 (resp.status(), from_upstream(&resp))
             {
-                metrics.retry(name, "unauthorized");
+                metrics.retry(name, RetryReason::Unauthorized.as_str());
                 tracing::info!(
                     upstream = name,
                     "upstream answered 401; retrying with a fresh token"
@@ -283,10 +285,10 @@ where
                 let mut again = copy_with_body(&head, body.clone());
                 again.extensions_mut().insert(ReplaceToken(rejected));
                 resp = inner.ready().await?.call(again).await?;
-                retried = Some("unauthorized");
+                retried = Some(RetryReason::Unauthorized);
             }
-            if let Some(u) = upstream.as_ref().filter(|_| idempotent(&head.method)) {
-                let (mut left, mut budget) = (u.config.retry_429, u.config.retry_429_max_wait);
+            if idempotent(&head.method) {
+                let (mut left, mut budget) = (policy.retry_429, policy.retry_429_max_wait);
                 while left > 0
                     && resp.status() == StatusCode::TOO_MANY_REQUESTS
                     && from_upstream(&resp).is_some()
@@ -297,7 +299,7 @@ where
                         break;
                     }
                     (left, budget) = (left - 1, budget - wait);
-                    metrics.retry(name, "throttled");
+                    metrics.retry(name, RetryReason::Throttled.as_str());
                     tracing::info!(
                         upstream = name,
                         wait_secs = wait.as_secs_f32(),
@@ -310,11 +312,11 @@ where
                         .await?
                         .call(copy_with_body(&head, body.clone()))
                         .await?;
-                    retried = retried.or(Some("throttled"));
+                    retried = retried.or(Some(RetryReason::Throttled));
                 }
             }
-            if let Some(reason) = retried {
-                resp.extensions_mut().insert(Retried(reason));
+            if retried.is_some() {
+                Outcome::of(&mut resp).retried = retried;
             }
             Ok(resp)
         })

@@ -1,4 +1,5 @@
-//! Which upstream a request goes to, and whether its caller may go there.
+//! Which upstream a request goes to, and whether its caller may go there: the end of the
+//! shared front half, which hands each call to its upstream's own prebuilt service.
 //!
 //! The longest configured `prefix` that matches whole path segments wins; the prefix is
 //! stripped unless it is `/`. Only the path and query travel on: the forwarder joins them
@@ -17,62 +18,42 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{ready, Either, Ready};
-use tower::{Layer, Service};
+use http::Uri;
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
 
 use super::client_auth::Caller;
 use super::{ProxyRequest, ProxyResponse};
 use crate::error::ProxyError;
+use crate::outcome::Outcome;
 use crate::policy::is_plain_path;
 use crate::upstream::Upstream;
 
-/// Where a request is going; set on the request by [`Router`].
+/// One upstream and the service that carries calls to it (its prebuilt back half).
 #[derive(Debug, Clone)]
-pub struct Route {
+pub struct Destination<B> {
     pub upstream: Arc<Upstream>,
-    /// The request's path with the prefix stripped, and its query: appended to the
-    /// upstream's base URL by [`crate::forward`].
-    pub path_and_query: String,
+    pub service: B,
 }
 
-/// Who asked and which upstream answered, set on every response that reached the router
-/// (its own refusals included), for logs, metrics and the status page.
-#[derive(Debug, Clone, Default)]
-pub struct Served {
-    pub upstream: Option<Arc<Upstream>>,
-    /// `None` for an anonymous caller.
-    pub client: Option<Arc<str>>,
-}
-
+/// The last service of the shared front half: picks the upstream by prefix, applies the
+/// caller's policy, and hands the request — its URI now the path *within* the upstream,
+/// prefix stripped — to that upstream's own service. Nothing downstream looks the route
+/// up again: each back half was built for its upstream.
 #[derive(Debug, Clone)]
-pub struct RouteLayer {
+pub struct Router<B> {
     /// Longest prefix first.
-    upstreams: Arc<[Arc<Upstream>]>,
+    destinations: Arc<[Destination<B>]>,
 }
 
-impl RouteLayer {
-    pub fn by_prefix(upstreams: &[Arc<Upstream>]) -> Self {
-        let mut sorted = upstreams.to_vec();
-        sorted.sort_by_key(|u| std::cmp::Reverse(u.config.prefix.len()));
-        RouteLayer {
-            upstreams: sorted.into(),
-        }
-    }
-}
-
-impl<S> Layer<S> for RouteLayer {
-    type Service = Router<S>;
-    fn layer(&self, inner: S) -> Router<S> {
+impl<B> Router<B> {
+    pub fn by_prefix(destinations: impl IntoIterator<Item = Destination<B>>) -> Self {
+        let mut sorted: Vec<Destination<B>> = destinations.into_iter().collect();
+        sorted.sort_by_key(|d| std::cmp::Reverse(d.upstream.config.prefix.len()));
         Router {
-            inner,
-            upstreams: self.upstreams.clone(),
+            destinations: sorted.into(),
         }
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct Router<S> {
-    inner: S,
-    upstreams: Arc<[Arc<Upstream>]>,
 }
 
 fn not_plain() -> ProxyError {
@@ -94,61 +75,82 @@ fn strip_prefix<'a>(prefix: &str, path: &'a str) -> Option<&'a str> {
     }
 }
 
-impl<S> Router<S> {
-    fn route(&self, req: &ProxyRequest) -> Result<Route, ProxyError> {
-        let path = req.uri().path();
-        let (upstream, rest) = self
-            .upstreams
+/// May this caller send this request to `upstream`?
+fn permitted(req: &ProxyRequest, upstream: &Upstream) -> Result<(), ProxyError> {
+    let path = req.uri().path();
+    if let Some(Caller(Some(client))) = req.extensions().get::<Caller>() {
+        if let Some(allowed) = &client.upstreams {
+            if !allowed.contains(upstream.name()) {
+                return Err(ProxyError::Forbidden(format!(
+                    "client \"{}\" may not use upstream \"{}\"",
+                    client.name,
+                    upstream.name()
+                )));
+            }
+        }
+        if let Some(rules) = &client.allow {
+            if !is_plain_path(path) {
+                return Err(not_plain());
+            }
+            if !rules.iter().any(|r| r.allows(req.method(), path)) {
+                return Err(ProxyError::Forbidden(format!(
+                    "client \"{}\" may not {} this path",
+                    client.name,
+                    req.method()
+                )));
+            }
+        }
+    }
+    if upstream.plain_paths_only && !is_plain_path(path) {
+        return Err(not_plain());
+    }
+    Ok(())
+}
+
+/// The request's URI within the upstream: `rest` and the query, in origin form. Only this
+/// travels on; the forwarder joins it to the upstream's base URL, never to the caller's
+/// `Host` or authority.
+fn within_upstream(uri: &Uri, rest: &str) -> Result<Uri, ProxyError> {
+    if uri.scheme().is_none() && rest.len() == uri.path().len() {
+        return Ok(uri.clone());
+    }
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    Uri::try_from(path_and_query)
+        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))
+}
+
+impl<B> Router<B> {
+    fn route(&self, req: &mut ProxyRequest) -> Result<&Destination<B>, ProxyError> {
+        let (destination, rest) = self
+            .destinations
             .iter()
-            .find_map(|u| strip_prefix(&u.config.prefix, path).map(|rest| (u, rest)))
+            .find_map(|d| {
+                strip_prefix(&d.upstream.config.prefix, req.uri().path()).map(|rest| (d, rest))
+            })
             .ok_or(ProxyError::NoRoute)?;
-        if let Some(Caller(Some(client))) = req.extensions().get::<Caller>() {
-            if let Some(allowed) = &client.upstreams {
-                if !allowed.contains(upstream.name()) {
-                    return Err(ProxyError::Forbidden(format!(
-                        "client \"{}\" may not use upstream \"{}\"",
-                        client.name,
-                        upstream.name()
-                    )));
-                }
-            }
-            if let Some(rules) = &client.allow {
-                if !is_plain_path(path) {
-                    return Err(not_plain());
-                }
-                if !rules.iter().any(|r| r.allows(req.method(), path)) {
-                    return Err(ProxyError::Forbidden(format!(
-                        "client \"{}\" may not {} this path",
-                        client.name,
-                        req.method()
-                    )));
-                }
-            }
-        }
-        if upstream.plain_paths_only && !is_plain_path(path) {
-            return Err(not_plain());
-        }
-        Ok(Route {
-            upstream: Arc::clone(upstream),
-            path_and_query: match req.uri().query() {
-                Some(q) => format!("{rest}?{q}"),
-                None => rest.to_string(),
-            },
-        })
+        permitted(req, &destination.upstream)?;
+        let uri = within_upstream(req.uri(), rest)?;
+        *req.uri_mut() = uri;
+        Ok(destination)
     }
 }
 
-impl<S> Service<ProxyRequest> for Router<S>
+impl<B> Service<ProxyRequest> for Router<B>
 where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible>,
-    S::Future: Send + 'static,
+    B: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible> + Clone,
 {
     type Response = ProxyResponse;
     type Error = Infallible;
-    type Future = Either<Ready<Result<ProxyResponse, Infallible>>, ServedResponse<S::Future>>;
+    type Future =
+        Either<Ready<Result<ProxyResponse, Infallible>>, Routed<Oneshot<B, ProxyRequest>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Each call is handed to a clone of its upstream's service, driven to readiness
+        // by `oneshot`: the router itself is always ready.
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
@@ -157,24 +159,15 @@ where
             .get::<Caller>()
             .and_then(|c| c.0.as_ref())
             .map(|c| c.name.clone());
-        match self.route(&req) {
-            Ok(route) => {
-                let served = Served {
-                    upstream: Some(Arc::clone(&route.upstream)),
-                    client,
-                };
-                req.extensions_mut().insert(route);
-                Either::Right(ServedResponse {
-                    inner: self.inner.call(req),
-                    served: Some(served),
-                })
-            }
+        match self.route(&mut req) {
+            Ok(destination) => Either::Right(Routed {
+                upstream: Some(Arc::clone(&destination.upstream)),
+                client,
+                inner: destination.service.clone().oneshot(req),
+            }),
             Err(e) => {
                 let mut resp = e.into_response();
-                resp.extensions_mut().insert(Served {
-                    upstream: None,
-                    client,
-                });
+                Outcome::of(&mut resp).client = client;
                 Either::Left(ready(Ok(resp)))
             }
         }
@@ -182,15 +175,16 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The inner response with [`Served`] attached.
-    pub struct ServedResponse<F> {
+    /// The upstream's answer, with the route written into its [`Outcome`].
+    pub struct Routed<F> {
         #[pin]
         inner: F,
-        served: Option<Served>,
+        upstream: Option<Arc<Upstream>>,
+        client: Option<Arc<str>>,
     }
 }
 
-impl<F> Future for ServedResponse<F>
+impl<F> Future for Routed<F>
 where
     F: Future<Output = Result<ProxyResponse, Infallible>>,
 {
@@ -199,9 +193,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(mut resp) = std::task::ready!(this.inner.poll(cx));
-        if let Some(served) = this.served.take() {
-            resp.extensions_mut().insert(served);
-        }
+        let outcome = Outcome::of(&mut resp);
+        outcome.upstream = this.upstream.take();
+        outcome.client = this.client.take();
         Poll::Ready(Ok(resp))
     }
 }

@@ -22,7 +22,7 @@ use super::client_auth::identify;
 use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::body;
 use crate::config::ClientConfig;
-use crate::error::ProxyErrorCode;
+use crate::outcome::Outcome;
 use crate::session::Sessions;
 
 /// Token requests are a few dozen bytes.
@@ -105,7 +105,7 @@ fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> Pr
     if status == StatusCode::METHOD_NOT_ALLOWED {
         h.insert(header::ALLOW, HeaderValue::from_static("POST"));
     }
-    resp.extensions_mut().insert(ProxyErrorCode(error));
+    Outcome::of(&mut resp).error = Some(error);
     resp
 }
 
