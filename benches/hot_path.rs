@@ -12,12 +12,12 @@ use tokengate::config::Config;
 use tokengate::forward::strip_hop_by_hop;
 use tokengate::metrics::Metrics;
 use tokengate::policy::AllowRule;
-use tokengate::sandbox::{Sandbox, SandboxOptions};
 use tokengate::session::Sessions;
 use tokengate::status::StatusBoard;
 use tokengate::token::grant::{side_call_client, Granter};
 use tokengate::token::TokenSource;
 use tokengate::upstream::Upstream;
+use tokengate_sandbox::{Sandbox, SandboxOptions};
 use tower::ServiceExt;
 
 fn token_cache_hit(c: &mut Criterion) {

@@ -56,5 +56,5 @@ if [ -z "${TOKENGATE_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null;
   fi
 fi
 
-cargo test --all-targets "$@"
+cargo test --workspace --all-targets "$@"
 cargo test --doc

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::sandbox::{Sandbox, SandboxOptions};
+use tokengate_sandbox::{Sandbox, SandboxOptions};
 
 /// Run the demo until `shutdown` resolves.
 pub async fn run(

@@ -26,7 +26,6 @@ pub mod metrics;
 pub mod outcome;
 pub mod policy;
 pub mod providers;
-pub mod sandbox;
 pub mod server;
 pub mod session;
 pub mod stack;

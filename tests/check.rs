@@ -5,7 +5,7 @@ mod support;
 
 use support::*;
 use tokengate::providers::GenesysRegion;
-use tokengate::sandbox::Flavor;
+use tokengate_sandbox::Flavor;
 
 const SECRET: &str = "the-real-secret-0451";
 

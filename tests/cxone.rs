@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokengate::sandbox::Flavor;
+use tokengate_sandbox::Flavor;
 
 const APP_SECRET: &str = "cxone-app-secret-31";
 const KEY_SECRET: &str = "cxone-access-key=secret==";

@@ -222,7 +222,7 @@ async fn large_bodies_stream_both_ways_in_little_memory() {
         for (i, b) in chunk.iter().enumerate() {
             assert_eq!(
                 *b,
-                tokengate::sandbox::pattern_byte(got + i as u64),
+                tokengate_sandbox::pattern_byte(got + i as u64),
                 "byte {}",
                 got + i as u64
             );

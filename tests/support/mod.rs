@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use tokengate::sandbox::{Sandbox, SandboxOptions};
+pub use tokengate_sandbox::{Sandbox, SandboxOptions};
 
 pub mod redis_server;
 

@@ -1,0 +1,152 @@
+//! The API host: Genesys-like answers to bearer-token calls, 401s with Genesys' error body,
+//! a per-token rate limit when configured, and an echo of what it received.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::{json, lock, Body, SandboxOptions, SeenRequest, State};
+
+fn correlation_id() -> HeaderValue {
+    let mut bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    HeaderValue::try_from(hex::encode(bytes)).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Answer a rejected token (after waiting for company, if a test asked for it).
+async fn bad_credentials(_s: &State) -> Response<Body> {
+    #[cfg(feature = "fixtures")]
+    _s.controls.hold_401().await;
+    unauthorized("bad.credentials", "Invalid login credentials.")
+}
+
+pub(crate) fn unauthorized(code: &str, message: &str) -> Response<Body> {
+    json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({"message": message, "code": code, "status": 401, "messageParams": {}, "contextId": hex::encode(rand::random::<[u8; 8]>()), "details": [], "errors": []}),
+    )
+}
+
+pub(crate) async fn answer(
+    o: &SandboxOptions,
+    s: &State,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    s.api_calls.fetch_add(1, Ordering::SeqCst);
+    let in_flight = s.api_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_api_in_flight.fetch_max(in_flight, Ordering::SeqCst);
+    let mut resp = api_answer(o, s, req).await;
+    s.api_in_flight.fetch_sub(1, Ordering::SeqCst);
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        s.api_401s.fetch_add(1, Ordering::SeqCst);
+    }
+    resp.headers_mut()
+        .insert("inin-correlation-id", correlation_id());
+    resp
+}
+
+/// Count a call against `token`'s rate limit; the 429 to answer when it is spent.
+fn rate_limited(o: &SandboxOptions, s: &State, token: &str) -> Option<Response<Body>> {
+    let allowed = o.per_token_limit?;
+    let now = Instant::now();
+    let (count, reset) = {
+        let mut usage = lock(&s.usage);
+        let entry = usage.entry(token.to_string()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= o.limit_window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        let left = o.limit_window.saturating_sub(now.duration_since(entry.0));
+        (entry.1, left.as_secs().max(1))
+    };
+    if count <= allowed {
+        return None;
+    }
+    let mut resp = json(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::json!({"message": format!("Rate limit exceeded the maximum. [{allowed}] requests for [{}] seconds", o.limit_window.as_secs()), "code": "too.many.requests", "status": 429}),
+    );
+    let h = resp.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(reset));
+    h.insert("inin-ratelimit-count", HeaderValue::from(count));
+    h.insert("inin-ratelimit-allowed", HeaderValue::from(allowed));
+    h.insert("inin-ratelimit-reset", HeaderValue::from(reset));
+    Some(resp)
+}
+
+async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<Body> {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let Some(token) = token else {
+        return unauthorized(
+            "authentication.required",
+            "No authentication bearer token specified in authorization header.",
+        );
+    };
+    let expiry = lock(&s.tokens).get(&token).copied();
+    match expiry {
+        None => return bad_credentials(s).await,
+        Some(expiry) if expiry <= Instant::now() => {
+            return unauthorized(
+                "credentials.expired",
+                "The authentication token has expired.",
+            )
+        }
+        Some(_) => {}
+    }
+    if let Some(resp) = rate_limited(o, s, &token) {
+        return resp;
+    }
+    #[cfg(feature = "fixtures")]
+    if let Some(resp) = crate::fixtures::answer(s, &req).await {
+        return resp;
+    }
+    if req.uri().path() == "/api/v2/users/me" && req.method() == Method::GET {
+        return json(
+            StatusCode::OK,
+            serde_json::json!({"id": "7e4c1b9a-0000-4000-8000-000000000001", "name": "Sandbox Client", "state": "active", "division": {"name": "Home"}}),
+        );
+    }
+    let (head, mut body) = req.into_parts();
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"message": "body read failed"}),
+            );
+        };
+        if let Ok(data) = frame.into_data() {
+            len += data.len() as u64;
+            hasher.update(&data);
+        }
+    }
+    let seen = SeenRequest {
+        method: head.method.clone(),
+        path: head.uri.path().to_string(),
+        query: head.uri.query().map(str::to_string),
+        headers: head.headers.clone(),
+        body_len: len,
+        body_sha256: hex::encode(hasher.finalize()),
+    };
+    let answer = serde_json::json!({
+        "method": seen.method.as_str(),
+        "path": seen.path,
+        "query": seen.query,
+        "header_names": seen.headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        "body_bytes": seen.body_len,
+        "body_sha256": seen.body_sha256,
+    });
+    lock(&s.seen).push(seen);
+    json(StatusCode::OK, answer)
+}

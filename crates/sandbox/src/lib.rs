@@ -1,0 +1,291 @@
+//! A Genesys-Cloud-like login host and API host on loopback, for `tokengate demo` and for
+//! tokengate's tests. It behaves as the platforms' developer documentation describes them:
+//!
+//! - `POST /oauth/token` on the login host: `Authorization: Basic base64(id:secret)`, form
+//!   body `grant_type=client_credentials`; answers `{"access_token", "token_type":
+//!   "bearer", "expires_in"}`, or 400 `{"error": "invalid_client", ...}` /
+//!   `unsupported_grant_type` ([`login`]). The CXone flavour adds discovery and the
+//!   password grant with an access key.
+//! - `/api/v2/...` on the API host wants `Authorization: Bearer <token>`; otherwise 401 with
+//!   Genesys' `ErrorBody` (`authentication.required`, `bad.credentials`,
+//!   `credentials.expired`). Every answer carries `inin-correlation-id`. `GET
+//!   /api/v2/users/me` answers a user; every other path echoes what it received (method,
+//!   path, query, header names, body length and SHA-256) ([`api`]).
+//!
+//! With the `fixtures` feature (tests only), endpoints and controls that exercise the
+//! proxy's failure paths ([`fixtures`]); the release binary has none of them.
+
+mod api;
+#[cfg(feature = "fixtures")]
+mod fixtures;
+mod login;
+mod serve;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+#[cfg(feature = "fixtures")]
+pub use fixtures::pattern_byte;
+
+/// The sandbox's answer body.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// Which platform the sandbox imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// `client_credentials` at `/oauth/token`.
+    Genesys,
+    /// NICE CXone: discovery at `/.well-known/openid-configuration`, the password grant
+    /// with an access key at `/auth/token` (and `refresh_token`), an `id_token` naming the
+    /// tenant, and `/.well-known/cxone-configuration?tenantId=` giving the API host.
+    Cxone,
+}
+
+/// How the sandbox behaves.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    pub flavor: Flavor,
+    pub client_id: String,
+    pub client_secret: String,
+    /// `expires_in` of every token, and how long the API host accepts it.
+    pub token_lifetime: Duration,
+    /// The status of a refused grant (Genesys: 400 or 401, unverified which).
+    pub refusal_status: u16,
+    /// Decode Basic credentials as RFC 6749 §2.3.1 says (form-encoded id and secret)
+    /// rather than raw, as Genesys' SDKs send them.
+    pub basic_form_encoded: bool,
+    /// Accept `client_id`/`client_secret` in the form (client_secret_post).
+    pub accept_client_secret_post: bool,
+    /// Whether the OAuth client may use its grant (Genesys: the client's grant type).
+    pub grant_enabled: bool,
+    /// Scopes a grant may ask for; `None`: any.
+    pub allowed_scopes: Option<Vec<String>>,
+    /// CXone: the user's access key, sent as the password grant's username and password.
+    pub access_key_id: String,
+    pub access_key_secret: String,
+    pub tenant_id: String,
+    /// Genesys-like API rate limit: calls allowed per token per `limit_window`.
+    pub per_token_limit: Option<u64>,
+    pub limit_window: Duration,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        SandboxOptions {
+            flavor: Flavor::Genesys,
+            client_id: "sandbox-client".into(),
+            client_secret: "sandbox-secret".into(),
+            token_lifetime: Duration::from_secs(86400),
+            refusal_status: 400,
+            basic_form_encoded: false,
+            accept_client_secret_post: false,
+            grant_enabled: true,
+            allowed_scopes: None,
+            access_key_id: "sandbox-access-key-id".into(),
+            access_key_secret: "sandbox-access-key-secret".into(),
+            tenant_id: "11eb0a6e-0000-4000-8000-00000000cafe".into(),
+            per_token_limit: None,
+            limit_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the API host saw of one request.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+    pub body_sha256: String,
+}
+
+/// What both hosts share: issued tokens and counters.
+#[derive(Default)]
+struct State {
+    /// token -> expiry
+    tokens: Mutex<HashMap<String, Instant>>,
+    grant_requests: AtomicU64,
+    grants: AtomicU64,
+    grants_in_flight: AtomicU64,
+    refresh_grants: AtomicU64,
+    refresh_tokens: Mutex<HashMap<String, ()>>,
+    max_grants_in_flight: AtomicU64,
+    api_calls: AtomicU64,
+    api_in_flight: AtomicU64,
+    max_api_in_flight: AtomicU64,
+    api_401s: AtomicU64,
+    seen: Mutex<Vec<SeenRequest>>,
+    /// Per token: when its rate-limit window started, and the calls in it.
+    usage: Mutex<HashMap<String, (Instant, u64)>>,
+    #[cfg(feature = "fixtures")]
+    controls: fixtures::Controls,
+}
+
+/// A running sandbox; its servers stop when it is dropped.
+pub struct Sandbox {
+    pub login_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    options: Arc<SandboxOptions>,
+    state: Arc<State>,
+    api: JoinHandle<()>,
+    /// The login host's server; `None` while it is taken down (fixtures).
+    login: Option<JoinHandle<()>>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.api.abort();
+        if let Some(t) = &self.login {
+            t.abort();
+        }
+    }
+}
+
+impl Sandbox {
+    /// Start both hosts on loopback, on ports the OS picks.
+    pub async fn start(options: SandboxOptions) -> std::io::Result<Sandbox> {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let options = Arc::new(options);
+        let state = Arc::new(State::default());
+        let login = TcpListener::bind(loopback).await?;
+        let api = TcpListener::bind(loopback).await?;
+        let (login_addr, api_addr) = (login.local_addr()?, api.local_addr()?);
+        let (o, s) = (options.clone(), state.clone());
+        let api = serve::serve(api, move |req| {
+            let (o, s) = (o.clone(), s.clone());
+            async move { api::answer(&o, &s, req).await }
+        });
+        let mut sandbox = Sandbox {
+            login_addr,
+            api_addr,
+            options,
+            state,
+            api,
+            login: None,
+        };
+        sandbox.serve_login(login);
+        Ok(sandbox)
+    }
+
+    fn serve_login(&mut self, listener: TcpListener) {
+        let (o, s) = (self.options.clone(), self.state.clone());
+        let issuer: Arc<str> = Arc::from(format!("http://{}", self.login_addr));
+        let api_url: Arc<str> = Arc::from(format!("http://{}", self.api_addr));
+        self.login = Some(serve::serve(listener, move |req| {
+            let (o, s, issuer, api_url) = (o.clone(), s.clone(), issuer.clone(), api_url.clone());
+            async move { login::answer(&o, &s, &issuer, &api_url, req).await }
+        }));
+    }
+
+    pub fn token_url(&self) -> String {
+        match self.options.flavor {
+            Flavor::Genesys => format!("http://{}/oauth/token", self.login_addr),
+            Flavor::Cxone => format!("http://{}/auth/token", self.login_addr),
+        }
+    }
+
+    /// CXone: the issuer, where discovery starts.
+    pub fn issuer(&self) -> String {
+        format!("http://{}", self.login_addr)
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    pub fn options(&self) -> &SandboxOptions {
+        &self.options
+    }
+
+    /// Tokens issued so far.
+    pub fn grants(&self) -> u64 {
+        self.state.grants.load(Ordering::SeqCst)
+    }
+
+    /// Grants made with a refresh token (CXone).
+    pub fn refresh_grants(&self) -> u64 {
+        self.state.refresh_grants.load(Ordering::SeqCst)
+    }
+
+    /// Token requests received, granted or not.
+    pub fn grant_requests(&self) -> u64 {
+        self.state.grant_requests.load(Ordering::SeqCst)
+    }
+
+    /// The most token requests that were ever being answered at the same time.
+    pub fn max_grants_in_flight(&self) -> u64 {
+        self.state.max_grants_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most API calls the API host was answering at once (until their answer heads).
+    pub fn max_api_in_flight(&self) -> u64 {
+        self.state.max_api_in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn api_calls(&self) -> u64 {
+        self.state.api_calls.load(Ordering::SeqCst)
+    }
+
+    /// 401s the API host has answered.
+    pub fn api_401s(&self) -> u64 {
+        self.state.api_401s.load(Ordering::SeqCst)
+    }
+
+    /// Invalidate every token issued so far, as an admin revoking them would.
+    pub fn revoke_all(&self) {
+        lock(&self.state.tokens).clear();
+    }
+
+    /// Whether `authorization` is `Bearer <a token this sandbox issued>`.
+    pub fn issued(&self, authorization: &HeaderValue) -> bool {
+        let Some(token) = authorization
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        lock(&self.state.tokens).contains_key(token)
+    }
+
+    /// Every token issued and not revoked.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        lock(&self.state.tokens).keys().cloned().collect()
+    }
+
+    /// Every request the API host answered with something other than 401.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        lock(&self.state.seen).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not take the sandbox down with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes.into()).boxed_unsync()
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
