@@ -1,0 +1,66 @@
+//! `[[client]]`: a caller of the proxy, its key and what it may do.
+
+use std::sync::Arc;
+
+use super::raw::RawClient;
+use super::upstream::UpstreamConfig;
+use super::{ConfigError, Cx};
+use crate::policy::AllowRule;
+
+/// A caller of the proxy, identified by its key.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: Arc<str>,
+    pub key_sha256: [u8; 32],
+    /// Upstreams this client may use; `None` means all.
+    pub upstreams: Option<Vec<Arc<str>>>,
+    /// Requests this client may make; `None` means any.
+    pub allow: Option<Vec<AllowRule>>,
+}
+
+impl Cx<'_> {
+    pub(super) fn client(
+        &self,
+        i: usize,
+        raw: RawClient,
+        upstreams: &[Arc<UpstreamConfig>],
+    ) -> Result<ClientConfig, ConfigError> {
+        if raw.name.is_empty() {
+            return Err(self.err(&format!("client[{i}].name"), "is empty"));
+        }
+        let key = |k: &str| format!("client \"{}\".{k}", raw.name);
+        let key_sha256 = self.sha256_hex(&key("key_sha256"), &raw.key_sha256)?;
+        let allowed_upstreams = match raw.upstreams {
+            None => None,
+            Some(names) => {
+                let mut out = Vec::new();
+                for n in names {
+                    let up = upstreams
+                        .iter()
+                        .find(|u| u.name.as_ref() == n)
+                        .ok_or_else(|| {
+                            self.err(&key("upstreams"), format!("no upstream is named \"{n}\""))
+                        })?;
+                    out.push(up.name.clone());
+                }
+                Some(out)
+            }
+        };
+        let allow = match raw.allow {
+            None => None,
+            Some(rules) => {
+                let mut out = Vec::new();
+                for r in rules {
+                    out.push(AllowRule::parse(&r).map_err(|e| self.err(&key("allow"), e))?);
+                }
+                Some(out)
+            }
+        };
+        Ok(ClientConfig {
+            name: Arc::from(raw.name.as_str()),
+            key_sha256,
+            upstreams: allowed_upstreams,
+            allow,
+        })
+    }
+}

@@ -1,0 +1,176 @@
+//! Configuration: `proxy.toml` as written by an operator, turned into typed values.
+//!
+//! Two steps, so that nothing downstream ever re-checks a string:
+//! 1. `RawConfig` mirrors the file. `deny_unknown_fields` everywhere: a typo in a key must
+//!    be an error, never a silently different behaviour.
+//! 2. [`Config::from_toml`] resolves `${VAR}` references, reads secret files, looks up
+//!    provider endpoints and validates everything, naming the offending key in each error.
+//!
+//! ```
+//! let toml = r#"
+//! [[upstream]]
+//! name = "api"
+//! provider = "oauth2"
+//! token_url = "https://login.example.com/oauth/token"
+//! base_url = "https://api.example.com"
+//! client_id = "id"
+//! client_secret = "${SECRET}"
+//! "#;
+//! let env = |name: &str| (name == "SECRET").then(|| "s3cret".to_string());
+//! let config = tokengate::config::Config::from_toml(toml, "proxy.toml".as_ref(), &env).unwrap();
+//! assert_eq!(config.upstreams[0].name.as_ref(), "api");
+//! ```
+
+mod cache;
+mod client;
+mod error;
+mod grant;
+mod raw;
+mod server;
+#[cfg(test)]
+mod tests;
+mod upstream;
+mod values;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use cache::CacheConfig;
+pub use client::ClientConfig;
+use error::toml_error;
+pub use error::ConfigError;
+pub use grant::{AuthMethod, BasicEncoding, GrantConfig, GrantFlow};
+use raw::RawConfig;
+pub use server::{LogFormat, ServerConfig};
+pub use upstream::UpstreamConfig;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub log_format: LogFormat,
+    pub upstreams: Vec<Arc<UpstreamConfig>>,
+    pub clients: Vec<Arc<ClientConfig>>,
+    /// The fleet's shared token cache; `None`: each process keeps its tokens in memory.
+    pub cache: Option<CacheConfig>,
+}
+
+/// Reads the environment for `${VAR}` references; injected so tests never touch the
+/// process environment.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/login/oauth/token"];
+
+impl Config {
+    /// Load a config file, reading `${VAR}` from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, format!("cannot read the config file: {e}")))?;
+        Config::from_toml(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parse and validate a config. `file` is used for messages and to resolve relative
+    /// secret-file paths.
+    pub fn from_toml(text: &str, file: &Path, env: Env<'_>) -> Result<Config, ConfigError> {
+        // toml's own error names the line, column and key (unknown keys included).
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::new(file, toml_error(text, &e)))?;
+        let cx = Cx { file, env };
+        cx.build(raw)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamConfig>> {
+        self.upstreams.iter().find(|u| u.name.as_ref() == name)
+    }
+}
+
+/// The context of one load: the file for messages, the environment for `${VAR}`.
+struct Cx<'a> {
+    file: &'a Path,
+    env: Env<'a>,
+}
+
+impl Cx<'_> {
+    fn err(&self, key: &str, message: impl std::fmt::Display) -> ConfigError {
+        ConfigError::new(self.file, format!("{key}: {message}"))
+    }
+
+    fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let cache = raw.cache.map(|c| self.cache(c)).transpose()?;
+        let server = self.server(raw.server)?;
+        if raw.upstream.is_empty() {
+            return Err(self.err("[[upstream]]", "at least one upstream is required"));
+        }
+        let mut upstreams: Vec<Arc<UpstreamConfig>> = Vec::new();
+        for (i, u) in raw.upstream.into_iter().enumerate() {
+            let up = self.upstream(i, u)?;
+            if upstreams.iter().any(|o| o.name == up.name) {
+                return Err(self.err(
+                    &format!("upstream[{i}].name"),
+                    format!("the name \"{}\" is used twice", up.name),
+                ));
+            }
+            if let Some(other) = upstreams.iter().find(|o| o.prefix == up.prefix) {
+                return Err(self.err(
+                    &format!("upstream \"{}\".prefix", up.name),
+                    format!(
+                        "\"{}\" is already the prefix of upstream \"{}\"",
+                        up.prefix, other.name
+                    ),
+                ));
+            }
+            upstreams.push(Arc::new(up));
+        }
+        let mut clients: Vec<Arc<ClientConfig>> = Vec::new();
+        for (i, c) in raw.client.into_iter().enumerate() {
+            let client = self.client(i, c, &upstreams)?;
+            if clients.iter().any(|o| o.name == client.name) {
+                return Err(self.err(
+                    &format!("client[{i}].name"),
+                    format!("the name \"{}\" is used twice", client.name),
+                ));
+            }
+            if clients.iter().any(|o| o.key_sha256 == client.key_sha256) {
+                return Err(self.err(
+                    &format!("client \"{}\".key_sha256", client.name),
+                    "two clients have the same key; give each its own (`tokengate key new`)",
+                ));
+            }
+            clients.push(Arc::new(client));
+        }
+        // Anonymous callers are tolerable only where nobody else can reach the proxy.
+        if clients.is_empty() && !server.allow_anonymous {
+            let exposed = std::iter::once(server.listen)
+                .chain(server.admin_listen)
+                .find(|a| !a.ip().is_loopback());
+            if let Some(addr) = exposed {
+                return Err(self.err(
+                    "[server]",
+                    format!(
+                        "no [[client]] is configured, so anyone could use the proxy, and {addr} is not a loopback address; add [[client]] keys or set allow_anonymous = true"
+                    ),
+                ));
+            }
+        }
+        let log_format = match raw.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(self.err(
+                    "log.format",
+                    format!("unknown format \"{other}\"; use text or json"),
+                ))
+            }
+        };
+        Ok(Config {
+            source: self.file.to_path_buf(),
+            server,
+            log_format,
+            upstreams,
+            clients,
+            cache,
+        })
+    }
+}

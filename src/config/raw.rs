@@ -1,0 +1,103 @@
+//! The file as written: a serde mirror of `proxy.toml`. `deny_unknown_fields` everywhere, so
+//! a typo in a key is an error, never a silently different behaviour. Values stay text
+//! here; the resolver (the sibling modules) turns them into types and names the key in
+//! every error.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) server: RawServer,
+    #[serde(default)]
+    pub(super) upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    pub(super) client: Vec<RawClient>,
+    pub(super) cache: Option<RawCache>,
+    #[serde(default)]
+    pub(super) log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<String>,
+    pub(super) tls_cert: Option<PathBuf>,
+    pub(super) tls_key: Option<PathBuf>,
+    pub(super) client_ca: Option<PathBuf>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) max_connections_per_address: Option<usize>,
+    pub(super) workers: Option<usize>,
+    pub(super) admin_listen: Option<String>,
+    pub(super) admin_key_sha256: Option<String>,
+    pub(super) allow_anonymous: Option<bool>,
+    pub(super) token_paths: Option<Vec<String>>,
+    pub(super) max_body_bytes: Option<u64>,
+    pub(super) retry_body_bytes: Option<u64>,
+    pub(super) prefetch_tokens: Option<bool>,
+    pub(super) shutdown_grace_secs: Option<f64>,
+    pub(super) session_lifetime_secs: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) name: String,
+    pub(super) provider: String,
+    pub(super) region: Option<String>,
+    pub(super) client_id: Option<String>,
+    pub(super) client_secret: Option<String>,
+    pub(super) client_secret_file: Option<PathBuf>,
+    pub(super) prefix: Option<String>,
+    pub(super) token_url: Option<String>,
+    pub(super) base_url: Option<String>,
+    pub(super) auth_method: Option<String>,
+    pub(super) basic_encoding: Option<String>,
+    pub(super) scope: Option<String>,
+    pub(super) token_params: Option<BTreeMap<String, String>>,
+    pub(super) tokens: Option<u32>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) issuer: Option<String>,
+    pub(super) access_key_id: Option<String>,
+    pub(super) access_key_secret: Option<String>,
+    pub(super) access_key_secret_file: Option<PathBuf>,
+    pub(super) timeout_secs: Option<f64>,
+    pub(super) connect_timeout_secs: Option<f64>,
+    pub(super) request_timeout_secs: Option<f64>,
+    pub(super) queue_timeout_secs: Option<f64>,
+    pub(super) retry_429: Option<u32>,
+    pub(super) retry_429_max_wait_secs: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClient {
+    pub(super) name: String,
+    pub(super) key_sha256: String,
+    pub(super) upstreams: Option<Vec<String>>,
+    pub(super) allow: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read only to give a precise "not supported yet" error
+pub(super) struct RawCache {
+    pub(super) redis_url: Option<String>,
+    pub(super) redis_url_file: Option<PathBuf>,
+    pub(super) encryption_key: Option<String>,
+    pub(super) encryption_key_file: Option<PathBuf>,
+    pub(super) timeout_ms: Option<u64>,
+    pub(super) key_prefix: Option<String>,
+}
+
+// === The typed config ===

@@ -1,0 +1,186 @@
+//! `[[upstream]]`: one API platform, where its calls go and how they are limited.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Uri;
+
+use super::grant::GrantConfig;
+use super::raw::RawUpstream;
+use super::{ConfigError, Cx};
+use crate::providers::{self, GenesysRegion, Provider};
+
+/// One API platform the proxy forwards to, and how it gets tokens for it.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: Arc<str>,
+    pub provider: Provider,
+    /// Genesys Cloud: the region the config names.
+    pub region: Option<GenesysRegion>,
+    /// Path prefix routed here, normalised: starts with `/`, no trailing `/` unless it is `/`.
+    pub prefix: String,
+    /// Where calls go: scheme, authority and an optional base path (no trailing `/`).
+    /// `None` for CXone without an override: discovery finds the tenant's API host.
+    pub base_url: Option<Uri>,
+    /// How long the upstream may take to answer with a response head.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// The most one call may take from arrival to the last byte of the answer, token wait
+    /// and retries included (`None`: no limit beyond `timeout`, the default).
+    pub request_timeout: Option<Duration>,
+    /// How many times an idempotent request that got 429 is sent again after its
+    /// `Retry-After` (0: 429 goes back to the caller, the default).
+    pub retry_429: u32,
+    /// The most time spent waiting on `Retry-After` for one request.
+    pub retry_429_max_wait: Duration,
+    /// Token pool size: each Genesys token has its own API rate limit.
+    pub tokens: u32,
+    /// The most connections open to this upstream at once (the proxy's share of them is
+    /// split evenly over its workers); calls beyond it wait for one, within `queue_timeout`.
+    pub max_connections: usize,
+    /// How long a call may wait for a free connection before `503 upstream_busy`
+    /// (`queue_timeout_secs`, 5 s by default).
+    pub queue_timeout: Duration,
+    pub grant: GrantConfig,
+}
+
+impl Cx<'_> {
+    pub(super) fn upstream(
+        &self,
+        i: usize,
+        mut raw: RawUpstream,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        if raw.name.is_empty()
+            || !raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(self.err(
+                &format!("upstream[{i}].name"),
+                format!(
+                    "\"{}\" is not a valid name: use letters, digits, '-', '_' and '.'",
+                    raw.name
+                ),
+            ));
+        }
+        let name = raw.name.clone();
+        let key = |k: &str| format!("upstream \"{name}\".{k}");
+        let provider = Provider::parse(&raw.provider).ok_or_else(|| {
+            self.err(
+                &key("provider"),
+                format!(
+                    "unknown provider \"{}\"; use genesys, cxone or oauth2",
+                    raw.provider
+                ),
+            )
+        })?;
+        for (field, set) in [
+            ("issuer", raw.issuer.is_some()),
+            ("access_key_id", raw.access_key_id.is_some()),
+            ("access_key_secret", raw.access_key_secret.is_some()),
+            (
+                "access_key_secret_file",
+                raw.access_key_secret_file.is_some(),
+            ),
+        ] {
+            if set && provider != Provider::Cxone {
+                return Err(self.err(&key(field), "is only valid for provider = \"cxone\""));
+            }
+        }
+        let tokens = raw.tokens.unwrap_or(1);
+        if !(1..=32).contains(&tokens) {
+            return Err(self.err(&key("tokens"), "must be between 1 and 32"));
+        }
+        let max_connections = raw.max_connections.unwrap_or(128);
+        if !(1..=100_000).contains(&max_connections) {
+            return Err(self.err(&key("max_connections"), "must be between 1 and 100000"));
+        }
+        // Where tokens and calls go: the provider's defaults, then the overrides.
+        let region = match provider {
+            Provider::Genesys => {
+                let region = raw.region.as_deref().ok_or_else(|| {
+                    self.err(
+                        &key("region"),
+                        format!(
+                            "is required for provider = \"genesys\"; one of: {}",
+                            providers::genesys_region_names().join(", ")
+                        ),
+                    )
+                })?;
+                let r = providers::genesys_region(region).ok_or_else(|| {
+                    self.err(
+                        &key("region"),
+                        format!(
+                            "unknown Genesys Cloud region \"{region}\"; one of: {}",
+                            providers::genesys_region_names().join(", ")
+                        ),
+                    )
+                })?;
+                Some(r)
+            }
+            _ => {
+                if raw.region.is_some() {
+                    return Err(
+                        self.err(&key("region"), "is only valid for provider = \"genesys\"")
+                    );
+                }
+                None
+            }
+        };
+        let defaults = region.map(|r| (r.token_url(), r.api_url()));
+        // CXone finds both by discovery unless they are given.
+        let discovers = provider == Provider::Cxone;
+        let token_url = match (raw.token_url.take(), &defaults) {
+            (Some(u), _) => Some(self.interpolate(&key("token_url"), &u)?),
+            (None, Some((t, _))) => Some(t.clone()),
+            (None, None) if discovers => None,
+            (None, None) => {
+                return Err(self.err(&key("token_url"), "is required for provider = \"oauth2\""))
+            }
+        };
+        let base_url = match (raw.base_url.take(), &defaults) {
+            (Some(u), _) => Some(self.interpolate(&key("base_url"), &u)?),
+            (None, Some((_, b))) => Some(b.clone()),
+            (None, None) if discovers => None,
+            (None, None) => {
+                return Err(self.err(&key("base_url"), "is required for provider = \"oauth2\""))
+            }
+        };
+        let token_url = token_url
+            .map(|u| self.http_url(&key("token_url"), &u).map(|u| u.to_string()))
+            .transpose()?;
+        let base_url = base_url
+            .map(|u| self.base_url(&key("base_url"), &u))
+            .transpose()?;
+        let grant = self.grant(provider, &mut raw, token_url, base_url.is_none())?;
+        let prefix = self.prefix(&key("prefix"), raw.prefix.as_deref().unwrap_or("/"))?;
+        Ok(UpstreamConfig {
+            name: Arc::from(raw.name.as_str()),
+            provider,
+            region,
+            prefix,
+            base_url,
+            timeout: self.secs(&key("timeout_secs"), raw.timeout_secs, 60.0)?,
+            connect_timeout: self.secs(
+                &key("connect_timeout_secs"),
+                raw.connect_timeout_secs,
+                10.0,
+            )?,
+            request_timeout: raw
+                .request_timeout_secs
+                .map(|v| self.secs(&key("request_timeout_secs"), Some(v), 0.0))
+                .transpose()?,
+            retry_429: raw.retry_429.unwrap_or(0).min(10),
+            tokens,
+            max_connections,
+            queue_timeout: self.secs(&key("queue_timeout_secs"), raw.queue_timeout_secs, 5.0)?,
+            retry_429_max_wait: self.secs(
+                &key("retry_429_max_wait_secs"),
+                raw.retry_429_max_wait_secs,
+                30.0,
+            )?,
+            grant,
+        })
+    }
+}
