@@ -34,7 +34,22 @@ pub async fn check_with(
     config: &Config,
     region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
 ) -> Vec<Diagnosis> {
-    let http = side_call_client();
+    let http = match side_call_client() {
+        Ok(http) => http,
+        Err(e) => {
+            // Nothing can be tried: every upstream fails with the same reason.
+            let failed = |u: &std::sync::Arc<UpstreamConfig>| Diagnosis {
+                upstream: u.name.to_string(),
+                ok: false,
+                token_url: u.grant.token_url.clone().unwrap_or_default(),
+                status: None,
+                grant_error: None,
+                hint: "tls_error",
+                message: e.to_string(),
+            };
+            return config.upstreams.iter().map(failed).collect();
+        }
+    };
     let tasks = config
         .upstreams
         .iter()

@@ -45,11 +45,15 @@ use crate::metrics::Metrics;
 
 /// Why the proxy could not start (the config itself was valid).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} ({what}): {source}")]
-pub struct StartError {
-    what: &'static str,
-    addr: SocketAddr,
-    source: std::io::Error,
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    SideCalls(#[from] token::grant::SideClientError),
 }
 
 /// A proxy that is serving.
@@ -67,7 +71,7 @@ pub struct Running {
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError { what, addr, source })
+        .map_err(|source| StartError::Listen { what, addr, source })
 }
 
 /// Keep every token of `generation` fresh in the background, if its config asks for it.
@@ -86,10 +90,10 @@ fn spawn_refreshers(generation: &live::Generation) -> Vec<JoinHandle<()>> {
 /// (see [`workers`]), the admin listener and the token refreshers on the caller's runtime.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let worker_count = config.server.workers;
-    let builder = live::Builder::new(Metrics::new(), worker_count);
+    let builder = live::Builder::new(Metrics::new(), worker_count)?;
     let proxy_listeners =
         workers::bind_reuseport(config.server.listen, worker_count).map_err(|source| {
-            StartError {
+            StartError::Listen {
                 what: "proxy",
                 addr: config.server.listen,
                 source,
@@ -145,7 +149,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             };
             server::serve(listener, live.for_worker(index), stopping, grace).await;
         };
-        let finished = workers::spawn(index, serve).map_err(|source| StartError {
+        let finished = workers::spawn(index, serve).map_err(|source| StartError::Listen {
             what: "proxy worker thread",
             addr: proxy_addr,
             source,

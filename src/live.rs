@@ -66,14 +66,17 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub fn new(metrics: Metrics, workers: usize) -> Builder {
-        Builder {
+    pub fn new(
+        metrics: Metrics,
+        workers: usize,
+    ) -> Result<Builder, crate::token::grant::SideClientError> {
+        Ok(Builder {
             workers,
             tokens: TokenCache::default(),
             sessions: Arc::new(Sessions::new()),
-            http: crate::token::grant::side_call_client(),
+            http: crate::token::grant::side_call_client()?,
             metrics,
-        }
+        })
     }
 
     pub fn metrics(&self) -> &Metrics {

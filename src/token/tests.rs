@@ -1,0 +1,92 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::backoff::{Backoff, PROBE_AFTER};
+use super::*;
+use crate::metrics::Metrics;
+
+#[test]
+fn sources_are_shared_by_identical_grants_only() {
+    let toml = |secret: &str, scope: &str| {
+        format!(
+            "[[upstream]]\nname = \"a\"\nprovider = \"oauth2\"\ntoken_url = \"http://127.0.0.1:1/t\"\nbase_url = \"http://127.0.0.1:1\"\nclient_id = \"id\"\nclient_secret = \"{secret}\"\n{scope}\n"
+        )
+    };
+    let grant = |secret: &str, scope: &str| {
+        let c =
+            crate::config::Config::from_toml(&toml(secret, scope), "t.toml".as_ref(), &|_| None)
+                .unwrap();
+        c.upstreams[0].grant.clone()
+    };
+    let cache = TokenCache::default();
+    let (http, metrics, name) = (reqwest::Client::new(), Metrics::new(), Arc::from("a"));
+    let a = cache.source_for(&name, &grant("s1", ""), 0, &http, &metrics);
+    let same = cache.source_for(&name, &grant("s1", ""), 0, &http, &metrics);
+    let other_secret = cache.source_for(&name, &grant("s2", ""), 0, &http, &metrics);
+    let other_scope = cache.source_for(&name, &grant("s1", "scope = \"x\""), 0, &http, &metrics);
+    let second_of_pool = cache.source_for(&name, &grant("s1", ""), 1, &http, &metrics);
+    assert!(!Arc::ptr_eq(&a, &second_of_pool));
+    assert!(Arc::ptr_eq(&a, &same));
+    assert!(!Arc::ptr_eq(&a, &other_secret));
+    assert!(!Arc::ptr_eq(&a, &other_scope));
+}
+
+#[test]
+fn lifetimes_leave_margins() {
+    let now = Instant::now();
+    let t = Token::new(
+        HeaderValue::from_static("Bearer x"),
+        1,
+        now,
+        Duration::from_secs(2),
+    );
+    assert_eq!(t.usable_until - now, Duration::from_millis(1800));
+    assert_eq!(t.refresh_at - now, Duration::from_millis(1300));
+    let t = Token::new(
+        HeaderValue::from_static("Bearer x"),
+        1,
+        now,
+        Duration::from_secs(86400),
+    );
+    assert_eq!(t.usable_until - now, Duration::from_secs(86400 - 60));
+    assert_eq!(t.refresh_at - now, Duration::from_secs(86400 - 360));
+    assert!(!format!("{t:?}").contains("Bearer x"));
+}
+
+#[test]
+fn without_a_token_a_transient_failure_is_probed_after_a_second() {
+    let now = Instant::now();
+    let mut b = Backoff::default();
+    for _ in 0..6 {
+        b.record(GrantError::Timeout, now);
+    }
+    assert!(b.active(now).unwrap() > Duration::from_secs(20));
+    assert_eq!(b.wait_without_token(now), Some(PROBE_AFTER));
+    assert_eq!(b.probe_in(now + PROBE_AFTER), Some(Duration::ZERO));
+    let mut refused = Backoff::default();
+    refused.record(
+        GrantError::NotOAuth {
+            status: 200,
+            api_code: None,
+            what: "html".into(),
+        },
+        now,
+    );
+    assert_eq!(refused.probe_in(now + PROBE_AFTER), None);
+}
+
+#[test]
+fn backoff_grows_and_caps() {
+    let now = Instant::now();
+    let mut b = Backoff::default();
+    let mut last = Duration::ZERO;
+    for _ in 0..10 {
+        b.record(GrantError::Timeout, now);
+        let wait = b.active(now).unwrap();
+        assert!(wait <= Duration::from_secs(73), "{wait:?}");
+        last = wait;
+    }
+    assert!(last >= Duration::from_secs(48));
+}
