@@ -149,3 +149,70 @@ impl Body for DeadlineBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, StreamBody};
+    use tower::{service_fn, ServiceExt};
+
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_millis(50);
+
+    fn deadline<F>(
+        answer: F,
+    ) -> Deadline<
+        impl Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+            + Clone,
+    >
+    where
+        F: Fn() -> BoxFuture + Clone + Send + 'static,
+    {
+        DeadlineLayer::cutting_after(LIMIT, &Arc::from("u"))
+            .layer(service_fn(move |_req: ProxyRequest| answer()))
+    }
+
+    fn get() -> ProxyRequest {
+        http::Request::get("/x").body(body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn no_head_within_the_limit_is_a_504() {
+        let svc = deadline(|| Box::pin(std::future::pending()) as BoxFuture);
+        let resp = svc.oneshot(get()).await.unwrap();
+        assert_eq!(resp.status(), 504);
+        let outcome = crate::outcome::Outcome::read(&resp).and_then(|o| o.error);
+        assert_eq!(outcome, Some("upstream_timeout"));
+    }
+
+    #[tokio::test]
+    async fn a_body_still_coming_at_the_limit_ends_in_an_error_after_what_arrived() {
+        let svc = deadline(|| {
+            Box::pin(async {
+                let first = futures_util::stream::once(async {
+                    Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"partial")))
+                });
+                let stalled =
+                    futures_util::StreamExt::chain(first, futures_util::stream::pending());
+                Ok(http::Response::new(body::boxed(StreamBody::new(stalled))))
+            }) as BoxFuture
+        });
+        let resp = svc.oneshot(get()).await.unwrap();
+        assert_eq!(resp.status(), 200, "the head came in time");
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "partial");
+        let cut = body.frame().await.unwrap().unwrap_err();
+        assert!(cut.is::<CallTimedOut>(), "{cut}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_ends_in_time_is_untouched() {
+        let svc = deadline(|| {
+            Box::pin(async { Ok(http::Response::new(body::full("whole"))) }) as BoxFuture
+        });
+        let resp = svc.oneshot(get()).await.unwrap();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(bytes, "whole");
+    }
+}
