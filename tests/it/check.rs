@@ -1,9 +1,7 @@
 //! `tokengate check`: one test per hint code, each against local servers that answer as
 //! the platforms do, and each asserting that no secret is printed.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 use tokengate::providers::GenesysRegion;
 use tokengate_sandbox::Flavor;
 

@@ -1,12 +1,10 @@
 //! The command line: config errors, `check`, `key`, and that nothing secret is ever printed.
 
-mod support;
-
 use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut cmd = binary();
@@ -56,7 +54,7 @@ fn config_errors_exit_2_and_name_the_file_and_key() {
 
 #[test]
 fn the_example_proxy_toml_is_valid() {
-    let text = include_str!("../proxy.toml");
+    let text = include_str!("../../proxy.toml");
     let env = |name: &str| Some(format!("value-of-{name}"));
     let config = tokengate::config::Config::from_toml(text, "proxy.toml".as_ref(), &env).unwrap();
     assert_eq!(

@@ -1,11 +1,9 @@
 //! NICE CXone through the proxy: discovery of the token endpoint, the access-key grant,
 //! the tenant's API host found from the id_token, expiry and refresh.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokengate_sandbox::Flavor;
 
 const APP_SECRET: &str = "cxone-app-secret-31";

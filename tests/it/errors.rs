@@ -1,12 +1,10 @@
 //! Every row of the contract's error table, produced over real loopback HTTP, plus the
 //! requests a reverse proxy must refuse.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 
-use support::*;
+use crate::support::*;
 
 async fn error_of(resp: reqwest::Response) -> (u16, serde_json::Value) {
     let status = resp.status().as_u16();

@@ -1,13 +1,11 @@
 //! Property tests over the proxy's two untrusted inputs: the config file and the request
 //! head. Bounded case counts, so CI time is bounded; failures shrink to a minimal input.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use crate::support::*;
 use proptest::prelude::*;
-use support::*;
 use tokengate::config::Config;
 use tokengate::policy::{is_plain_path, AllowRule};
 

@@ -1,13 +1,11 @@
 //! One client must not be able to turn the gate against the others (issue 11): each test
 //! is an attack or a fault, over real loopback sockets, against the real binary.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 /// Send `request` on a fresh connection and read the answer until the proxy closes it.
 fn raw(addr: &str, request: &str) -> String {

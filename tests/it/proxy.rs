@@ -1,11 +1,9 @@
 //! The core proxy over real loopback HTTP: the `tokengate` binary in front of the sandbox.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use sha2::{Digest, Sha256};
-use support::*;
 
 fn bearer(key: &str) -> String {
     format!("Bearer {key}")

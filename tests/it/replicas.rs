@@ -1,14 +1,12 @@
 //! Several replicas sharing one Redis: one grant for the fleet, tokens encrypted at rest,
 //! Redis outages survived, Redis left alone while tokens are good.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::redis_server::RedisServer;
-use support::*;
+use crate::support::redis_server::RedisServer;
+use crate::support::*;
 
 /// The fleet's encryption key, as an operator would pass it: base64 in the environment.
 const CACHE_KEY_B64: &str = "q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=";
@@ -50,6 +48,7 @@ async fn spread_calls(fleet: &[Proxy], n: usize) -> Vec<u16> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn three_replicas_sharing_one_redis_serve_three_hundred_calls_with_one_grant() {
     let sandbox = sandbox().await;
     let redis = RedisServer::start();
@@ -119,6 +118,7 @@ async fn three_replicas_sharing_one_redis_serve_three_hundred_calls_with_one_gra
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn a_thousand_calls_on_a_shared_token_cost_a_handful_of_redis_commands() {
     let sandbox = sandbox().await;
     let redis = RedisServer::start();
@@ -300,16 +300,19 @@ async fn redis_outage_mid_load_fails_no_call(stop_signal: Option<&str>) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn redis_killed_mid_load_fails_no_call_and_the_fleet_rejoins() {
     redis_outage_mid_load_fails_no_call(None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn redis_frozen_mid_load_fails_no_call_and_the_fleet_rejoins() {
     redis_outage_mid_load_fails_no_call(Some("-STOP")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn a_token_rejected_by_the_api_is_replaced_once_for_the_whole_fleet() {
     let sandbox = sandbox().await;
     let redis = RedisServer::start();
@@ -324,6 +327,7 @@ async fn a_token_rejected_by_the_api_is_replaced_once_for_the_whole_fleet() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn a_token_pool_is_shared_by_the_fleet_and_minted_one_at_a_time() {
     let sandbox = sandbox().await;
     let redis = RedisServer::start();
@@ -365,6 +369,7 @@ fn the_readme_replica_example_is_a_valid_config() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn check_says_whether_the_fleet_can_share_tokens() {
     let sandbox = sandbox().await;
     let mut redis = RedisServer::start();
@@ -407,6 +412,7 @@ async fn check_says_whether_the_fleet_can_share_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn a_fleet_lock_held_by_someone_else_delays_a_grant_by_seconds_not_its_lease() {
     let sandbox = sandbox().await;
     let redis = RedisServer::start();

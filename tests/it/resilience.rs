@@ -1,10 +1,8 @@
 //! Outages and changes survived: the token endpoint down, 429s, config reloads.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 fn key() -> String {
     format!("Bearer {CLIENT_KEY}")

@@ -1,12 +1,10 @@
 //! Hostile input and the HTTPS listener, over real loopback connections.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 fn key() -> String {
     format!("Bearer {CLIENT_KEY}")

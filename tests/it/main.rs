@@ -1,0 +1,20 @@
+//! The integration tests, one binary: the real `tokengate` binary on loopback ports, called
+//! over HTTP by real clients, in front of the sandbox crate (a Genesys-like and CXone-like
+//! login host and API host) and, where a test says so, redis-server, chromium or the
+//! official Genesys Python SDK. Those tests are `#[ignore]`d so that `cargo test` passes
+//! without them; `scripts/test.sh` installs them and runs everything.
+
+mod support;
+
+mod check;
+mod cli;
+mod cxone;
+mod errors;
+mod fuzz;
+mod genesys_sdk;
+mod hardening;
+mod proxy;
+mod replicas;
+mod resilience;
+mod security;
+mod status_page;
