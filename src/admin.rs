@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::{full, ProxyBody};
+use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::live::Live;
 use crate::metrics::Metrics;
@@ -107,26 +107,16 @@ fn authorized(config: &Config, req: &Request<Incoming>) -> bool {
     let Some(expected) = config.server.admin_key_sha256 else {
         return true;
     };
-    let Some(value) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-    else {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return false;
     };
-    let key: Vec<u8> = if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
-        value[7..].trim_ascii().to_vec()
-    } else if value.len() > 6 && value[..6].eq_ignore_ascii_case(b"basic ") {
-        use base64::Engine as _;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(value[6..].trim_ascii())
-            .unwrap_or_default();
-        match decoded.iter().position(|b| *b == b':') {
-            Some(i) => decoded[i + 1..].to_vec(),
+    // The key as a bearer token, or as the password of Basic credentials (a browser).
+    let key = match crate::credentials::bearer(value) {
+        Some(key) => key.to_vec(),
+        None => match crate::credentials::basic(value) {
+            Some((_user, password)) => password,
             None => return false,
-        }
-    } else {
-        return false;
+        },
     };
     use sha2::Digest as _;
     use subtle::ConstantTimeEq as _;
@@ -143,16 +133,4 @@ impl Admin {
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    resp.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    resp
-}
+use crate::answers::text;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::body::{full, ProxyBody};
+use crate::body::ProxyBody;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
@@ -93,14 +93,8 @@ impl ProxyError {
         {
             body["grant_error"] = serde_json::Value::String(code.clone());
         }
-        let mut resp = Response::new(full(body.to_string()));
-        *resp.status_mut() = self.status();
+        let mut resp = crate::answers::json(self.status(), &body);
         let headers = resp.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
             ProxyError::Unauthorized => {
                 headers.insert(

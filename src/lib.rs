@@ -12,10 +12,12 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod answers;
 pub mod body;
 pub mod check;
 pub mod config;
 pub mod connection_slots;
+pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod forward;

@@ -19,9 +19,9 @@ use crate::body::{self, ProxyBody};
 use crate::config::Config;
 use crate::forward::Forward;
 use crate::layers::bearer::{Bearer, BearerLayer};
-use crate::layers::client_auth::ClientAuthLayer;
+use crate::layers::client_auth;
 use crate::layers::deadline::{Deadline, DeadlineLayer};
-use crate::layers::guard::GuardLayer;
+use crate::layers::guard;
 use crate::layers::observe::ObserveLayer;
 use crate::layers::retry::{Retry, RetryLayer};
 use crate::layers::route::{Destination, Router};
@@ -68,7 +68,7 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
         .layer(ObserveLayer::recording_to(metrics.clone(), board.clone()))
         // Refuse what must never be forwarded (CONNECT, absolute-form, oversized bodies)
         // before spending anything on it.
-        .layer(GuardLayer::with_body_limit(config.server.max_body_bytes))
+        .layer(guard::layer(config.server.max_body_bytes))
         // Legacy apps doing OAuth get a session token from the proxy itself, never the
         // upstream's; before client auth, because the request carries Basic credentials.
         .layer(TokenEndpointLayer::answering_at(
@@ -78,10 +78,7 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
             config.server.session_lifetime,
         ))
         // Who is calling; strips the caller's credentials so they can never be forwarded.
-        .layer(ClientAuthLayer::with_clients(
-            &config.clients,
-            sessions.clone(),
-        ))
+        .layer(client_auth::layer(&config.clients, sessions.clone()))
         // Where it goes, and whether this caller may go there; then on to that upstream's
         // own service.
         .service(Router::by_prefix(destinations))

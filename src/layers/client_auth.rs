@@ -2,25 +2,25 @@
 //!
 //! A client presents its key as `Authorization: Bearer <key>` (what a legacy app already
 //! sends in place of a real token) or as `X-Api-Key: <key>`. The proxy stores only the
-//! key's SHA-256 and compares digests in constant time. With no `[[client]]` configured,
-//! Over HTTPS with `client_ca` set, a client certificate whose subject common name is a
-//! client's name identifies that client without a key. A legacy app that did OAuth against the proxy's own token endpoint presents the
-//! [session token](crate::session) it got there instead. With no `[[client]]` configured,
-//! every caller is anonymous (config only allows that on loopback, or when the operator
-//! says so). Either way the caller's credentials are removed here: they never reach an
-//! upstream.
+//! key's SHA-256 and compares digests in constant time. Over HTTPS with `client_ca` set, a
+//! client certificate whose subject common name is a client's name identifies that client
+//! without a key. A legacy app that did OAuth against the proxy's own token endpoint
+//! presents the [session token](crate::session) it got there instead. With no `[[client]]`
+//! configured, every caller is anonymous (config only allows that on loopback, or when the
+//! operator says so). Either way the caller's credentials are removed here: they never
+//! reach an upstream.
+//!
+//! A refuse-or-forward check, so it runs as tower-http's `ValidateRequestHeader` layer.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use futures_util::future::{ready, Either, Ready};
 use http::{header, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tower::{Layer, Service};
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use super::{ProxyRequest, ProxyResponse};
+use crate::body::ProxyBody;
 use crate::config::ClientConfig;
 use crate::error::ProxyError;
 use crate::server::PeerIdentity;
@@ -32,48 +32,32 @@ pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 #[derive(Debug, Clone)]
 pub struct Caller(pub Option<Arc<ClientConfig>>);
 
+/// The layer: refuse callers without a known key, mark the others with their [`Caller`].
+pub type ClientAuthLayer = ValidateRequestHeaderLayer<ClientKeys>;
+
+/// Require one of these clients' keys (or a session token of theirs); with no clients,
+/// serve anonymous callers.
+pub fn layer(clients: &[Arc<ClientConfig>], sessions: Arc<Sessions>) -> ClientAuthLayer {
+    ValidateRequestHeaderLayer::custom(ClientKeys {
+        clients: clients.into(),
+        sessions,
+    })
+}
+
+/// The clients' keys and the session tokens issued to them.
 #[derive(Debug, Clone)]
-pub struct ClientAuthLayer {
-    clients: Arc<[Arc<ClientConfig>]>,
-    sessions: Arc<Sessions>,
-}
-
-impl ClientAuthLayer {
-    /// Require one of these clients' keys (or a session token of theirs); with no clients,
-    /// serve anonymous callers.
-    pub fn with_clients(clients: &[Arc<ClientConfig>], sessions: Arc<Sessions>) -> Self {
-        ClientAuthLayer {
-            clients: clients.into(),
-            sessions,
-        }
-    }
-}
-
-impl<S> Layer<S> for ClientAuthLayer {
-    type Service = ClientAuth<S>;
-    fn layer(&self, inner: S) -> ClientAuth<S> {
-        ClientAuth {
-            inner,
-            clients: self.clients.clone(),
-            sessions: self.sessions.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ClientAuth<S> {
-    inner: S,
+pub struct ClientKeys {
     clients: Arc<[Arc<ClientConfig>]>,
     sessions: Arc<Sessions>,
 }
 
 /// The key a caller presented, if any.
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v.as_bytes();
-        if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-            return Some(v[7..].trim_ascii());
-        }
+    if let Some(key) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(crate::credentials::bearer)
+    {
+        return Some(key);
     }
     headers
         .get(&X_API_KEY)
@@ -154,22 +138,13 @@ fn anonymous_browser_refusal(req: &ProxyRequest) -> Option<ProxyResponse> {
     None
 }
 
-impl<S> Service<ProxyRequest> for ClientAuth<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible>,
-{
-    type Response = ProxyResponse;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<ProxyResponse, Infallible>>, S::Future>;
+impl ValidateRequest<ProxyBody> for ClientKeys {
+    type ResponseBody = ProxyBody;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
+    fn validate(&mut self, req: &mut ProxyRequest) -> Result<(), ProxyResponse> {
         let caller = if self.clients.is_empty() {
-            if let Some(refusal) = anonymous_browser_refusal(&req) {
-                return Either::Left(ready(Ok(refusal)));
+            if let Some(refusal) = anonymous_browser_refusal(req) {
+                return Err(refusal);
             }
             Caller(None)
         } else {
@@ -186,14 +161,14 @@ where
             };
             match found {
                 Some(client) => Caller(Some(client)),
-                None => return Either::Left(ready(Ok(ProxyError::Unauthorized.into_response()))),
+                None => return Err(ProxyError::Unauthorized.into_response()),
             }
         };
         let headers = req.headers_mut();
         headers.remove(header::AUTHORIZATION);
         headers.remove(&X_API_KEY);
         req.extensions_mut().insert(caller);
-        Either::Right(self.inner.call(req))
+        Ok(())
     }
 }
 

@@ -14,18 +14,14 @@
 //! ask a server to treat the call as another method or path, and forwarding headers the
 //! caller made up, go too: the upstream must see the call the allow list checked.
 
-use std::convert::Infallible;
-use std::task::{Context, Poll};
-
-use futures_util::future::{ready, Either, Ready};
 use http::{header, HeaderMap, HeaderName, Method, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tower::{Layer, Service};
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use super::client_auth::X_API_KEY;
 use super::{ProxyRequest, ProxyResponse};
-use crate::body::{self, BoxError};
+use crate::body::{self, BoxError, ProxyBody};
 use crate::error::{BodyLimitExceeded, ProxyError};
 use crate::forward::strip_hop_by_hop;
 
@@ -78,34 +74,21 @@ pub fn clean_caller_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// The layer: refuse what must never be forwarded, clean and bound the rest.
+pub type GuardLayer = ValidateRequestHeaderLayer<Guard>;
+
+/// Refuse bodies over `max_body_bytes` (and the rest the module docs list).
+pub fn layer(max_body_bytes: u64) -> GuardLayer {
+    ValidateRequestHeaderLayer::custom(Guard { max_body_bytes })
+}
+
+/// The checks, as tower-http's refuse-or-forward layer runs them.
 #[derive(Debug, Clone)]
-pub struct GuardLayer {
+pub struct Guard {
     max_body_bytes: u64,
 }
 
-impl GuardLayer {
-    pub fn with_body_limit(max_body_bytes: u64) -> Self {
-        GuardLayer { max_body_bytes }
-    }
-}
-
-impl<S> Layer<S> for GuardLayer {
-    type Service = Guard<S>;
-    fn layer(&self, inner: S) -> Guard<S> {
-        Guard {
-            inner,
-            max_body_bytes: self.max_body_bytes,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Guard<S> {
-    inner: S,
-    max_body_bytes: u64,
-}
-
-impl<S> Guard<S> {
+impl Guard {
     fn check(&self, req: &ProxyRequest) -> Result<(), ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest("CONNECT is not supported"));
@@ -133,38 +116,27 @@ impl<S> Guard<S> {
     }
 }
 
-impl<S> Service<ProxyRequest> for Guard<S>
-where
-    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible>,
-{
-    type Response = ProxyResponse;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<ProxyResponse, Infallible>>, S::Future>;
+impl ValidateRequest<ProxyBody> for Guard {
+    type ResponseBody = ProxyBody;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
-        if let Err(e) = self.check(&req) {
-            return Either::Left(ready(Ok(e.into_response())));
-        }
+    fn validate(&mut self, req: &mut ProxyRequest) -> Result<(), ProxyResponse> {
+        self.check(req).map_err(ProxyError::into_response)?;
         clean_caller_headers(req.headers_mut());
+        // No body (most GETs): nothing to limit or time.
+        if req.body().is_end_stream() {
+            return Ok(());
+        }
         let max = self.max_body_bytes;
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
-        let req = req.map(|b| {
-            // No body (most GETs): nothing to limit or time.
-            if b.is_end_stream() {
-                return b;
+        let unlimited = std::mem::replace(req.body_mut(), body::empty());
+        let limited = Limited::new(unlimited, limit).map_err(move |e| {
+            if e.is::<LengthLimitError>() {
+                Box::new(BodyLimitExceeded(max)) as BoxError
+            } else {
+                e
             }
-            body::with_deadlines(body::boxed(Limited::new(b, limit).map_err(move |e| {
-                if e.is::<LengthLimitError>() {
-                    Box::new(BodyLimitExceeded(max)) as BoxError
-                } else {
-                    e
-                }
-            })))
         });
-        Either::Right(self.inner.call(req))
+        *req.body_mut() = body::with_deadlines(body::boxed(limited));
+        Ok(())
     }
 }

@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use base64::Engine as _;
 use futures_util::future::Either;
-use http::{header, HeaderValue, Method, Response, StatusCode};
+use http::{header, HeaderValue, Method, StatusCode};
 use tower::{Layer, Service};
 
 use super::client_auth::identify;
@@ -75,26 +74,13 @@ pub struct TokenEndpoint<S> {
     lifetime: Duration,
 }
 
-/// A JSON answer that no cache may keep (RFC 6749 §5.1: token answers carry secrets).
-fn no_store_json(status: StatusCode, body: &serde_json::Value) -> ProxyResponse {
-    let mut resp = Response::new(body::full(body.to_string()));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
 fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> ProxyResponse {
     let body = serde_json::json!({
         "error": error,
         "error_description": description,
         "message": description,
     });
-    let mut resp = no_store_json(status, &body);
+    let mut resp = crate::answers::json(status, &body);
     let h = resp.headers_mut();
     if status == StatusCode::UNAUTHORIZED {
         h.insert(
@@ -123,15 +109,11 @@ fn credentials(
     req_auth: Option<&HeaderValue>,
     form: &[(String, String)],
 ) -> Option<(String, String)> {
-    if let Some(v) = req_auth.and_then(|v| v.to_str().ok()) {
-        if v.len() > 6 && v[..6].eq_ignore_ascii_case("basic ") {
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(v[6..].trim())
-                .ok()?;
-            let decoded = String::from_utf8(decoded).ok()?;
-            let (id, secret) = decoded.split_once(':')?;
-            return Some((id.to_string(), secret.to_string()));
-        }
+    // Basic credentials, when sent, are the only ones read: a malformed header is refused,
+    // never passed over for the form.
+    if let Some(auth) = req_auth.filter(|v| crate::credentials::uses_scheme(v, "basic")) {
+        let (id, secret) = crate::credentials::basic(auth)?;
+        return Some((String::from_utf8(id).ok()?, String::from_utf8(secret).ok()?));
     }
     let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     Some((field("client_id")?, field("client_secret")?))
@@ -199,7 +181,7 @@ async fn answer(
         "token_type": "bearer",
         "expires_in": lifetime.as_secs(),
     });
-    let mut resp = no_store_json(StatusCode::OK, &body);
+    let mut resp = crate::answers::json(StatusCode::OK, &body);
     resp.headers_mut()
         .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     tracing::info!(
