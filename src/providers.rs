@@ -6,7 +6,8 @@
 //! (Cognigy's CXone extension, `cxone-api-client.ts`).
 
 /// The kind of platform an upstream is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// Genesys Cloud: `client_credentials` at `login.<domain>`, API at `api.<domain>`.
     Genesys,
@@ -17,15 +18,6 @@ pub enum Provider {
 }
 
 impl Provider {
-    pub fn parse(s: &str) -> Option<Provider> {
-        match s {
-            "genesys" => Some(Provider::Genesys),
-            "cxone" => Some(Provider::Cxone),
-            "oauth2" => Some(Provider::Oauth2),
-            _ => None,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Genesys => "genesys",

@@ -1,6 +1,7 @@
 //! How an upstream's tokens are obtained: the grant, the credentials, how they are sent.
 
 use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 
 use super::raw::RawUpstream;
 use super::{ConfigError, Cx};
@@ -117,17 +118,24 @@ impl GrantConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `auth_method`: how the client id and secret reach the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AuthMethod {
     /// `client_secret_basic`: id and secret in an `Authorization: Basic` header.
+    #[serde(alias = "client_secret_basic")]
     Basic,
     /// `client_secret_post`: id and secret as form fields.
+    #[serde(alias = "client_secret_post")]
     Post,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `basic_encoding`: `raw` or `form`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BasicEncoding {
     Raw,
+    #[serde(rename = "form")]
     FormEncoded,
 }
 
@@ -188,30 +196,12 @@ impl Cx<'_> {
             raw.client_secret.take(),
             raw.client_secret_file.take(),
         )?;
-        let auth_method = match raw.auth_method.as_deref() {
-            None | Some("basic") | Some("client_secret_basic") => AuthMethod::Basic,
-            Some("post") | Some("client_secret_post") => AuthMethod::Post,
-            Some(other) => {
-                return Err(self.err(
-                    &key("auth_method"),
-                    format!("unknown method \"{other}\"; use basic or post"),
-                ))
-            }
-        };
-        let basic_encoding = match raw.basic_encoding.as_deref() {
-            None => match provider {
-                Provider::Oauth2 => BasicEncoding::FormEncoded,
-                _ => BasicEncoding::Raw,
-            },
-            Some("raw") => BasicEncoding::Raw,
-            Some("form") => BasicEncoding::FormEncoded,
-            Some(other) => {
-                return Err(self.err(
-                    &key("basic_encoding"),
-                    format!("unknown encoding \"{other}\"; use raw or form"),
-                ))
-            }
-        };
+        let auth_method = raw.auth_method.unwrap_or(AuthMethod::Basic);
+        // RFC 6749 form-encodes both; Genesys' and CXone's own clients send them raw.
+        let basic_encoding = raw.basic_encoding.unwrap_or(match provider {
+            Provider::Oauth2 => BasicEncoding::FormEncoded,
+            _ => BasicEncoding::Raw,
+        });
         let scope = raw
             .scope
             .take()

@@ -154,16 +154,7 @@ impl Cx<'_> {
                 ));
             }
         }
-        let log_format = match raw.log.format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(self.err(
-                    "log.format",
-                    format!("unknown format \"{other}\"; use text or json"),
-                ))
-            }
-        };
+        let log_format = raw.log.format.unwrap_or(LogFormat::Text);
         Ok(Config {
             source: self.file.to_path_buf(),
             server,

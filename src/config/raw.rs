@@ -1,12 +1,16 @@
 //! The file as written: a serde mirror of `proxy.toml`. `deny_unknown_fields` everywhere, so
-//! a typo in a key is an error, never a silently different behaviour. Values stay text
-//! here; the resolver (the sibling modules) turns them into types and names the key in
-//! every error.
+//! a typo in a key is an error, never a silently different behaviour. Closed sets of words
+//! (provider, auth method, Basic encoding, log format) are enums here, so toml names the
+//! key and the accepted values; the rest stays text, and the resolver (the sibling
+//! modules) turns it into types and names the key in every error.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+
+use super::{AuthMethod, BasicEncoding, LogFormat};
+use crate::providers::Provider;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,7 +29,7 @@ pub(super) struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
-    pub(super) format: Option<String>,
+    pub(super) format: Option<LogFormat>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -53,7 +57,7 @@ pub(super) struct RawServer {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstream {
     pub(super) name: String,
-    pub(super) provider: String,
+    pub(super) provider: Provider,
     pub(super) region: Option<String>,
     pub(super) client_id: Option<String>,
     pub(super) client_secret: Option<String>,
@@ -61,8 +65,8 @@ pub(super) struct RawUpstream {
     pub(super) prefix: Option<String>,
     pub(super) token_url: Option<String>,
     pub(super) base_url: Option<String>,
-    pub(super) auth_method: Option<String>,
-    pub(super) basic_encoding: Option<String>,
+    pub(super) auth_method: Option<AuthMethod>,
+    pub(super) basic_encoding: Option<BasicEncoding>,
     pub(super) scope: Option<String>,
     pub(super) token_params: Option<BTreeMap<String, String>>,
     pub(super) tokens: Option<u32>,

@@ -9,7 +9,8 @@ use super::raw::RawServer;
 use super::{ConfigError, Cx, DEFAULT_TOKEN_PATHS};
 
 /// How log lines (the audit line per request among them) are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,

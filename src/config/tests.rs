@@ -162,3 +162,41 @@ fn interpolation_handles_dollars() {
         "a$b$csuper-secret-value"
     );
 }
+
+#[test]
+fn closed_sets_of_words_name_the_key_and_the_accepted_values() {
+    let with = |line: &str| {
+        GENESYS.replace(
+            "client_id = \"${ID}\"",
+            &format!("client_id = \"${{ID}}\"\n{line}"),
+        )
+    };
+    for (line, key, accepted) in [
+        ("auth_method = \"bearer\"", "auth_method", "`basic`"),
+        ("basic_encoding = \"url\"", "basic_encoding", "`form`"),
+    ] {
+        let e = load(&with(line)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("key `{key}`")) && e.contains(accepted),
+            "{e}"
+        );
+    }
+    let e = load(&GENESYS.replace("provider = \"genesys\"", "provider = \"genesis\""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("key `provider`") && e.contains("`cxone`"), "{e}");
+    let e = load(&format!("[log]\nformat = \"xml\"\n{GENESYS}"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("key `format`") && e.contains("`json`"), "{e}");
+    // The aliases the OAuth specs use are accepted.
+    let c = load(&with(
+        "auth_method = \"client_secret_post\"\nbasic_encoding = \"form\"",
+    ))
+    .unwrap();
+    assert_eq!(c.upstreams[0].grant.auth_method, AuthMethod::Post);
+    assert_eq!(
+        c.upstreams[0].grant.basic_encoding,
+        BasicEncoding::FormEncoded
+    );
+}

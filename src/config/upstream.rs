@@ -66,15 +66,7 @@ impl Cx<'_> {
         }
         let name = raw.name.clone();
         let key = |k: &str| format!("upstream \"{name}\".{k}");
-        let provider = Provider::parse(&raw.provider).ok_or_else(|| {
-            self.err(
-                &key("provider"),
-                format!(
-                    "unknown provider \"{}\"; use genesys, cxone or oauth2",
-                    raw.provider
-                ),
-            )
-        })?;
+        let provider = raw.provider;
         for (field, set) in [
             ("issuer", raw.issuer.is_some()),
             ("access_key_id", raw.access_key_id.is_some()),
