@@ -134,3 +134,82 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tower::{service_fn, ServiceExt};
+
+    use super::*;
+    use crate::body;
+    use crate::metrics::Metrics;
+    use crate::token::grant::{side_call_client, Granter};
+    use crate::token::TokenSource;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_callers_credentials_are_replaced_and_a_rejected_token_is_swapped() {
+        let sandbox = tokengate_sandbox::Sandbox::start(Default::default())
+            .await
+            .unwrap();
+        let toml = format!(
+            "[[upstream]]\nname = \"a\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nbase_url = \"{}\"\nclient_id = \"sandbox-client\"\nclient_secret = \"sandbox-secret\"\n",
+            sandbox.token_url(),
+            sandbox.api_url()
+        );
+        let config = crate::config::Config::from_toml(&toml, "t.toml".as_ref(), &|_| None).unwrap();
+        let (grant, metrics) = (config.upstreams[0].grant.clone(), Metrics::new());
+        let granter = Granter::new(side_call_client().unwrap(), grant);
+        let source = TokenSource::new(
+            Arc::from("a"),
+            granter,
+            metrics.clone(),
+            Default::default(),
+            Default::default(),
+        );
+        let upstream = Arc::new(Upstream::new(
+            Arc::clone(&config.upstreams[0]),
+            vec![source],
+            1,
+            metrics.for_upstream("a"),
+        ));
+        // The inner service plays the upstream: it records the Authorization it was sent.
+        let sent: Arc<Mutex<Vec<http::HeaderValue>>> = Arc::default();
+        let recorder = {
+            let sent = Arc::clone(&sent);
+            service_fn(move |req: ProxyRequest| {
+                let sent = Arc::clone(&sent);
+                Box::pin(async move {
+                    if let Some(v) = req.headers().get(header::AUTHORIZATION) {
+                        sent.lock().unwrap().push(v.clone());
+                    }
+                    Ok(http::Response::new(body::empty()))
+                }) as BoxFuture
+            })
+        };
+        let bearer = BearerLayer::with_tokens_of(&upstream).layer(recorder);
+        let call = |replace: Option<TokenId>| {
+            let mut req = http::Request::get("/x")
+                .header(header::AUTHORIZATION, "Bearer the-callers-own")
+                .body(body::empty())
+                .unwrap();
+            if let Some(rejected) = replace {
+                req.extensions_mut().insert(ReplaceToken(rejected));
+            }
+            bearer.clone().oneshot(req)
+        };
+        let first = call(None).await.unwrap();
+        let used = Outcome::read(&first).and_then(|o| o.token).unwrap();
+        let again = call(Some(used)).await.unwrap();
+        let swapped = Outcome::read(&again).and_then(|o| o.token).unwrap();
+        assert_ne!(swapped.generation, used.generation);
+        let sent = sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2);
+        assert_ne!(sent[0], sent[1], "the second call carried the new token");
+        for v in &sent {
+            assert_ne!(v, "Bearer the-callers-own");
+        }
+        assert!(sandbox.issued(&sent[1]));
+        assert_eq!(sandbox.grants(), 2);
+    }
+}

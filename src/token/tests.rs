@@ -90,3 +90,58 @@ fn backoff_grows_and_caps() {
     }
     assert!(last >= Duration::from_secs(48));
 }
+
+/// A token source for the sandbox's login host (a real HTTP token endpoint on loopback).
+async fn sandboxed_source() -> (tokengate_sandbox::Sandbox, Arc<TokenSource>) {
+    let sandbox = tokengate_sandbox::Sandbox::start(Default::default())
+        .await
+        .unwrap();
+    let toml = format!(
+        "[[upstream]]\nname = \"a\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nbase_url = \"{}\"\nclient_id = \"sandbox-client\"\nclient_secret = \"sandbox-secret\"\n",
+        sandbox.token_url(),
+        sandbox.api_url()
+    );
+    let config = crate::config::Config::from_toml(&toml, "t.toml".as_ref(), &|_| None).unwrap();
+    let http = grant::side_call_client().unwrap();
+    let granter = grant::Granter::new(http, config.upstreams[0].grant.clone());
+    let source = TokenSource::new(
+        Arc::from("a"),
+        granter,
+        Metrics::new(),
+        Default::default(),
+        Default::default(),
+    );
+    (sandbox, source)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_callers_on_a_cold_source_share_one_grant() {
+    let (sandbox, source) = sandboxed_source().await;
+    let calls = (0..50).map(|_| {
+        let source = Arc::clone(&source);
+        tokio::spawn(async move { source.token().await.map(|t| t.generation) })
+    });
+    for call in futures_util::future::join_all(calls).await {
+        assert_eq!(call.unwrap().unwrap(), 1);
+    }
+    assert_eq!(sandbox.grants(), 1);
+    // A hit costs no grant.
+    assert_eq!(source.token().await.unwrap().generation, 1);
+    assert_eq!(sandbox.grants(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_replacing_the_same_rejected_token_share_one_new_grant() {
+    let (sandbox, source) = sandboxed_source().await;
+    let first = source.token().await.unwrap();
+    let calls = (0..20).map(|_| {
+        let source = Arc::clone(&source);
+        let rejected = first.generation;
+        tokio::spawn(async move { source.replace(rejected).await.map(|t| t.generation) })
+    });
+    for call in futures_util::future::join_all(calls).await {
+        assert_eq!(call.unwrap().unwrap(), 2);
+    }
+    assert_eq!(sandbox.grants(), 2, "one grant at start, one to replace it");
+    assert_ne!(source.token().await.unwrap().header(), first.header());
+}
