@@ -144,31 +144,13 @@ mod tests {
     use super::*;
     use crate::body;
     use crate::metrics::Metrics;
-    use crate::token::grant::{side_call_client, Granter};
-    use crate::token::TokenSource;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_callers_credentials_are_replaced_and_a_rejected_token_is_swapped() {
-        let sandbox = tokengate_sandbox::Sandbox::start(Default::default())
-            .await
-            .unwrap();
-        let toml = format!(
-            "[[upstream]]\nname = \"a\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nbase_url = \"{}\"\nclient_id = \"sandbox-client\"\nclient_secret = \"sandbox-secret\"\n",
-            sandbox.token_url(),
-            sandbox.api_url()
-        );
-        let config = crate::config::Config::from_toml(&toml, "t.toml".as_ref(), &|_| None).unwrap();
-        let (grant, metrics) = (config.upstreams[0].grant.clone(), Metrics::new());
-        let granter = Granter::new(side_call_client().unwrap(), grant);
-        let source = TokenSource::new(
-            Arc::from("a"),
-            granter,
-            metrics.clone(),
-            Default::default(),
-            Default::default(),
-        );
+        let (sandbox, config, source) = crate::token::tests::sandboxed_source().await;
+        let metrics = Metrics::new();
         let upstream = Arc::new(Upstream::new(
-            Arc::clone(&config.upstreams[0]),
+            config,
             vec![source],
             1,
             metrics.for_upstream("a"),

@@ -20,7 +20,7 @@ pub mod grant;
 pub mod shared;
 mod source;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::time::Duration;
 

@@ -91,8 +91,13 @@ fn backoff_grows_and_caps() {
     assert!(last >= Duration::from_secs(48));
 }
 
-/// A token source for the sandbox's login host (a real HTTP token endpoint on loopback).
-async fn sandboxed_source() -> (tokengate_sandbox::Sandbox, Arc<TokenSource>) {
+/// A token source for the sandbox's login host (a real HTTP token endpoint on loopback);
+/// the layers' tests use it too.
+pub(crate) async fn sandboxed_source() -> (
+    tokengate_sandbox::Sandbox,
+    Arc<crate::config::UpstreamConfig>,
+    Arc<TokenSource>,
+) {
     let sandbox = tokengate_sandbox::Sandbox::start(Default::default())
         .await
         .unwrap();
@@ -111,12 +116,12 @@ async fn sandboxed_source() -> (tokengate_sandbox::Sandbox, Arc<TokenSource>) {
         Default::default(),
         Default::default(),
     );
-    (sandbox, source)
+    (sandbox, Arc::clone(&config.upstreams[0]), source)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_callers_on_a_cold_source_share_one_grant() {
-    let (sandbox, source) = sandboxed_source().await;
+    let (sandbox, _, source) = sandboxed_source().await;
     let calls = (0..50).map(|_| {
         let source = Arc::clone(&source);
         tokio::spawn(async move { source.token().await.map(|t| t.generation) })
@@ -132,7 +137,7 @@ async fn fifty_callers_on_a_cold_source_share_one_grant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_replacing_the_same_rejected_token_share_one_new_grant() {
-    let (sandbox, source) = sandboxed_source().await;
+    let (sandbox, _, source) = sandboxed_source().await;
     let first = source.token().await.unwrap();
     let calls = (0..20).map(|_| {
         let source = Arc::clone(&source);
