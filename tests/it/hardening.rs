@@ -894,8 +894,6 @@ async fn a_token_endpoint_echoing_the_request_leaks_no_encoding_of_the_secret() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_queue() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
     let sandbox = sandbox().await;
     let config = format!(
@@ -912,11 +910,11 @@ async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_que
     for _ in 0..4 {
         stalled.push(get_with_key(&proxy, "/api/v2/sandbox/stall").await);
     }
-    // ...and queues four more.
-    let heads = Arc::new(AtomicUsize::new(0));
+    // ...and queues four calls that, once sent, hold their connection until the test
+    // opens the gate (or their 2 s timeout ends them).
     let queued: Vec<_> = (0..4)
         .map(|_| {
-            let (url, heads) = (proxy.url("/api/v2/sandbox/stall"), Arc::clone(&heads));
+            let url = proxy.url("/api/v2/sandbox/gate");
             tokio::spawn(async move {
                 let r = client()
                     .get(url)
@@ -924,7 +922,6 @@ async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_que
                     .send()
                     .await
                     .unwrap();
-                heads.fetch_add(1, Ordering::SeqCst);
                 r.status()
             })
         })
@@ -935,19 +932,22 @@ async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_que
     })
     .await
     .expect("A's four calls are waiting");
-    // Client B comes last, and is served with the first connection that frees.
+    // Client B comes last, and is served with the first connection that frees: it holds
+    // none, A holds the rest.
     let r = client()
         .get(proxy.url("/api/v2/users/me"))
         .header("X-Api-Key", KEY_B)
         .send()
         .await
         .unwrap();
-    let a_served_before_b = heads.load(Ordering::SeqCst);
     assert_eq!(r.status(), 200);
+    // Served first come, first served, A's queue would have taken the freed connections
+    // and held them until its 2 s timeout (504), and only then would B have been served.
     assert!(
-        a_served_before_b < 4,
-        "all of A's queue was served before B"
+        queued.iter().all(|q| !q.is_finished()),
+        "B was served only after A's queue ended"
     );
+    sandbox.open_gate();
     for q in queued {
         assert_eq!(q.await.unwrap(), 200);
     }
