@@ -268,14 +268,8 @@ pub async fn serve<S>(
                             watcher.watch(conn).await.map_err(Into::into)
                         }
                         Some(Protocol::MaybeHttp2) => {
-                            let activity = Activity::new();
-                            let conn = builder
-                                .serve_connection(
-                                    TokioIo::new(stream),
-                                    TowerToHyperService::new(activity.counting(service)),
-                                )
-                                .into_owned();
-                            Box::pin(serve_closing_when_idle(conn, watcher, closed, activity)).await
+                            let io = TokioIo::new(stream);
+                            Box::pin(serve_any(&builder, io, service, watcher, closed)).await
                         }
                         None => return,
                     }
@@ -383,12 +377,25 @@ where
         }
         req
     });
+    serve_any(&builder, TokioIo::new(stream), service, watcher, closed).await
+}
+
+/// Serve one connection of either protocol (HTTP/1.1 or HTTP/2, as the client speaks),
+/// closed when it starts no request for [`HTTP2_IDLE_TIMEOUT`].
+async fn serve_any<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    closed: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: HttpService<Incoming>,
+{
     let activity = Activity::new();
     let conn = builder
-        .serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(activity.counting(service)),
-        )
+        .serve_connection(io, TowerToHyperService::new(activity.counting(service)))
         .into_owned();
     serve_closing_when_idle(conn, watcher, closed, activity).await
 }
