@@ -480,7 +480,7 @@ where
     }
 }
 
-/// A plain listener with default limits (the sandbox, tests, the admin listener).
+/// A plain listener with default limits (the tests' own servers).
 pub fn plain(what: &'static str, tcp: TcpListener) -> Listener {
     Listener {
         what,

@@ -100,7 +100,9 @@ fn kernel_hex_ip(hex: &str) -> Option<std::net::IpAddr> {
 }
 
 /// Runs `serve` on a new thread with its own current-thread runtime, named after worker
-/// `index` (`serve` is given the index it needs: nothing here is thread-local). The returned receiver completes when `serve` has returned.
+/// `index`. Nothing here is thread-local: what a worker serves was built for it (see
+/// [`crate::live::Live::for_worker`]). The returned receiver completes when `serve` has
+/// returned.
 pub fn spawn<F, Fut>(index: usize, serve: F) -> std::io::Result<tokio::sync::oneshot::Receiver<()>>
 where
     F: FnOnce() -> Fut + Send + 'static,
