@@ -28,7 +28,7 @@ use crate::session::Sessions;
 
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-/// The caller of a request, as established by [`ClientAuth`].
+/// The caller of a request, as established by [`ClientKeys`].
 #[derive(Debug, Clone)]
 pub struct Caller(pub Option<Arc<ClientConfig>>);
 
