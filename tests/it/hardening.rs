@@ -740,10 +740,21 @@ async fn one_address_cannot_take_every_admin_connection() {
     let sandbox = sandbox().await;
     let proxy = Proxy::start(&standard_config(&sandbox, ""));
     let admin = proxy.admin.clone().unwrap();
+    let admin: std::net::SocketAddr = admin.parse().unwrap();
     let answered = tokio::task::spawn_blocking(move || {
-        let held: Vec<TcpStream> = (0..40)
-            .map(|_| TcpStream::connect(&admin).unwrap())
-            .collect();
+        // From an address of its own (all of 127/8 is loopback): every other test's
+        // connections come from 127.0.0.1, and one of them reaching this admin port (a
+        // port number a finished test's proxy had) would take one of the 32.
+        let from_own_address = || {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket
+                .bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into())
+                .unwrap();
+            socket.connect(&admin.into()).unwrap();
+            TcpStream::from(socket)
+        };
+        let held: Vec<TcpStream> = (0..40).map(|_| from_own_address()).collect();
         // Every request is sent before any answer is read: a silent connection would be
         // let go after the 10 s a request head may take.
         for mut s in &held {
