@@ -16,13 +16,12 @@ use http::{header, HeaderMap, HeaderName, Uri, Version};
 use tower::Service;
 
 use crate::body;
-use crate::connection_slots::ConnectionSlots;
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
 use crate::layers::{BoxFuture, ProxyRequest};
 use crate::outcome::Outcome;
 use crate::token::grant::error_chain;
-use crate::upstream::{Upstream, UpstreamClient};
+use crate::upstream::{Upstream, WorkerConnections};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// de-facto `Proxy-Connection` and `Keep-Alive`, and `Trailer`. A match on the text is a
@@ -123,18 +122,15 @@ fn closed_before_answering(e: &hyper_util::client::legacy::Error) -> bool {
 #[derive(Debug, Clone)]
 pub struct Forward {
     upstream: Arc<Upstream>,
-    client: UpstreamClient,
-    slots: Arc<ConnectionSlots>,
+    connections: Arc<WorkerConnections>,
 }
 
 impl Forward {
     /// Send calls to `upstream` over the connections of worker `worker`.
     pub fn to(upstream: &Arc<Upstream>, worker: usize) -> Forward {
-        let (client, slots) = upstream.connections(worker);
         Forward {
             upstream: Arc::clone(upstream),
-            client,
-            slots,
+            connections: upstream.connections(worker),
         }
     }
 }
@@ -172,7 +168,7 @@ impl Service<ProxyRequest> for Forward {
             Some(Caller(Some(client))) => Arc::clone(&client.name),
             _ => Arc::clone(&ANONYMOUS),
         };
-        let (client, slots) = (self.client.clone(), Arc::clone(&self.slots));
+        let connections = Arc::clone(&self.connections);
         Box::pin(async move {
             let timeout = upstream.config.timeout;
             // A free connection first: at the cap, calls queue here rather than open one
@@ -180,6 +176,7 @@ impl Service<ProxyRequest> for Forward {
             // `connection_slots`). Waiting is the proxy being busy, not the API being
             // slow, so it ends in 503 upstream_busy, never in a 504 that would blame the API.
             let queue = upstream.config.queue_timeout;
+            let (client, slots) = (&connections.client, &connections.slots);
             let free = slots.try_acquire(&caller);
             if free.is_none() {
                 tracing::debug!(upstream = %upstream.name(), client = %caller, "every connection to the upstream is busy; waiting for one");

@@ -27,6 +27,14 @@ use crate::token::TokenSource;
 /// hyper-util's pooled client over rustls; HTTP/1.1 or HTTP/2 as ALPN decides.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
+/// One worker's connections to an upstream: its pool and its share of the slots. Shared
+/// behind one `Arc`, so a call takes it with one count, not a copy of the client's parts.
+#[derive(Debug)]
+pub struct WorkerConnections {
+    pub client: UpstreamClient,
+    pub slots: Arc<ConnectionSlots>,
+}
+
 #[derive(Debug)]
 pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
@@ -35,7 +43,7 @@ pub struct Upstream {
     /// One connection pool per worker, so a call never waits on another thread's pool,
     /// each with its share of `max_connections`: a call takes a permit before it is sent
     /// and its answer's body gives it back when it ends.
-    clients: Vec<(UpstreamClient, Arc<ConnectionSlots>)>,
+    clients: Vec<Arc<WorkerConnections>>,
     /// Request counters and latency, resolved once.
     pub metrics: UpstreamMetrics,
     /// `base_url` has a path of its own: every caller's path must then be plain, or `..`
@@ -58,10 +66,10 @@ impl Upstream {
     ) -> Upstream {
         let clients = connection_shares(config.max_connections, workers)
             .map(|share| {
-                (
-                    upstream_client(config.connect_timeout, share),
-                    ConnectionSlots::new(share),
-                )
+                Arc::new(WorkerConnections {
+                    client: upstream_client(config.connect_timeout, share),
+                    slots: ConnectionSlots::new(share),
+                })
             })
             .collect();
         let spent_until = tokens.iter().map(|_| AtomicU64::new(0)).collect();
@@ -82,9 +90,8 @@ impl Upstream {
     }
 
     /// Worker `worker`'s connection pool to this upstream, and its connection slots.
-    pub fn connections(&self, worker: usize) -> (UpstreamClient, Arc<ConnectionSlots>) {
-        let (client, slots) = &self.clients[worker % self.clients.len()];
-        (client.clone(), Arc::clone(slots))
+    pub fn connections(&self, worker: usize) -> Arc<WorkerConnections> {
+        Arc::clone(&self.clients[worker % self.clients.len()])
     }
 
     pub fn name(&self) -> &Arc<str> {
