@@ -12,16 +12,18 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{header, HeaderMap, HeaderName, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{header, HeaderMap, HeaderName, Version};
 use tower::Service;
 
 use crate::body;
+use crate::connections::{Lease, SendError, WorkerConnections};
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
 use crate::layers::{BoxFuture, ProxyRequest};
 use crate::outcome::Outcome;
 use crate::token::grant::error_chain;
-use crate::upstream::{Upstream, WorkerConnections};
+use crate::upstream::Upstream;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// de-facto `Proxy-Connection` and `Keep-Alive`, and `Trailer`. A match on the text is a
@@ -71,40 +73,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The upstream URI: the base's scheme, host and path, then the request's path and query.
-pub fn target_uri(base: &Uri, path_and_query: &str) -> Result<Uri, ProxyError> {
-    let unusable = || ProxyError::BadRequest("the request path cannot be forwarded");
-    let base_path = base.path().trim_end_matches('/');
-    let mut parts = base.clone().into_parts();
-    let mut joined = String::with_capacity(base_path.len() + path_and_query.len());
-    joined.push_str(base_path);
-    joined.push_str(path_and_query);
-    parts.path_and_query = Some(
-        http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(joined))
-            .map_err(|_| unusable())?,
-    );
-    Uri::from_parts(parts).map_err(|_| unusable())
-}
-
 /// The name anonymous callers share their connection slots under.
 static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
 
 /// Did the upstream close the connection before any byte of an answer arrived? That is
-/// a pooled keep-alive connection the API host (or a load balancer) closed as idle just
-/// as the call was sent on it: nothing was answered, so an idempotent call may be sent
-/// again on another connection (nginx's `proxy_next_upstream`, haproxy's
-/// `retry-on conn-failure`).
-fn closed_before_answering(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
+/// a kept-alive connection the API host (or a load balancer) closed as idle just as the
+/// call was sent on it: nothing was answered, so an idempotent call may be sent again on
+/// another connection (nginx's `proxy_next_upstream`, haproxy's `retry-on conn-failure`).
+fn closed_before_answering(e: &SendError) -> bool {
+    let SendError::Exchange(e) = e else {
         return false;
+    };
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
     }
     let mut cause = std::error::Error::source(e);
     while let Some(err) = cause {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() {
-                return true;
-            }
-        }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if matches!(
                 io.kind(),
@@ -146,24 +130,27 @@ impl Service<ProxyRequest> for Forward {
 
     fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
         let upstream = Arc::clone(&self.upstream);
-        let Some(base) = upstream.api_base() else {
+        let Some(origin) = upstream.origin() else {
             let e = ProxyError::TokenUnavailable {
                 retry_after: None,
                 message: format!("the API host of upstream \"{}\" is not known yet (discovery has not succeeded)", upstream.name()),
             };
             return Box::pin(async { Ok(e.into_response()) });
         };
-        let within = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let target = match target_uri(&base, within) {
-            Ok(t) => t,
-            Err(e) => return Box::pin(async { Ok(e.into_response()) }),
+        let within = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let Ok(path) = origin.path(&within) else {
+            let e = ProxyError::BadRequest("the request path cannot be forwarded");
+            return Box::pin(async { Ok(e.into_response()) });
         };
-        *req.uri_mut() = target;
         // The upstream connection's protocol is the client's choice (ALPN), not the caller's.
         *req.version_mut() = Version::HTTP_11;
         // The caller's hop-by-hop headers went at the edge (guard): stripping them here,
         // after the bearer layer, would let `Connection: authorization` remove the token.
-        req.headers_mut().remove(header::HOST);
+        // `Host` is set by `connections` for the upstream (HTTP/1.1) or left out (HTTP/2).
         let caller = match req.extensions().get::<Caller>() {
             Some(Caller(Some(client))) => Arc::clone(&client.name),
             _ => Arc::clone(&ANONYMOUS),
@@ -176,7 +163,7 @@ impl Service<ProxyRequest> for Forward {
             // `connection_slots`). Waiting is the proxy being busy, not the API being
             // slow, so it ends in 503 upstream_busy, never in a 504 that would blame the API.
             let queue = upstream.config.queue_timeout;
-            let (client, slots) = (&connections.client, &connections.slots);
+            let slots = &connections.slots;
             let free = slots.try_acquire(&caller);
             if free.is_none() {
                 tracing::debug!(upstream = %upstream.name(), client = %caller, "every connection to the upstream is busy; waiting for one");
@@ -198,28 +185,34 @@ impl Service<ProxyRequest> for Forward {
                     return Ok(busy.into_response());
                 }
             };
-            let answer = tokio::time::timeout(timeout, client.request(req)).await;
-            let resp = match answer {
+            let answer = tokio::time::timeout(timeout, connections.send(&origin, path, req)).await;
+            let (resp, sender) = match answer {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {
-                    let failure = if e.is_connect() {
-                        format!("connecting to {} failed: {}", base, error_chain(&e))
-                    } else {
-                        format!("the exchange with {} failed: {}", base, error_chain(&e))
+                    let failure = match &e {
+                        SendError::Connect(_) => format!(
+                            "connecting to {origin} failed: {}",
+                            error_chain(e.as_error())
+                        ),
+                        SendError::Exchange(_) => format!(
+                            "the exchange with {origin} failed: {}",
+                            error_chain(e.as_error())
+                        ),
                     };
                     tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
-                    let err = body_error_or(&e, ProxyError::UpstreamUnreachable(failure));
+                    let err = body_error_or(e.as_error(), ProxyError::UpstreamUnreachable(failure));
                     let mut resp = err.into_response();
                     Outcome::of(&mut resp).closed_before_answer = closed_before_answering(&e);
                     return Ok(resp);
                 }
-                Ok(Ok(resp)) => resp,
+                Ok(Ok(answered)) => answered,
             };
             let (mut head, incoming) = resp.into_parts();
             strip_hop_by_hop(&mut head.headers);
             // The connection is busy until the body has been read (or dropped): at once
             // for a small answer that came with its head, else as the caller reads it.
-            let answer = body::settle_answer(incoming, permit, timeout);
+            let lease = Lease::new(&connections, &origin, sender, permit);
+            let answer = body::settle_answer(incoming, lease, timeout);
             Ok(http::Response::from_parts(head, answer))
         })
     }
@@ -229,21 +222,6 @@ impl Service<ProxyRequest> for Forward {
 mod tests {
     use super::*;
     use http::HeaderValue;
-
-    #[test]
-    fn targets_keep_the_configured_host() {
-        let base: Uri = "https://api.mypurecloud.com/".parse().unwrap();
-        let t = target_uri(&base, "/api/v2/users?a=1").unwrap();
-        assert_eq!(
-            t.to_string(),
-            "https://api.mypurecloud.com/api/v2/users?a=1"
-        );
-        let base: Uri = "http://127.0.0.1:9/base".parse().unwrap();
-        assert_eq!(
-            target_uri(&base, "/x").unwrap().to_string(),
-            "http://127.0.0.1:9/base/x"
-        );
-    }
 
     #[test]
     fn the_hop_by_hop_test_knows_every_listed_name() {

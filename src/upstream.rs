@@ -1,5 +1,5 @@
 //! An upstream at run time: its configuration, its pool of token sources and its
-//! connection pool.
+//! connections.
 //!
 //! Genesys Cloud limits API requests per token (300 a minute by default), so one token
 //! shared by a whole team throttles it. With `tokens = N` the upstream keeps N tokens and
@@ -14,26 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 
-use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
-use crate::connection_slots::ConnectionSlots;
+use crate::connections::{Origin, WorkerConnections};
 use crate::metrics::UpstreamMetrics;
 use crate::token::TokenSource;
-
-/// hyper-util's pooled client over rustls; HTTP/1.1 or HTTP/2 as ALPN decides.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
-
-/// One worker's connections to an upstream: its pool and its share of the slots. Shared
-/// behind one `Arc`, so a call takes it with one count, not a copy of the client's parts.
-#[derive(Debug)]
-pub struct WorkerConnections {
-    pub client: UpstreamClient,
-    pub slots: Arc<ConnectionSlots>,
-}
 
 #[derive(Debug)]
 pub struct Upstream {
@@ -44,6 +29,8 @@ pub struct Upstream {
     /// each with its share of `max_connections`: a call takes a permit before it is sent
     /// and its answer's body gives it back when it ends.
     clients: Vec<Arc<WorkerConnections>>,
+    /// Where calls go when `base_url` is configured, worked out once.
+    configured_origin: Option<Arc<Origin>>,
     /// Request counters and latency, resolved once.
     pub metrics: UpstreamMetrics,
     /// `base_url` has a path of its own: every caller's path must then be plain, or `..`
@@ -65,13 +52,9 @@ impl Upstream {
         metrics: UpstreamMetrics,
     ) -> Upstream {
         let clients = connection_shares(config.max_connections, workers)
-            .map(|share| {
-                Arc::new(WorkerConnections {
-                    client: upstream_client(config.connect_timeout, share),
-                    slots: ConnectionSlots::new(share),
-                })
-            })
+            .map(|share| WorkerConnections::new(config.connect_timeout, share))
             .collect();
+        let configured_origin = config.base_url.as_ref().and_then(Origin::of).map(Arc::new);
         let spent_until = tokens.iter().map(|_| AtomicU64::new(0)).collect();
         let plain_paths_only = config
             .base_url
@@ -82,6 +65,7 @@ impl Upstream {
             config,
             tokens,
             clients,
+            configured_origin,
             metrics,
             next: AtomicUsize::new(0),
             spent_until,
@@ -104,6 +88,15 @@ impl Upstream {
             .base_url
             .clone()
             .or_else(|| self.tokens.first().and_then(|t| t.api_base()))
+    }
+
+    /// Where calls go, as [`Upstream::api_base`], worked out for connecting. A discovered
+    /// base (CXone) is worked out per call: it may change when a token is granted.
+    pub fn origin(&self) -> Option<Arc<Origin>> {
+        if let Some(origin) = &self.configured_origin {
+            return Some(Arc::clone(origin));
+        }
+        self.api_base().as_ref().and_then(Origin::of).map(Arc::new)
     }
 
     /// The pooled token source for the next call: round-robin over those not spent; if
@@ -162,28 +155,6 @@ fn connection_shares(max_connections: usize, workers: usize) -> impl Iterator<It
     let workers = workers.max(1);
     let (base, extra) = (max_connections / workers, max_connections % workers);
     (0..workers).map(move |worker| (base + usize::from(worker < extra)).max(1))
-}
-
-/// `idle_max`: connections kept open between calls. The pool may open a connection for a
-/// call and then hand that call one that came free first; without this cap the extra one
-/// would stay open too, and the pool would outgrow the worker's share of `max_connections`.
-fn upstream_client(connect_timeout: Duration, idle_max: usize) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    // The https connector below decides between http and https by the URL's scheme.
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(idle_max)
-        .build(https)
 }
 
 #[cfg(test)]
