@@ -9,7 +9,7 @@
 //! key is ever part of it — only names, states, counts and times.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -22,33 +22,66 @@ use crate::upstream::Upstream;
 const REFRESH_SECS: u32 = 5;
 const WINDOW_SECS: usize = 60;
 
-/// Requests and errors per second over the last minute.
+/// Requests and errors per second over the last minute, counted without a lock: every
+/// worker records every answer here, and a shared mutex on that path costs each call.
+/// A bucket is one atomic word per count, the second it belongs to in the high half and
+/// the count in the low half, so moving a bucket to a new second and counting are one
+/// atomic update and no count is lost at the turn of a second.
 struct Window {
-    /// (second since start, requests, errors), indexed by second modulo 60.
-    buckets: [(u64, u64, u64); WINDOW_SECS],
+    /// Per second modulo 60: (second since start << 32 | requests, same | errors).
+    buckets: [(AtomicU64, AtomicU64); WINDOW_SECS],
+}
+
+/// Count one in `slot` for `second`, starting the count afresh if it held another second.
+fn count_in(slot: &AtomicU64, second: u64) {
+    let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+        Some(if word >> 32 == second {
+            word + 1
+        } else {
+            (second << 32) | 1
+        })
+    });
+}
+
+/// The count `slot` holds if it belongs to the minute before `now`.
+fn count_of(slot: &AtomicU64, now: u64) -> u64 {
+    let word = slot.load(Ordering::Relaxed);
+    if now.saturating_sub(word >> 32) < WINDOW_SECS as u64 {
+        word & u64::from(u32::MAX)
+    } else {
+        0
+    }
 }
 
 impl Window {
-    fn record(&mut self, second: u64, error: bool) {
-        let b = &mut self.buckets[(second % WINDOW_SECS as u64) as usize];
-        if b.0 != second {
-            *b = (second, 0, 0);
+    fn new() -> Window {
+        Window {
+            buckets: std::array::from_fn(|_| (AtomicU64::new(0), AtomicU64::new(0))),
         }
-        b.1 += 1;
-        b.2 += u64::from(error);
+    }
+
+    fn record(&self, second: u64, error: bool) {
+        // Seconds since start fit the high half for 136 years.
+        let second = second & u64::from(u32::MAX);
+        let (requests, errors) = &self.buckets[(second % WINDOW_SECS as u64) as usize];
+        count_in(requests, second);
+        if error {
+            count_in(errors, second);
+        }
     }
 
     fn totals(&self, now: u64) -> (u64, u64) {
         self.buckets
             .iter()
-            .filter(|b| now.saturating_sub(b.0) < WINDOW_SECS as u64 && b.1 > 0)
-            .fold((0, 0), |(r, e), b| (r + b.1, e + b.2))
+            .fold((0, 0), |(r, e), (requests, errors)| {
+                (r + count_of(requests, now), e + count_of(errors, now))
+            })
     }
 }
 
 struct UpstreamStats {
     name: Arc<str>,
-    window: Mutex<Window>,
+    window: Window,
     retries_401: AtomicU64,
     throttled_429: AtomicU64,
 }
@@ -110,9 +143,7 @@ impl StatusBoard {
                 .iter()
                 .map(|u| UpstreamStats {
                     name: u.name.clone(),
-                    window: Mutex::new(Window {
-                        buckets: [(0, 0, 0); WINDOW_SECS],
-                    }),
+                    window: Window::new(),
                     retries_401: AtomicU64::new(0),
                     throttled_429: AtomicU64::new(0),
                 })
@@ -121,16 +152,14 @@ impl StatusBoard {
         }
     }
 
-    pub fn record(&self, a: Answered<'_>) {
-        let second = self.started.elapsed().as_secs();
+    /// `now`: when the answer was made (the observe layer has read the clock already).
+    pub fn record(&self, a: Answered<'_>, now: Instant) {
+        let second = now.saturating_duration_since(self.started).as_secs();
         if let Some(u) = a
             .upstream
             .and_then(|name| self.upstreams.iter().find(|u| u.name.as_ref() == name))
         {
-            u.window
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .record(second, a.status >= 400);
+            u.window.record(second, a.status >= 400);
             if a.retried_after_401 {
                 u.retries_401.fetch_add(1, Ordering::Relaxed);
             }
@@ -178,12 +207,7 @@ pub fn status_json(
                 snap.state = "failing";
             }
             let stats = board.upstreams.iter().find(|s| s.name == *u.name());
-            let (requests, errors) = stats.map_or((0, 0), |s| {
-                s.window
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .totals(second)
-            });
+            let (requests, errors) = stats.map_or((0, 0), |s| s.window.totals(second));
             let last_failure = snap.last_failure.as_ref().map(|f| {
                 let d = crate::check::diagnose(&u.config, String::new(), Err(f.error.clone()));
                 json!({
@@ -417,15 +441,27 @@ mod tests {
 
     #[test]
     fn the_window_forgets_after_a_minute() {
-        let mut w = Window {
-            buckets: [(0, 0, 0); WINDOW_SECS],
-        };
+        let w = Window::new();
         w.record(5, false);
         w.record(5, true);
         w.record(30, false);
         assert_eq!(w.totals(30), (3, 1));
         assert_eq!(w.totals(66), (1, 0));
         assert_eq!(w.totals(200), (0, 0));
+        // A bucket reused a minute later starts afresh.
+        w.record(65, true);
+        assert_eq!(w.totals(65), (2, 1));
+    }
+
+    #[test]
+    fn counts_from_many_threads_are_not_lost() {
+        let w = Window::new();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| (0..10_000).for_each(|i| w.record(7, i % 10 == 0)));
+            }
+        });
+        assert_eq!(w.totals(7), (40_000, 4_000));
     }
 
     #[test]

@@ -108,7 +108,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(resp) = std::task::ready!(this.inner.poll(cx));
-        let elapsed = this.started.elapsed();
+        // One clock read for the latency and the status board's second.
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(*this.started);
         let status = resp.status().as_u16();
         let none = Outcome::default();
         let outcome = Outcome::read(&resp).unwrap_or(&none);
@@ -119,13 +121,16 @@ where
         }
         let (client, error) = (outcome.client.as_deref(), outcome.error);
         let retried = outcome.retried.map(RetryReason::as_str);
-        this.board.record(Answered {
-            upstream: Some(upstream).filter(|u| !u.is_empty()),
-            client,
-            status,
-            proxy_error: error,
-            retried_after_401: outcome.retried == Some(RetryReason::Unauthorized),
-        });
+        this.board.record(
+            Answered {
+                upstream: Some(upstream).filter(|u| !u.is_empty()),
+                client,
+                status,
+                proxy_error: error,
+                retried_after_401: outcome.retried == Some(RetryReason::Unauthorized),
+            },
+            now,
+        );
         let Some(path) = this.path else {
             return Poll::Ready(Ok(resp));
         };
