@@ -164,25 +164,22 @@ impl Service<ProxyRequest> for Forward {
             // slow, so it ends in 503 upstream_busy, never in a 504 that would blame the API.
             let queue = upstream.config.queue_timeout;
             let slots = &connections.slots;
-            let free = slots.try_acquire(&caller);
-            if free.is_none() {
-                tracing::debug!(upstream = %upstream.name(), client = %caller, "every connection to the upstream is busy; waiting for one");
-            }
-            let waiting = async {
-                match free {
-                    Some(slot) => slot,
-                    None => slots.acquire(&caller).await,
-                }
-            };
-            let permit = match tokio::time::timeout(queue, waiting).await {
-                Ok(permit) => permit,
-                Err(_) => {
-                    let busy = ProxyError::UpstreamBusy {
-                        upstream: Arc::clone(upstream.name()),
-                        waited: queue,
-                    };
-                    tracing::warn!(upstream = %upstream.name(), "{busy}");
-                    return Ok(busy.into_response());
+            // A free connection at once is the usual case: no timer for it.
+            let permit = match slots.try_acquire(&caller) {
+                Some(slot) => slot,
+                None => {
+                    tracing::debug!(upstream = %upstream.name(), client = %caller, "every connection to the upstream is busy; waiting for one");
+                    match tokio::time::timeout(queue, slots.acquire(&caller)).await {
+                        Ok(slot) => slot,
+                        Err(_) => {
+                            let busy = ProxyError::UpstreamBusy {
+                                upstream: Arc::clone(upstream.name()),
+                                waited: queue,
+                            };
+                            tracing::warn!(upstream = %upstream.name(), "{busy}");
+                            return Ok(busy.into_response());
+                        }
+                    }
                 }
             };
             let answer = tokio::time::timeout(timeout, connections.send(&origin, path, req)).await;

@@ -19,8 +19,7 @@ use std::task::{Context, Poll};
 
 use futures_util::future::{ready, Either, Ready};
 use http::Uri;
-use tower::util::Oneshot;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use super::client_auth::Caller;
 use super::{ProxyRequest, ProxyResponse};
@@ -40,10 +39,16 @@ pub struct Destination<B> {
 /// caller's policy, and hands the request — its URI now the path *within* the upstream,
 /// prefix stripped — to that upstream's own service. Nothing downstream looks the route
 /// up again: each back half was built for its upstream.
+///
+/// Each connection's copy of the request path owns its copy of the router (see
+/// [`crate::live::WorkerService`]), so a call goes to its upstream's service directly,
+/// with no clone of that service per call. The back halves are always ready (deadline,
+/// retry, bearer and forward do their waiting inside the call's future, never in
+/// `poll_ready`), so they are called without being driven to readiness first.
 #[derive(Debug, Clone)]
 pub struct Router<B> {
     /// Longest prefix first.
-    destinations: Arc<[Destination<B>]>,
+    destinations: Vec<Destination<B>>,
 }
 
 impl<B> Router<B> {
@@ -51,7 +56,7 @@ impl<B> Router<B> {
         let mut sorted: Vec<Destination<B>> = destinations.into_iter().collect();
         sorted.sort_by_key(|d| std::cmp::Reverse(d.upstream.config.prefix.len()));
         Router {
-            destinations: sorted.into(),
+            destinations: sorted,
         }
     }
 }
@@ -123,17 +128,22 @@ fn within_upstream(uri: &Uri, rest: &str) -> Result<Uri, ProxyError> {
 }
 
 impl<B> Router<B> {
-    fn route(&self, req: &mut ProxyRequest) -> Result<&Destination<B>, ProxyError> {
-        let (destination, rest) = self
+    fn route(&mut self, req: &mut ProxyRequest) -> Result<&mut Destination<B>, ProxyError> {
+        let (index, rest) = self
             .destinations
             .iter()
-            .find_map(|d| {
-                strip_prefix(&d.upstream.config.prefix, req.uri().path()).map(|rest| (d, rest))
+            .enumerate()
+            .find_map(|(i, d)| {
+                strip_prefix(&d.upstream.config.prefix, req.uri().path()).map(|rest| (i, rest))
             })
             .ok_or(ProxyError::NoRoute)?;
+        let destination = &mut self.destinations[index];
         permitted(req, &destination.upstream)?;
-        let uri = within_upstream(req.uri(), rest)?;
-        *req.uri_mut() = uri;
+        // Already the path within the upstream (prefix "/", origin form): nothing to do.
+        if req.uri().scheme().is_some() || rest.len() != req.uri().path().len() {
+            let uri = within_upstream(req.uri(), rest)?;
+            *req.uri_mut() = uri;
+        }
         Ok(destination)
     }
 }
@@ -144,12 +154,10 @@ where
 {
     type Response = ProxyResponse;
     type Error = Infallible;
-    type Future =
-        Either<Ready<Result<ProxyResponse, Infallible>>, Routed<Oneshot<B, ProxyRequest>>>;
+    type Future = Either<Ready<Result<ProxyResponse, Infallible>>, Routed<B::Future>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Each call is handed to a clone of its upstream's service, driven to readiness
-        // by `oneshot`: the router itself is always ready.
+        // Always ready, as every back half is (see the type's documentation).
         Poll::Ready(Ok(()))
     }
 
@@ -163,7 +171,7 @@ where
             Ok(destination) => Either::Right(Routed {
                 upstream: Some(Arc::clone(&destination.upstream)),
                 client,
-                inner: destination.service.clone().oneshot(req),
+                inner: destination.service.call(req),
             }),
             Err(e) => {
                 let mut resp = e.into_response();
