@@ -195,6 +195,17 @@ async fn keep_body(
     Ok(Kept::Whole(kept.freeze(), reserved))
 }
 
+/// A copy of a request's head, kept to send it again.
+fn copy_of_head(req: &ProxyRequest) -> http::request::Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = req.method().clone();
+    head.uri = req.uri().clone();
+    head.version = req.version();
+    head.headers = req.headers().clone();
+    head.extensions = req.extensions().clone();
+    head
+}
+
 /// A copy of the request's head with `body`.
 fn copy_with_body(head: &http::request::Parts, body: Bytes) -> ProxyRequest {
     let mut req = Request::new(body::full(body));
@@ -250,7 +261,11 @@ where
             };
             // Counted against the budget until this call ends.
             let (body, _reserved) = body;
-            let mut resp = inner.call(copy_with_body(&head, body.clone())).await?;
+            // The first attempt takes the caller's own head (hyper sized its header map
+            // for it, so the token fits without growing it); the copy stays for retries.
+            let first = Request::from_parts(head, body::full(body.clone()));
+            let head = copy_of_head(&first);
+            let mut resp = inner.call(first).await?;
             let mut retried = None;
             // A pooled connection closed under the call before any answer: nothing was
             // answered, and the body is here (empty, for most), so an idempotent call goes
