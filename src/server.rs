@@ -23,7 +23,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -68,6 +67,46 @@ impl<S, B> HttpService<B> for S where
         + Send
         + 'static
 {
+}
+
+/// A listener's service as hyper calls it: through `&self`, once per request.
+///
+/// hyper-util's `TowerToHyperService` clones the tower service for every request to get
+/// the `&mut` that `tower::Service::call` needs: for the proxy, a clone of the whole boxed
+/// request path per call. Here the connection owns one copy, and each request borrows it
+/// just for `call` (which is synchronous; the futures it returns run on their own, also
+/// side by side on one HTTP/2 connection). A service that is not ready at once (none of
+/// this proxy's are; each waits inside its call's future) is cloned and driven to
+/// readiness for that request, as the adapter would. The lock is the connection's own,
+/// never contended (a `RefCell` would do, but could panic where a lock cannot).
+struct PerConnection<S>(std::sync::Mutex<S>);
+
+impl<S> PerConnection<S> {
+    fn new(service: S) -> Self {
+        PerConnection(std::sync::Mutex::new(service))
+    }
+}
+
+impl<S, B> hyper::service::Service<Request<B>> for PerConnection<S>
+where
+    S: Service<Request<B>> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<S::Future, tower::util::Oneshot<S, Request<B>>>;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        use futures_util::future::Either;
+        use std::task::{Context, Poll, Waker};
+        let mut service = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Either::Left(service.call(req)),
+            _ => Either::Right(tower::ServiceExt::oneshot(service.clone(), req)),
+        }
+    }
 }
 
 /// How many connections a listener holds at once.
@@ -263,7 +302,7 @@ pub async fn serve<S>(
                         Some(Protocol::Http1) => {
                             let conn = http1.serve_connection(
                                 TokioIo::new(stream),
-                                TowerToHyperService::new(service),
+                                PerConnection::new(service),
                             );
                             watcher.watch(conn).await.map_err(Into::into)
                         }
@@ -395,7 +434,7 @@ where
 {
     let activity = Activity::new();
     let conn = builder
-        .serve_connection(io, TowerToHyperService::new(activity.counting(service)))
+        .serve_connection(io, PerConnection::new(activity.counting(service)))
         .into_owned();
     serve_closing_when_idle(conn, watcher, closed, activity).await
 }
