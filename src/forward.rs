@@ -17,13 +17,13 @@ use http::{header, HeaderMap, HeaderName, Version};
 use tower::Service;
 
 use crate::body;
-use crate::connections::{Lease, SendError, WorkerConnections};
+use crate::connections::{Lease, SendError};
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
 use crate::layers::{BoxFuture, ProxyRequest};
 use crate::outcome::Outcome;
 use crate::token::grant::error_chain;
-use crate::upstream::Upstream;
+use crate::upstream::WorkerUpstream;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// de-facto `Proxy-Connection` and `Keep-Alive`, and `Trailer`. A match on the text is a
@@ -105,16 +105,14 @@ fn closed_before_answering(e: &SendError) -> bool {
 /// One upstream's connections on one worker.
 #[derive(Debug, Clone)]
 pub struct Forward {
-    upstream: Arc<Upstream>,
-    connections: Arc<WorkerConnections>,
+    upstream: WorkerUpstream,
 }
 
 impl Forward {
-    /// Send calls to `upstream` over the connections of worker `worker`.
-    pub fn to(upstream: &Arc<Upstream>, worker: usize) -> Forward {
+    /// Send calls to `upstream` over its worker's connections.
+    pub fn to(upstream: &WorkerUpstream) -> Forward {
         Forward {
-            upstream: Arc::clone(upstream),
-            connections: upstream.connections(worker),
+            upstream: upstream.clone(),
         }
     }
 }
@@ -129,7 +127,7 @@ impl Service<ProxyRequest> for Forward {
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
-        let upstream = Arc::clone(&self.upstream);
+        let upstream = self.upstream.clone();
         let Some(origin) = upstream.origin() else {
             let e = ProxyError::TokenUnavailable {
                 retry_after: None,
@@ -155,8 +153,8 @@ impl Service<ProxyRequest> for Forward {
             Some(Caller(Some(client))) => Arc::clone(&client.name),
             _ => Arc::clone(&ANONYMOUS),
         };
-        let connections = Arc::clone(&self.connections);
         Box::pin(async move {
+            let connections = upstream.connections();
             let timeout = upstream.config.timeout;
             // A free connection first: at the cap, calls queue here rather than open one
             // more, and a freed connection goes to the client holding fewest (see
@@ -208,7 +206,7 @@ impl Service<ProxyRequest> for Forward {
             strip_hop_by_hop(&mut head.headers);
             // The connection is busy until the body has been read (or dropped): at once
             // for a small answer that came with its head, else as the caller reads it.
-            let lease = Lease::new(&connections, &origin, sender, permit);
+            let lease = Lease::new(connections, &origin, sender, permit);
             let answer = body::settle_answer(incoming, lease, timeout);
             Ok(http::Response::from_parts(head, answer))
         })

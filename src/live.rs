@@ -197,7 +197,8 @@ impl Service<Request<Incoming>> for WorkerService {
 
     fn call(&mut self, req: Request<Incoming>) -> BoxFuture {
         let current = self.live.0.load();
-        let fresh = matches!(&self.serving, Some((generation, _)) if Arc::ptr_eq(generation, &current));
+        let fresh =
+            matches!(&self.serving, Some((generation, _)) if Arc::ptr_eq(generation, &current));
         if !fresh {
             let generation = arc_swap::Guard::into_inner(current);
             // A generation builds a service for every worker; the fallback is never taken.

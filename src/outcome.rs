@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use crate::layers::ProxyResponse;
-use crate::upstream::Upstream;
+use crate::upstream::WorkerUpstream;
 
 /// Which token a request carried: its place in the upstream's pool, and its generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl RetryReason {
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
     /// The upstream the call was routed to; `None` when it was refused before routing.
-    pub upstream: Option<Arc<Upstream>>,
+    pub upstream: Option<WorkerUpstream>,
     /// The client that called; `None` for an anonymous caller or before client auth.
     pub client: Option<Arc<str>>,
     /// The token the upstream saw, when the upstream answered.

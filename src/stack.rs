@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::server::HttpService;
 use crate::session::Sessions;
 use crate::status::StatusBoard;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, WorkerUpstream};
 
 /// What one worker needs to build its request path: the config and what outlives a call.
 pub struct Parts<'a> {
@@ -59,9 +59,12 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
         board,
         sessions,
     } = *parts;
-    let destinations = upstreams.iter().map(|upstream| Destination {
-        upstream: Arc::clone(upstream),
-        service: upstream_service(upstream, worker, config, metrics),
+    let destinations = upstreams.iter().map(|upstream| {
+        let upstream = WorkerUpstream::new(upstream, worker);
+        Destination {
+            service: upstream_service(&upstream, config, metrics),
+            upstream,
+        }
     });
     ServiceBuilder::new()
         // Outermost, so that every answer is counted — including the proxy's own refusals.
@@ -90,10 +93,9 @@ type Attempts = Retry<Bearer<Forward>>;
 /// One upstream's back half: with a deadline on the whole call, or without one.
 pub type UpstreamService = Either<Deadline<Attempts>, Attempts>;
 
-/// The back half of `upstream`'s calls on worker `worker`.
+/// The back half of `upstream`'s calls on its worker.
 pub fn upstream_service(
-    upstream: &Arc<Upstream>,
-    worker: usize,
+    upstream: &WorkerUpstream,
     config: &Config,
     metrics: &Metrics,
 ) -> UpstreamService {
@@ -110,5 +112,5 @@ pub fn upstream_service(
         // The upstream's cached token, in place of whatever the caller sent.
         .layer(BearerLayer::with_tokens_of(upstream))
         // To the upstream's host, over this worker's connections, streaming both ways.
-        .service(Forward::to(upstream, worker))
+        .service(Forward::to(upstream))
 }

@@ -9,7 +9,6 @@
 //! name the token it rejected, and its rate-limit headers steer the pool.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header;
@@ -19,7 +18,7 @@ use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::error::ProxyError;
 use crate::outcome::{Outcome, TokenId};
 use crate::token::TokenError;
-use crate::upstream::Upstream;
+use crate::upstream::WorkerUpstream;
 
 /// Set on a request by the retry layer, the one message a request carries inside an
 /// upstream's stack: the upstream rejected this token; use another from the same source.
@@ -28,14 +27,14 @@ pub struct ReplaceToken(pub TokenId);
 
 #[derive(Debug, Clone)]
 pub struct BearerLayer {
-    upstream: Arc<Upstream>,
+    upstream: WorkerUpstream,
 }
 
 impl BearerLayer {
     /// Attach tokens from `upstream`'s pool.
-    pub fn with_tokens_of(upstream: &Arc<Upstream>) -> Self {
+    pub fn with_tokens_of(upstream: &WorkerUpstream) -> Self {
         BearerLayer {
-            upstream: Arc::clone(upstream),
+            upstream: upstream.clone(),
         }
     }
 }
@@ -45,7 +44,7 @@ impl<S> Layer<S> for BearerLayer {
     fn layer(&self, inner: S) -> Bearer<S> {
         Bearer {
             inner,
-            upstream: Arc::clone(&self.upstream),
+            upstream: self.upstream.clone(),
         }
     }
 }
@@ -53,7 +52,7 @@ impl<S> Layer<S> for BearerLayer {
 #[derive(Debug, Clone)]
 pub struct Bearer<S> {
     inner: S,
-    upstream: Arc<Upstream>,
+    upstream: WorkerUpstream,
 }
 
 /// A failed grant, as the caller sees it: a refusal that needs a configuration change is
@@ -103,31 +102,41 @@ where
         // Take the service that was driven to readiness; leave a clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let upstream = Arc::clone(&self.upstream);
+        let upstream = self.upstream.clone();
         let replace = req.extensions().get::<ReplaceToken>().copied();
         Box::pin(async move {
-            let (pool_index, token) = match replace {
-                Some(ReplaceToken(rejected)) => {
-                    let i = rejected.pool_index.min(upstream.tokens.len() - 1);
-                    (i, upstream.tokens[i].replace(rejected.generation).await)
-                }
+            let (pool_index, rejected) = match replace {
+                Some(ReplaceToken(r)) => (r.pool_index.min(upstream.tokens.len() - 1), Some(r)),
+                None => (upstream.pick().0, None),
+            };
+            // Usually this worker's copy of the cached token: no wait, and no reference
+            // taken on the token every worker shares. Else the source's, which may wait
+            // for a grant.
+            let cached = match rejected {
+                Some(_) => None,
+                None => upstream.usable_header(pool_index),
+            };
+            let (generation, header) = match cached {
+                Some(found) => found,
                 None => {
-                    let (i, source) = upstream.pick();
-                    (i, source.token().await)
+                    let source = &upstream.tokens[pool_index];
+                    let token = match rejected {
+                        Some(r) => source.replace(r.generation).await,
+                        None => source.token().await,
+                    };
+                    match token {
+                        Ok(t) => (t.generation, t.header().clone()),
+                        Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
+                    }
                 }
             };
-            let token = match token {
-                Ok(t) => t,
-                Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
-            };
-            req.headers_mut()
-                .insert(header::AUTHORIZATION, token.header().clone());
+            req.headers_mut().insert(header::AUTHORIZATION, header);
             let mut resp = inner.call(req).await?;
             if !Outcome::made_by_proxy(&resp) {
                 upstream.observe_limits(pool_index, resp.status().as_u16(), resp.headers());
                 Outcome::of(&mut resp).token = Some(TokenId {
                     pool_index,
-                    generation: token.generation,
+                    generation,
                 });
             }
             Ok(resp)
@@ -137,7 +146,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use tower::{service_fn, ServiceExt};
 
@@ -149,12 +158,13 @@ mod tests {
     async fn the_callers_credentials_are_replaced_and_a_rejected_token_is_swapped() {
         let (sandbox, config, source) = crate::token::tests::sandboxed_source().await;
         let metrics = Metrics::new();
-        let upstream = Arc::new(Upstream::new(
+        let upstream = Arc::new(crate::upstream::Upstream::new(
             config,
             vec![source],
             1,
             metrics.for_upstream("a"),
         ));
+        let upstream = WorkerUpstream::new(&upstream, 0);
         // The inner service plays the upstream: it records the Authorization it was sent.
         let sent: Arc<Mutex<Vec<http::HeaderValue>>> = Arc::default();
         let recorder = {

@@ -26,12 +26,12 @@ use super::{ProxyRequest, ProxyResponse};
 use crate::error::ProxyError;
 use crate::outcome::Outcome;
 use crate::policy::is_plain_path;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, WorkerUpstream};
 
 /// One upstream and the service that carries calls to it (its prebuilt back half).
 #[derive(Debug, Clone)]
 pub struct Destination<B> {
-    pub upstream: Arc<Upstream>,
+    pub upstream: WorkerUpstream,
     pub service: B,
 }
 
@@ -169,7 +169,7 @@ where
             .map(|c| c.name.clone());
         match self.route(&mut req) {
             Ok(destination) => Either::Right(Routed {
-                upstream: Some(Arc::clone(&destination.upstream)),
+                upstream: Some(destination.upstream.clone()),
                 client,
                 inner: destination.service.call(req),
             }),
@@ -187,7 +187,7 @@ pin_project_lite::pin_project! {
     pub struct Routed<F> {
         #[pin]
         inner: F,
-        upstream: Option<Arc<Upstream>>,
+        upstream: Option<WorkerUpstream>,
         client: Option<Arc<str>>,
     }
 }
