@@ -64,17 +64,18 @@ where
     T: Send + Unpin + 'static,
 {
     use futures_util::FutureExt as _;
-    let mut read: Vec<http_body::Frame<Bytes>> = Vec::new();
+    // Most answers are one data frame: it is kept apart, and a list is made only for more.
+    let mut read = Read::default();
     let mut size = 0usize;
     loop {
         if body.is_end_stream() {
             drop(permit);
-            return whole(read);
+            return read.whole();
         }
         match body.frame().now_or_never() {
             Some(None) => {
                 drop(permit);
-                return whole(read);
+                return read.whole();
             }
             Some(Some(Ok(frame))) => {
                 size += frame.data_ref().map_or(0, Bytes::len);
@@ -88,7 +89,7 @@ where
             Some(Some(Err(e))) => {
                 let e: BoxError = e.into();
                 let failed = futures_util::stream::once(async move { Err(e) });
-                let read = futures_util::stream::iter(read.into_iter().map(Ok));
+                let read = futures_util::stream::iter(read.into_frames().into_iter().map(Ok));
                 return boxed(http_body_util::StreamBody::new(
                     futures_util::StreamExt::chain(read, failed),
                 ));
@@ -97,12 +98,52 @@ where
         }
     }
     boxed(Streaming {
-        read: read.into(),
+        read: read.into_frames().into(),
         inner: body,
         _permit: permit,
         idle,
         quiet: QuietTimer::new(),
     })
+}
+
+/// The frames of an answer read so far: the first on its own, a list only past it.
+#[derive(Default)]
+struct Read {
+    first: Option<http_body::Frame<Bytes>>,
+    more: Vec<http_body::Frame<Bytes>>,
+}
+
+impl Read {
+    fn push(&mut self, frame: http_body::Frame<Bytes>) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some(frame);
+        } else {
+            self.more.push(frame);
+        }
+    }
+
+    fn into_frames(self) -> Vec<http_body::Frame<Bytes>> {
+        let mut frames = Vec::from_iter(self.first);
+        frames.extend(self.more);
+        frames
+    }
+
+    /// The frames read, as one body (one `Bytes` when there was one data frame).
+    fn whole(self) -> ProxyBody {
+        match (self.first, self.more.is_empty()) {
+            (None, _) => empty(),
+            (Some(first), true) => match first.into_data() {
+                Ok(data) if data.is_empty() => empty(),
+                Ok(data) => full(data),
+                Err(trailers) => whole(vec![trailers]),
+            },
+            (Some(first), false) => {
+                let mut frames = vec![first];
+                frames.extend(self.more);
+                whole(frames)
+            }
+        }
+    }
 }
 
 /// The frames read, as one body (one `Bytes` when there was one data frame).

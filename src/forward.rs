@@ -47,13 +47,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names (cheap comparisons of standard headers) finds the few that
     // are present, so only those cost a hashed removal. Usually it is `Connection:
-    // keep-alive` alone, or nothing.
-    let present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name))
-        .cloned()
-        .collect();
-    if present.is_empty() {
+    // keep-alive` alone, or nothing: then nothing is allocated.
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -68,8 +63,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         })
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(present.iter()) {
+    for name in &named {
         headers.remove(name);
+    }
+    // Cloning a name to remove it copies no bytes (a standard name, or shared bytes), so
+    // this allocates nothing.
+    while let Some(name) = headers.keys().find(|name| is_hop_by_hop(name)).cloned() {
+        headers.remove(&name);
     }
 }
 

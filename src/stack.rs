@@ -45,7 +45,16 @@ pub struct Parts<'a> {
 pub fn proxy_service(parts: &Parts<'_>, worker: usize) -> impl HttpService<Incoming> {
     ServiceBuilder::new()
         // One body type from here on: hyper's, limited, or a kept copy for a retry.
-        .map_request(|req: Request<Incoming>| req.map(body::boxed))
+        // A request with no body (most) gets the empty body, which costs no allocation.
+        .map_request(|req: Request<Incoming>| {
+            req.map(|incoming| {
+                if http_body::Body::is_end_stream(&incoming) {
+                    body::empty()
+                } else {
+                    body::boxed(incoming)
+                }
+            })
+        })
         .service(request_path(parts, worker))
 }
 

@@ -28,6 +28,7 @@ use http_body_util::{BodyExt, BodyStream, StreamBody};
 use tower::{Layer, Service, ServiceExt};
 
 use super::bearer::ReplaceToken;
+use super::client_auth::Caller;
 use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::body::{self, BoxError, ProxyBody};
 use crate::config::UpstreamConfig;
@@ -195,26 +196,49 @@ async fn keep_body(
     Ok(Kept::Whole(kept.freeze(), reserved))
 }
 
-/// A copy of a request's head, kept to send it again.
-fn copy_of_head(req: &ProxyRequest) -> http::request::Parts {
-    let (mut head, ()) = Request::new(()).into_parts();
-    head.method = req.method().clone();
-    head.uri = req.uri().clone();
-    head.version = req.version();
-    head.headers = req.headers().clone();
-    head.extensions = req.extensions().clone();
-    head
+/// A request's head, kept to send it again. Of its extensions only the [`Caller`] matters
+/// past this layer (the forwarder shares connections out by caller); it is kept on its
+/// own and put back only on a copy that is sent, so the usual call, sent once, does not
+/// pay for a copy of the extension map.
+struct KeptHead {
+    head: http::request::Parts,
+    caller: Option<Caller>,
 }
 
-/// A copy of the request's head with `body`.
-fn copy_with_body(head: &http::request::Parts, body: Bytes) -> ProxyRequest {
-    let mut req = Request::new(body::full(body));
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.clone();
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers.clone();
-    *req.extensions_mut() = head.extensions.clone();
-    req
+impl KeptHead {
+    fn of(req: &ProxyRequest) -> KeptHead {
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.method = req.method().clone();
+        head.uri = req.uri().clone();
+        head.version = req.version();
+        head.headers = req.headers().clone();
+        KeptHead {
+            head,
+            caller: req.extensions().get::<Caller>().cloned(),
+        }
+    }
+
+    /// A copy of the request with `body`.
+    fn with_body(&self, body: &Bytes) -> ProxyRequest {
+        let mut req = Request::new(as_body(body));
+        *req.method_mut() = self.head.method.clone();
+        *req.uri_mut() = self.head.uri.clone();
+        *req.version_mut() = self.head.version;
+        *req.headers_mut() = self.head.headers.clone();
+        if let Some(caller) = &self.caller {
+            req.extensions_mut().insert(caller.clone());
+        }
+        req
+    }
+}
+
+/// A kept body to send (an empty one, most calls', costs no allocation).
+fn as_body(kept: &Bytes) -> ProxyBody {
+    if kept.is_empty() {
+        body::empty()
+    } else {
+        body::full(kept.clone())
+    }
 }
 
 impl<S> Service<ProxyRequest> for Retry<S>
@@ -263,8 +287,8 @@ where
             let (body, _reserved) = body;
             // The first attempt takes the caller's own head (hyper sized its header map
             // for it, so the token fits without growing it); the copy stays for retries.
-            let first = Request::from_parts(head, body::full(body.clone()));
-            let head = copy_of_head(&first);
+            let first = Request::from_parts(head, as_body(&body));
+            let kept = KeptHead::of(&first);
             let mut resp = inner.call(first).await?;
             let mut retried = None;
             // A pooled connection closed under the call before any answer: nothing was
@@ -274,15 +298,11 @@ where
             let mut resends = 0;
             let closed =
                 |r: &ProxyResponse| Outcome::read(r).is_some_and(|o| o.closed_before_answer);
-            while resends < STALE_RESENDS && closed(&resp) && idempotent(&head.method) {
+            while resends < STALE_RESENDS && closed(&resp) && idempotent(&kept.head.method) {
                 resends += 1;
                 metrics.retry(name, RetryReason::ConnectionClosed.as_str());
                 drop(resp);
-                resp = inner
-                    .ready()
-                    .await?
-                    .call(copy_with_body(&head, body.clone()))
-                    .await?;
+                resp = inner.ready().await?.call(kept.with_body(&body)).await?;
                 retried = Some(RetryReason::ConnectionClosed);
             }
             // The token the upstream saw; none when the proxy made the answer itself.
@@ -297,12 +317,12 @@ where
                     "upstream answered 401; retrying with a fresh token"
                 );
                 drop(resp);
-                let mut again = copy_with_body(&head, body.clone());
+                let mut again = kept.with_body(&body);
                 again.extensions_mut().insert(ReplaceToken(rejected));
                 resp = inner.ready().await?.call(again).await?;
                 retried = Some(RetryReason::Unauthorized);
             }
-            if idempotent(&head.method) {
+            if idempotent(&kept.head.method) {
                 let (mut left, mut budget) = (policy.retry_429, policy.retry_429_max_wait);
                 while left > 0
                     && resp.status() == StatusCode::TOO_MANY_REQUESTS
@@ -322,11 +342,7 @@ where
                     );
                     drop(resp);
                     tokio::time::sleep(wait).await;
-                    resp = inner
-                        .ready()
-                        .await?
-                        .call(copy_with_body(&head, body.clone()))
-                        .await?;
+                    resp = inner.ready().await?.call(kept.with_body(&body)).await?;
                     retried = retried.or(Some(RetryReason::Throttled));
                 }
             }
