@@ -25,6 +25,7 @@ pub mod forward;
 pub mod keys;
 pub mod layers;
 pub mod live;
+pub mod log_batch;
 pub mod metrics;
 pub mod outcome;
 pub mod policy;

@@ -77,7 +77,8 @@ fn init_logging(format: LogFormat) {
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Straight to stderr, in batches on the workers (see `log_batch`).
+        .with_writer(tokengate::log_batch::Stderr)
         .with_ansi(false);
     match format {
         LogFormat::Text => logs.init(),

@@ -115,9 +115,14 @@ where
     std::thread::Builder::new()
         .name(format!("tokengate-worker-{index}"))
         .spawn(move || {
-            runtime.block_on(serve());
+            runtime.block_on(async {
+                // This worker's log lines (every call's audit line) are written in batches.
+                crate::log_batch::batch_this_thread();
+                serve().await;
+            });
             // Tasks still running (a background token refresh) end with the runtime.
             drop(runtime);
+            crate::log_batch::flush_this_thread();
             let _ = done.send(());
         })?;
     Ok(finished)
