@@ -115,7 +115,7 @@ struct Read {
 
 impl Read {
     fn push(&mut self, frame: http_body::Frame<Bytes>) {
-        if self.first.is_none() && self.more.is_empty() {
+        if self.first.is_none() {
             self.first = Some(frame);
         } else {
             self.more.push(frame);
@@ -128,20 +128,20 @@ impl Read {
         frames
     }
 
-    /// The frames read, as one body (one `Bytes` when there was one data frame).
+    /// The frames read, as one body: one data frame (most answers) needs no list.
     fn whole(self) -> ProxyBody {
         match (self.first, self.more.is_empty()) {
-            (None, _) => empty(),
-            (Some(first), true) => match first.into_data() {
-                Ok(data) if data.is_empty() => empty(),
-                Ok(data) => full(data),
-                Err(trailers) => whole(vec![trailers]),
+            (Some(first), true) if first.is_data() => match first.into_data() {
+                Ok(data) if !data.is_empty() => full(data),
+                _ => empty(),
             },
-            (Some(first), false) => {
-                let mut frames = vec![first];
-                frames.extend(self.more);
-                whole(frames)
-            }
+            (first, _) => whole(
+                Read {
+                    first,
+                    more: self.more,
+                }
+                .into_frames(),
+            ),
         }
     }
 }

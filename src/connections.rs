@@ -222,7 +222,7 @@ impl WorkerConnections {
                         Ok(resp) => return Ok((resp, None)),
                         Err(mut e) => match e.take_message() {
                             Some(unsent) if reused => {
-                                self.forget_shared(&sender);
+                                self.forget_shared();
                                 req = unsent;
                             }
                             _ => return Err(SendError::Exchange(e.into_error())),
@@ -245,7 +245,7 @@ impl WorkerConnections {
             if sender.ready().await.is_ok() {
                 return Ok((Conn::Http2(sender), true));
             }
-            self.forget_shared(&sender);
+            self.forget_shared();
         }
         loop {
             let popped = self.idle.lock().ok().and_then(|mut idle| idle.pop());
@@ -310,12 +310,11 @@ impl WorkerConnections {
         }
     }
 
-    fn forget_shared(&self, failed: &http2::SendRequest<ProxyBody>) {
+    /// Forget the shared HTTP/2 connection once it has closed; a new one is made for the
+    /// next call.
+    fn forget_shared(&self) {
         if let Ok(mut shared) = self.shared.lock() {
-            if shared
-                .as_ref()
-                .is_some_and(|s| s.sender.is_closed() || failed.is_closed())
-            {
+            if shared.as_ref().is_some_and(|s| s.sender.is_closed()) {
                 *shared = None;
             }
         }

@@ -105,30 +105,19 @@ where
         let upstream = self.upstream.clone();
         let replace = req.extensions().get::<ReplaceToken>().copied();
         Box::pin(async move {
-            let (pool_index, rejected) = match replace {
-                Some(ReplaceToken(r)) => (r.pool_index.min(upstream.tokens.len() - 1), Some(r)),
-                None => (upstream.pick().0, None),
-            };
-            // Usually this worker's copy of the cached token: no wait, and no reference
-            // taken on the token every worker shares. Else the source's, which may wait
-            // for a grant.
-            let cached = match rejected {
-                Some(_) => None,
-                None => upstream.usable_header(pool_index),
-            };
-            let (generation, header) = match cached {
-                Some(found) => found,
-                None => {
-                    let source = &upstream.tokens[pool_index];
-                    let token = match rejected {
-                        Some(r) => source.replace(r.generation).await,
-                        None => source.token().await,
-                    };
-                    match token {
-                        Ok(t) => (t.generation, t.header().clone()),
-                        Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
-                    }
+            let (pool_index, token) = match replace {
+                Some(ReplaceToken(rejected)) => {
+                    let i = rejected.pool_index.min(upstream.tokens.len() - 1);
+                    (i, upstream.tokens[i].replace(rejected.generation).await)
                 }
+                None => {
+                    let (i, source) = upstream.pick();
+                    (i, source.token().await)
+                }
+            };
+            let (generation, header) = match token {
+                Ok(t) => (t.generation, t.header().clone()),
+                Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
             };
             req.headers_mut().insert(header::AUTHORIZATION, header);
             let mut resp = inner.call(req).await?;

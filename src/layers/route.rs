@@ -116,9 +116,6 @@ fn permitted(req: &ProxyRequest, upstream: &Upstream) -> Result<(), ProxyError> 
 /// travels on; the forwarder joins it to the upstream's base URL, never to the caller's
 /// `Host` or authority.
 fn within_upstream(uri: &Uri, rest: &str) -> Result<Uri, ProxyError> {
-    if uri.scheme().is_none() && rest.len() == uri.path().len() {
-        return Ok(uri.clone());
-    }
     let path_and_query = match uri.query() {
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),

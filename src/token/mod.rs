@@ -57,14 +57,6 @@ impl Token {
         &self.header
     }
 
-    /// A copy of the header in memory of its own (a clone would share this one's).
-    pub fn header_copy(&self) -> HeaderValue {
-        let mut copy =
-            HeaderValue::from_bytes(self.header.as_bytes()).unwrap_or_else(|_| self.header.clone());
-        copy.set_sensitive(true);
-        copy
-    }
-
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until
     }

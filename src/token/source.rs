@@ -116,23 +116,6 @@ impl TokenSource {
         })
     }
 
-    /// `read` applied to the cached token, if it is usable now; nothing is waited for,
-    /// and no reference on the token is taken (the bearer layer copies what it needs per
-    /// worker: a reference count shared by every worker costs each call a cache line
-    /// moving between cores). Starts a background refresh when one is due, as [`token`]
-    /// does.
-    ///
-    /// [`token`]: TokenSource::token
-    pub fn with_usable<R>(self: &Arc<Self>, read: impl FnOnce(&Token) -> R) -> Option<R> {
-        let now = Instant::now();
-        let current = self.current.load();
-        let t = current.as_ref().filter(|t| t.is_usable(now))?;
-        if t.due_for_refresh(now) {
-            self.refresh_in_background();
-        }
-        Some(read(t))
-    }
-
     /// The token to attach to a request. Waits only when no usable token exists.
     pub async fn token(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
         let now = Instant::now();
