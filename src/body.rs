@@ -56,7 +56,8 @@ pub const SETTLED_ANSWER_BYTES: usize = 64 * 1024;
 ///   arrives with its head.
 /// - otherwise the body streams with the permit held, and is cut (the connection to the
 ///   upstream dropped, the caller's answer truncated) when the upstream sends nothing for
-///   `idle`: a stalled answer frees its connection instead of pinning it for ever.
+///   `idle`, or the caller takes nothing for `idle` (see [`pump`]): a stalled answer, or
+///   one nobody reads, frees its connection instead of pinning it for ever.
 pub fn settle_answer<B, T>(mut body: B, permit: T, idle: std::time::Duration) -> ProxyBody
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
@@ -97,15 +98,8 @@ where
             None => break,
         }
     }
-    boxed(Streaming {
-        read: read.into_frames().into(),
-        inner: body,
-        _permit: permit,
-        idle,
-        quiet: QuietTimer::new(),
-    })
+    pump(read.into_frames(), body, permit, idle)
 }
-
 /// The frames of an answer read so far: the first on its own, a list only past it.
 #[derive(Default)]
 struct Read {
@@ -161,71 +155,72 @@ fn whole(mut read: Vec<http_body::Frame<Bytes>>) -> ProxyBody {
     )))
 }
 
-/// The error that ends an answer the upstream stopped sending (seen in logs only).
+/// Why a streaming answer was cut (seen in logs; the caller sees its answer end short).
 #[derive(Debug, thiserror::Error)]
-#[error("the upstream sent nothing of the answer for {0:?} (timeout_secs); it was cut off")]
-pub struct AnswerStalled(std::time::Duration);
-
-/// An answer streaming from the upstream with its connection permit (see [`settle_answer`]).
-struct Streaming<B, T> {
-    read: std::collections::VecDeque<http_body::Frame<Bytes>>,
-    inner: B,
-    /// Held, never read: the connection is the upstream's until this body ends.
-    _permit: T,
-    idle: std::time::Duration,
-    quiet: QuietTimer,
+pub enum AnswerCut {
+    #[error("the upstream sent nothing of the answer for {0:?} (timeout_secs); it was cut off")]
+    UpstreamStalled(std::time::Duration),
+    #[error("the caller took nothing of the answer for {0:?} (timeout_secs); it was cut off and its upstream connection freed")]
+    CallerStalled(std::time::Duration),
 }
 
-impl<B, T> http_body::Body for Streaming<B, T>
+/// Frames of a streaming answer in flight between its two ends: enough to keep both sides
+/// busy, few enough that a caller who does not read holds little.
+const PUMP_FRAMES: usize = 2;
+
+/// The streaming path of [`settle_answer`]: a task of its own moves the answer from the
+/// upstream to the caller through a small channel, holding the connection `permit` until
+/// the answer has been read from the upstream or cut.
+///
+/// Its own task, because the caller's side stops polling a body it cannot send on (a full
+/// socket, an HTTP/2 caller's zero window): a deadline inside that body would never be
+/// looked at, and a caller who does not read would pin the upstream connection for good.
+/// Here either end making no progress for `idle` ends the answer: with an error, so the
+/// caller's answer ends short (never as if it were whole), and the upstream connection is
+/// dropped mid-answer (never reused).
+fn pump<B, T>(
+    read: Vec<http_body::Frame<Bytes>>,
+    mut body: B,
+    permit: T,
+    idle: std::time::Duration,
+) -> ProxyBody
 where
-    B: http_body::Body<Data = Bytes> + Unpin,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
-    T: Unpin,
+    T: Send + 'static,
 {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        use std::task::Poll;
-        let this = self.get_mut();
-        if let Some(frame) = this.read.pop_front() {
-            return Poll::Ready(Some(Ok(frame)));
+    let (mut tx, rx) = http_body_util::channel::Channel::<Bytes, BoxError>::new(PUMP_FRAMES);
+    tokio::spawn(async move {
+        let _held_until_the_answer_is_read = permit;
+        let mut read = read.into_iter();
+        loop {
+            let frame = match read.next() {
+                Some(frame) => frame,
+                None => match tokio::time::timeout(idle, body.frame()).await {
+                    Ok(Some(Ok(frame))) => frame,
+                    // The whole answer: the caller's body ends when `tx` is dropped.
+                    Ok(None) => return,
+                    Ok(Some(Err(e))) => return tx.abort(e.into()),
+                    Err(_) => {
+                        let cut = AnswerCut::UpstreamStalled(idle);
+                        tracing::warn!("{cut}");
+                        return tx.abort(Box::new(cut));
+                    }
+                },
+            };
+            match tokio::time::timeout(idle, tx.send(frame)).await {
+                Ok(Ok(())) => {}
+                // The caller hung up: nobody is left to tell.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let cut = AnswerCut::CallerStalled(idle);
+                    tracing::warn!("{cut}");
+                    return tx.abort(Box::new(cut));
+                }
+            }
         }
-        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
-            this.quiet.progressed();
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        let due = this.quiet.last_progress + this.idle;
-        if this.quiet.poll_until(due, cx).is_pending() {
-            return Poll::Pending;
-        }
-        let cut = AnswerStalled(this.idle);
-        tracing::warn!("{cut}");
-        Poll::Ready(Some(Err(Box::new(cut))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.read.is_empty() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        let read: u64 = self
-            .read
-            .iter()
-            .filter_map(|f| f.data_ref())
-            .map(|d| d.len() as u64)
-            .sum();
-        let inner = self.inner.size_hint();
-        let mut hint = http_body::SizeHint::new();
-        hint.set_lower(inner.lower() + read);
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + read);
-        }
-        hint
-    }
+    });
+    boxed(rx)
 }
 
 /// A caller's request body must keep arriving: nothing for this long ends it.
@@ -324,5 +319,83 @@ impl QuietTimer {
             timer.as_mut().reset(due);
         }
         timer.as_mut().poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A body the test feeds frame by frame; nothing is here until it sends.
+    fn fed() -> (
+        http_body_util::channel::Sender<Bytes, BoxError>,
+        http_body_util::channel::Channel<Bytes, BoxError>,
+    ) {
+        http_body_util::channel::Channel::new(8)
+    }
+
+    /// A permit whose release the test can see.
+    fn permit() -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        tokio::sync::oneshot::channel()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_small_answer_already_here_frees_its_permit_at_once() {
+        let (mut tx, upstream) = fed();
+        tx.send_data(Bytes::from_static(b"{}")).await.unwrap();
+        drop(tx);
+        let (held, mut released) = permit();
+        let answer = settle_answer(upstream, held, Duration::from_secs(2));
+        assert_eq!(
+            released.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed),
+            "freed before the caller read"
+        );
+        assert_eq!(answer.collect().await.unwrap().to_bytes(), "{}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_upstream_ends_the_answer_with_an_error_and_frees_the_permit() {
+        let (mut tx, upstream) = fed();
+        let (held, released) = permit();
+        let mut answer = settle_answer(upstream, held, Duration::from_secs(2));
+        tx.send_data(Bytes::from_static(b"first")).await.unwrap();
+        let first = answer.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        // Nothing more comes: after 2 s the caller gets an error, not a clean end.
+        let cut = answer.frame().await.unwrap().unwrap_err();
+        assert!(cut.to_string().contains("upstream sent nothing"), "{cut}");
+        assert!(released.await.is_err(), "the permit was dropped");
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_stops_reading_loses_the_permit_after_the_idle_time() {
+        let (mut tx, upstream) = fed();
+        let (held, released) = permit();
+        let answer = settle_answer(upstream, held, Duration::from_secs(2));
+        // The upstream has more than the pump holds; the caller never polls its body.
+        for _ in 0..8 {
+            tx.send_data(Bytes::from_static(b"chunk")).await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        assert!(released.await.is_err(), "the permit was dropped");
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        // The frames already handed over are there, then the error: never a clean end.
+        let mut answer = answer;
+        let mut frames = 0;
+        let ended = loop {
+            match answer.frame().await {
+                Some(Ok(_)) => frames += 1,
+                Some(Err(e)) => break e.to_string(),
+                None => panic!("the cut answer ended as if it were whole"),
+            }
+        };
+        assert_eq!(frames, PUMP_FRAMES);
+        assert!(ended.contains("caller took nothing"), "{ended}");
     }
 }

@@ -964,3 +964,82 @@ async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_que
     }
     drop(stalled);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streaming_answers_that_callers_never_read_are_cut_and_free_their_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
+    const SIZE: u64 = 64 * 1024 * 1024;
+    let sandbox = sandbox().await;
+    let config = format!(
+        "{}\n[[client]]\nname = \"b\"\nkey_sha256 = \"{}\"\n",
+        one_worker_config(
+            &sandbox,
+            "max_connections = 4\ntimeout_secs = 2\nqueue_timeout_secs = 30"
+        ),
+        tokengate::keys::hash_key(KEY_B)
+    );
+    let proxy = Proxy::start(&config);
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    let path = format!("/api/v2/sandbox/bytes?n={SIZE}");
+    let api_calls = sandbox.api_calls();
+    // Two HTTP/1.1 callers ask for a large answer and never read it: once the socket
+    // buffers are full, nothing more of it can be written to them...
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {CLIENT_KEY}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        readers.push(s);
+    }
+    // ...and two HTTP/2 streams on a connection with a zero window get their heads and
+    // never a byte of their bodies.
+    let tcp = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let req = http::Request::get(proxy.url(&path))
+            .header("x-api-key", CLIENT_KEY)
+            .body(())
+            .unwrap();
+        let mut send = send.clone().ready().await.unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        held.push(resp.await.unwrap());
+    }
+    wait_for(Duration::from_secs(10), || {
+        (sandbox.api_calls() >= api_calls + 4).then_some(())
+    })
+    .await
+    .expect("four large answers under way");
+    // All four connections are taken by answers nobody reads. Another client is served
+    // once they are cut (2 s without progress), not when its 30 s queue time ends.
+    let b = client()
+        .get(proxy.url("/api/v2/users/me"))
+        .header("X-Api-Key", KEY_B)
+        .send();
+    let r = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("answered within 10 s, not held behind answers nobody reads")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The cut answers end short, never as if they were whole.
+    for mut s in readers {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got))
+            .await
+            .expect("the cut answer's connection ends")
+            .ok();
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert!((got.len() as u64) < SIZE, "{} bytes", got.len());
+    }
+    // The HTTP/2 streams stay open, their bodies never polled by a caller that gives no
+    // window; what matters is that they no longer hold the upstream's connections.
+    drop((held, send));
+}
