@@ -80,6 +80,7 @@ impl TokenCache {
                 shared: Arc::clone(&self.shared),
                 cache_key: key.clone(),
                 index,
+                newest: Default::default(),
             };
             TokenSource::new(
                 Arc::clone(upstream),

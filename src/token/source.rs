@@ -28,6 +28,10 @@ pub struct Fleet {
     pub(super) cache_key: String,
     /// The place in the pool.
     pub(super) index: u32,
+    /// The newest fleet generation this source has seen stored for its place: a value
+    /// older than that is a replay (someone who can write to Redis, but has not the key,
+    /// putting back a token the fleet has moved on from) and is never taken.
+    pub(super) newest: AtomicU64,
 }
 
 /// What the fleet's cache gave.
@@ -278,11 +282,16 @@ impl TokenSource {
         match result {
             Ok((granted, token)) => {
                 if let Some((shared, creds, lock)) = fleet_turn {
+                    // One past the newest this source has seen: replicas that took that
+                    // one take this one, and refuse anything older from then on.
+                    let generation = self.fleet.newest.load(Ordering::Acquire) + 1;
+                    self.fleet.newest.fetch_max(generation, Ordering::AcqRel);
                     let for_fleet = SharedToken {
                         access_token: granted.access_token.clone(),
                         issued_at: sent_wall,
                         lifetime: granted.expires_in,
                         api_base: granted.api_base.as_ref().map(|u| u.to_string()),
+                        generation,
                     };
                     let index = self.fleet.index;
                     // A failed store only means the others mint their own this time.
@@ -415,6 +424,21 @@ impl TokenSource {
         want: Want,
         rejected: Option<&HeaderValue>,
     ) -> Option<Arc<Token>> {
+        // Sealed with the fleet's key, so only a replica could have written it; but a value
+        // can be copied back. One older than a token already seen here is such a copy.
+        let newest = self
+            .fleet
+            .newest
+            .fetch_max(found.generation, Ordering::AcqRel);
+        if found.generation < newest {
+            tracing::warn!(
+                upstream = %self.upstream,
+                stored = found.generation,
+                seen = newest,
+                "the shared cache holds a token older than one this replica already had (a value written back into Redis?); not taking it"
+            );
+            return None;
+        }
         let age = std::time::SystemTime::now()
             .duration_since(found.issued_at)
             .unwrap_or_default();

@@ -447,3 +447,53 @@ async fn a_fleet_lock_held_by_someone_else_delays_a_grant_by_seconds_not_its_lea
     );
     assert_eq!(sandbox.grants(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
+async fn an_older_token_written_back_into_redis_is_not_taken() {
+    let sandbox = sandbox().await;
+    let redis = RedisServer::start();
+    let fleet = start_fleet(&fleet_config(&sandbox, &redis, ""), 2);
+    let (a, b) = (&fleet[0], &fleet[1]);
+    let stored_token = || {
+        redis
+            .dump()
+            .into_iter()
+            .find(|(k, _)| k.contains(":token:"))
+            .expect("a stored token")
+    };
+    // A mints the first token; its sealed value is copied, as someone who can write to
+    // Redis (but has not the encryption key) could.
+    assert_eq!(get_with_key(a, "/api/v2/users/me").await.status(), 200);
+    let (key, first) = stored_token();
+    // It is revoked: B takes it from Redis, meets the 401, and mints the second; A meets
+    // its own 401 and takes the second from Redis.
+    sandbox.revoke_all();
+    assert_eq!(get_with_key(b, "/api/v2/users/me").await.status(), 200);
+    assert_eq!(get_with_key(a, "/api/v2/users/me").await.status(), 200);
+    assert_eq!(sandbox.grants(), 2);
+    assert_ne!(stored_token().1, first);
+    // The first token's sealed value is written back. When the second is revoked, A must
+    // mint a third rather than take the first back (revoked too: the call would fail).
+    let mut c = redis.connection().unwrap();
+    redis::cmd("SET")
+        .arg(&key)
+        .arg(&first)
+        .arg("PX")
+        .arg(600_000)
+        .query::<()>(&mut c)
+        .unwrap();
+    sandbox.revoke_all();
+    let r = get_with_key(a, "/api/v2/users/me").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(sandbox.grants(), 3);
+    let output = a.output.clone();
+    wait_for(Duration::from_secs(5), || {
+        output
+            .text()
+            .contains("older than one this replica already had")
+            .then_some(())
+    })
+    .await
+    .expect("the refusal is logged");
+}

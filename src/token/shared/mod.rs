@@ -50,6 +50,9 @@ pub struct SharedToken {
     pub lifetime: Duration,
     /// CXone: the tenant's API host discovery found.
     pub api_base: Option<String>,
+    /// Counts the tokens the fleet minted for this place, sealed with the token, so a
+    /// replica can tell a stored value older than one it already had (see `adopt`).
+    pub generation: u64,
 }
 
 /// Redis could not be used this time; the caller carries on without it.
@@ -355,6 +358,7 @@ mod tests {
             issued_at: SystemTime::now(),
             lifetime: Duration::from_secs(3600),
             api_base: Some("https://api.example".into()),
+            generation: 7,
         }
     }
 
@@ -367,6 +371,7 @@ mod tests {
         assert_eq!(opened.access_token.expose_secret(), "the-token-value");
         assert_eq!(opened.lifetime, Duration::from_secs(3600));
         assert_eq!(opened.api_base.as_deref(), Some("https://api.example"));
+        assert_eq!(opened.generation, 7);
         assert!(a.open("k2", &sealed).is_none(), "moved to another key");
         assert!(
             other_key.open("k1", &sealed).is_none(),

@@ -23,6 +23,9 @@ struct Sealed {
     at_ms: u64,
     life_ms: u64,
     api: Option<String>,
+    /// The fleet generation; values stored before it was sealed in count as 0.
+    #[serde(default)]
+    g: u64,
 }
 
 impl SharedCache {
@@ -39,6 +42,7 @@ impl SharedCache {
             ),
             life_ms: millis(token.lifetime),
             api: token.api_base.clone(),
+            g: token.generation,
         };
         let plain = serde_json::to_vec(&plain).ok()?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -89,6 +93,7 @@ impl SharedCache {
             issued_at: UNIX_EPOCH + Duration::from_millis(sealed.at_ms),
             lifetime: Duration::from_millis(sealed.life_ms),
             api_base: sealed.api,
+            generation: sealed.g,
         })
     }
 }
