@@ -72,6 +72,7 @@ fn whole_stack(c: &mut Criterion) {
         ));
         let board = Arc::new(StatusBoard::new(&config));
         let sessions = Arc::new(Sessions::new());
+        let sockets = tokengate::websocket::Sockets::new(metrics.clone());
         std::mem::forget(sandbox); // keep it serving for the rest of the run
         let parts = tokengate::stack::Parts {
             config: &config,
@@ -79,6 +80,7 @@ fn whole_stack(c: &mut Criterion) {
             metrics: &metrics,
             board: &board,
             sessions: &sessions,
+            sockets: &sockets,
         };
         tokengate::stack::request_path(&parts, 0)
     });

@@ -140,6 +140,9 @@ enum Conn {
 /// One worker's connections to one upstream, and its share of the connection slots.
 pub struct WorkerConnections {
     connector: HttpsConnector<HttpConnector>,
+    /// Offers only HTTP/1.1 by ALPN: a WebSocket handshake needs `Upgrade`, which HTTP/2
+    /// does not have.
+    http1_only: HttpsConnector<HttpConnector>,
     /// HTTP/1.1 connections not in use, the most recently used last.
     idle: Mutex<Vec<Idle>>,
     /// The HTTP/2 connection, when the API host speaks h2: every call shares it.
@@ -174,9 +177,15 @@ impl WorkerConnections {
             .https_or_http()
             .enable_http1()
             .enable_http2()
+            .wrap_connector(http.clone());
+        let http1_only = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
             .wrap_connector(http);
         Arc::new(WorkerConnections {
             connector,
+            http1_only,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
             idle_max: share,
@@ -231,6 +240,35 @@ impl WorkerConnections {
                 }
             }
         }
+    }
+
+    /// Send a WebSocket handshake to `origin` on a new HTTP/1.1 connection of its own:
+    /// after a `101` the connection belongs to the socket (see `websocket::relay`, which
+    /// takes it through `hyper::upgrade::on` on the answer). Takes no connection slot:
+    /// sockets are bounded by `max_websockets`, not by the calls' `max_connections`.
+    pub async fn upgrade(
+        &self,
+        origin: &Origin,
+        path: PathAndQuery,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let io: Stream = self
+            .http1_only
+            .clone()
+            .call(origin.connect_to.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (mut sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "a WebSocket's connection to an upstream ended");
+            }
+        });
+        *req.uri_mut() = Uri::from(path);
+        req.headers_mut().insert(header::HOST, origin.host.clone());
+        sender.send_request(req).await.map_err(SendError::Exchange)
     }
 
     /// A ready connection to `origin`, and whether it served calls before: the shared

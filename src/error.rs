@@ -46,6 +46,9 @@ pub enum ProxyError {
         upstream: std::sync::Arc<str>,
         waited: Duration,
     },
+    /// The client holds `max_websockets` sockets already.
+    #[error("this client has {0} WebSockets open, its limit (max_websockets); close one first")]
+    TooManyWebsockets(usize),
 }
 
 impl ProxyError {
@@ -62,6 +65,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TooManyWebsockets(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -78,6 +82,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
+            ProxyError::TooManyWebsockets(_) => "too_many_websockets",
         }
     }
 
@@ -175,6 +180,11 @@ mod tests {
                 },
                 503,
                 "upstream_busy",
+            ),
+            (
+                ProxyError::TooManyWebsockets(100),
+                429,
+                "too_many_websockets",
             ),
         ];
         for (err, status, code) in rows {

@@ -17,13 +17,15 @@ use http::{header, HeaderMap, HeaderName, Version};
 use tower::Service;
 
 use crate::body;
-use crate::connections::{Lease, SendError};
+use crate::connections::{Lease, Origin, SendError};
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
 use crate::layers::{BoxFuture, ProxyRequest};
 use crate::outcome::Outcome;
 use crate::token::grant::error_chain;
 use crate::upstream::WorkerUpstream;
+use crate::websocket::{self, Sockets};
+use hyper::upgrade::OnUpgrade;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// de-facto `Proxy-Connection` and `Keep-Alive`, and `Trailer`. A match on the text is a
@@ -106,15 +108,76 @@ fn closed_before_answering(e: &SendError) -> bool {
 #[derive(Debug, Clone)]
 pub struct Forward {
     upstream: WorkerUpstream,
+    /// Open WebSockets, for `max_websockets`.
+    sockets: Arc<Sockets>,
 }
 
 impl Forward {
     /// Send calls to `upstream` over its worker's connections.
-    pub fn to(upstream: &WorkerUpstream) -> Forward {
+    pub fn to(upstream: &WorkerUpstream, sockets: &Arc<Sockets>) -> Forward {
         Forward {
             upstream: upstream.clone(),
+            sockets: Arc::clone(sockets),
         }
     }
+}
+
+/// The message for a failed exchange with `origin`.
+fn failure(origin: &Origin, e: &SendError) -> String {
+    match e {
+        SendError::Connect(_) => format!(
+            "connecting to {origin} failed: {}",
+            error_chain(e.as_error())
+        ),
+        SendError::Exchange(_) => format!(
+            "the exchange with {origin} failed: {}",
+            error_chain(e.as_error())
+        ),
+    }
+}
+
+/// A WebSocket handshake: sent on a connection of its own; on `101` both connections are
+/// handed to [`websocket::relay`], and the caller gets the `101`. Any other answer (a
+/// 401, a 404) goes back as an ordinary one.
+async fn handshake(
+    upstream: WorkerUpstream,
+    sockets: Arc<Sockets>,
+    origin: Arc<Origin>,
+    path: PathAndQuery,
+    caller: Arc<str>,
+    mut req: ProxyRequest,
+) -> Result<crate::layers::ProxyResponse, Infallible> {
+    // hyper gives every HTTP/1.1 request that asks to upgrade a way to take over its
+    // connection (retry keeps it for a second attempt).
+    let Some(caller_side) = req.extensions_mut().remove::<OnUpgrade>() else {
+        let e = ProxyError::BadRequest("this connection cannot be upgraded to a WebSocket");
+        return Ok(e.into_response());
+    };
+    let Some(ticket) = sockets.admit(upstream.name(), &caller) else {
+        return Ok(ProxyError::TooManyWebsockets(sockets.max_per_client()).into_response());
+    };
+    let timeout = upstream.config.timeout;
+    let sent = upstream.connections().upgrade(&origin, path, req);
+    let mut resp = match tokio::time::timeout(timeout, sent).await {
+        Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
+        Ok(Err(e)) => {
+            let failure = failure(&origin, &e);
+            tracing::warn!(upstream = %upstream.name(), error = %failure, "WebSocket handshake failed");
+            return Ok(ProxyError::UpstreamUnreachable(failure).into_response());
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        websocket::relay(caller_side, upstream_side, ticket, sockets.idle());
+        let (mut head, _) = resp.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        websocket::keep_upgrade(&mut head.headers);
+        return Ok(http::Response::from_parts(head, body::empty()));
+    }
+    let (mut head, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    Ok(http::Response::from_parts(head, body::boxed(incoming)))
 }
 
 impl Service<ProxyRequest> for Forward {
@@ -153,6 +216,10 @@ impl Service<ProxyRequest> for Forward {
             Some(Caller(Some(client))) => Arc::clone(&client.name),
             _ => Arc::clone(&ANONYMOUS),
         };
+        if websocket::is_handshake(req.method(), req.version(), req.headers()) {
+            let sockets = Arc::clone(&self.sockets);
+            return Box::pin(handshake(upstream, sockets, origin, path, caller, req));
+        }
         Box::pin(async move {
             let connections = upstream.connections();
             let timeout = upstream.config.timeout;
@@ -184,16 +251,7 @@ impl Service<ProxyRequest> for Forward {
             let (resp, sender) = match answer {
                 Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
                 Ok(Err(e)) => {
-                    let failure = match &e {
-                        SendError::Connect(_) => format!(
-                            "connecting to {origin} failed: {}",
-                            error_chain(e.as_error())
-                        ),
-                        SendError::Exchange(_) => format!(
-                            "the exchange with {origin} failed: {}",
-                            error_chain(e.as_error())
-                        ),
-                    };
+                    let failure = failure(&origin, &e);
                     tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
                     let err = body_error_or(e.as_error(), ProxyError::UpstreamUnreachable(failure));
                     let mut resp = err.into_response();

@@ -36,6 +36,7 @@ pub mod stack;
 pub mod status;
 pub mod token;
 pub mod upstream;
+pub mod websocket;
 pub mod workers;
 
 use std::net::SocketAddr;

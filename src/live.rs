@@ -59,6 +59,8 @@ pub struct Builder {
     tokens: TokenCache,
     /// Signs the proxy's own session tokens; kept, so sessions survive a reload.
     sessions: Arc<Sessions>,
+    /// Open WebSockets, counted across reloads.
+    sockets: Arc<crate::websocket::Sockets>,
     http: reqwest::Client,
     metrics: Metrics,
     /// Each worker gets its own connection pool per upstream.
@@ -74,6 +76,7 @@ impl Builder {
             workers,
             tokens: TokenCache::default(),
             sessions: Arc::new(Sessions::new()),
+            sockets: crate::websocket::Sockets::new(metrics.clone()),
             http: crate::token::grant::side_call_client()?,
             metrics,
         })
@@ -107,12 +110,15 @@ impl Builder {
             })
             .collect();
         let board = Arc::new(StatusBoard::new(&config));
+        self.sockets
+            .configure(config.server.max_websockets, config.server.websocket_idle);
         let parts = crate::stack::Parts {
             config: &config,
             upstreams: &upstreams,
             metrics: &self.metrics,
             board: &board,
             sessions: &self.sessions,
+            sockets: &self.sockets,
         };
         let services = (0..self.workers.max(1))
             .map(|worker| BoxCloneSyncService::new(crate::stack::proxy_service(&parts, worker)))

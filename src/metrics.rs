@@ -34,6 +34,12 @@ struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SocketLabels {
+    upstream: String,
+    client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RedisLabels {
     redis: String,
 }
@@ -53,6 +59,7 @@ struct Inner {
     grants: Family<GrantLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
     shared_cache_up: Family<RedisLabels, Gauge>,
+    websockets_open: Family<SocketLabels, Gauge>,
     /// Resolved on the first answer refused before routing.
     unrouted: OnceLock<UpstreamMetrics>,
 }
@@ -78,6 +85,7 @@ impl Metrics {
         let grants = Family::<GrantLabels, Counter>::default();
         let retries = Family::<RetryLabels, Counter>::default();
         let shared_cache_up = Family::<RedisLabels, Gauge>::default();
+        let websockets_open = Family::<SocketLabels, Gauge>::default();
         registry.register(
             "tokengate_requests",
             "Requests answered, by upstream and status (upstream is empty before routing)",
@@ -103,6 +111,11 @@ impl Metrics {
             "1 while the shared token cache in Redis answers, 0 while this replica works without it",
             shared_cache_up.clone(),
         );
+        registry.register(
+            "tokengate_websockets_open",
+            "WebSockets relayed now, by upstream and client (empty for anonymous callers)",
+            websockets_open.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -111,6 +124,7 @@ impl Metrics {
                 grants,
                 retries,
                 shared_cache_up,
+                websockets_open,
                 unrouted: OnceLock::new(),
             }),
         }
@@ -153,6 +167,24 @@ impl Metrics {
             .shared_cache_up
             .get_or_create(&RedisLabels {
                 redis: redis.to_string(),
+            })
+            .clone()
+    }
+
+    pub fn websocket_opened(&self, upstream: &str, client: &str) {
+        self.socket_gauge(upstream, client).inc();
+    }
+
+    pub fn websocket_closed(&self, upstream: &str, client: &str) {
+        self.socket_gauge(upstream, client).dec();
+    }
+
+    fn socket_gauge(&self, upstream: &str, client: &str) -> Gauge {
+        self.inner
+            .websockets_open
+            .get_or_create(&SocketLabels {
+                upstream: upstream.to_string(),
+                client: client.to_string(),
             })
             .clone()
     }

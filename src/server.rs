@@ -300,11 +300,12 @@ pub async fn serve<S>(
                     };
                     match protocol {
                         Some(Protocol::Http1) => {
-                            let conn = http1.serve_connection(
-                                TokioIo::new(stream),
-                                PerConnection::new(service),
-                            );
-                            watcher.watch(conn).await.map_err(Into::into)
+                            // With upgrades: a WebSocket's connection is handed over
+                            // after its `101` (see `websocket`).
+                            let conn = http1
+                                .serve_connection(TokioIo::new(stream), PerConnection::new(service))
+                                .with_upgrades();
+                            serve_http1(conn, watcher, closed).await
                         }
                         Some(Protocol::MaybeHttp2) => {
                             let io = TokioIo::new(stream);
@@ -333,6 +334,44 @@ pub async fn serve<S>(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = what, "drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = what, "grace period over; dropping the remaining connections"),
+    }
+}
+
+/// Serve a plain HTTP/1.1 connection until it ends, shutting it down gracefully when the
+/// listener closes. (hyper-util's `Watcher::watch` does this for connections without
+/// upgrades only.) Holds `watcher` so the listener's drain waits for it.
+async fn serve_http1<C>(
+    conn: C,
+    watcher: hyper_util::server::graceful::Watcher,
+    mut closed: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    C: Future<Output = hyper::Result<()>> + GracefulHttp1,
+{
+    let _draining_waits_for_this = watcher;
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => return result.map_err(Into::into),
+        _ = closed.wait_for(|closing| *closing) => conn.as_mut().shut_down(),
+    }
+    conn.await.map_err(Into::into)
+}
+
+/// hyper's HTTP/1.1 connection with upgrades, as [`serve_http1`] shuts it down.
+trait GracefulHttp1 {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulHttp1 for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
@@ -434,7 +473,7 @@ where
 {
     let activity = Activity::new();
     let conn = builder
-        .serve_connection(io, PerConnection::new(activity.counting(service)))
+        .serve_connection_with_upgrades(io, PerConnection::new(activity.counting(service)))
         .into_owned();
     serve_closing_when_idle(conn, watcher, closed, activity).await
 }

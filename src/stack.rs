@@ -39,6 +39,8 @@ pub struct Parts<'a> {
     pub metrics: &'a Metrics,
     pub board: &'a Arc<StatusBoard>,
     pub sessions: &'a Arc<Sessions>,
+    /// Open WebSockets, for `max_websockets`.
+    pub sockets: &'a Arc<crate::websocket::Sockets>,
 }
 
 /// Build the service that answers every request on worker `worker`'s proxy listener.
@@ -67,11 +69,12 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
         metrics,
         board,
         sessions,
+        sockets,
     } = *parts;
     let destinations = upstreams.iter().map(|upstream| {
         let upstream = WorkerUpstream::new(upstream, worker);
         Destination {
-            service: upstream_service(&upstream, config, metrics),
+            service: upstream_service(&upstream, config, metrics, sockets),
             upstream,
         }
     });
@@ -107,6 +110,7 @@ pub fn upstream_service(
     upstream: &WorkerUpstream,
     config: &Config,
     metrics: &Metrics,
+    sockets: &Arc<crate::websocket::Sockets>,
 ) -> UpstreamService {
     let limit = upstream.config.request_timeout;
     ServiceBuilder::new()
@@ -121,5 +125,6 @@ pub fn upstream_service(
         // The upstream's cached token, in place of whatever the caller sent.
         .layer(BearerLayer::with_tokens_of(upstream))
         // To the upstream's host, over this worker's connections, streaming both ways.
-        .service(Forward::to(upstream))
+        // (A WebSocket handshake gets a connection of its own, and its socket a relay.)
+        .service(Forward::to(upstream, sockets))
 }

@@ -51,6 +51,8 @@ pub(super) struct RawServer {
     pub(super) prefetch_tokens: Option<bool>,
     pub(super) shutdown_grace_secs: Option<f64>,
     pub(super) session_lifetime_secs: Option<f64>,
+    pub(super) max_websockets: Option<usize>,
+    pub(super) websocket_idle_secs: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Lifetime of the session tokens the proxy's own token endpoint issues.
     pub session_lifetime: Duration,
+    /// WebSockets one client may hold open at once.
+    pub max_websockets: usize,
+    /// A WebSocket on which neither side sends anything this long is closed.
+    pub websocket_idle: Duration,
 }
 
 impl Cx<'_> {
@@ -118,6 +122,12 @@ impl Cx<'_> {
                 "server.shutdown_grace_secs",
                 raw.shutdown_grace_secs,
                 30.0,
+            )?,
+            max_websockets: raw.max_websockets.unwrap_or(100),
+            websocket_idle: self.secs(
+                "server.websocket_idle_secs",
+                raw.websocket_idle_secs,
+                120.0,
             )?,
         })
     }

@@ -24,6 +24,7 @@ use super::{ProxyRequest, ProxyResponse};
 use crate::body::{self, BoxError, ProxyBody};
 use crate::error::{BodyLimitExceeded, ProxyError};
 use crate::forward::strip_hop_by_hop;
+use crate::websocket;
 
 /// Headers a caller may not set: method overrides and URL rewrites (frameworks honour them,
 /// and they would let a call be something other than what the allow list checked), and
@@ -121,7 +122,12 @@ impl ValidateRequest<ProxyBody> for Guard {
 
     fn validate(&mut self, req: &mut ProxyRequest) -> Result<(), ProxyResponse> {
         self.check(req).map_err(ProxyError::into_response)?;
+        // A WebSocket handshake keeps the two hop-by-hop headers that make it one.
+        let handshake = websocket::is_handshake(req.method(), req.version(), req.headers());
         clean_caller_headers(req.headers_mut());
+        if handshake {
+            websocket::keep_upgrade(req.headers_mut());
+        }
         // No body (most GETs): nothing to limit or time.
         if req.body().is_end_stream() {
             return Ok(());

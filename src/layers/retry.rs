@@ -203,6 +203,8 @@ async fn keep_body(
 struct KeptHead {
     head: http::request::Parts,
     caller: Option<Caller>,
+    /// A WebSocket handshake's hold on its caller's connection, for a second attempt.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 impl KeptHead {
@@ -215,6 +217,7 @@ impl KeptHead {
         KeptHead {
             head,
             caller: req.extensions().get::<Caller>().cloned(),
+            upgrade: req.extensions().get::<hyper::upgrade::OnUpgrade>().cloned(),
         }
     }
 
@@ -227,6 +230,9 @@ impl KeptHead {
         *req.headers_mut() = self.head.headers.clone();
         if let Some(caller) = &self.caller {
             req.extensions_mut().insert(caller.clone());
+        }
+        if let Some(upgrade) = &self.upgrade {
+            req.extensions_mut().insert(upgrade.clone());
         }
         req
     }

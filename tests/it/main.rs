@@ -18,3 +18,4 @@ mod replicas;
 mod resilience;
 mod security;
 mod status_page;
+mod websockets;

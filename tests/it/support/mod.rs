@@ -263,6 +263,23 @@ pub async fn wait_for<T>(limit: Duration, mut cond: impl FnMut() -> Option<T>) -
     }
 }
 
+/// [`wait_for`] with a condition that has to wait itself (an HTTP call, say).
+pub async fn wait_for_async<T, F>(limit: Duration, mut cond: impl FnMut() -> F) -> Option<T>
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = cond().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// An HTTP client that does not pool too eagerly and never follows redirects.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
