@@ -30,11 +30,13 @@ provider = "genesys"
 region = "us_east_1"
 token_url = "{token_url}"
 base_url = "{api_url}"
+streaming_url = "{streaming_url}"
 client_id = "{client_id}"
 client_secret = "${{SANDBOX_CLIENT_SECRET}}"
 "#,
         token_url = sandbox.token_url(),
         api_url = sandbox.api_url(),
+        streaming_url = sandbox.streaming_url(),
         client_id = sandbox.options().client_id,
     );
     let env = move |name: &str| (name == "SANDBOX_CLIENT_SECRET").then(|| secret.clone());
@@ -57,6 +59,7 @@ client_secret = "${{SANDBOX_CLIENT_SECRET}}"
     println!(
         "  curl -s http://{api}/api/v2/users/me          # the API host without the proxy: 401"
     );
+    println!("  curl -s -X POST http://{proxy}/api/v2/notifications/channels   # connectUri points at the proxy");
     if let Some(admin) = running.admin_addr {
         println!("  curl -s http://{admin}/metrics | grep ^tokengate_");
     }

@@ -139,7 +139,7 @@ fn failure(origin: &Origin, e: &SendError) -> String {
 /// A WebSocket handshake: sent on a connection of its own; on `101` both connections are
 /// handed to [`websocket::relay`], and the caller gets the `101`. Any other answer (a
 /// 401, a 404) goes back as an ordinary one.
-async fn handshake(
+pub(crate) async fn handshake(
     upstream: WorkerUpstream,
     sockets: Arc<Sockets>,
     origin: Arc<Origin>,

@@ -27,6 +27,7 @@ pub mod layers;
 pub mod live;
 pub mod log_batch;
 pub mod metrics;
+pub mod notifications;
 pub mod outcome;
 pub mod policy;
 pub mod providers;

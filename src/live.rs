@@ -61,6 +61,8 @@ pub struct Builder {
     sessions: Arc<Sessions>,
     /// Open WebSockets, counted across reloads.
     sockets: Arc<crate::websocket::Sockets>,
+    /// Notification channels made through the proxy; kept across reloads.
+    channels: Arc<crate::notifications::Channels>,
     http: reqwest::Client,
     metrics: Metrics,
     /// Each worker gets its own connection pool per upstream.
@@ -77,6 +79,7 @@ impl Builder {
             tokens: TokenCache::default(),
             sessions: Arc::new(Sessions::new()),
             sockets: crate::websocket::Sockets::new(metrics.clone()),
+            channels: crate::notifications::Channels::new(),
             http: crate::token::grant::side_call_client()?,
             metrics,
         })
@@ -119,6 +122,7 @@ impl Builder {
             board: &board,
             sessions: &self.sessions,
             sockets: &self.sockets,
+            channels: &self.channels,
         };
         let services = (0..self.workers.max(1))
             .map(|worker| BoxCloneSyncService::new(crate::stack::proxy_service(&parts, worker)))

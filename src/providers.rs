@@ -45,6 +45,12 @@ impl GenesysRegion {
     pub fn api_url(&self) -> String {
         format!("https://api.{}", self.domain)
     }
+
+    /// The notification service's WebSocket host (`wss://streaming.<domain>`), as the
+    /// `https` URL the proxy connects to.
+    pub fn streaming_url(&self) -> String {
+        format!("https://streaming.{}", self.domain)
+    }
 }
 
 /// Every region of the official SDKs (JS `PureCloudRegionHosts.js`, .NET `PureCloudRegionHosts.cs`).

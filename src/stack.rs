@@ -17,6 +17,7 @@ use tower::ServiceBuilder;
 
 use crate::body::{self, ProxyBody};
 use crate::config::Config;
+use crate::connections::Origin;
 use crate::forward::Forward;
 use crate::layers::bearer::{Bearer, BearerLayer};
 use crate::layers::client_auth;
@@ -27,6 +28,7 @@ use crate::layers::retry::{Retry, RetryLayer};
 use crate::layers::route::{Destination, Router};
 use crate::layers::token_endpoint::TokenEndpointLayer;
 use crate::metrics::Metrics;
+use crate::notifications::{Channels, Notifications, NotificationsLayer};
 use crate::server::HttpService;
 use crate::session::Sessions;
 use crate::status::StatusBoard;
@@ -41,6 +43,8 @@ pub struct Parts<'a> {
     pub sessions: &'a Arc<Sessions>,
     /// Open WebSockets, for `max_websockets`.
     pub sockets: &'a Arc<crate::websocket::Sockets>,
+    /// Notification channels made through the proxy.
+    pub channels: &'a Arc<Channels>,
 }
 
 /// Build the service that answers every request on worker `worker`'s proxy listener.
@@ -70,11 +74,12 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
         board,
         sessions,
         sockets,
+        channels,
     } = *parts;
     let destinations = upstreams.iter().map(|upstream| {
         let upstream = WorkerUpstream::new(upstream, worker);
         Destination {
-            service: upstream_service(&upstream, config, metrics, sockets),
+            service: upstream_service(&upstream, config, metrics, sockets, channels),
             upstream,
         }
     });
@@ -93,7 +98,13 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
             config.server.session_lifetime,
         ))
         // Who is calling; strips the caller's credentials so they can never be forwarded.
-        .layer(client_auth::layer(&config.clients, sessions.clone()))
+        // (A notification channel's socket may come without a key: its channel id says
+        // which client made it.)
+        .layer(client_auth::layer(
+            &config.clients,
+            sessions.clone(),
+            channels.clone(),
+        ))
         // Where it goes, and whether this caller may go there; then on to that upstream's
         // own service.
         .service(Router::by_prefix(destinations))
@@ -102,8 +113,11 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
 /// Retry, bearer and forward, as every upstream has them.
 type Attempts = Retry<Bearer<Forward>>;
 
-/// One upstream's back half: with a deadline on the whole call, or without one.
-pub type UpstreamService = Either<Deadline<Attempts>, Attempts>;
+/// With a deadline on the whole call, or without one.
+type Bounded = Either<Deadline<Attempts>, Attempts>;
+
+/// One upstream's back half: with notification channels (Genesys), or without.
+pub type UpstreamService = Either<Notifications<Bounded>, Bounded>;
 
 /// The back half of `upstream`'s calls on its worker.
 pub fn upstream_service(
@@ -111,9 +125,28 @@ pub fn upstream_service(
     config: &Config,
     metrics: &Metrics,
     sockets: &Arc<crate::websocket::Sockets>,
+    channels: &Arc<Channels>,
 ) -> UpstreamService {
     let limit = upstream.config.request_timeout;
+    let notifications = upstream
+        .config
+        .streaming_url
+        .as_ref()
+        .and_then(Origin::of)
+        .map(|streaming| {
+            NotificationsLayer::new(
+                upstream,
+                Arc::new(streaming),
+                config.server.public_url.clone(),
+                config.server.tls.is_some(),
+                channels,
+                sockets,
+            )
+        });
     ServiceBuilder::new()
+        // Genesys notification channels: `connectUri` rewritten to the proxy, and the
+        // channel's socket relayed to the streaming host.
+        .option_layer(notifications)
         // The upstream's limit on the whole call, retries and token waits included.
         .option_layer(limit.map(|limit| DeadlineLayer::cutting_after(limit, upstream.name())))
         // Outside the bearer layer, so a second attempt after a 401 gets a fresh token.

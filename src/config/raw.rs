@@ -52,6 +52,7 @@ pub(super) struct RawServer {
     pub(super) shutdown_grace_secs: Option<f64>,
     pub(super) session_lifetime_secs: Option<f64>,
     pub(super) max_websockets: Option<usize>,
+    pub(super) public_url: Option<String>,
     pub(super) websocket_idle_secs: Option<f64>,
 }
 
@@ -83,6 +84,7 @@ pub(super) struct RawUpstream {
     pub(super) queue_timeout_secs: Option<f64>,
     pub(super) retry_429: Option<u32>,
     pub(super) retry_429_max_wait_secs: Option<f64>,
+    pub(super) streaming_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Lifetime of the session tokens the proxy's own token endpoint issues.
     pub session_lifetime: Duration,
+    /// How apps reach the proxy, for the notification URIs it rewrites (`None`: the
+    /// `Host` each app called).
+    pub public_url: Option<http::Uri>,
     /// WebSockets one client may hold open at once.
     pub max_websockets: usize,
     /// A WebSocket on which neither side sends anything this long is closed.
@@ -124,6 +127,10 @@ impl Cx<'_> {
                 30.0,
             )?,
             max_websockets: raw.max_websockets.unwrap_or(100),
+            public_url: raw
+                .public_url
+                .map(|u| self.base_url("server.public_url", &u))
+                .transpose()?,
             websocket_idle: self.secs(
                 "server.websocket_idle_secs",
                 raw.websocket_idle_secs,

@@ -41,6 +41,10 @@ pub struct UpstreamConfig {
     /// How long a call may wait for a free connection before `503 upstream_busy`
     /// (`queue_timeout_secs`, 5 s by default).
     pub queue_timeout: Duration,
+    /// Genesys: where notification channels' WebSockets go (`streaming.<region domain>`,
+    /// or `streaming_url`), as an `http`/`https` URL (for `ws`/`wss`). `None`: the
+    /// upstream has no notification channels.
+    pub streaming_url: Option<Uri>,
     pub grant: GrantConfig,
 }
 
@@ -145,6 +149,11 @@ impl Cx<'_> {
         let base_url = base_url
             .map(|u| self.base_url(&key("base_url"), &u))
             .transpose()?;
+        let streaming_url = match (raw.streaming_url.take(), region) {
+            (Some(u), _) => Some(self.streaming_url(&key("streaming_url"), &u)?),
+            (None, Some(r)) => Some(self.base_url(&key("streaming_url"), &r.streaming_url())?),
+            (None, None) => None,
+        };
         let grant = self.grant(provider, &mut raw, token_url, base_url.is_none())?;
         let prefix = self.prefix(&key("prefix"), raw.prefix.as_deref().unwrap_or("/"))?;
         Ok(UpstreamConfig {
@@ -172,7 +181,26 @@ impl Cx<'_> {
                 raw.retry_429_max_wait_secs,
                 30.0,
             )?,
+            streaming_url,
             grant,
+        })
+    }
+
+    /// A `ws://`/`wss://` (or `http://`/`https://`) URL, as the `http`/`https` URL the
+    /// proxy connects to.
+    fn streaming_url(&self, key: &str, s: &str) -> Result<Uri, ConfigError> {
+        let as_http = if let Some(rest) = s.strip_prefix("wss://") {
+            format!("https://{rest}")
+        } else if let Some(rest) = s.strip_prefix("ws://") {
+            format!("http://{rest}")
+        } else {
+            s.to_string()
+        };
+        self.base_url(key, &as_http).map_err(|_| {
+            self.err(
+                key,
+                format!("\"{s}\" must be a ws://, wss://, http:// or https:// URL with a host"),
+            )
         })
     }
 }

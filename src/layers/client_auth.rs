@@ -23,8 +23,10 @@ use super::{ProxyRequest, ProxyResponse};
 use crate::body::ProxyBody;
 use crate::config::ClientConfig;
 use crate::error::ProxyError;
+use crate::notifications::{self, Channels};
 use crate::server::PeerIdentity;
 use crate::session::Sessions;
+use crate::websocket;
 
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -43,7 +45,11 @@ pub type ClientAuthLayer = ValidateRequestHeaderLayer<ClientKeys>;
 /// connection slots), and on a shared copy every clone and drop would move one cache line
 /// between the cores (measured: these counts were among the hottest instructions of the
 /// proxy's user time).
-pub fn layer(clients: &[Arc<ClientConfig>], sessions: Arc<Sessions>) -> ClientAuthLayer {
+pub fn layer(
+    clients: &[Arc<ClientConfig>],
+    sessions: Arc<Sessions>,
+    channels: Arc<Channels>,
+) -> ClientAuthLayer {
     let own = |c: &Arc<ClientConfig>| {
         Arc::new(ClientConfig {
             name: Arc::from(&*c.name),
@@ -53,6 +59,7 @@ pub fn layer(clients: &[Arc<ClientConfig>], sessions: Arc<Sessions>) -> ClientAu
     ValidateRequestHeaderLayer::custom(ClientKeys {
         clients: clients.iter().map(own).collect(),
         sessions,
+        channels,
     })
 }
 
@@ -61,6 +68,7 @@ pub fn layer(clients: &[Arc<ClientConfig>], sessions: Arc<Sessions>) -> ClientAu
 pub struct ClientKeys {
     clients: Arc<[Arc<ClientConfig>]>,
     sessions: Arc<Sessions>,
+    channels: Arc<Channels>,
 }
 
 /// The key a caller presented, if any.
@@ -163,6 +171,21 @@ impl ValidateRequest<ProxyBody> for ClientKeys {
             let found = match presented_key(req.headers()) {
                 Some(k) if Sessions::is_session(k) => self.sessions.verify(k, &self.clients),
                 Some(k) => identify(&self.clients, k),
+                // A notification channel's socket: the platform wants no credentials on it
+                // (the channel id is one), so apps open it bare; it acts as the channel's
+                // maker. An id the proxy never handed out is no route, not a missing key.
+                None if websocket::is_handshake(req.method(), req.version(), req.headers())
+                    && notifications::is_socket_path(req.uri().path()) =>
+                {
+                    let Some(channel) = self.channels.socket(req.uri().path()) else {
+                        return Err(ProxyError::NoRoute.into_response());
+                    };
+                    let maker = channel.client.as_deref();
+                    self.clients
+                        .iter()
+                        .find(|c| Some(&*c.name) == maker)
+                        .cloned()
+                }
                 // Mutual TLS: a certificate the client CA signed names the client.
                 None => req
                     .extensions()

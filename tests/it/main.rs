@@ -13,6 +13,7 @@ mod errors;
 mod fuzz;
 mod genesys_sdk;
 mod hardening;
+mod notifications;
 mod proxy;
 mod replicas;
 mod resilience;

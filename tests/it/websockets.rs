@@ -104,33 +104,37 @@ fn ws_config(sandbox: &Sandbox, host: &WsHost, server_extra: &str) -> String {
     )
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// Open a WebSocket to `path` through the proxy, with `key` if given.
 async fn open(proxy: &Proxy, path: &str, key: Option<&str>) -> Result<Socket, tungstenite::Error> {
+    open_url(&format!("ws://{}{path}", proxy.addr), key).await
+}
+
+/// Open a WebSocket on `url` (`ws://host:port/...`), with `key` if given.
+pub async fn open_url(url: &str, key: Option<&str>) -> Result<Socket, tungstenite::Error> {
     use tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{}{path}", proxy.addr)
-        .into_client_request()
-        .unwrap();
+    let mut req = url.into_client_request().unwrap();
     if let Some(key) = key {
         req.headers_mut()
             .insert("x-api-key", http::HeaderValue::from_str(key).unwrap());
     }
-    let tcp = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    let host = req.uri().authority().unwrap().as_str().to_string();
+    let tcp = tokio::net::TcpStream::connect(host).await.unwrap();
     tokio_tungstenite::client_async(req, tcp)
         .await
         .map(|(ws, _)| ws)
 }
 
 /// The status the proxy answered a refused handshake with.
-fn refused_with(e: tungstenite::Error) -> u16 {
+pub fn refused_with(e: tungstenite::Error) -> u16 {
     match e {
         tungstenite::Error::Http(resp) => resp.status().as_u16(),
         other => panic!("not refused with an HTTP answer: {other}"),
     }
 }
 
-async fn next_text(ws: &mut Socket) -> String {
+pub async fn next_text(ws: &mut Socket) -> String {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),

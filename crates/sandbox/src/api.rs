@@ -106,6 +106,10 @@ async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Re
     if let Some(resp) = rate_limited(o, s, &token) {
         return resp;
     }
+    let req = match crate::streaming::answer(s, req).await {
+        Ok(resp) => return resp,
+        Err(req) => req,
+    };
     #[cfg(feature = "fixtures")]
     if let Some(resp) = crate::fixtures::answer(s, &req).await {
         return resp;

@@ -20,6 +20,7 @@ mod api;
 mod fixtures;
 mod login;
 mod serve;
+mod streaming;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -76,6 +77,8 @@ pub struct SandboxOptions {
     /// Genesys-like API rate limit: calls allowed per token per `limit_window`.
     pub per_token_limit: Option<u64>,
     pub limit_window: Duration,
+    /// How often the streaming host sends each socket a heartbeat (Genesys: 30 s).
+    pub heartbeat: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -95,6 +98,7 @@ impl Default for SandboxOptions {
             tenant_id: "11eb0a6e-0000-4000-8000-00000000cafe".into(),
             per_token_limit: None,
             limit_window: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(30),
         }
     }
 }
@@ -128,6 +132,8 @@ struct State {
     seen: Mutex<Vec<SeenRequest>>,
     /// Per token: when its rate-limit window started, and the calls in it.
     usage: Mutex<HashMap<String, (Instant, u64)>>,
+    /// Notification channels, shared with the streaming host.
+    notifications: Arc<streaming::Notifications>,
     #[cfg(feature = "fixtures")]
     controls: fixtures::Controls,
 }
@@ -136,6 +142,9 @@ struct State {
 pub struct Sandbox {
     pub login_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The notification service's WebSocket host (Genesys' `streaming.<domain>`).
+    pub streaming_addr: SocketAddr,
+    streaming: JoinHandle<()>,
     options: Arc<SandboxOptions>,
     state: Arc<State>,
     api: JoinHandle<()>,
@@ -146,6 +155,7 @@ pub struct Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.api.abort();
+        self.streaming.abort();
         if let Some(t) = &self.login {
             t.abort();
         }
@@ -160,7 +170,18 @@ impl Sandbox {
         let state = Arc::new(State::default());
         let login = TcpListener::bind(loopback).await?;
         let api = TcpListener::bind(loopback).await?;
+        let streaming = TcpListener::bind(loopback).await?;
         let (login_addr, api_addr) = (login.local_addr()?, api.local_addr()?);
+        let streaming_addr = streaming.local_addr()?;
+        let _ = state
+            .notifications
+            .url
+            .set(format!("ws://{streaming_addr}"));
+        let streaming = streaming::serve(
+            streaming,
+            Arc::clone(&state.notifications),
+            options.heartbeat,
+        );
         let (o, s) = (options.clone(), state.clone());
         let api = serve::serve(api, move |req| {
             let (o, s) = (o.clone(), s.clone());
@@ -169,6 +190,8 @@ impl Sandbox {
         let mut sandbox = Sandbox {
             login_addr,
             api_addr,
+            streaming_addr,
+            streaming,
             options,
             state,
             api,
@@ -202,6 +225,21 @@ impl Sandbox {
 
     pub fn api_url(&self) -> String {
         format!("http://{}", self.api_addr)
+    }
+
+    /// `ws://host:port` of the streaming host.
+    pub fn streaming_url(&self) -> String {
+        format!("ws://{}", self.streaming_addr)
+    }
+
+    /// Send `event` on `topic` to every socket whose channel subscribed to it; to how many.
+    pub fn publish(&self, topic: &str, event: &serde_json::Value) -> usize {
+        streaming::publish(&self.state.notifications, topic, event)
+    }
+
+    /// The request target of every socket that reached the streaming host.
+    pub fn streaming_seen(&self) -> Vec<String> {
+        lock(&self.state.notifications.seen).clone()
     }
 
     pub fn options(&self) -> &SandboxOptions {

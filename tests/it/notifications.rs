@@ -1,0 +1,194 @@
+//! Genesys notifications through the gate (issue 14): a channel made through the proxy
+//! points the app back at the proxy, whose socket is relayed to the streaming host.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+use crate::websockets::{next_text, open_url, refused_with, Socket};
+
+const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
+const PRESENCE: &str = "v2.users.7e4c1b9a-0000-4000-8000-000000000001.presence";
+
+async fn sandbox_with_quick_heartbeats() -> Sandbox {
+    Sandbox::start(SandboxOptions {
+        heartbeat: Duration::from_millis(200),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap()
+}
+
+/// The usual config, the sandbox's streaming host for notifications, and a second client.
+fn notifications_config(sandbox: &Sandbox, prefix: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}streaming_url = \"{}\"\n{}\n[[client]]\nname = \"b\"\nkey_sha256 = \"{}\"\n",
+        upstream_toml(sandbox, "genesys", prefix),
+        sandbox.streaming_url(),
+        client_toml("reporting-job", ""),
+        tokengate::keys::hash_key(KEY_B),
+    )
+}
+
+async fn call(
+    proxy: &Proxy,
+    method: http::Method,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> reqwest::Response {
+    client()
+        .request(method, proxy.url(path))
+        .header("X-Api-Key", key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The next frame that is not a heartbeat, as JSON.
+async fn next_event(ws: &mut Socket) -> serde_json::Value {
+    loop {
+        let event: serde_json::Value = serde_json::from_str(&next_text(ws).await).unwrap();
+        if event["eventBody"]["message"] != "WebSocket Heartbeat" {
+            return event;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_channel_made_through_the_proxy_is_opened_through_the_proxy() {
+    let sandbox = sandbox_with_quick_heartbeats().await;
+    let proxy = Proxy::start(&notifications_config(&sandbox, "/genesys"));
+    let made = call(
+        &proxy,
+        http::Method::POST,
+        "/genesys/api/v2/notifications/channels",
+        CLIENT_KEY,
+        "",
+    )
+    .await;
+    assert_eq!(made.status(), 200);
+    let channel: serde_json::Value = made.json().await.unwrap();
+    let id = channel["id"].as_str().unwrap().to_string();
+    let connect = channel["connectUri"].as_str().unwrap().to_string();
+    assert_eq!(
+        connect,
+        format!("ws://{}/genesys/channels/{id}", proxy.addr)
+    );
+    let subscribed = call(
+        &proxy,
+        http::Method::PUT,
+        &format!("/genesys/api/v2/notifications/channels/{id}/subscriptions"),
+        CLIENT_KEY,
+        &format!("[{{\"id\": \"{PRESENCE}\"}}]"),
+    )
+    .await;
+    assert_eq!(subscribed.status(), 200);
+
+    // As the platform's docs say: the socket carries no credentials.
+    let mut ws = open_url(&connect, None).await.unwrap();
+    let heartbeat: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+    assert_eq!(heartbeat["topicName"], "channel.metadata");
+    assert_eq!(heartbeat["eventBody"]["message"], "WebSocket Heartbeat");
+    ws.send(Message::Text(r#"{"message": "ping"}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut ws).await["eventBody"]["message"], "pong");
+    let sent = wait_for(Duration::from_secs(10), || {
+        let n = sandbox.publish(
+            PRESENCE,
+            &serde_json::json!({"presenceDefinition": {"systemPresence": "Available"}}),
+        );
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(sent, Some(1));
+    let event = next_event(&mut ws).await;
+    assert_eq!(event["topicName"], PRESENCE);
+    assert_eq!(
+        event["eventBody"]["presenceDefinition"]["systemPresence"],
+        "Available"
+    );
+    assert_eq!(sandbox.streaming_seen(), [format!("/channels/{id}")]);
+
+    // The maker's own key is welcome too; another client's is not, nor a wrong one.
+    let with_key = open_url(&connect, Some(CLIENT_KEY)).await;
+    assert!(with_key.is_ok());
+    let other = open_url(&connect, Some(KEY_B)).await.unwrap_err();
+    assert_eq!(refused_with(other), 403);
+    let wrong = open_url(&connect, Some("tg_not-a-key")).await.unwrap_err();
+    assert_eq!(refused_with(wrong), 401);
+    // A channel the proxy never handed out: no route, and the streaming host sees nothing.
+    let made_elsewhere = format!("ws://{}/genesys/channels/streaming-0-elsewhere", proxy.addr);
+    let unknown = open_url(&made_elsewhere, None).await.unwrap_err();
+    assert_eq!(refused_with(unknown), 404);
+    assert_eq!(
+        sandbox.streaming_seen().len(),
+        2,
+        "the maker's two sockets only"
+    );
+
+    // A channel list shows each client its own channels only, pointing at the proxy.
+    let listed: serde_json::Value = call(
+        &proxy,
+        http::Method::GET,
+        "/genesys/api/v2/notifications/channels",
+        CLIENT_KEY,
+        "",
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let entities = listed["entities"].as_array().unwrap();
+    assert_eq!(entities.len(), 1);
+    assert_eq!(entities[0]["connectUri"], connect.as_str());
+    let listed_b: serde_json::Value = call(
+        &proxy,
+        http::Method::GET,
+        "/genesys/api/v2/notifications/channels",
+        KEY_B,
+        "",
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(listed_b["entities"].as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn public_url_sets_the_rewritten_connect_uri() {
+    let sandbox = sandbox_with_quick_heartbeats().await;
+    let config = notifications_config(&sandbox, "/").replace(
+        "admin_listen = \"127.0.0.1:0\"\n",
+        "admin_listen = \"127.0.0.1:0\"\npublic_url = \"https://gateway.example.com/tg\"\n",
+    );
+    let proxy = Proxy::start(&config);
+    let channel: serde_json::Value = call(
+        &proxy,
+        http::Method::POST,
+        "/api/v2/notifications/channels",
+        CLIENT_KEY,
+        "",
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = channel["id"].as_str().unwrap();
+    assert_eq!(
+        channel["connectUri"],
+        format!("wss://gateway.example.com/tg/channels/{id}").as_str()
+    );
+    // The socket arrives on the path the proxy serves (a load balancer took `/tg` off).
+    let mut ws = open_url(&format!("ws://{}/channels/{id}", proxy.addr), None)
+        .await
+        .unwrap();
+    let heartbeat: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+    assert_eq!(heartbeat["eventBody"]["message"], "WebSocket Heartbeat");
+}
