@@ -162,7 +162,9 @@ impl Cx<'_> {
             region,
             prefix,
             base_url,
-            timeout: self.secs(&key("timeout_secs"), raw.timeout_secs, 60.0)?,
+            // Long enough for the platforms' 60 s long polls (CXone's get-next-event) to be
+            // answered, with room for the answer to travel.
+            timeout: self.secs(&key("timeout_secs"), raw.timeout_secs, 90.0)?,
             connect_timeout: self.secs(
                 &key("connect_timeout_secs"),
                 raw.connect_timeout_secs,

@@ -358,3 +358,28 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     );
     assert!(text.contains("# TYPE tokengate_retries counter"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sixty_second_long_poll_answered_304_reaches_the_app_with_the_default_config() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let started = std::time::Instant::now();
+    // The tests' usual client gives up after 60 s: this one waits as an app's long poll does.
+    let patient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let r = patient
+        .get(proxy.url("/services/v27.0/agent-sessions/7e4c1b9a/get-next-event?timeout=60"))
+        .header("X-Api-Key", CLIENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304, "{:?}", r.headers());
+    assert!(started.elapsed() >= Duration::from_secs(60));
+    assert!(
+        r.headers().get("content-type").is_none(),
+        "no body invented"
+    );
+    assert!(r.bytes().await.unwrap().is_empty());
+}

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -112,6 +113,24 @@ async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Re
     };
     #[cfg(feature = "fixtures")]
     if let Some(resp) = crate::fixtures::answer(s, &req).await {
+        return resp;
+    }
+    // CXone's agent event long poll: answers 304 when nothing happened within `timeout`
+    // seconds (at most 60).
+    if req.uri().path().ends_with("/get-next-event") && req.method() == Method::GET {
+        let secs = req
+            .uri()
+            .query()
+            .and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "timeout")
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+            })
+            .unwrap_or(60)
+            .min(60);
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+        let mut resp = Response::new(crate::full(Bytes::new()));
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
         return resp;
     }
     if req.uri().path() == "/api/v2/users/me" && req.method() == Method::GET {
