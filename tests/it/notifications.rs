@@ -192,3 +192,98 @@ async fn public_url_sets_the_rewritten_connect_uri() {
     let heartbeat: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
     assert_eq!(heartbeat["eventBody"]["message"], "WebSocket Heartbeat");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_sockets_for_thirty_seconds_lose_no_heartbeat_and_pass_close_codes() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    const SOCKETS: usize = 50;
+    let sandbox = Sandbox::start(SandboxOptions {
+        heartbeat: Duration::from_secs(1),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let proxy = Proxy::start(&notifications_config(&sandbox, "/"));
+    let mut sockets = Vec::new();
+    for _ in 0..SOCKETS {
+        let channel: serde_json::Value = call(
+            &proxy,
+            http::Method::POST,
+            "/api/v2/notifications/channels",
+            CLIENT_KEY,
+            "",
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        let connect = channel["connectUri"].as_str().unwrap().to_string();
+        sockets.push(open_url(&connect, None).await.unwrap());
+    }
+    // Each socket reads for 30 s, then closes with a code of its own and reads on until
+    // the streaming host's answering close: every heartbeat it was sent is counted.
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            tokio::spawn(async move {
+                let mut beats = 0u64;
+                let code = 4000 + i as u16;
+                let mut closing = false;
+                loop {
+                    let next = if closing {
+                        tokio::time::timeout(Duration::from_secs(10), ws.next())
+                            .await
+                            .ok()
+                    } else {
+                        match tokio::time::timeout_at(until, ws.next()).await {
+                            Ok(next) => Some(next),
+                            Err(_) => {
+                                let frame = CloseFrame {
+                                    code: CloseCode::from(code),
+                                    reason: "done".into(),
+                                };
+                                ws.close(Some(frame)).await.unwrap();
+                                closing = true;
+                                continue;
+                            }
+                        }
+                    };
+                    match next {
+                        Some(Some(Ok(Message::Text(t))))
+                            if t.as_str().contains("WebSocket Heartbeat") =>
+                        {
+                            beats += 1
+                        }
+                        Some(Some(Ok(Message::Close(frame)))) => {
+                            return (beats, frame.map(|f| u16::from(f.code)), code)
+                        }
+                        Some(Some(Ok(_))) => {}
+                        other => panic!("socket {i} ended without a close: {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut received = 0;
+    for reader in readers {
+        let (beats, echoed, sent) = reader.await.unwrap();
+        assert!(beats >= 25, "{beats} heartbeats in 30 s");
+        assert_eq!(echoed, Some(sent), "the close code came back");
+        received += beats;
+    }
+    assert_eq!(
+        received,
+        sandbox.heartbeats_sent(),
+        "every heartbeat arrived"
+    );
+    let peak = proxy.peak_rss();
+    eprintln!(
+        "{SOCKETS} sockets, {received} heartbeats, peak RSS {} MiB",
+        peak >> 20
+    );
+    assert!(peak < 64 << 20, "peak RSS {peak}");
+}

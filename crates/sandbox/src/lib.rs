@@ -237,6 +237,11 @@ impl Sandbox {
         streaming::publish(&self.state.notifications, topic, event)
     }
 
+    /// Heartbeats the streaming host has sent so far, on every socket.
+    pub fn heartbeats_sent(&self) -> u64 {
+        self.state.notifications.heartbeats.load(Ordering::SeqCst)
+    }
+
     /// The request target of every socket that reached the streaming host.
     pub fn streaming_seen(&self) -> Vec<String> {
         lock(&self.state.notifications.seen).clone()

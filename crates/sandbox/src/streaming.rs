@@ -43,6 +43,8 @@ pub(crate) struct Notifications {
     pub(crate) seen: std::sync::Mutex<Vec<String>>,
     /// `ws://host:port` of the streaming host, once it listens.
     pub(crate) url: std::sync::OnceLock<String>,
+    /// Heartbeats written to sockets so far.
+    pub(crate) heartbeats: std::sync::atomic::AtomicU64,
 }
 
 /// `connectUri`, `id` and `expires` of a channel.
@@ -180,7 +182,13 @@ async fn socket(stream: tokio::net::TcpStream, n: Arc<Notifications>, heartbeat:
     };
     loop {
         let sent = tokio::select! {
-            _ = beat.tick() => out.send(Message::Text(metadata("WebSocket Heartbeat").into())).await,
+            _ = beat.tick() => {
+                let sent = out.send(Message::Text(metadata("WebSocket Heartbeat").into())).await;
+                if sent.is_ok() {
+                    n.heartbeats.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                sent
+            }
             Some(event) = queued.recv() => out.send(Message::Text(event.into())).await,
             message = incoming.next() => match message {
                 Some(Ok(Message::Text(t))) => {
@@ -192,8 +200,10 @@ async fn socket(stream: tokio::net::TcpStream, n: Arc<Notifications>, heartbeat:
                         Ok(())
                     }
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    let _ = out.send(Message::Close(frame)).await;
+                // tungstenite queued the answering close (the same code): send it.
+                Some(Ok(Message::Close(_))) => {
+                    let _ = out.flush().await;
+                    let _ = out.close().await;
                     return;
                 }
                 Some(Ok(_)) => Ok(()),
