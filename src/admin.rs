@@ -75,6 +75,7 @@ impl Admin {
                     &now.upstreams,
                     &now.board,
                     now.shared.as_deref(),
+                    (&now.sockets, &now.channels),
                 );
                 text(
                     StatusCode::OK,
@@ -88,6 +89,7 @@ impl Admin {
                     &now.upstreams,
                     &now.board,
                     now.shared.as_deref(),
+                    (&now.sockets, &now.channels),
                 );
                 text(StatusCode::OK, "application/json", doc.to_string())
             }

@@ -39,6 +39,9 @@ pub struct Generation {
     pub services: Vec<ProxyService>,
     /// The fleet's token cache, when `[cache]` is configured.
     pub shared: Option<Arc<SharedCache>>,
+    /// Open WebSockets and live notification channels (the process's, shown per generation).
+    pub sockets: Arc<crate::websocket::Sockets>,
+    pub channels: Arc<crate::notifications::Channels>,
 }
 
 impl Generation {
@@ -133,6 +136,8 @@ impl Builder {
             board,
             services,
             shared: self.tokens.shared(),
+            sockets: Arc::clone(&self.sockets),
+            channels: Arc::clone(&self.channels),
         }
     }
 }

@@ -193,7 +193,27 @@ pub fn status_json(
     upstreams: &[Arc<Upstream>],
     board: &StatusBoard,
     shared: Option<&SharedCache>,
+    realtime: (&crate::websocket::Sockets, &crate::notifications::Channels),
 ) -> Value {
+    let (sockets, channels) = (realtime.0.snapshot(), realtime.1.snapshot());
+    // Open sockets and live channels, of an upstream (`client` None) or of a client.
+    let sockets_of = |upstream: Option<&str>, client: Option<&str>| -> usize {
+        sockets
+            .iter()
+            .filter(|(u, c, _)| {
+                upstream.is_none_or(|x| **u == *x) && client.is_none_or(|x| **c == *x)
+            })
+            .map(|(_, _, n)| n)
+            .sum()
+    };
+    let channels_of = |upstream: Option<&str>, client: Option<&str>| -> usize {
+        channels
+            .iter()
+            .filter(|(u, c)| {
+                upstream.is_none_or(|x| **u == *x) && client.is_none_or(|x| c.as_deref() == Some(x))
+            })
+            .count()
+    };
     let second = board.started.elapsed().as_secs();
     let upstream_docs: Vec<Value> = upstreams
         .iter()
@@ -236,6 +256,8 @@ pub fn status_json(
                 "last_minute": {"requests": requests, "errors": errors},
                 "retries_401": stats.map_or(0, |s| s.retries_401.load(Ordering::Relaxed)),
                 "throttled_429": stats.map_or(0, |s| s.throttled_429.load(Ordering::Relaxed)),
+                "websockets_open": sockets_of(Some(u.name()), None),
+                "channels_live": channels_of(Some(u.name()), None),
             })
         })
         .collect();
@@ -247,6 +269,8 @@ pub fn status_json(
                 "name": c.name.as_ref(),
                 "requests": c.requests.load(Ordering::Relaxed),
                 "forbidden": c.forbidden.load(Ordering::Relaxed),
+                "websockets_open": sockets_of(None, Some(&c.name)),
+                "channels_live": channels_of(None, Some(&c.name)),
             })
         })
         .collect();
@@ -353,9 +377,11 @@ pub fn status_html(doc: &Value) -> String {
     for c in doc["clients"].as_array().unwrap_or(&empty) {
         let name = esc(&text(&c["name"]));
         clients.push_str(&format!(
-            "<tr id=\"client-{name}\"><th scope=\"row\">{name}</th><td>{}</td><td>{}</td></tr>\n",
+            "<tr id=\"client-{name}\"><th scope=\"row\">{name}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             text(&c["requests"]),
             text(&c["forbidden"]),
+            text(&c["websockets_open"]),
+            text(&c["channels_live"]),
         ));
     }
     if failures.is_empty() {
@@ -404,7 +430,7 @@ code{{background:#eef1f4;padding:0 .25rem;border-radius:.2rem}}
 <ul class="failures" id="failures">
 {failures}</ul>
 <h2>Clients</h2>
-<table id="clients"><thead><tr><th>client</th><th>requests</th><th>403s</th></tr></thead>
+<table id="clients"><thead><tr><th>client</th><th>requests</th><th>403s</th><th>WebSockets open</th><th>notification channels</th></tr></thead>
 <tbody>
 {clients}</tbody></table>
 <script>

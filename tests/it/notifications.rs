@@ -114,6 +114,24 @@ async fn a_channel_made_through_the_proxy_is_opened_through_the_proxy() {
         "Available"
     );
     assert_eq!(sandbox.streaming_seen(), [format!("/channels/{id}")]);
+    // The operator sees the socket and the channel, per upstream and per client.
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_text(&proxy, "/status.json").await).unwrap();
+    assert_eq!(status["upstreams"][0]["websockets_open"], 1);
+    assert_eq!(status["upstreams"][0]["channels_live"], 1);
+    let maker = status["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "reporting-job")
+        .unwrap();
+    assert_eq!(
+        (
+            maker["websockets_open"].as_u64(),
+            maker["channels_live"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
 
     // The maker's own key is welcome too; another client's is not, nor a wrong one.
     let with_key = open_url(&connect, Some(CLIENT_KEY)).await;
