@@ -17,6 +17,7 @@ use http::{header, HeaderMap, HeaderName, Version};
 use tower::Service;
 
 use crate::body;
+use crate::config::WebsocketToken;
 use crate::connections::{Lease, Origin, SendError};
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
@@ -155,6 +156,18 @@ pub(crate) async fn handshake(
     };
     let Some(ticket) = sockets.admit(upstream.name(), &caller) else {
         return Ok(ProxyError::TooManyWebsockets(sockets.max_per_client()).into_response());
+    };
+    let path = match &upstream.config.websocket_token {
+        WebsocketToken::Query(name) if req.headers().contains_key(http::header::AUTHORIZATION) => {
+            match websocket::token_into_query(&path, name, req.headers_mut()) {
+                Some(path) => path,
+                None => {
+                    let e = ProxyError::BadRequest("the WebSocket target cannot carry the token");
+                    return Ok(e.into_response());
+                }
+            }
+        }
+        _ => path,
     };
     let timeout = upstream.config.timeout;
     let sent = upstream.connections().upgrade(&origin, path, req);

@@ -51,6 +51,39 @@ pub fn keep_upgrade(headers: &mut HeaderMap) {
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
+/// Move the upstream's token from `Authorization` into the query parameter `name` (for
+/// platforms whose sockets take it there), replacing any value the caller gave it. The
+/// token is in no log line: the audit line never shows a query.
+pub fn token_into_query(
+    path: &http::uri::PathAndQuery,
+    name: &str,
+    headers: &mut HeaderMap,
+) -> Option<http::uri::PathAndQuery> {
+    let token = headers.remove(header::AUTHORIZATION)?;
+    let token = token.to_str().ok()?.strip_prefix("Bearer ")?.to_owned();
+    let mut target = String::with_capacity(path.as_str().len() + name.len() + token.len() + 2);
+    target.push_str(path.path());
+    let mut separator = '?';
+    for pair in path.query().unwrap_or("").split('&') {
+        let key = pair.split('=').next().unwrap_or("");
+        let decoded: String = form_urlencoded::parse(key.as_bytes())
+            .next()
+            .map(|(k, _)| k.into_owned())
+            .unwrap_or_default();
+        if pair.is_empty() || decoded == name {
+            continue;
+        }
+        target.push(separator);
+        target.push_str(pair);
+        separator = '&';
+    }
+    target.push(separator);
+    target.push_str(name);
+    target.push('=');
+    target.extend(form_urlencoded::byte_serialize(token.as_bytes()));
+    http::uri::PathAndQuery::try_from(target).ok()
+}
+
 /// The open sockets, by client: the `max_websockets` limit and the metrics. One for the
 /// process, so a reload does not start the count afresh.
 /// (upstream, client): whose sockets, to where.
@@ -272,6 +305,21 @@ mod tests {
             Version::HTTP_11,
             &no_connection
         ));
+    }
+
+    #[test]
+    fn the_token_moves_into_the_query_and_the_callers_value_goes() {
+        let mut h = headers(&[("authorization", "Bearer tok/en+=")]);
+        let path = "/ws?a=1&access_token=mine&b=2".parse().unwrap();
+        let moved = token_into_query(&path, "access_token", &mut h).unwrap();
+        assert_eq!(moved.as_str(), "/ws?a=1&b=2&access_token=tok%2Fen%2B%3D");
+        assert!(h.get("authorization").is_none());
+        let bare = "/ws".parse().unwrap();
+        let mut h = headers(&[("authorization", "Bearer t")]);
+        assert_eq!(
+            token_into_query(&bare, "token", &mut h).unwrap().as_str(),
+            "/ws?token=t"
+        );
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub use error::ConfigError;
 pub use grant::{AuthMethod, BasicEncoding, GrantConfig, GrantFlow};
 use raw::RawConfig;
 pub use server::{LogFormat, ServerConfig};
-pub use upstream::UpstreamConfig;
+pub use upstream::{UpstreamConfig, WebsocketToken};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]

@@ -85,6 +85,7 @@ pub(super) struct RawUpstream {
     pub(super) retry_429: Option<u32>,
     pub(super) retry_429_max_wait_secs: Option<f64>,
     pub(super) streaming_url: Option<String>,
+    pub(super) websocket_token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -45,7 +45,19 @@ pub struct UpstreamConfig {
     /// or `streaming_url`), as an `http`/`https` URL (for `ws`/`wss`). `None`: the
     /// upstream has no notification channels.
     pub streaming_url: Option<Uri>,
+    /// How a WebSocket handshake carries the upstream's token.
+    pub websocket_token: WebsocketToken,
     pub grant: GrantConfig,
+}
+
+/// Where a WebSocket handshake puts the upstream's token (`websocket_token`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebsocketToken {
+    /// `Authorization: Bearer <token>`, as on every call (the default).
+    Header,
+    /// A query parameter of this name (some platforms' sockets take the token there);
+    /// the caller's own value of it is never forwarded.
+    Query(String),
 }
 
 impl Cx<'_> {
@@ -154,6 +166,25 @@ impl Cx<'_> {
             (None, Some(r)) => Some(self.base_url(&key("streaming_url"), &r.streaming_url())?),
             (None, None) => None,
         };
+        let websocket_token = match raw.websocket_token.as_deref() {
+            None | Some("header") => WebsocketToken::Header,
+            Some(other) => match other.strip_prefix("query:") {
+                Some(name)
+                    if !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b)) =>
+                {
+                    WebsocketToken::Query(name.to_string())
+                }
+                _ => {
+                    return Err(self.err(
+                        &key("websocket_token"),
+                        "must be \"header\" or \"query:<name>\" (a name of letters, digits, '-', '_', '.', '~')",
+                    ))
+                }
+            },
+        };
         let grant = self.grant(provider, &mut raw, token_url, base_url.is_none())?;
         let prefix = self.prefix(&key("prefix"), raw.prefix.as_deref().unwrap_or("/"))?;
         Ok(UpstreamConfig {
@@ -184,6 +215,7 @@ impl Cx<'_> {
                 30.0,
             )?,
             streaming_url,
+            websocket_token,
             grant,
         })
     }

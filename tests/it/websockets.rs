@@ -248,3 +248,37 @@ async fn a_client_holds_at_most_max_websockets_and_idle_sockets_are_closed() {
     .await;
     assert!(admitted.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_token_query_puts_the_token_in_the_query_and_never_in_a_log() {
+    let sandbox = sandbox().await;
+    let host = ws_host().await;
+    let config = ws_config(&sandbox, &host, "").replace(
+        "client_secret = \"${SANDBOX_SECRET}\"\n",
+        "client_secret = \"${SANDBOX_SECRET}\"\nwebsocket_token = \"query:access_token\"\n",
+    );
+    let proxy = Proxy::start(&config);
+    let mut ws = open(
+        &proxy,
+        "/socket?x=1&access_token=the-callers-own",
+        Some(CLIENT_KEY),
+    )
+    .await
+    .unwrap();
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "hello");
+    let seen = host.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.authorization, None, "the token went into the query");
+    let token = sandbox.issued_tokens().pop().expect("a token");
+    let expected = format!("/socket?x=1&access_token={token}");
+    assert_eq!(seen.path, expected);
+    // Wait for the handshake's audit line, then look for the token in everything logged.
+    let output = proxy.output.clone();
+    wait_for(Duration::from_secs(5), || {
+        output.text().contains("path=/socket").then_some(())
+    })
+    .await
+    .expect("the audit line");
+    assert!(!output.text().contains(&token), "the token in a log line");
+    assert!(!output.text().contains("the-callers-own"));
+}
