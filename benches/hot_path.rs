@@ -81,7 +81,7 @@ fn whole_stack(c: &mut Criterion) {
             board: &board,
             sessions: &sessions,
             sockets: &sockets,
-            channels: &tokengate::notifications::Channels::new(),
+            channels: &tokengate::notifications::Channels::new(Default::default()),
         };
         tokengate::stack::request_path(&parts, 0)
     });

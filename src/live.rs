@@ -77,12 +77,13 @@ impl Builder {
         metrics: Metrics,
         workers: usize,
     ) -> Result<Builder, crate::token::grant::SideClientError> {
+        let tokens = TokenCache::default();
         Ok(Builder {
             workers,
-            tokens: TokenCache::default(),
+            channels: crate::notifications::Channels::new(tokens.shared_handle()),
+            tokens,
             sessions: Arc::new(Sessions::new()),
             sockets: crate::websocket::Sockets::new(metrics.clone()),
-            channels: crate::notifications::Channels::new(),
             http: crate::token::grant::side_call_client()?,
             metrics,
         })

@@ -29,8 +29,10 @@ use crate::connections::Origin;
 use crate::error::ProxyError;
 use crate::layers::client_auth::Caller;
 use crate::layers::{BoxFuture, ProxyRequest, ProxyResponse};
+use crate::token::shared::SharedCache;
 use crate::upstream::WorkerUpstream;
 use crate::websocket::{self, Sockets};
+use arc_swap::ArcSwapOption;
 
 /// Where apps make and list channels (within the upstream).
 const CHANNELS: &str = "/api/v2/notifications/channels";
@@ -49,15 +51,74 @@ pub struct Channel {
 }
 
 /// The channels made through this proxy, by the socket path it handed out
-/// (`<prefix>/channels/<id>`). One for the process: a reload keeps them.
-#[derive(Debug, Default)]
+/// (`<prefix>/channels/<id>`). One for the process: a reload keeps them. With `[cache]`
+/// the fleet shares them through Redis (sealed like tokens, under a hash of the path), so
+/// a socket may land on another replica than the one that made its channel.
+#[derive(Default)]
 pub struct Channels {
     by_path: Mutex<HashMap<String, Channel>>,
+    fleet: Arc<ArcSwapOption<SharedCache>>,
+}
+
+impl std::fmt::Debug for Channels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channels").finish_non_exhaustive()
+    }
+}
+
+/// A channel as the fleet stores it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    upstream: String,
+    client: Option<String>,
+    made_unix: u64,
+}
+
+/// The Redis name of a channel's entry: a hash, so Redis never sees a channel id (the
+/// socket's credential).
+fn fleet_name(path: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(path.as_bytes());
+    format!("channel:{}", hex::encode(&digest[..16]))
 }
 
 impl Channels {
-    pub fn new() -> Arc<Channels> {
-        Arc::default()
+    /// `fleet`: the fleet's Redis, when `[cache]` is configured (it may change on reload).
+    pub fn new(fleet: Arc<ArcSwapOption<SharedCache>>) -> Arc<Channels> {
+        Arc::new(Channels {
+            by_path: Mutex::default(),
+            fleet,
+        })
+    }
+
+    /// Whether channels made by other replicas can be looked up.
+    pub fn shared(&self) -> bool {
+        self.fleet.load().is_some()
+    }
+
+    /// The channel whose socket path is `path`: this replica's, else the fleet's.
+    pub async fn resolve(&self, path: &str) -> Option<Channel> {
+        if let Some(channel) = self.socket(path) {
+            return Some(channel);
+        }
+        let fleet = self.fleet.load_full()?;
+        let plain = fleet.get_sealed(&fleet_name(path)).await.ok()??;
+        let stored: Stored = serde_json::from_slice(&plain).ok()?;
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        let age = Duration::from_secs(now_unix.saturating_sub(stored.made_unix));
+        let channel = Channel {
+            upstream: Arc::from(stored.upstream),
+            client: stored.client.map(Arc::from),
+            made: Instant::now().checked_sub(age)?,
+        };
+        self.by_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_string(), channel.clone());
+        Some(channel)
     }
 
     /// The channel whose socket path (as the proxy handed it out) is `path`.
@@ -69,7 +130,24 @@ impl Channels {
             .cloned()
     }
 
-    fn remember(&self, path: String, channel: Channel) {
+    /// Remember a channel made here, and tell the fleet (before the app is answered, so
+    /// its socket finds the channel on any replica).
+    async fn remember(&self, path: String, channel: Channel) {
+        if let Some(fleet) = self.fleet.load_full() {
+            let stored = Stored {
+                upstream: channel.upstream.to_string(),
+                client: channel.client.as_deref().map(str::to_owned),
+                made_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            if let Ok(plain) = serde_json::to_vec(&stored) {
+                // Redis down: the channel works on this replica only.
+                let _ = fleet
+                    .put_sealed(&fleet_name(&path), &plain, CHANNEL_LIFE)
+                    .await;
+            }
+        }
         let mut by_path = self.by_path.lock().unwrap_or_else(|p| p.into_inner());
         by_path.retain(|_, c| c.made.elapsed() < CHANNEL_LIFE);
         by_path.insert(path, channel);
@@ -85,6 +163,11 @@ impl Channels {
             .collect()
     }
 }
+
+/// Marks a socket that came without a key on a channel this replica does not know: it
+/// may be the fleet's (see [`Channels::resolve`]); the notifications layer decides.
+#[derive(Debug, Clone, Copy)]
+pub struct UnresolvedChannel;
 
 /// Does `path` look like a channel socket's (`…/channels/<id>`)?
 pub fn is_socket_path(path: &str) -> bool {
@@ -257,9 +340,12 @@ async fn rewrite_channels(
         caller: &caller,
     }
     .answer(&bytes, listing);
-    let Some(body) = rewritten else {
+    let Some((body, made)) = rewritten else {
         return http::Response::from_parts(head, body::full(bytes));
     };
+    if let Some((path, channel)) = made {
+        config.channels.remember(path, channel).await;
+    }
     head.headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     http::Response::from_parts(head, body::full(body))
@@ -274,50 +360,52 @@ struct Rewrite<'a> {
 }
 
 impl Rewrite<'_> {
-    /// The rewritten answer; `None` if it is not the JSON expected.
-    fn answer(&self, bytes: &[u8], listing: bool) -> Option<Bytes> {
+    /// The rewritten answer, and the channel made (to remember); `None` if it is not the
+    /// JSON expected.
+    #[allow(clippy::type_complexity)]
+    fn answer(&self, bytes: &[u8], listing: bool) -> Option<(Bytes, Option<(String, Channel)>)> {
         let mut answer: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let mut made = None;
         if listing {
             let entities = answer.get_mut("entities")?.as_array_mut()?;
-            entities.retain_mut(|channel| self.channel(channel, false));
-        } else if !self.channel(&mut answer, true) {
-            return None;
+            entities.retain_mut(|channel| self.listed(channel));
+        } else {
+            let path = self.point_at_proxy(&mut answer)?;
+            let channel = Channel {
+                upstream: Arc::clone(self.config.upstream.name()),
+                client: self.caller.clone(),
+                made: Instant::now(),
+            };
+            made = Some((path, channel));
         }
-        Some(Bytes::from(answer.to_string()))
+        Some((Bytes::from(answer.to_string()), made))
     }
 
-    /// Point one channel's `connectUri` at the proxy. A made channel is remembered as the
-    /// caller's; a listed one is kept only if the caller made it here.
-    fn channel(&self, channel: &mut serde_json::Value, made: bool) -> bool {
-        let Some(id) = channel
-            .get("id")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-        else {
+    /// A listed channel is shown (pointing at the proxy) only if the caller made it here.
+    fn listed(&self, channel: &mut serde_json::Value) -> bool {
+        let mut shown = channel.clone();
+        let Some(path) = self.point_at_proxy(&mut shown) else {
             return false;
         };
-        if id.is_empty() || id.contains(['/', '?', '#', '%']) {
-            return false;
-        }
-        let path = format!("{}/channels/{id}", self.key_base);
-        let channels = &self.config.channels;
-        if made {
-            channels.remember(
-                path,
-                Channel {
-                    upstream: Arc::clone(self.config.upstream.name()),
-                    client: self.caller.clone(),
-                    made: Instant::now(),
-                },
-            );
-        } else if channels
+        let mine = self
+            .config
+            .channels
             .socket(&path)
-            .is_none_or(|c| &c.client != self.caller)
-        {
-            return false;
+            .is_some_and(|c| &c.client == self.caller);
+        if mine {
+            *channel = shown;
+        }
+        mine
+    }
+
+    /// Point one channel's `connectUri` at the proxy; the socket path it will arrive on.
+    fn point_at_proxy(&self, channel: &mut serde_json::Value) -> Option<String> {
+        let id = channel.get("id")?.as_str()?.to_owned();
+        if id.is_empty() || id.contains(['/', '?', '#', '%']) {
+            return None;
         }
         channel["connectUri"] = serde_json::Value::String(format!("{}/channels/{id}", self.base));
-        true
+        Some(format!("{}/channels/{id}", self.key_base))
     }
 }
 
@@ -330,11 +418,16 @@ async fn socket(
     let within = req.uri().path().to_string();
     let Some(channel) = config
         .channels
-        .socket(&format!("{}{within}", config.prefix()))
+        .resolve(&format!("{}{within}", config.prefix()))
+        .await
     else {
         return Ok(ProxyError::NoRoute.into_response());
     };
-    let caller = caller_name(&req);
+    // A bare socket on a channel another replica made: it acts as the channel's maker.
+    let caller = match req.extensions_mut().remove::<UnresolvedChannel>() {
+        Some(UnresolvedChannel) => channel.client.clone(),
+        None => caller_name(&req),
+    };
     if channel.client != caller {
         return Ok(ProxyError::Forbidden(
             "this notification channel was made by another client".into(),

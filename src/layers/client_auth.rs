@@ -23,7 +23,7 @@ use super::{ProxyRequest, ProxyResponse};
 use crate::body::ProxyBody;
 use crate::config::ClientConfig;
 use crate::error::ProxyError;
-use crate::notifications::{self, Channels};
+use crate::notifications::{self, Channels, UnresolvedChannel};
 use crate::server::PeerIdentity;
 use crate::session::Sessions;
 use crate::websocket;
@@ -177,14 +177,23 @@ impl ValidateRequest<ProxyBody> for ClientKeys {
                 None if websocket::is_handshake(req.method(), req.version(), req.headers())
                     && notifications::is_socket_path(req.uri().path()) =>
                 {
-                    let Some(channel) = self.channels.socket(req.uri().path()) else {
-                        return Err(ProxyError::NoRoute.into_response());
-                    };
-                    let maker = channel.client.as_deref();
-                    self.clients
-                        .iter()
-                        .find(|c| Some(&*c.name) == maker)
-                        .cloned()
+                    match self.channels.socket(req.uri().path()) {
+                        Some(channel) => {
+                            let maker = channel.client.as_deref();
+                            self.clients
+                                .iter()
+                                .find(|c| Some(&*c.name) == maker)
+                                .cloned()
+                        }
+                        // Perhaps another replica's: only the notifications layer, after
+                        // the route, may let it through (as its maker) or refuse it.
+                        None if self.channels.shared() => {
+                            req.extensions_mut().insert(UnresolvedChannel);
+                            req.extensions_mut().insert(Caller(None));
+                            return Ok(());
+                        }
+                        None => return Err(ProxyError::NoRoute.into_response()),
+                    }
                 }
                 // Mutual TLS: a certificate the client CA signed names the client.
                 None => req

@@ -24,6 +24,7 @@ use tower::Service;
 use super::client_auth::Caller;
 use super::{ProxyRequest, ProxyResponse};
 use crate::error::ProxyError;
+use crate::notifications::UnresolvedChannel;
 use crate::outcome::Outcome;
 use crate::policy::is_plain_path;
 use crate::upstream::{Upstream, WorkerUpstream};
@@ -83,7 +84,17 @@ fn strip_prefix<'a>(prefix: &str, path: &'a str) -> Option<&'a str> {
 /// May this caller send this request to `upstream`?
 fn permitted(req: &ProxyRequest, upstream: &Upstream) -> Result<(), ProxyError> {
     let path = req.uri().path();
-    if let Some(Caller(Some(client))) = req.extensions().get::<Caller>() {
+    let caller = req.extensions().get::<Caller>();
+    // A bare socket on a notification channel this replica does not know (client_auth let
+    // it on for the notifications layer to decide): only an upstream with notification
+    // channels has that layer.
+    if matches!(caller, Some(Caller(None)))
+        && req.extensions().get::<UnresolvedChannel>().is_some()
+        && upstream.config.streaming_url.is_none()
+    {
+        return Err(ProxyError::NoRoute);
+    }
+    if let Some(Caller(Some(client))) = caller {
         if let Some(allowed) = &client.upstreams {
             if !allowed.contains(upstream.name()) {
                 return Err(ProxyError::Forbidden(format!(

@@ -52,6 +52,11 @@ impl TokenCache {
         self.shared.load_full()
     }
 
+    /// The fleet's cache as it will be after any reload (empty while none is configured).
+    pub fn shared_handle(&self) -> Arc<ArcSwapOption<SharedCache>> {
+        Arc::clone(&self.shared)
+    }
+
     /// The `index`th token source of the pool for `grant`, made on first use; `upstream`
     /// names it in logs and metrics.
     pub fn source_for(

@@ -497,3 +497,67 @@ async fn an_older_token_written_back_into_redis_is_not_taken() {
     .await
     .expect("the refusal is logged");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
+async fn a_notification_channel_made_on_one_replica_opens_on_another() {
+    use crate::websockets::{next_text, open_url, refused_with};
+    let sandbox = Sandbox::start(SandboxOptions {
+        heartbeat: Duration::from_millis(200),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let redis = RedisServer::start();
+    let streaming = format!("streaming_url = \"{}\"\n", sandbox.streaming_url());
+    // A second upstream, with no notification channels, at /plain.
+    let plain = format!(
+        "\n[[upstream]]\nname = \"plain\"\nprovider = \"oauth2\"\nprefix = \"/plain\"\ntoken_url = \"{}\"\nbase_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"${{SANDBOX_SECRET}}\"\n",
+        sandbox.token_url(),
+        sandbox.api_url(),
+        sandbox.options().client_id
+    );
+    let config = fleet_config(&sandbox, &redis, &streaming).replacen(
+        "\n[[client]]",
+        &format!("{plain}\n[[client]]"),
+        1,
+    );
+    let fleet = start_fleet(&config, 2);
+    let (a, b) = (&fleet[0], &fleet[1]);
+    let channel: serde_json::Value = client()
+        .post(a.url("/api/v2/notifications/channels"))
+        .header("X-Api-Key", CLIENT_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = channel["id"].as_str().unwrap();
+    // The app's socket lands on replica B, bare, as the platform's docs have it.
+    let on_b = format!("ws://{}/channels/{id}", b.addr);
+    let mut ws = open_url(&on_b, None).await.unwrap();
+    let heartbeat: serde_json::Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+    assert_eq!(heartbeat["eventBody"]["message"], "WebSocket Heartbeat");
+    assert_eq!(sandbox.streaming_seen(), [format!("/channels/{id}")]);
+    // Redis holds no channel id in the clear, and B still refuses ids nobody handed out.
+    assert!(redis
+        .dump()
+        .iter()
+        .all(|(k, v)| !k.contains(id) && !String::from_utf8_lossy(v).contains(id)));
+    let unknown = format!("ws://{}/channels/streaming-0-elsewhere", b.addr);
+    assert_eq!(
+        refused_with(open_url(&unknown, None).await.unwrap_err()),
+        404
+    );
+    assert_eq!(sandbox.streaming_seen().len(), 1);
+    // A bare socket to an upstream without notification channels is no route: it never
+    // reaches that API host with the team's token.
+    let api_calls = sandbox.api_calls();
+    let elsewhere = format!("ws://{}/plain/channels/streaming-0-x", b.addr);
+    assert_eq!(
+        refused_with(open_url(&elsewhere, None).await.unwrap_err()),
+        404
+    );
+    assert_eq!(sandbox.api_calls(), api_calls);
+}

@@ -208,6 +208,40 @@ impl SharedCache {
         Ok(())
     }
 
+    /// Stores `plain`, sealed like tokens, under `<prefix>:<name>` for `ttl`: what else the
+    /// fleet shares (notification channels).
+    pub async fn put_sealed(
+        &self,
+        name: &str,
+        plain: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Unavailable> {
+        let key = format!("{}:{name}", self.config.key_prefix);
+        let Some(value) = self.seal_bytes(&key, plain) else {
+            return Ok(());
+        };
+        let mut redis = self.redis.clone();
+        self.run(
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl.as_millis().min(u64::MAX as u128) as u64)
+                .query_async::<()>(&mut redis),
+        )
+        .await
+    }
+
+    /// What [`put_sealed`](Self::put_sealed) stored under `name`, if it opens.
+    pub async fn get_sealed(&self, name: &str) -> Result<Option<Vec<u8>>, Unavailable> {
+        let key = format!("{}:{name}", self.config.key_prefix);
+        let mut redis = self.redis.clone();
+        let value: Option<Vec<u8>> = self
+            .run(redis::cmd("GET").arg(&key).query_async(&mut redis))
+            .await?;
+        Ok(value.and_then(|v| self.unseal(&key, &v)))
+    }
+
     /// Takes the fleet lock for these credentials if nobody holds it.
     pub async fn try_lock(&self, creds: &str) -> Result<Option<FleetLock>, Unavailable> {
         let mut nonce = [0u8; 16];

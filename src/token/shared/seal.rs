@@ -45,6 +45,11 @@ impl SharedCache {
             g: token.generation,
         };
         let plain = serde_json::to_vec(&plain).ok()?;
+        self.seal_bytes(key, &plain)
+    }
+
+    /// `plain`, sealed under `key` (see the module docs).
+    pub(super) fn seal_bytes(&self, key: &str, plain: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let sealed = self
@@ -52,7 +57,7 @@ impl SharedCache {
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
-                    msg: &plain,
+                    msg: plain,
                     aad: key.as_bytes(),
                 },
             )
