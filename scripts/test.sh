@@ -4,8 +4,9 @@
 # tests, and the doc examples.
 #
 # Beyond the Rust toolchain, some tests need programs this script installs first:
-# - the official Genesys Cloud Python SDK, into target/sdk-venv from PyPI (and Python
-#   itself from the OS packages when it is missing);
+# - the official Genesys Cloud Python SDK and websocket-client (a plain WebSocket client,
+#   for the notification test), into target/sdk-venv from PyPI (and Python itself from the
+#   OS packages when it is missing);
 # - Debian's chromium, which renders the operator's status page;
 # - Debian's redis-server, which the replica tests start on free ports.
 # OS packages are installed with apt-get when we are root; otherwise the script says what
@@ -14,8 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SDK_VERSION=269.0.0
+WEBSOCKET_CLIENT_VERSION=1.8.0
 venv=target/sdk-venv
-if ! "$venv/bin/python" -c "import PureCloudPlatformClientV2" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import PureCloudPlatformClientV2, websocket" 2>/dev/null; then
   if ! python3 -m venv --help >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "scripts/test.sh: installing python3 and python3-venv (for the Genesys SDK test)"
@@ -25,10 +27,10 @@ if ! "$venv/bin/python" -c "import PureCloudPlatformClientV2" 2>/dev/null; then
       exit 1
     fi
   fi
-  echo "scripts/test.sh: installing PureCloudPlatformClientV2==$SDK_VERSION into $venv"
+  echo "scripts/test.sh: installing PureCloudPlatformClientV2==$SDK_VERSION and websocket-client==$WEBSOCKET_CLIENT_VERSION into $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "PureCloudPlatformClientV2==$SDK_VERSION"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "PureCloudPlatformClientV2==$SDK_VERSION" "websocket-client==$WEBSOCKET_CLIENT_VERSION"
 fi
 export TOKENGATE_SDK_PYTHON="$PWD/$venv/bin/python"
 
