@@ -40,6 +40,11 @@ struct SocketLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RedisLabels {
     redis: String,
 }
@@ -60,6 +65,7 @@ struct Inner {
     retries: Family<RetryLabels, Counter>,
     shared_cache_up: Family<RedisLabels, Gauge>,
     websockets_open: Family<SocketLabels, Gauge>,
+    websocket_bytes: Family<DirectionLabels, Counter>,
     /// Resolved on the first answer refused before routing.
     unrouted: OnceLock<UpstreamMetrics>,
 }
@@ -86,6 +92,7 @@ impl Metrics {
         let retries = Family::<RetryLabels, Counter>::default();
         let shared_cache_up = Family::<RedisLabels, Gauge>::default();
         let websockets_open = Family::<SocketLabels, Gauge>::default();
+        let websocket_bytes = Family::<DirectionLabels, Counter>::default();
         registry.register(
             "tokengate_requests",
             "Requests answered, by upstream and status (upstream is empty before routing)",
@@ -116,6 +123,11 @@ impl Metrics {
             "WebSockets relayed now, by upstream and client (empty for anonymous callers)",
             websockets_open.clone(),
         );
+        registry.register(
+            "tokengate_websocket_bytes",
+            "Bytes relayed on WebSockets, counted when each socket ends: up (caller to upstream) and down",
+            websocket_bytes.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -125,6 +137,7 @@ impl Metrics {
                 retries,
                 shared_cache_up,
                 websockets_open,
+                websocket_bytes,
                 unrouted: OnceLock::new(),
             }),
         }
@@ -177,6 +190,14 @@ impl Metrics {
 
     pub fn websocket_closed(&self, upstream: &str, client: &str) {
         self.socket_gauge(upstream, client).dec();
+    }
+
+    /// `direction`: `up` (caller to upstream) or `down`.
+    pub fn websocket_bytes(&self, direction: &'static str, bytes: u64) {
+        self.inner
+            .websocket_bytes
+            .get_or_create(&DirectionLabels { direction })
+            .inc_by(bytes);
     }
 
     fn socket_gauge(&self, upstream: &str, client: &str) -> Gauge {

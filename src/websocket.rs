@@ -215,11 +215,16 @@ pub fn relay(caller: OnUpgrade, upstream: OnUpgrade, ticket: Ticket, idle: Durat
         };
         tokio::select! {
             result = relayed => match result {
-                Ok((up, down)) => tracing::debug!(upstream = %ticket.upstream, client = %ticket.client, bytes_up = up, bytes_down = down, "a WebSocket closed"),
+                Ok(_) => tracing::debug!(upstream = %ticket.upstream, client = %ticket.client, "a WebSocket closed"),
                 Err(e) => tracing::debug!(upstream = %ticket.upstream, client = %ticket.client, error = %e, "a WebSocket ended with an error"),
             },
             () = quiet => tracing::info!(upstream = %ticket.upstream, client = %ticket.client, idle_secs = idle.as_secs(), "a WebSocket idle for websocket_idle_secs was closed"),
         }
+        // What each end sent, however the socket ended (the relay's own totals are lost
+        // with an error).
+        let metrics = &ticket.book.metrics;
+        metrics.websocket_bytes("up", caller.received);
+        metrics.websocket_bytes("down", upstream.received);
         drop(ticket);
     });
 }
@@ -230,6 +235,8 @@ struct Watched<T> {
     inner: T,
     last: Arc<AtomicU64>,
     started: tokio::time::Instant,
+    /// Bytes read from this end.
+    received: u64,
 }
 
 impl<T> Watched<T> {
@@ -238,6 +245,7 @@ impl<T> Watched<T> {
             inner,
             last: Arc::clone(last),
             started,
+            received: 0,
         }
     }
 }
@@ -251,6 +259,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.received += (buf.filled().len() - before) as u64;
             let ms = self.started.elapsed().as_millis() as u64;
             self.last.store(ms, Ordering::Relaxed);
         }

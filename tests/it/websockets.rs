@@ -210,6 +210,11 @@ async fn a_websocket_passes_the_gate_and_is_relayed_both_ways_with_close_codes()
     })
     .await;
     assert!(gone.is_some(), "the gauge went back to 0");
+    // Bytes each way, counted as the sockets ended: at least the frames sent.
+    let metrics = admin_text(&proxy, "/metrics").await;
+    let up = metric(&metrics, "tokengate_websocket_bytes_total", &["\"up\""]);
+    let down = metric(&metrics, "tokengate_websocket_bytes_total", &["\"down\""]);
+    assert!(up >= 20.0 && down >= 10.0, "up {up}, down {down}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
