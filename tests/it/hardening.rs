@@ -903,19 +903,26 @@ async fn a_token_endpoint_echoing_the_request_leaks_no_encoding_of_the_secret() 
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_queue() {
-    const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
-    let sandbox = sandbox().await;
-    let config = format!(
+/// A second client's key.
+const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
+
+/// One worker with four connections to the sandbox (answers cut after 2 s without
+/// progress, 30 s to wait for a connection), and client `b` beside the usual one.
+fn four_connections_and_client_b(sandbox: &Sandbox) -> String {
+    format!(
         "{}\n[[client]]\nname = \"b\"\nkey_sha256 = \"{}\"\n",
         one_worker_config(
-            &sandbox,
+            sandbox,
             "max_connections = 4\ntimeout_secs = 2\nqueue_timeout_secs = 30"
         ),
         tokengate::keys::hash_key(KEY_B)
-    );
-    let proxy = Proxy::start(&config);
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_queue() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&four_connections_and_client_b(&sandbox));
     // Client A fills every connection with answers that stall (cut after 2 s)...
     let mut stalled = Vec::new();
     for _ in 0..4 {
@@ -968,18 +975,9 @@ async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_que
 #[tokio::test(flavor = "multi_thread")]
 async fn streaming_answers_that_callers_never_read_are_cut_and_free_their_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
     const SIZE: u64 = 64 * 1024 * 1024;
     let sandbox = sandbox().await;
-    let config = format!(
-        "{}\n[[client]]\nname = \"b\"\nkey_sha256 = \"{}\"\n",
-        one_worker_config(
-            &sandbox,
-            "max_connections = 4\ntimeout_secs = 2\nqueue_timeout_secs = 30"
-        ),
-        tokengate::keys::hash_key(KEY_B)
-    );
-    let proxy = Proxy::start(&config);
+    let proxy = Proxy::start(&four_connections_and_client_b(&sandbox));
     assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
     let path = format!("/api/v2/sandbox/bytes?n={SIZE}");
     let api_calls = sandbox.api_calls();

@@ -49,6 +49,20 @@ async fn call(
         .unwrap()
 }
 
+/// `call`, and its answer's JSON.
+async fn call_json(
+    proxy: &Proxy,
+    method: http::Method,
+    path: &str,
+    key: &str,
+) -> serde_json::Value {
+    call(proxy, method, path, key, "")
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The next frame that is not a heartbeat, as JSON.
 async fn next_event(ws: &mut Socket) -> serde_json::Value {
     loop {
@@ -151,31 +165,23 @@ async fn a_channel_made_through_the_proxy_is_opened_through_the_proxy() {
     );
 
     // A channel list shows each client its own channels only, pointing at the proxy.
-    let listed: serde_json::Value = call(
+    let listed: serde_json::Value = call_json(
         &proxy,
         http::Method::GET,
         "/genesys/api/v2/notifications/channels",
         CLIENT_KEY,
-        "",
     )
-    .await
-    .json()
-    .await
-    .unwrap();
+    .await;
     let entities = listed["entities"].as_array().unwrap();
     assert_eq!(entities.len(), 1);
     assert_eq!(entities[0]["connectUri"], connect.as_str());
-    let listed_b: serde_json::Value = call(
+    let listed_b: serde_json::Value = call_json(
         &proxy,
         http::Method::GET,
         "/genesys/api/v2/notifications/channels",
         KEY_B,
-        "",
     )
-    .await
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(listed_b["entities"].as_array().map(Vec::len), Some(0));
 }
 
@@ -187,17 +193,13 @@ async fn public_url_sets_the_rewritten_connect_uri() {
         "admin_listen = \"127.0.0.1:0\"\npublic_url = \"https://gateway.example.com/tg\"\n",
     );
     let proxy = Proxy::start(&config);
-    let channel: serde_json::Value = call(
+    let channel: serde_json::Value = call_json(
         &proxy,
         http::Method::POST,
         "/api/v2/notifications/channels",
         CLIENT_KEY,
-        "",
     )
-    .await
-    .json()
-    .await
-    .unwrap();
+    .await;
     let id = channel["id"].as_str().unwrap();
     assert_eq!(
         channel["connectUri"],
@@ -226,17 +228,13 @@ async fn fifty_sockets_for_thirty_seconds_lose_no_heartbeat_and_pass_close_codes
     let proxy = Proxy::start(&notifications_config(&sandbox, "/"));
     let mut sockets = Vec::new();
     for _ in 0..SOCKETS {
-        let channel: serde_json::Value = call(
+        let channel: serde_json::Value = call_json(
             &proxy,
             http::Method::POST,
             "/api/v2/notifications/channels",
             CLIENT_KEY,
-            "",
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
         let connect = channel["connectUri"].as_str().unwrap().to_string();
         sockets.push(open_url(&connect, None).await.unwrap());
     }

@@ -194,18 +194,23 @@ impl SharedCache {
             tracing::warn!("a token could not be sealed for the shared cache; not stored");
             return Ok(());
         };
+        self.set_for(&key, value, ttl_ms).await?;
+        self.stored.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `SET key value PX ttl_ms`.
+    async fn set_for(&self, key: &str, value: Vec<u8>, ttl_ms: u64) -> Result<(), Unavailable> {
         let mut redis = self.redis.clone();
         self.run(
             redis::cmd("SET")
-                .arg(&key)
+                .arg(key)
                 .arg(value)
                 .arg("PX")
                 .arg(ttl_ms)
                 .query_async::<()>(&mut redis),
         )
-        .await?;
-        self.stored.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        .await
     }
 
     /// Stores `plain`, sealed like tokens, under `<prefix>:<name>` for `ttl`: what else the
@@ -220,16 +225,8 @@ impl SharedCache {
         let Some(value) = self.seal_bytes(&key, plain) else {
             return Ok(());
         };
-        let mut redis = self.redis.clone();
-        self.run(
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl.as_millis().min(u64::MAX as u128) as u64)
-                .query_async::<()>(&mut redis),
-        )
-        .await
+        let ttl_ms = ttl.as_millis().min(u64::MAX as u128) as u64;
+        self.set_for(&key, value, ttl_ms).await
     }
 
     /// What [`put_sealed`](Self::put_sealed) stored under `name`, if it opens.
