@@ -231,36 +231,36 @@ where
 {
     type Response = ProxyResponse;
     type Error = Infallible;
-    type Future = BoxFuture;
+    /// Every other call passes straight through, with no allocation of its own.
+    type Future = futures_util::future::Either<S::Future, BoxFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: ProxyRequest) -> BoxFuture {
-        let config = Arc::clone(&self.config);
+    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+        use futures_util::future::Either;
         let path = req.uri().path();
         if websocket::is_handshake(req.method(), req.version(), req.headers())
             && is_socket_path(path)
         {
-            return Box::pin(socket(config, req));
+            return Either::Right(Box::pin(socket(Arc::clone(&self.config), req)));
         }
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let lists = path == CHANNELS && matches!(*req.method(), Method::POST | Method::GET);
         if !lists {
-            return Box::pin(inner.call(req));
+            return Either::Left(self.inner.call(req));
         }
+        let config = Arc::clone(&self.config);
         let base = config.socket_base(&req);
         let caller = caller_name(&req);
         let listing = req.method() == Method::GET;
         // Boxed here, outside the async block: rustc cannot prove a generic future `Send`
         // inside one (rust-lang/rust#110338).
-        let answer: BoxFuture = Box::pin(inner.call(req));
-        Box::pin(async move {
+        let answer: BoxFuture = Box::pin(self.inner.call(req));
+        Either::Right(Box::pin(async move {
             let resp = answer.await?;
             Ok(rewrite_channels(&config, resp, base, caller, listing).await)
-        })
+        }))
     }
 }
 
