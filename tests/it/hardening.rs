@@ -1027,7 +1027,15 @@ async fn streaming_answers_that_callers_never_read_are_cut_and_free_their_connec
         .expect("answered within 10 s, not held behind answers nobody reads")
         .unwrap();
     assert_eq!(r.status(), 200);
-    // The cut answers end short, never as if they were whole.
+    // Each of the four is cut once its caller has taken nothing for 2 s (the HTTP/1.1 ones
+    // once their socket buffers are full)...
+    let output = proxy.output.clone();
+    wait_for(Duration::from_secs(30), || {
+        (output.text().matches("the caller took nothing").count() >= 4).then_some(())
+    })
+    .await
+    .expect("all four answers cut");
+    // ...and ends short, never as if it were whole.
     for mut s in readers {
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got))
