@@ -230,6 +230,13 @@ async fn a_client_holds_at_most_max_websockets_and_idle_sockets_are_closed() {
     let _second = open(&proxy, "/b", Some(CLIENT_KEY)).await.unwrap();
     let third = open(&proxy, "/c", Some(CLIENT_KEY)).await.unwrap_err();
     assert_eq!(refused_with(third), 429);
+    // The host notes a socket just after its handshake: wait for the two, then check that
+    // the third never came.
+    wait_for(Duration::from_secs(10), || {
+        (host.seen.lock().unwrap().len() >= 2).then_some(())
+    })
+    .await
+    .expect("two sockets at the host");
     assert_eq!(
         host.seen.lock().unwrap().len(),
         2,
