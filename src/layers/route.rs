@@ -150,7 +150,15 @@ impl<B> Router<B> {
         // Already the path within the upstream (prefix "/", origin form): nothing to do.
         if req.uri().scheme().is_some() || rest.len() != req.uri().path().len() {
             let uri = within_upstream(req.uri(), rest)?;
-            *req.uri_mut() = uri;
+            let called = std::mem::replace(req.uri_mut(), uri);
+            // An HTTP/2 call names the host it called in its URI, which has just gone:
+            // keep it as `Host`, as HTTP/1.1 calls carry it (a notification channel's
+            // rewritten `connectUri` names it). The upstream gets its own `Host` anyway.
+            if let Some(authority) = called.authority() {
+                if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
+                    req.headers_mut().entry(http::header::HOST).or_insert(host);
+                }
+            }
         }
         Ok(destination)
     }

@@ -374,3 +374,64 @@ async fn sigterm_does_not_wait_for_tls_handshakes_that_never_start() {
     let (proxy, _) = https_proxy(&sandbox, &pki).await;
     proxy.terminate_with_silent_connections(3).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notification_sockets_pass_the_https_listener_as_wss() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let sandbox = Sandbox::start(SandboxOptions {
+        heartbeat: Duration::from_millis(200),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let pki = pki();
+    let d = pki.dir.path().display();
+    let proxy = Proxy::start(&config_with(
+        &sandbox,
+        &format!("tls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\""),
+        &format!("streaming_url = \"{}\"", sandbox.streaming_url()),
+    ));
+    let channel: serde_json::Value = https_client(&pki, None)
+        .post(format!(
+            "https://{}/api/v2/notifications/channels",
+            proxy.addr
+        ))
+        .header("Authorization", key())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let connect = channel["connectUri"].as_str().unwrap();
+    let id = channel["id"].as_str().unwrap();
+    assert_eq!(connect, format!("wss://{}/channels/{id}", proxy.addr));
+    // A WebSocket over TLS to the proxy, trusting the test CA.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(connect, stream)
+        .await
+        .unwrap();
+    use futures_util::StreamExt;
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.to_text().unwrap().contains("WebSocket Heartbeat"),
+        "{first:?}"
+    );
+    assert_eq!(sandbox.streaming_seen(), [format!("/channels/{id}")]);
+}
