@@ -188,9 +188,11 @@ pub(crate) async fn handshake(
         websocket::keep_upgrade(&mut head.headers);
         return Ok(http::Response::from_parts(head, body::empty()));
     }
+    // Not switched (a 401, a 404): an ordinary answer, cut like any other if it stalls.
     let (mut head, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut head.headers);
-    Ok(http::Response::from_parts(head, body::boxed(incoming)))
+    let answer = body::settle_answer(incoming, (), timeout);
+    Ok(http::Response::from_parts(head, answer))
 }
 
 impl Service<ProxyRequest> for Forward {
