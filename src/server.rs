@@ -311,7 +311,7 @@ pub async fn serve<S>(
                                     let _ = closed.wait_for(|closing| *closing).await;
                                 },
                                 shutting_down: false,
-                                watcher,
+                                _watcher: watcher,
                             }
                             .await
                         }
@@ -357,7 +357,8 @@ pin_project_lite::pin_project! {
         #[pin]
         closing: F,
         shutting_down: bool,
-        watcher: hyper_util::server::graceful::Watcher,
+        // Held, never read: the listener's drain waits until it is dropped.
+        _watcher: hyper_util::server::graceful::Watcher,
     }
 }
 
@@ -373,7 +374,6 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         let mut this = self.project();
-        let _ = &this.watcher;
         if !*this.shutting_down && this.closing.poll(cx).is_ready() {
             *this.shutting_down = true;
             this.conn.as_mut().shut_down();

@@ -12,15 +12,6 @@ use crate::websockets::{next_text, open_url, refused_with, Socket};
 const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
 const PRESENCE: &str = "v2.users.7e4c1b9a-0000-4000-8000-000000000001.presence";
 
-async fn sandbox_with_quick_heartbeats() -> Sandbox {
-    Sandbox::start(SandboxOptions {
-        heartbeat: Duration::from_millis(200),
-        ..sandbox_options()
-    })
-    .await
-    .unwrap()
-}
-
 /// The usual config, the sandbox's streaming host for notifications, and a second client.
 fn notifications_config(sandbox: &Sandbox, prefix: &str) -> String {
     format!(
@@ -75,7 +66,7 @@ async fn next_event(ws: &mut Socket) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_channel_made_through_the_proxy_is_opened_through_the_proxy() {
-    let sandbox = sandbox_with_quick_heartbeats().await;
+    let sandbox = sandbox_with_heartbeat(Duration::from_millis(200)).await;
     let proxy = Proxy::start(&notifications_config(&sandbox, "/genesys"));
     let made = call(
         &proxy,
@@ -187,7 +178,7 @@ async fn a_channel_made_through_the_proxy_is_opened_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn public_url_sets_the_rewritten_connect_uri() {
-    let sandbox = sandbox_with_quick_heartbeats().await;
+    let sandbox = sandbox_with_heartbeat(Duration::from_millis(200)).await;
     let config = notifications_config(&sandbox, "/").replace(
         "admin_listen = \"127.0.0.1:0\"\n",
         "admin_listen = \"127.0.0.1:0\"\npublic_url = \"https://gateway.example.com/tg\"\n",
@@ -219,12 +210,7 @@ async fn fifty_sockets_for_thirty_seconds_lose_no_heartbeat_and_pass_close_codes
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
     const SOCKETS: usize = 50;
-    let sandbox = Sandbox::start(SandboxOptions {
-        heartbeat: Duration::from_secs(1),
-        ..sandbox_options()
-    })
-    .await
-    .unwrap();
+    let sandbox = sandbox_with_heartbeat(Duration::from_secs(1)).await;
     let proxy = Proxy::start(&notifications_config(&sandbox, "/"));
     let mut sockets = Vec::new();
     for _ in 0..SOCKETS {

@@ -502,12 +502,7 @@ async fn an_older_token_written_back_into_redis_is_not_taken() {
 #[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn a_notification_channel_made_on_one_replica_opens_on_another() {
     use crate::websockets::{next_text, open_url, refused_with};
-    let sandbox = Sandbox::start(SandboxOptions {
-        heartbeat: Duration::from_millis(200),
-        ..sandbox_options()
-    })
-    .await
-    .unwrap();
+    let sandbox = sandbox_with_heartbeat(Duration::from_millis(200)).await;
     let redis = RedisServer::start();
     let streaming = format!("streaming_url = \"{}\"\n", sandbox.streaming_url());
     // A second upstream, with no notification channels, at /plain.

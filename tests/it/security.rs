@@ -379,12 +379,7 @@ async fn sigterm_does_not_wait_for_tls_handshakes_that_never_start() {
 async fn notification_sockets_pass_the_https_listener_as_wss() {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
-    let sandbox = Sandbox::start(SandboxOptions {
-        heartbeat: Duration::from_millis(200),
-        ..sandbox_options()
-    })
-    .await
-    .unwrap();
+    let sandbox = sandbox_with_heartbeat(Duration::from_millis(200)).await;
     let pki = pki();
     let d = pki.dir.path().display();
     let proxy = Proxy::start(&config_with(

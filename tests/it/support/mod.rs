@@ -23,6 +23,16 @@ pub fn sandbox_options() -> SandboxOptions {
     }
 }
 
+/// The sandbox, its streaming host sending a heartbeat on every socket every `heartbeat`.
+pub async fn sandbox_with_heartbeat(heartbeat: Duration) -> Sandbox {
+    Sandbox::start(SandboxOptions {
+        heartbeat,
+        ..sandbox_options()
+    })
+    .await
+    .expect("sandbox starts")
+}
+
 pub async fn sandbox() -> Sandbox {
     Sandbox::start(sandbox_options())
         .await
