@@ -22,12 +22,13 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::Service;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::connection_slots::{ConnectionSlots, Slot};
+use crate::egress::{Connector, Egress};
 
 /// How often idle connections are looked over: one that stayed idle for [`IDLE_TICKS`]
 /// looks (90 to 105 s; hyper-util's pool closed them after 90 s) is closed. Counting looks
@@ -139,10 +140,10 @@ enum Conn {
 
 /// One worker's connections to one upstream, and its share of the connection slots.
 pub struct WorkerConnections {
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpsConnector<Connector>,
     /// Offers only HTTP/1.1 by ALPN: a WebSocket handshake needs `Upgrade`, which HTTP/2
     /// does not have.
-    http1_only: HttpsConnector<HttpConnector>,
+    http1_only: HttpsConnector<Connector>,
     /// HTTP/1.1 connections not in use, the most recently used last.
     idle: Mutex<Vec<Idle>>,
     /// The HTTP/2 connection, when the API host speaks h2: every call shares it.
@@ -165,27 +166,11 @@ impl std::fmt::Debug for WorkerConnections {
 }
 
 impl WorkerConnections {
-    pub fn new(connect_timeout: Duration, share: usize) -> Arc<WorkerConnections> {
-        let mut http = HttpConnector::new();
-        // The https connector below decides between http and https by the URL's scheme.
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http.clone());
-        let http1_only = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+    /// Connections that leave through `egress` (its proxy, CAs and client certificate).
+    pub fn new(connect_timeout: Duration, share: usize, egress: &Egress) -> Arc<WorkerConnections> {
         Arc::new(WorkerConnections {
-            connector,
-            http1_only,
+            connector: egress.api_connector(connect_timeout, false),
+            http1_only: egress.api_connector(connect_timeout, true),
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
             idle_max: share,
@@ -439,7 +424,7 @@ mod tests {
     /// so it must stay small: connecting is boxed (see `checkout`).
     #[test]
     fn a_call_future_stays_small() {
-        let connections = WorkerConnections::new(Duration::from_secs(1), 1);
+        let connections = WorkerConnections::new(Duration::from_secs(1), 1, &Egress::direct());
         let origin = Arc::new(Origin::of(&Uri::from_static("http://127.0.0.1:9/")).unwrap());
         let send = connections.send(
             &origin,

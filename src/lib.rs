@@ -20,6 +20,7 @@ pub mod connection_slots;
 pub mod connections;
 pub mod credentials;
 pub mod demo;
+pub mod egress;
 pub mod error;
 pub mod forward;
 pub mod keys;
@@ -58,8 +59,6 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    SideCalls(#[from] token::grant::SideClientError),
 }
 
 /// A proxy that is serving.
@@ -96,7 +95,7 @@ fn spawn_refreshers(generation: &live::Generation) -> Vec<JoinHandle<()>> {
 /// (see [`workers`]), the admin listener and the token refreshers on the caller's runtime.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let worker_count = config.server.workers;
-    let builder = live::Builder::new(Metrics::new(), worker_count)?;
+    let builder = live::Builder::new(Metrics::new(), worker_count);
     let proxy_listeners =
         workers::bind_reuseport(config.server.listen, worker_count).map_err(|source| {
             StartError::Listen {

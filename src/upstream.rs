@@ -50,7 +50,9 @@ impl Upstream {
         metrics: UpstreamMetrics,
     ) -> Upstream {
         let clients = connection_shares(config.max_connections, workers)
-            .map(|share| WorkerConnections::new(config.connect_timeout, share))
+            .map(|share| {
+                WorkerConnections::new(config.connect_timeout, share, &config.grant.egress)
+            })
             .collect();
 
         let spent_until = tokens.iter().map(|_| AtomicU64::new(0)).collect();

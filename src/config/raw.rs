@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{AuthMethod, BasicEncoding, LogFormat};
+use super::{AuthMethod, BasicEncoding, LogFormat, SigningAlg};
 use crate::providers::Provider;
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +54,7 @@ pub(super) struct RawServer {
     pub(super) max_websockets: Option<usize>,
     pub(super) public_url: Option<String>,
     pub(super) websocket_idle_secs: Option<f64>,
+    pub(super) egress_proxy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +87,18 @@ pub(super) struct RawUpstream {
     pub(super) retry_429_max_wait_secs: Option<f64>,
     pub(super) streaming_url: Option<String>,
     pub(super) websocket_token: Option<String>,
+    pub(super) egress_proxy: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) ca_only: Option<bool>,
+    pub(super) client_secret_next: Option<String>,
+    pub(super) client_secret_next_file: Option<PathBuf>,
+    pub(super) private_key_file: Option<PathBuf>,
+    pub(super) signing_alg: Option<SigningAlg>,
+    pub(super) key_id: Option<String>,
+    pub(super) assertion_audience: Option<String>,
+    pub(super) client_cert_file: Option<PathBuf>,
+    pub(super) client_key_file: Option<PathBuf>,
+    pub(super) mtls_upstream: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

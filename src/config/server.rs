@@ -1,7 +1,7 @@
 //! `[server]`: the listeners (addresses, TLS, connection limits) and the proxy's own limits.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +50,9 @@ pub struct ServerConfig {
     pub max_websockets: usize,
     /// A WebSocket on which neither side sends anything this long is closed.
     pub websocket_idle: Duration,
+    /// Where outbound connections go (`egress_proxy`, else the environment's
+    /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`); `None`: direct.
+    pub egress: Option<crate::egress::ProxyRoutes>,
 }
 
 impl Cx<'_> {
@@ -136,6 +139,7 @@ impl Cx<'_> {
                 raw.websocket_idle_secs,
                 120.0,
             )?,
+            egress: self.proxy_routes(raw.egress_proxy)?,
         })
     }
 
@@ -148,7 +152,7 @@ impl Cx<'_> {
         client_ca: Option<PathBuf>,
     ) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use rustls::pki_types::PrivateKeyDer;
         let (cert, key) = match (cert, key) {
             (None, None) => {
                 if client_ca.is_some() {
@@ -164,24 +168,8 @@ impl Cx<'_> {
                 ))
             }
         };
-        let base = self.file.parent().unwrap_or(Path::new("."));
-        let certs = |key: &str, path: &Path| -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-            let path = base.join(path);
-            let certs: Vec<_> = CertificateDer::pem_file_iter(&path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    self.err(
-                        key,
-                        format!("cannot read certificates from {}: {e}", path.display()),
-                    )
-                })?;
-            if certs.is_empty() {
-                return Err(self.err(key, format!("{} holds no PEM certificate", path.display())));
-            }
-            Ok(certs)
-        };
-        let chain = certs("server.tls_cert", &cert)?;
-        let key_path = base.join(&key);
+        let chain = self.pem_certs("server.tls_cert", &cert)?;
+        let key_path = self.relative(&key);
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
             self.err(
                 "server.tls_key",
@@ -193,7 +181,7 @@ impl Cx<'_> {
             None => builder.with_no_client_auth(),
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
-                for c in certs("server.client_ca", &ca)? {
+                for c in self.pem_certs("server.client_ca", &ca)? {
                     roots.add(c).map_err(|e| {
                         self.err(
                             "server.client_ca",
