@@ -14,7 +14,7 @@ use tokengate::metrics::Metrics;
 use tokengate::policy::AllowRule;
 use tokengate::session::Sessions;
 use tokengate::status::StatusBoard;
-use tokengate::token::grant::{side_call_client, Granter};
+use tokengate::token::grant::Granter;
 use tokengate::token::TokenSource;
 use tokengate::upstream::Upstream;
 use tokengate_sandbox::{Sandbox, SandboxOptions};
@@ -30,7 +30,7 @@ fn token_cache_hit(c: &mut Criterion) {
             sandbox.api_url()
         );
         let config = Config::from_toml(&text, "bench.toml".as_ref(), &|_| None).unwrap();
-        let granter = Granter::new(side_call_client().unwrap(), config.upstreams[0].grant.clone());
+        let granter = Granter::new(config.upstreams[0].grant.clone());
         let tokens = TokenSource::new(Arc::from("s"), granter, Metrics::new(), Default::default(), Default::default());
         tokens.token().await.unwrap();
         std::mem::forget(sandbox); // keep it serving for the rest of the run
@@ -61,7 +61,7 @@ fn whole_stack(c: &mut Criterion) {
         );
         let config = Config::from_toml(&text, "bench.toml".as_ref(), &|_| None).unwrap();
         let metrics = Metrics::new();
-        let granter = Granter::new(side_call_client().unwrap(), config.upstreams[0].grant.clone());
+        let granter = Granter::new(config.upstreams[0].grant.clone());
         let tokens = TokenSource::new(Arc::from("s"), granter, metrics.clone(), Default::default(), Default::default());
         tokens.token().await.unwrap();
         let upstream = Arc::new(Upstream::new(

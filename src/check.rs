@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::config::{AuthMethod, BasicEncoding, Config, GrantConfig, GrantFlow, UpstreamConfig};
 use crate::providers::{GenesysRegion, Provider, GENESYS_REGIONS};
-use crate::token::grant::{side_call_client, GrantError, Granter};
+use crate::token::grant::{GrantError, Granter};
 
 /// One upstream's result, as `check --json` prints it.
 #[derive(Debug, Clone, Serialize)]
@@ -20,6 +20,12 @@ pub struct Diagnosis {
     pub grant_error: Option<String>,
     pub hint: &'static str,
     pub message: String,
+    /// How the client proves itself to the token endpoint (`client_secret_basic`,
+    /// `private_key_jwt`, …).
+    pub auth_method: &'static str,
+    /// The egress proxy the grant went through (no credentials), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<String>,
 }
 
 /// Try one grant for every upstream, all at once (each upstream's endpoint sees one request,
@@ -34,53 +40,45 @@ pub async fn check_with(
     config: &Config,
     region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
 ) -> Vec<Diagnosis> {
-    let http = match side_call_client() {
-        Ok(http) => http,
-        Err(e) => {
-            // Nothing can be tried: every upstream fails with the same reason.
-            let failed = |u: &std::sync::Arc<UpstreamConfig>| Diagnosis {
-                upstream: u.name.to_string(),
-                ok: false,
-                token_url: u.grant.token_url.clone().unwrap_or_default(),
-                status: None,
-                grant_error: None,
-                hint: "tls_error",
-                message: e.to_string(),
-            };
-            return config.upstreams.iter().map(failed).collect();
-        }
-    };
     let tasks = config
         .upstreams
         .iter()
-        .map(|u| check_upstream(u, &http, region_token_url));
+        .map(|u| check_upstream(u, region_token_url));
     futures_util::future::join_all(tasks).await
 }
 
-async fn try_grant(
-    http: &reqwest::Client,
-    grant: GrantConfig,
-) -> Result<std::time::Duration, GrantError> {
-    Granter::new(http.clone(), grant)
-        .grant()
-        .await
-        .map(|g| g.expires_in)
+async fn try_grant(grant: GrantConfig) -> Result<std::time::Duration, GrantError> {
+    Granter::new(grant).grant().await.map(|g| g.expires_in)
 }
 
 async fn check_upstream(
     u: &UpstreamConfig,
-    http: &reqwest::Client,
     region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
 ) -> Diagnosis {
-    let granter = Granter::new(http.clone(), u.grant.clone());
+    let granter = Granter::new(u.grant.clone());
     let result = granter.grant().await.map(|g| g.expires_in);
     let mut d = diagnose(u, shown_token_url(&granter).await, result);
+    if d.hint == "egress_proxy_refused" {
+        // Name the proxy's own answer (401/407: its password; 403: its rules).
+        let status = match (&u.grant.egress.proxy, d.token_url.parse::<http::Uri>()) {
+            (Some(routes), Ok(dst)) => crate::egress::tunnel_status(routes, &dst).await,
+            _ => None,
+        };
+        if let (Some(status), Some(proxy)) = (status, d.egress_proxy.clone()) {
+            d.status = Some(status);
+            d.message = format!(
+                "the egress proxy {proxy} {}; the token endpoint was never reached",
+                crate::egress::refusal_reason(status)
+            );
+        }
+        return d;
+    }
     if d.hint != "invalid_client" {
         return d;
     }
-    if let Some(fix) = other_client_authentication(u, http).await {
+    if let Some(fix) = other_client_authentication(u).await {
         d.message = fix;
-    } else if let Some(region) = region_of_client(u, http, region_token_url).await {
+    } else if let Some(region) = region_of_client(u, region_token_url).await {
         d.hint = "wrong_region";
         d.message = format!(
             "this OAuth client belongs to region {} (its login host granted a token): set region = \"{}\"",
@@ -96,12 +94,15 @@ async fn check_upstream(
 fn encoding_matters(g: &GrantConfig) -> bool {
     use secrecy::ExposeSecret;
     let changes = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>() != s;
-    changes(&g.client_id) || changes(g.client_secret.expose_secret())
+    let Some(secret) = &g.client_secret else {
+        return false;
+    };
+    changes(&g.client_id) || changes(secret.value.expose_secret())
 }
 
 /// For an `invalid_client` with a secret that encodings treat differently: does the other
 /// Basic encoding, or client_secret_post, work? Returns the fix in one sentence.
-async fn other_client_authentication(u: &UpstreamConfig, http: &reqwest::Client) -> Option<String> {
+async fn other_client_authentication(u: &UpstreamConfig) -> Option<String> {
     if !encoding_matters(&u.grant) {
         return None;
     }
@@ -123,7 +124,7 @@ async fn other_client_authentication(u: &UpstreamConfig, http: &reqwest::Client)
         tries.push((g, "the secret has characters that the Basic header mangles, and the token endpoint accepts it in the form: set auth_method = \"post\"".to_string()));
     }
     for (grant, fix) in tries {
-        if try_grant(http, grant).await.is_ok() {
+        if try_grant(grant).await.is_ok() {
             return Some(fix);
         }
     }
@@ -133,7 +134,6 @@ async fn other_client_authentication(u: &UpstreamConfig, http: &reqwest::Client)
 /// For a Genesys `invalid_client`: ask every other region's login host once, in parallel.
 async fn region_of_client(
     u: &UpstreamConfig,
-    http: &reqwest::Client,
     region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
 ) -> Option<GenesysRegion> {
     if u.provider != Provider::Genesys {
@@ -145,7 +145,7 @@ async fn region_of_client(
         .map(|r| {
             let mut g = u.grant.clone();
             g.token_url = Some(region_token_url(r));
-            async move { try_grant(http, g).await.ok().map(|_| *r) }
+            async move { try_grant(g).await.ok().map(|_| *r) }
         });
     futures_util::future::join_all(probes)
         .await
@@ -159,6 +159,7 @@ pub fn diagnose(
     token_url: String,
     result: Result<std::time::Duration, GrantError>,
 ) -> Diagnosis {
+    let https = token_url.starts_with("https://") || token_url.is_empty();
     let mut d = Diagnosis {
         upstream: u.name.to_string(),
         ok: false,
@@ -167,6 +168,8 @@ pub fn diagnose(
         grant_error: None,
         hint: "ok",
         message: String::new(),
+        auth_method: u.grant.auth_method.name(),
+        egress_proxy: u.grant.egress.proxy.as_ref().and_then(|p| p.shown(https)),
     };
     let err = match result {
         Ok(expires_in) => {
@@ -183,6 +186,9 @@ pub fn diagnose(
             d.grant_error = Some(error.clone());
             match error.as_str() {
                 "invalid_client" => ("invalid_client", match u.provider {
+                    _ if u.grant.auth_method == AuthMethod::PrivateKeyJwt => "the token endpoint refused the signed client assertion: check that it holds this key's public key (and key_id), the client_id, and the audience it expects (assertion_audience)".to_string(),
+                    _ if !u.grant.auth_method.uses_secret() => "the token endpoint refused the client certificate: check that it is registered for this client_id (and issued by a CA the endpoint trusts)".to_string(),
+                    _ if u.grant.client_secret_next.is_some() => "the token endpoint refused both client_secret and client_secret_next: check the client id and both secrets".to_string(),
                     Provider::Genesys => "the login host does not know this client id and secret: check both in Admin > OAuth, and that the OAuth client belongs to the org of this region".to_string(),
                     _ => "the token endpoint does not accept this client id and secret: check both, and auth_method (basic or post)".to_string(),
                 }),
@@ -234,7 +240,15 @@ pub fn diagnose(
         ),
         GrantError::Tls(detail) => (
             "tls_error",
-            format!("TLS with the token endpoint failed ({detail}): check the URL's host and any TLS-intercepting proxy"),
+            format!("TLS with the token endpoint failed ({detail}): check the URL's host; a private CA or a TLS-intercepting proxy needs ca_file"),
+        ),
+        GrantError::EgressRefused(detail) => (
+            "egress_proxy_refused",
+            format!("{detail}; the token endpoint was never reached"),
+        ),
+        GrantError::Assertion(detail) => (
+            "invalid_client",
+            format!("the client assertion cannot be signed ({detail}): check private_key_file and signing_alg"),
         ),
     };
     d.hint = hint;
@@ -251,6 +265,9 @@ async fn shown_token_url(granter: &Granter) -> String {
         GrantFlow::CxoneAccessKey { issuer, .. } => {
             format!("{issuer}/.well-known/openid-configuration")
         }
-        GrantFlow::ClientCredentials => String::new(),
+        GrantFlow::ClientCredentials => match &granter.config().issuer {
+            Some(issuer) => format!("{issuer}/.well-known/openid-configuration"),
+            None => String::new(),
+        },
     }
 }

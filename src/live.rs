@@ -57,7 +57,7 @@ impl Generation {
     }
 }
 
-/// What outlives a generation: the token cache, the side-call client, the metrics.
+/// What outlives a generation: the token cache, sessions, sockets, channels, the metrics.
 pub struct Builder {
     tokens: TokenCache,
     /// Signs the proxy's own session tokens; kept, so sessions survive a reload.
@@ -66,27 +66,22 @@ pub struct Builder {
     sockets: Arc<crate::websocket::Sockets>,
     /// Notification channels made through the proxy; kept across reloads.
     channels: Arc<crate::notifications::Channels>,
-    http: reqwest::Client,
     metrics: Metrics,
     /// Each worker gets its own connection pool per upstream.
     workers: usize,
 }
 
 impl Builder {
-    pub fn new(
-        metrics: Metrics,
-        workers: usize,
-    ) -> Result<Builder, crate::token::grant::SideClientError> {
+    pub fn new(metrics: Metrics, workers: usize) -> Builder {
         let tokens = TokenCache::default();
-        Ok(Builder {
+        Builder {
             workers,
             channels: crate::notifications::Channels::new(tokens.shared_handle()),
             tokens,
             sessions: Arc::new(Sessions::new()),
             sockets: crate::websocket::Sockets::new(metrics.clone()),
-            http: crate::token::grant::side_call_client()?,
             metrics,
-        })
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -103,10 +98,7 @@ impl Builder {
             .iter()
             .map(|u| {
                 let pool = (0..u.tokens)
-                    .map(|i| {
-                        self.tokens
-                            .source_for(&u.name, &u.grant, i, &self.http, &self.metrics)
-                    })
+                    .map(|i| self.tokens.source_for(&u.name, &u.grant, i, &self.metrics))
                     .collect();
                 Arc::new(Upstream::new(
                     Arc::clone(u),

@@ -227,13 +227,18 @@ async fn check(cli: &Cli, json: bool) -> ExitCode {
     };
     let results = tokengate::check::check(&config).await;
     for d in &results {
+        // How the client proved itself, and the way out when it is not direct.
+        let via = match &d.egress_proxy {
+            Some(p) => format!(", {}, via {p}", d.auth_method),
+            None => format!(", {}", d.auth_method),
+        };
         if json {
             println!("{}", serde_json::to_string(d).unwrap_or_default());
         } else if d.ok {
-            println!("ok    {}: {} ({})", d.upstream, d.message, d.token_url);
+            println!("ok    {}: {} ({}{via})", d.upstream, d.message, d.token_url);
         } else {
             println!(
-                "FAIL  {}: [{}] {} ({})",
+                "FAIL  {}: [{}] {} ({}{via})",
                 d.upstream, d.hint, d.message, d.token_url
             );
         }

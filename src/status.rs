@@ -244,6 +244,11 @@ pub fn status_json(
                 "provider": u.config.provider.as_str(),
                 "region": u.config.region.map(|r| r.name),
                 "prefix": u.config.prefix,
+                "auth_method": u.config.grant.auth_method.name(),
+                // Which of client_secret / client_secret_next the last grant used (never
+                // either value).
+                "secret_in_use": snap.secret_in_use,
+                "egress_proxy": u.config.grant.egress.proxy.as_ref().and_then(|p| p.shown(true)),
                 "api_host": u.api_base().and_then(|b| b.authority().map(|a| a.to_string())),
                 "token": {
                     "state": snap.state,
@@ -347,8 +352,18 @@ pub fn status_html(doc: &Value) -> String {
             None => "—".into(),
         };
         let age = u["token"]["age_secs"].as_f64().map_or("—".into(), clock);
+        let mut auth = esc(&text(&u["auth_method"]));
+        if let Some(s) = u["secret_in_use"].as_str() {
+            auth.push_str(&format!(
+                ", secret in use: <span class=\"secret-in-use\">{}</span>",
+                esc(s)
+            ));
+        }
+        if let Some(p) = u["egress_proxy"].as_str() {
+            auth.push_str(&format!(", via {}", esc(p)));
+        }
         rows.push_str(&format!(
-            "<tr id=\"upstream-{name}\" class=\"state-{state}\"><th scope=\"row\">{name}</th><td>{provider}</td><td>{where_}</td>\
+            "<tr id=\"upstream-{name}\" class=\"state-{state}\"><th scope=\"row\">{name}</th><td>{provider}<br><small class=\"auth\">{auth}</small></td><td>{where_}</td>\
              <td><span class=\"badge {state}\">{state}</span></td><td>{expiry}</td><td>{age}</td><td>{pool}</td>\
              <td>{ok} / {failed}</td><td>{req} / {err}</td><td>{retries}</td><td>{throttled}</td></tr>\n",
             provider = esc(&text(&u["provider"])),

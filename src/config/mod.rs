@@ -23,6 +23,7 @@
 
 mod cache;
 mod client;
+mod egress;
 mod error;
 mod grant;
 mod raw;
@@ -39,7 +40,9 @@ pub use cache::CacheConfig;
 pub use client::ClientConfig;
 use error::toml_error;
 pub use error::ConfigError;
-pub use grant::{AuthMethod, BasicEncoding, GrantConfig, GrantFlow};
+pub use grant::{
+    AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
+};
 use raw::RawConfig;
 pub use server::{LogFormat, ServerConfig};
 pub use upstream::{UpstreamConfig, WebsocketToken};
@@ -105,7 +108,7 @@ impl Cx<'_> {
         }
         let mut upstreams: Vec<Arc<UpstreamConfig>> = Vec::new();
         for (i, u) in raw.upstream.into_iter().enumerate() {
-            let up = self.upstream(i, u)?;
+            let up = self.upstream(i, u, &server)?;
             if upstreams.iter().any(|o| o.name == up.name) {
                 return Err(self.err(
                     &format!("upstream[{i}].name"),

@@ -158,7 +158,13 @@ fn interpolation_handles_dollars() {
     let text = GENESYS.replace("${SECRET}", "a$$b$c${SECRET}");
     let c = load(&text).unwrap();
     assert_eq!(
-        c.upstreams[0].grant.client_secret.expose_secret(),
+        c.upstreams[0]
+            .grant
+            .client_secret
+            .as_ref()
+            .unwrap()
+            .value
+            .expose_secret(),
         "a$b$csuper-secret-value"
     );
 }
@@ -198,5 +204,120 @@ fn closed_sets_of_words_name_the_key_and_the_accepted_values() {
     assert_eq!(
         c.upstreams[0].grant.basic_encoding,
         BasicEncoding::FormEncoded
+    );
+}
+
+const OAUTH2: &str = r#"
+[[upstream]]
+name = "idp"
+provider = "oauth2"
+token_url = "https://idp.example.com/token"
+base_url = "https://api.example.com"
+client_id = "${ID}"
+"#;
+
+#[test]
+fn egress_proxy_comes_from_the_config_or_the_environment_and_never_shows_its_password() {
+    let with_proxy = |url: &str| format!("[server]\negress_proxy = \"{url}\"\n{GENESYS}");
+    let c = load(&with_proxy("http://corp:pw-77@proxy.corp:3128")).unwrap();
+    let routes = c.server.egress.as_ref().unwrap();
+    assert_eq!(
+        routes.shown(true).as_deref(),
+        Some("http://proxy.corp:3128")
+    );
+    let dbg = format!("{c:?}");
+    assert!(
+        !dbg.contains("pw-77") && dbg.contains("proxy.corp:3128"),
+        "{dbg}"
+    );
+    for bad in [
+        "https://corp:pw-77@proxy.corp:3128",
+        "socks5://corp:pw-77@proxy.corp:1080",
+        "http://",
+    ] {
+        let e = load(&with_proxy(bad)).unwrap_err().to_string();
+        assert!(
+            e.contains("server.egress_proxy") && !e.contains("pw-77"),
+            "{e}"
+        );
+    }
+    // Unset: the environment, as curl reads it; an upstream may opt out.
+    let env = |name: &str| match name {
+        "HTTPS_PROXY" => Some("http://u:pw-88@egress:8080".to_string()),
+        "NO_PROXY" => Some("internal.example.com".to_string()),
+        "ID" => Some("id".into()),
+        "SECRET" => Some("s".into()),
+        _ => None,
+    };
+    let c = Config::from_toml(GENESYS, Path::new("p.toml"), &env).unwrap();
+    let routes = c.server.egress.as_ref().unwrap();
+    assert_eq!(routes.shown(true).as_deref(), Some("http://egress:8080"));
+    assert_eq!(routes.shown(false), None);
+    assert_eq!(routes.no_proxy, "internal.example.com");
+    assert!(c.upstreams[0].grant.egress.proxy.is_some());
+    let text = GENESYS.replace(
+        "provider = \"genesys\"",
+        "provider = \"genesys\"\negress_proxy = \"none\"",
+    );
+    let c = Config::from_toml(&text, Path::new("p.toml"), &env).unwrap();
+    assert!(c.upstreams[0].grant.egress.proxy.is_none());
+    let text = GENESYS.replace(
+        "provider = \"genesys\"",
+        "provider = \"genesys\"\negress_proxy = \"http://x:1\"",
+    );
+    let e = load(&text).unwrap_err().to_string();
+    assert!(e.contains("egress_proxy") && e.contains("\"none\""), "{e}");
+    let bad_env = |name: &str| {
+        (name == "HTTPS_PROXY")
+            .then(|| "ftp://u:pw-99@x".to_string())
+            .or_else(|| env(name))
+    };
+    let e = Config::from_toml(GENESYS, Path::new("p.toml"), &bad_env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("HTTPS_PROXY") && !e.contains("pw-99"), "{e}");
+}
+
+#[test]
+fn client_authentication_keys_are_checked_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key_file = dir.path().join("k.pem");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let k = key_file.display();
+    let cases: Vec<(String, &str)> = vec![
+        // Genesys and CXone take secrets only.
+        (GENESYS.replace("client_secret = \"${SECRET}\"", &format!("auth_method = \"private_key_jwt\"\nprivate_key_file = \"{k}\"")), "only valid for provider = \"oauth2\""),
+        (format!("{OAUTH2}auth_method = \"private_key_jwt\"\n"), "private_key_file: is required"),
+        (format!("{OAUTH2}auth_method = \"private_key_jwt\"\nprivate_key_file = \"{k}\"\nsigning_alg = \"RS256\"\n"), "not a PEM RSA private key"),
+        (format!("{OAUTH2}auth_method = \"private_key_jwt\"\nprivate_key_file = \"{k}\"\nclient_secret = \"s\"\n"), "client_secret: is not used"),
+        (format!("{OAUTH2}client_secret = \"s\"\nkey_id = \"k1\"\n"), "key_id: is only used with auth_method = \"private_key_jwt\""),
+        (format!("{OAUTH2}auth_method = \"tls_client_auth\"\n"), "client_cert_file: is required"),
+        (format!("{OAUTH2}client_secret = \"s\"\nclient_cert_file = \"{k}\"\n"), "set both client_cert_file and client_key_file"),
+        (format!("{OAUTH2}client_secret = \"s\"\nca_only = true\n"), "ca_only: needs ca_file"),
+        (format!("{OAUTH2}client_secret = \"s\"\nca_file = \"{k}\"\n"), "holds no PEM certificate"),
+        ("[[upstream]]\nname = \"idp\"\nprovider = \"oauth2\"\nbase_url = \"https://api.example.com\"\nclient_id = \"x\"\nclient_secret = \"s\"\n".to_string(), "or issuer, to find it by discovery"),
+        (GENESYS.replace("client_id", "issuer = \"https://x\"\nclient_id"), "only valid for provider = \"cxone\" or \"oauth2\""),
+    ];
+    for (text, expected) in cases {
+        let e = load(&text).unwrap_err().to_string();
+        assert!(e.contains(expected), "{expected:?} not in: {e}");
+    }
+    let ok = load(&format!(
+        "{OAUTH2}auth_method = \"private_key_jwt\"\nprivate_key_file = \"{k}\"\nsigning_alg = \"ES256\"\nkey_id = \"k1\"\n"
+    ))
+    .unwrap();
+    let g = &ok.upstreams[0].grant;
+    assert_eq!(g.auth_method, AuthMethod::PrivateKeyJwt);
+    assert!(g.client_secret.is_none());
+    let issuer = load(&OAUTH2.replace(
+        "token_url = \"https://idp.example.com/token\"",
+        "issuer = \"https://idp.example.com/t1/\"\nclient_secret = \"s\"",
+    ))
+    .unwrap();
+    assert_eq!(issuer.upstreams[0].grant.token_url, None);
+    assert_eq!(
+        issuer.upstreams[0].grant.issuer.as_deref(),
+        Some("https://idp.example.com/t1")
     );
 }

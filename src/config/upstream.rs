@@ -65,6 +65,7 @@ impl Cx<'_> {
         &self,
         i: usize,
         mut raw: RawUpstream,
+        server: &super::ServerConfig,
     ) -> Result<UpstreamConfig, ConfigError> {
         if raw.name.is_empty()
             || !raw
@@ -83,8 +84,13 @@ impl Cx<'_> {
         let name = raw.name.clone();
         let key = |k: &str| format!("upstream \"{name}\".{k}");
         let provider = raw.provider;
+        if raw.issuer.is_some() && provider == Provider::Genesys {
+            return Err(self.err(
+                &key("issuer"),
+                "is only valid for provider = \"cxone\" or \"oauth2\"",
+            ));
+        }
         for (field, set) in [
-            ("issuer", raw.issuer.is_some()),
             ("access_key_id", raw.access_key_id.is_some()),
             ("access_key_secret", raw.access_key_secret.is_some()),
             (
@@ -137,16 +143,19 @@ impl Cx<'_> {
             }
         };
         let defaults = region.map(|r| (r.token_url(), r.api_url()));
-        // CXone finds both by discovery unless they are given.
+        // CXone finds both by discovery unless they are given; OAuth2 finds its token
+        // endpoint from `issuer`.
         let discovers = provider == Provider::Cxone;
-        let token_url = match (raw.token_url.take(), &defaults) {
-            (Some(u), _) => Some(self.interpolate(&key("token_url"), &u)?),
-            (None, Some((t, _))) => Some(t.clone()),
-            (None, None) if discovers => None,
-            (None, None) => {
-                return Err(self.err(&key("token_url"), "is required for provider = \"oauth2\""))
-            }
-        };
+        let token_url =
+            match (raw.token_url.take(), &defaults) {
+                (Some(u), _) => Some(self.interpolate(&key("token_url"), &u)?),
+                (None, Some((t, _))) => Some(t.clone()),
+                (None, None) if discovers || raw.issuer.is_some() => None,
+                (None, None) => return Err(self.err(
+                    &key("token_url"),
+                    "is required for provider = \"oauth2\" (or issuer, to find it by discovery)",
+                )),
+            };
         let base_url = match (raw.base_url.take(), &defaults) {
             (Some(u), _) => Some(self.interpolate(&key("base_url"), &u)?),
             (None, Some((_, b))) => Some(b.clone()),
@@ -185,7 +194,13 @@ impl Cx<'_> {
                 }
             },
         };
-        let grant = self.grant(provider, &mut raw, token_url, base_url.is_none())?;
+        let grant = self.grant(
+            provider,
+            &mut raw,
+            token_url,
+            base_url.is_none(),
+            server.egress.as_ref(),
+        )?;
         let prefix = self.prefix(&key("prefix"), raw.prefix.as_deref().unwrap_or("/"))?;
         Ok(UpstreamConfig {
             name: Arc::from(raw.name.as_str()),

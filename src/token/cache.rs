@@ -64,7 +64,6 @@ impl TokenCache {
         upstream: &Arc<str>,
         grant: &GrantConfig,
         index: u32,
-        http: &reqwest::Client,
         metrics: &Metrics,
     ) -> Arc<TokenSource> {
         let key = grant.cache_key();
@@ -79,8 +78,11 @@ impl TokenCache {
             .sources
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let source = sources.entry((key.clone(), index)).or_insert_with(|| {
-            let granter = Granter::new(http.clone(), grant.clone());
+        // Sources differ by their way out too (a reload that changes `ca_file` or the
+        // egress proxy gets a granter with the new client); the fleet shares by `key`.
+        let local = format!("{key}/{}", grant.transport_key);
+        let source = sources.entry((local, index)).or_insert_with(|| {
+            let granter = Granter::new(grant.clone());
             let fleet = Fleet {
                 shared: Arc::clone(&self.shared),
                 cache_key: key.clone(),

@@ -84,6 +84,8 @@ pub struct TokenSnapshot {
     pub grants_ok: u64,
     pub grants_failed: u64,
     pub last_failure: Option<Failure>,
+    /// `current` or `next` (`client_secret_next`), for methods that send a secret.
+    pub secret_in_use: Option<&'static str>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -165,6 +167,7 @@ impl TokenSource {
             grants_ok: self.grants_ok.load(Ordering::Relaxed),
             grants_failed: self.grants_failed.load(Ordering::Relaxed),
             last_failure,
+            secret_in_use: self.granter.secret_in_use().map(|s| s.name()),
         }
     }
 

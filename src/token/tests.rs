@@ -21,12 +21,12 @@ fn sources_are_shared_by_identical_grants_only() {
         c.upstreams[0].grant.clone()
     };
     let cache = TokenCache::default();
-    let (http, metrics, name) = (reqwest::Client::new(), Metrics::new(), Arc::from("a"));
-    let a = cache.source_for(&name, &grant("s1", ""), 0, &http, &metrics);
-    let same = cache.source_for(&name, &grant("s1", ""), 0, &http, &metrics);
-    let other_secret = cache.source_for(&name, &grant("s2", ""), 0, &http, &metrics);
-    let other_scope = cache.source_for(&name, &grant("s1", "scope = \"x\""), 0, &http, &metrics);
-    let second_of_pool = cache.source_for(&name, &grant("s1", ""), 1, &http, &metrics);
+    let (metrics, name) = (Metrics::new(), Arc::from("a"));
+    let a = cache.source_for(&name, &grant("s1", ""), 0, &metrics);
+    let same = cache.source_for(&name, &grant("s1", ""), 0, &metrics);
+    let other_secret = cache.source_for(&name, &grant("s2", ""), 0, &metrics);
+    let other_scope = cache.source_for(&name, &grant("s1", "scope = \"x\""), 0, &metrics);
+    let second_of_pool = cache.source_for(&name, &grant("s1", ""), 1, &metrics);
     assert!(!Arc::ptr_eq(&a, &second_of_pool));
     assert!(Arc::ptr_eq(&a, &same));
     assert!(!Arc::ptr_eq(&a, &other_secret));
@@ -107,8 +107,7 @@ pub(crate) async fn sandboxed_source() -> (
         sandbox.api_url()
     );
     let config = crate::config::Config::from_toml(&toml, "t.toml".as_ref(), &|_| None).unwrap();
-    let http = grant::side_call_client().unwrap();
-    let granter = grant::Granter::new(http, config.upstreams[0].grant.clone());
+    let granter = grant::Granter::new(config.upstreams[0].grant.clone());
     let source = TokenSource::new(
         Arc::from("a"),
         granter,

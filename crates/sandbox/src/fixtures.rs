@@ -84,6 +84,14 @@ impl Sandbox {
         self.revoke_all();
     }
 
+    /// Rotate the OAuth client's secret: from now on the login host accepts `new` and
+    /// refuses the one before with `invalid_client`.
+    pub fn rotate_client_secret(&self, new: &str) {
+        if let Ok(mut secret) = self.state.rotated_secret.lock() {
+            *secret = Some(new.to_string());
+        }
+    }
+
     /// Let the requests waiting at `/api/v2/sandbox/gate` (and later ones) through.
     pub fn open_gate(&self) {
         self.state.controls.gate.send_replace(true);

@@ -134,6 +134,9 @@ struct State {
     usage: Mutex<HashMap<String, (Instant, u64)>>,
     /// Notification channels, shared with the streaming host.
     notifications: Arc<streaming::Notifications>,
+    /// The client secret the login host accepts now, once a test has rotated it
+    /// (`None`: the options' `client_secret`).
+    rotated_secret: Mutex<Option<String>>,
     #[cfg(feature = "fixtures")]
     controls: fixtures::Controls,
 }

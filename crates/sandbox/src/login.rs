@@ -124,9 +124,15 @@ async fn grant(
         }
         _ => None,
     };
+    let accepted = s
+        .rotated_secret
+        .lock()
+        .ok()
+        .and_then(|r| r.clone())
+        .unwrap_or_else(|| o.client_secret.clone());
     let client_ok = basic
         .or(posted)
-        .is_some_and(|(id, secret)| id == o.client_id && secret == o.client_secret);
+        .is_some_and(|(id, secret)| id == o.client_id && secret == accepted);
     if !client_ok {
         let status = StatusCode::from_u16(o.refusal_status).unwrap_or(StatusCode::BAD_REQUEST);
         return oauth_refusal(status, "invalid_client", "authentication failed");

@@ -36,7 +36,7 @@ impl Granter {
                 ("grant_type", "refresh_token"),
                 ("refresh_token", rt.expose_secret()),
             ];
-            match self.request(&endpoint, &fields).await {
+            match self.request_with_secrets(&endpoint, &fields).await {
                 Ok(answer) => refreshed = Some(answer),
                 Err(GrantError::Refused { .. }) => {}
                 Err(e) => {
@@ -54,7 +54,7 @@ impl Granter {
                     ("username", access_key_id),
                     ("password", access_key_secret.expose_secret()),
                 ];
-                match self.request(&endpoint, &fields).await {
+                match self.request_with_secrets(&endpoint, &fields).await {
                     Ok(a) => a,
                     Err(e) => {
                         // A discovered endpoint that fails may have moved: look again next time.

@@ -26,6 +26,14 @@ pub enum GrantError {
     Tls(String),
     #[error("the token endpoint did not answer in time")]
     Timeout,
+    /// The egress proxy refused to open a tunnel (407, 403…); the token endpoint was
+    /// never reached.
+    #[error("{0}")]
+    EgressRefused(String),
+    /// The private_key_jwt assertion could not be made (the key file unreadable or not a
+    /// key of the configured algorithm).
+    #[error("cannot sign the client assertion: {0}")]
+    Assertion(String),
 }
 
 impl GrantError {
@@ -45,7 +53,16 @@ impl GrantError {
             GrantError::Unreachable(_) => "could not reach the token endpoint".into(),
             GrantError::Tls(_) => "TLS failed with the token endpoint".into(),
             GrantError::Timeout => "the token endpoint did not answer in time".into(),
+            GrantError::EgressRefused(_) => {
+                "the egress proxy refused the tunnel to the token endpoint".into()
+            }
+            GrantError::Assertion(_) => "the proxy cannot sign its client assertion".into(),
         }
+    }
+
+    /// The endpoint refused the client's credentials (RFC 6749 §5.2 `invalid_client`).
+    pub fn is_invalid_client(&self) -> bool {
+        matches!(self, GrantError::Refused { error, .. } if error == "invalid_client")
     }
 }
 
@@ -73,7 +90,11 @@ impl GrantError {
                         .is_some_and(|d| d.to_ascii_lowercase().contains("rate limit"))
             }
             GrantError::NotOAuth { status, .. } => *status >= 500 || *status == 429,
-            GrantError::Unreachable(_) | GrantError::Tls(_) | GrantError::Timeout => true,
+            GrantError::Unreachable(_)
+            | GrantError::Tls(_)
+            | GrantError::Timeout
+            | GrantError::EgressRefused(_) => true,
+            GrantError::Assertion(_) => false,
         }
     }
 
@@ -85,6 +106,8 @@ impl GrantError {
             GrantError::Unreachable(_) => "unreachable",
             GrantError::Tls(_) => "tls_error",
             GrantError::Timeout => "timeout",
+            GrantError::EgressRefused(_) => "egress_proxy_refused",
+            GrantError::Assertion(_) => "assertion_error",
         }
     }
 }
