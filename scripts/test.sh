@@ -8,7 +8,8 @@
 #   for the notification test), into target/sdk-venv from PyPI (and Python itself from the
 #   OS packages when it is missing);
 # - Debian's chromium, which renders the operator's status page;
-# - Debian's redis-server, which the replica tests start on free ports.
+# - Debian's redis-server, which the replica tests start on free ports;
+# - Debian's tinyproxy, the corporate egress proxy of the enterprise tests.
 # OS packages are installed with apt-get when we are root; otherwise the script says what
 # is missing.
 set -euo pipefail
@@ -58,7 +59,17 @@ if [ -z "${TOKENGATE_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null;
   fi
 fi
 
-# The tests that need chromium, redis-server or the SDK are #[ignore]d, so that a plain
+if [ -z "${TOKENGATE_TINYPROXY:-}" ] && ! command -v tinyproxy >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "scripts/test.sh: installing tinyproxy (for the egress proxy tests)"
+    apt-get install -y tinyproxy >/dev/null || { apt-get update >/dev/null && apt-get install -y tinyproxy >/dev/null; }
+  else
+    echo "scripts/test.sh: tinyproxy is needed for the egress proxy tests; install it (Debian: apt-get install tinyproxy)" >&2
+    exit 1
+  fi
+fi
+
+# The tests that need chromium, redis-server, tinyproxy or the SDK are #[ignore]d, so that a plain
 # `cargo test` passes on a machine without them; here they run too. The benches run once
 # as tests on their own: criterion's harness does not take libtest's --include-ignored.
 cargo test --workspace --lib --bins --tests "$@" -- --include-ignored

@@ -211,8 +211,8 @@ async fn wrong_region_when_another_regions_login_host_knows_the_client() {
     .unwrap();
     let eu = sandbox_with(|o| o.flavor = Flavor::Genesys).await;
     let config = upstream("genesys", &home.token_url(), "");
-    let config = tokengate::config::Config::from_toml(&config, "proxy.toml".as_ref(), &|_| {
-        Some(SECRET.into())
+    let config = tokengate::config::Config::from_toml(&config, "proxy.toml".as_ref(), &|name| {
+        (name == "THE_SECRET").then(|| SECRET.into())
     })
     .unwrap();
     let dead = format!("http://{}/oauth/token", closed_addr());

@@ -9,6 +9,7 @@ mod support;
 mod check;
 mod cli;
 mod cxone;
+mod enterprise;
 mod errors;
 mod fuzz;
 mod genesys_sdk;

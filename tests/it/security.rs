@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::support::pki::{pki, Pki};
 use crate::support::*;
 
 fn key() -> String {
@@ -206,50 +207,6 @@ async fn audit_lines_in_json_name_the_call_and_nothing_secret() {
     }
     for t in sandbox.issued_tokens() {
         assert!(!logs.contains(&t));
-    }
-}
-
-/// A CA, a server certificate for 127.0.0.1, and client certificates for two names:
-/// `reporting-job` (a configured client) and `someone-else` (not one).
-struct Pki {
-    dir: tempfile::TempDir,
-    ca_pem: String,
-    /// (certificate, key) PEM for reporting-job, then for someone-else.
-    clients: Vec<(String, String)>,
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "tokengate test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap()
-        .signed_by(&server_key, &ca, &ca_key)
-        .unwrap();
-    let clients = ["reporting-job", "someone-else"]
-        .iter()
-        .map(|name| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.distinguished_name.push(DnType::CommonName, *name);
-            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-            (cert.pem(), key.serialize_pem())
-        })
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
-    std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
-    Pki {
-        dir,
-        ca_pem: ca.pem(),
-        clients,
     }
 }
 

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 pub use tokengate_sandbox::{Sandbox, SandboxOptions};
 
+pub mod pki;
 pub mod redis_server;
+pub mod tinyproxy;
 
 pub const CLIENT_KEY: &str = "tg_test-client-key-0123456789abcdefghijklmnop";
 pub const CLIENT_SECRET: &str = "sandbox-secret-Zq8!x";
@@ -334,6 +336,12 @@ pub fn metric(text: &str, name: &str, label_filter: &[&str]) -> f64 {
 pub struct Served {
     pub addr: std::net::SocketAddr,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    pub fn new(addr: std::net::SocketAddr, task: tokio::task::JoinHandle<()>) -> Served {
+        Served { addr, task }
+    }
 }
 
 impl Drop for Served {
