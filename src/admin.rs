@@ -93,11 +93,20 @@ impl Admin {
                 );
                 text(StatusCode::OK, "application/json", doc.to_string())
             }
-            "/metrics" => text(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.metrics.render(),
-            ),
+            "/metrics" => {
+                // Read the rate budgets now rather than on every call.
+                for u in now.upstreams.iter() {
+                    if let Some(b) = u.budget.budget() {
+                        self.metrics
+                            .rate_budget_remaining(u.name(), b.allowed.saturating_sub(b.used));
+                    }
+                }
+                text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.render(),
+                )
+            }
             _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
     }

@@ -46,6 +46,13 @@ pub enum ProxyError {
         upstream: std::sync::Arc<str>,
         waited: Duration,
     },
+    /// The rate governor could not fit the call in the token's budget in time (or the
+    /// client is past its `max_per_minute`); the platform's budget was not spent.
+    #[error("{message}")]
+    RateLimited {
+        retry_after: Duration,
+        message: String,
+    },
     /// The client holds `max_websockets` sockets already.
     #[error("this client has {0} WebSockets open, its limit (max_websockets); close one first")]
     TooManyWebsockets(usize),
@@ -66,6 +73,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::TooManyWebsockets(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -83,6 +91,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpstreamBusy { .. } => "upstream_busy",
             ProxyError::TooManyWebsockets(_) => "too_many_websockets",
+            ProxyError::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -121,6 +130,11 @@ impl ProxyError {
             }
             ProxyError::UpstreamBusy { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::RateLimited { retry_after, .. } => {
+                // Whole seconds, rounded up: a caller that waits this long finds room.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             _ => {}
         }
@@ -185,6 +199,14 @@ mod tests {
                 ProxyError::TooManyWebsockets(100),
                 429,
                 "too_many_websockets",
+            ),
+            (
+                ProxyError::RateLimited {
+                    retry_after: Duration::from_millis(2500),
+                    message: "m".into(),
+                },
+                429,
+                "rate_limited",
             ),
         ];
         for (err, status, code) in rows {

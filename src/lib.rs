@@ -32,6 +32,7 @@ pub mod notifications;
 pub mod outcome;
 pub mod policy;
 pub mod providers;
+pub mod rate_budget;
 pub mod server;
 pub mod session;
 pub mod stack;

@@ -40,6 +40,13 @@ struct SocketLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLimitedLabels {
+    upstream: String,
+    client: String,
+    by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -66,6 +73,9 @@ struct Inner {
     shared_cache_up: Family<RedisLabels, Gauge>,
     websockets_open: Family<SocketLabels, Gauge>,
     websocket_bytes: Family<DirectionLabels, Counter>,
+    rate_budget_remaining: Family<UpstreamLabels, Gauge>,
+    rate_limited: Family<RateLimitedLabels, Counter>,
+    rate_wait: HistogramFamily,
     /// Resolved on the first answer refused before routing.
     unrouted: OnceLock<UpstreamMetrics>,
 }
@@ -93,6 +103,10 @@ impl Metrics {
         let shared_cache_up = Family::<RedisLabels, Gauge>::default();
         let websockets_open = Family::<SocketLabels, Gauge>::default();
         let websocket_bytes = Family::<DirectionLabels, Counter>::default();
+        let rate_budget_remaining = Family::<UpstreamLabels, Gauge>::default();
+        let rate_limited = Family::<RateLimitedLabels, Counter>::default();
+        let rate_wait: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.0, 12)));
         registry.register(
             "tokengate_requests",
             "Requests answered, by upstream and status (upstream is empty before routing)",
@@ -128,9 +142,27 @@ impl Metrics {
             "Bytes relayed on WebSockets, counted when each socket ends: up (caller to upstream) and down",
             websocket_bytes.clone(),
         );
+        registry.register(
+            "tokengate_rate_budget_remaining",
+            "Calls left in the current rate-limit window, over the upstream's tokens (once a budget is known)",
+            rate_budget_remaining.clone(),
+        );
+        registry.register(
+            "tokengate_rate_limited",
+            "Calls answered 429, by who refused them: proxy (the rate governor or max_per_minute) or platform",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "tokengate_rate_wait_seconds",
+            "How long calls waited for room in the rate budget (calls that waited)",
+            rate_wait.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
+                rate_budget_remaining,
+                rate_limited,
+                rate_wait,
                 requests,
                 duration,
                 grants,
@@ -198,6 +230,37 @@ impl Metrics {
             .websocket_bytes
             .get_or_create(&DirectionLabels { direction })
             .inc_by(bytes);
+    }
+
+    /// Calls left in `upstream`'s window (set when the metrics are read).
+    pub fn rate_budget_remaining(&self, upstream: &str, remaining: u64) {
+        self.inner
+            .rate_budget_remaining
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+    }
+
+    /// `by`: `proxy` or `platform`.
+    pub fn rate_limited(&self, upstream: &str, client: &str, by: &'static str) {
+        self.inner
+            .rate_limited
+            .get_or_create(&RateLimitedLabels {
+                upstream: upstream.to_string(),
+                client: client.to_string(),
+                by,
+            })
+            .inc();
+    }
+
+    pub fn rate_wait(&self, upstream: &str, waited: Duration) {
+        self.inner
+            .rate_wait
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .observe(waited.as_secs_f64());
     }
 
     fn socket_gauge(&self, upstream: &str, client: &str) -> Gauge {

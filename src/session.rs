@@ -115,6 +115,8 @@ mod tests {
             key_sha256: sha2::Sha256::digest(key.as_bytes()).into(),
             upstreams: None,
             allow: None,
+            share: 1,
+            max_per_minute: None,
         })
     }
 

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::connections::Origin;
 use crate::forward::Forward;
 use crate::layers::bearer::{Bearer, BearerLayer};
+use crate::layers::budget::{Budget, BudgetLayer};
 use crate::layers::client_auth;
 use crate::layers::deadline::{Deadline, DeadlineLayer};
 use crate::layers::guard;
@@ -110,8 +111,8 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
         .service(Router::by_prefix(destinations))
 }
 
-/// Retry, bearer and forward, as every upstream has them.
-type Attempts = Retry<Bearer<Forward>>;
+/// Retry, the rate budget, bearer and forward, as every upstream has them.
+type Attempts = Retry<Budget<Bearer<Forward>>>;
 
 /// With a deadline on the whole call, or without one.
 type Bounded = Either<Deadline<Attempts>, Attempts>;
@@ -155,6 +156,9 @@ pub fn upstream_service(
             config.server.retry_body_bytes,
             metrics.clone(),
         ))
+        // Room in the tokens' rate budget, in the caller's fair share; inside the retry
+        // layer, so a second attempt spends budget too.
+        .layer(BudgetLayer::of(upstream, metrics))
         // The upstream's cached token, in place of whatever the caller sent.
         .layer(BearerLayer::with_tokens_of(upstream))
         // To the upstream's host, over this worker's connections, streaming both ways.

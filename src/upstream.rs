@@ -18,6 +18,7 @@ use http::HeaderMap;
 use crate::config::UpstreamConfig;
 use crate::connections::{Origin, WorkerConnections};
 use crate::metrics::UpstreamMetrics;
+use crate::rate_budget::Governor;
 use crate::token::TokenSource;
 
 #[derive(Debug)]
@@ -31,6 +32,8 @@ pub struct Upstream {
     clients: Vec<Arc<WorkerConnections>>,
     /// Request counters and latency, resolved once.
     pub metrics: UpstreamMetrics,
+    /// The tokens' rate budget and the clients' fair shares of it.
+    pub budget: Arc<Governor>,
     /// `base_url` has a path of its own: every caller's path must then be plain, or `..`
     /// would climb out of it (see [`crate::policy::is_plain_path`]).
     pub plain_paths_only: bool,
@@ -62,6 +65,7 @@ impl Upstream {
             .is_some_and(|b| !b.path().trim_matches('/').is_empty());
         Upstream {
             plain_paths_only,
+            budget: Governor::new(&config, tokens.len()),
             config,
             tokens,
             clients,

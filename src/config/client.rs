@@ -16,6 +16,11 @@ pub struct ClientConfig {
     pub upstreams: Option<Vec<Arc<str>>>,
     /// Requests this client may make; `None` means any.
     pub allow: Option<Vec<AllowRule>>,
+    /// Its weight when calls wait for an upstream's rate budget (`share`, 1 by default):
+    /// a client with share 3 is served three calls for every one of a client with share 1.
+    pub share: u32,
+    /// The most calls it may make in a minute, to each upstream (`None`: no cap).
+    pub max_per_minute: Option<u64>,
 }
 
 impl Cx<'_> {
@@ -56,11 +61,23 @@ impl Cx<'_> {
                 Some(out)
             }
         };
+        let share = raw.share.unwrap_or(1);
+        if !(1..=1000).contains(&share) {
+            return Err(self.err(&key("share"), "must be between 1 and 1000"));
+        }
+        if raw.max_per_minute == Some(0) {
+            return Err(self.err(
+                &key("max_per_minute"),
+                "must be at least 1 (leave it out for no cap)",
+            ));
+        }
         Ok(ClientConfig {
             name: Arc::from(raw.name.as_str()),
             key_sha256,
             upstreams: allowed_upstreams,
             allow,
+            share,
+            max_per_minute: raw.max_per_minute,
         })
     }
 }

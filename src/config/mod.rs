@@ -45,7 +45,7 @@ pub use grant::{
 };
 use raw::RawConfig;
 pub use server::{LogFormat, ServerConfig};
-pub use upstream::{UpstreamConfig, WebsocketToken};
+pub use upstream::{RateLimit, UpstreamConfig, WebsocketToken};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]

@@ -99,6 +99,8 @@ pub(super) struct RawUpstream {
     pub(super) client_cert_file: Option<PathBuf>,
     pub(super) client_key_file: Option<PathBuf>,
     pub(super) mtls_upstream: Option<bool>,
+    pub(super) rate_limit: Option<String>,
+    pub(super) rate_limit_max_wait_secs: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +110,8 @@ pub(super) struct RawClient {
     pub(super) key_sha256: String,
     pub(super) upstreams: Option<Vec<String>>,
     pub(super) allow: Option<Vec<String>>,
+    pub(super) share: Option<u32>,
+    pub(super) max_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -321,3 +321,47 @@ fn client_authentication_keys_are_checked_together() {
         Some("https://idp.example.com/t1")
     );
 }
+
+#[test]
+fn rate_limits_and_shares_are_read_and_checked() {
+    let with = |line: &str| GENESYS.replace("client_id", &format!("{line}\nclient_id"));
+    for (text, calls, secs) in [
+        ("300/min", 300, 60),
+        ("60/10s", 60, 10),
+        ("5/s", 5, 1),
+        ("1000/hour", 1000, 3600),
+    ] {
+        let c = load(&with(&format!("rate_limit = \"{text}\""))).unwrap();
+        let r = c.upstreams[0].rate_limit.unwrap();
+        assert_eq!((r.calls, r.window.as_secs()), (calls, secs), "{text}");
+        assert_eq!(
+            c.upstreams[0].rate_limit_max_wait,
+            std::time::Duration::from_secs(10)
+        );
+    }
+    for bad in ["300", "0/min", "300/fortnight", "x/min", "5/0s"] {
+        let e = load(&with(&format!("rate_limit = \"{bad}\"")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rate_limit") && e.contains("300/min"), "{e}");
+    }
+    let client = |extra: &str| {
+        load(&format!(
+            "{GENESYS}\n[[client]]\nname = \"c\"\nkey_sha256 = \"{}\"\n{extra}\n",
+            "ab".repeat(32)
+        ))
+    };
+    let c = client("share = 3\nmax_per_minute = 100").unwrap();
+    assert_eq!(
+        (c.clients[0].share, c.clients[0].max_per_minute),
+        (3, Some(100))
+    );
+    assert_eq!(client("").unwrap().clients[0].share, 1);
+    for (extra, key) in [
+        ("share = 0", "share"),
+        ("max_per_minute = 0", "max_per_minute"),
+    ] {
+        let e = client(extra).unwrap_err().to_string();
+        assert!(e.contains(key), "{e}");
+    }
+}

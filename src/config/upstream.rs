@@ -47,7 +47,20 @@ pub struct UpstreamConfig {
     pub streaming_url: Option<Uri>,
     /// How a WebSocket handshake carries the upstream's token.
     pub websocket_token: WebsocketToken,
+    /// `rate_limit`: calls a token may make per window, where the platform does not say
+    /// (Genesys says, in `inin-ratelimit-*` headers, which win).
+    pub rate_limit: Option<RateLimit>,
+    /// How long a call may wait for room in the rate budget before the proxy answers
+    /// `429 rate_limited` itself (`rate_limit_max_wait_secs`, 10 s by default).
+    pub rate_limit_max_wait: Duration,
     pub grant: GrantConfig,
+}
+
+/// A rate budget: `calls` per `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub calls: u64,
+    pub window: Duration,
 }
 
 /// Where a WebSocket handshake puts the upstream's token (`websocket_token`).
@@ -231,7 +244,55 @@ impl Cx<'_> {
             )?,
             streaming_url,
             websocket_token,
+            rate_limit: raw
+                .rate_limit
+                .as_deref()
+                .map(|r| self.rate_limit(&key("rate_limit"), r))
+                .transpose()?,
+            // 0: never wait, answer 429 at once when the budget has no room.
+            rate_limit_max_wait: if raw.rate_limit_max_wait_secs == Some(0.0) {
+                Duration::ZERO
+            } else {
+                self.secs(
+                    &key("rate_limit_max_wait_secs"),
+                    raw.rate_limit_max_wait_secs,
+                    10.0,
+                )?
+            },
             grant,
+        })
+    }
+
+    /// `"300/min"`, `"60/10s"`, `"5/s"`, `"1000/hour"`.
+    fn rate_limit(&self, key: &str, s: &str) -> Result<RateLimit, ConfigError> {
+        let bad = || {
+            self.err(
+                key,
+                format!("\"{s}\" is not a rate such as \"300/min\", \"60/10s\" or \"5/s\""),
+            )
+        };
+        let (calls, per) = s.split_once('/').ok_or_else(bad)?;
+        let calls: u64 = calls.trim().parse().map_err(|_| bad())?;
+        let per = per.trim();
+        let unit_at = per.find(|c: char| !c.is_ascii_digit()).unwrap_or(per.len());
+        let (count, unit) = per.split_at(unit_at);
+        let count: u64 = if count.is_empty() {
+            1
+        } else {
+            count.parse().map_err(|_| bad())?
+        };
+        let unit_secs = match unit {
+            "s" | "sec" | "second" => 1,
+            "m" | "min" | "minute" => 60,
+            "h" | "hour" => 3600,
+            _ => return Err(bad()),
+        };
+        if calls == 0 || count == 0 || count * unit_secs > 86_400 {
+            return Err(bad());
+        }
+        Ok(RateLimit {
+            calls,
+            window: Duration::from_secs(count * unit_secs),
         })
     }
 

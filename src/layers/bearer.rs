@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use http::header;
 use tower::{Layer, Service};
 
+use super::budget::Admitted;
 use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::error::ProxyError;
 use crate::outcome::{Outcome, TokenId};
@@ -104,6 +105,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let upstream = self.upstream.clone();
         let replace = req.extensions().get::<ReplaceToken>().copied();
+        let admitted = req.extensions().get::<Admitted>().copied();
         Box::pin(async move {
             let (pool_index, token) = match replace {
                 Some(ReplaceToken(rejected)) => {
@@ -111,7 +113,12 @@ where
                     (i, upstream.tokens[i].replace(rejected.generation).await)
                 }
                 None => {
-                    let (i, source) = upstream.pick();
+                    // The rate governor chose the token whose budget has room, if it
+                    // holds a budget; else the pool's turn.
+                    let (i, source) = match admitted {
+                        Some(Admitted(i)) if i < upstream.tokens.len() => (i, &upstream.tokens[i]),
+                        _ => upstream.pick(),
+                    };
                     (i, source.token().await)
                 }
             };
@@ -122,7 +129,9 @@ where
             req.headers_mut().insert(header::AUTHORIZATION, header);
             let mut resp = inner.call(req).await?;
             if !Outcome::made_by_proxy(&resp) {
-                upstream.observe_limits(pool_index, resp.status().as_u16(), resp.headers());
+                let status = resp.status().as_u16();
+                upstream.observe_limits(pool_index, status, resp.headers());
+                upstream.budget.observe(pool_index, status, resp.headers());
                 Outcome::of(&mut resp).token = Some(TokenId {
                     pool_index,
                     generation,

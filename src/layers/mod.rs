@@ -7,6 +7,7 @@
 //! response that reaches the caller is always the contract's.
 
 pub mod bearer;
+pub mod budget;
 pub mod client_auth;
 pub mod deadline;
 pub mod guard;

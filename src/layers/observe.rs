@@ -121,6 +121,10 @@ where
         }
         let (client, error) = (outcome.client.as_deref(), outcome.error);
         let retried = outcome.retried.map(RetryReason::as_str);
+        if status == 429 && error.is_none() && !upstream.is_empty() {
+            this.metrics
+                .rate_limited(upstream, client.unwrap_or(""), "platform");
+        }
         this.board.record(
             Answered {
                 upstream: Some(upstream).filter(|u| !u.is_empty()),

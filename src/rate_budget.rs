@@ -1,0 +1,660 @@
+//! The rate budget of an upstream's tokens, and a fair share of it for every client.
+//!
+//! Genesys Cloud allows each token so many API calls per window (300 a minute by
+//! default) and says where a token stands on every answer: `inin-ratelimit-allowed`,
+//! `inin-ratelimit-count`, `inin-ratelimit-reset` (seconds). The [`Governor`] learns that
+//! (or takes `rate_limit = "300/min"` where a platform says nothing), counts the calls it
+//! lets through in each token's window, and holds back a call that would overrun it:
+//! the call waits for the window to reset, up to `rate_limit_max_wait_secs`, else the
+//! proxy answers `429 rate_limited` itself, without spending the platform's budget.
+//!
+//! Waiting calls are let through in weighted fair order (start-time fair queueing): each
+//! call gets a tag, its client's last tag (or the virtual time, if later) plus
+//! `1 / share`, and the smallest tag goes first. A client within its share is never
+//! starved by one above it, and a quiet client's call goes ahead of a noisy client's
+//! backlog. Until a budget is known, calls pass without taking the lock.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::config::{RateLimit, UpstreamConfig};
+
+/// A tag step for share 1: tags are integers, `STEP / share` apart for one client.
+const STEP: u64 = 1_000_000;
+
+/// Added to the end of a window the platform reports: its reset is in whole seconds, so
+/// the real end may be up to a second later than it says.
+const MARGIN: Duration = Duration::from_secs(1);
+
+/// Why a call was not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The budget has no room within the longest wait; room comes after this long.
+    Budget(Duration),
+    /// The client made `max_per_minute` calls this minute; the minute ends after this long.
+    ClientCap(Duration),
+}
+
+/// One pooled token's window, as the governor counts it, and the pace it spends it at.
+#[derive(Debug, Clone)]
+struct TokenWindow {
+    /// Calls allowed per window; `None`: not known (the token is not held back).
+    allowed: Option<u64>,
+    /// Calls let through in this window (or counted by the platform, if more).
+    used: u64,
+    /// When this window ends; `None`: no call started one yet (the next one does).
+    ends: Option<Instant>,
+    /// How long a window lasts, as configured or as the platform's resets tell (the
+    /// longest reset seen); `None`: not known yet.
+    len: Option<Duration>,
+    /// Calls that may start now: the window's budget is released at an even pace
+    /// (`allowed / len`), with a burst of a quarter of it, so a noisy backlog cannot
+    /// spend a whole window in its first moment and leave a quiet client nothing.
+    bucket: f64,
+    refilled: Instant,
+}
+
+impl TokenWindow {
+    /// Calls per second and the burst, when both the budget and the window are known.
+    fn pace(&self) -> Option<(f64, f64)> {
+        let (allowed, len) = (self.allowed?, self.len?);
+        if len.is_zero() {
+            return None;
+        }
+        let burst = (allowed as f64 / 4.0).max(1.0);
+        Some((allowed as f64 / len.as_secs_f64(), burst))
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some((rate, burst)) = self.pace() {
+            let gained = now.saturating_duration_since(self.refilled).as_secs_f64() * rate;
+            self.bucket = (self.bucket + gained).min(burst);
+        }
+        self.refilled = now;
+    }
+
+    fn window_has_room(&self) -> bool {
+        self.allowed.is_none_or(|a| self.used < a)
+    }
+
+    fn has_room(&self) -> bool {
+        self.window_has_room() && (self.pace().is_none() || self.bucket >= 1.0)
+    }
+
+    fn roll(&mut self, now: Instant) {
+        if self.ends.is_some_and(|e| e <= now) {
+            self.used = 0;
+            self.ends = None;
+        }
+        self.refill(now);
+    }
+
+    /// When it next has room (`now` if it has).
+    fn room_at(&self, now: Instant) -> Instant {
+        if !self.window_has_room() {
+            return self.ends.unwrap_or(now);
+        }
+        match self.pace() {
+            Some((rate, _)) if self.bucket < 1.0 => {
+                now + Duration::from_secs_f64((1.0 - self.bucket) / rate)
+            }
+            _ => now,
+        }
+    }
+}
+
+/// A call waiting for room.
+struct Waiter {
+    tag: u64,
+    start: u64,
+    seq: u64,
+    client: Arc<str>,
+    tx: oneshot::Sender<usize>,
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        (self.tag, self.seq) == (other.tag, other.seq)
+    }
+}
+impl Eq for Waiter {}
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiter {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.tag, self.seq).cmp(&(other.tag, other.seq))
+    }
+}
+
+/// What the governor keeps of one client.
+#[derive(Debug, Default, Clone)]
+struct ClientBook {
+    /// The tag of its last call.
+    finish: u64,
+    /// The minute of `max_per_minute`: when it started, and the calls in it.
+    minute: Option<(Instant, u64)>,
+    /// Calls let through, and calls waiting now (for the status page).
+    served: u64,
+}
+
+struct State {
+    windows: Vec<TokenWindow>,
+    waiting: BinaryHeap<Reverse<Waiter>>,
+    /// The start tag of the last call let through.
+    virtual_time: u64,
+    clients: HashMap<Arc<str>, ClientBook>,
+    seq: u64,
+    /// A task is asleep until the next window ends, to let waiting calls through.
+    dispatcher: bool,
+    next_token: usize,
+}
+
+/// One upstream's rate governor (see the module's documentation).
+pub struct Governor {
+    max_wait: Duration,
+    /// A budget is known (configured, or learned from an answer).
+    active: AtomicBool,
+    state: Mutex<State>,
+    /// Itself, for the dispatcher task it spawns (which must not keep it alive).
+    me: Weak<Governor>,
+}
+
+impl std::fmt::Debug for Governor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Governor")
+            .field("active", &self.active.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A budget as it stands, for the status page, metrics and `check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Calls allowed per window, over the pool's tokens.
+    pub allowed: u64,
+    pub used: u64,
+    pub window: Duration,
+    /// Calls waiting for room now.
+    pub waiting: usize,
+}
+
+impl Governor {
+    /// A governor for `config`'s pool of `tokens` tokens.
+    pub fn new(config: &UpstreamConfig, tokens: usize) -> Arc<Governor> {
+        Governor::with(config.rate_limit, config.rate_limit_max_wait, tokens)
+    }
+
+    pub fn with(limit: Option<RateLimit>, max_wait: Duration, tokens: usize) -> Arc<Governor> {
+        let window = TokenWindow {
+            allowed: limit.map(|l| l.calls),
+            used: 0,
+            ends: None,
+            len: limit.map(|l| l.window),
+            bucket: limit.map_or(1.0, |l| (l.calls as f64 / 4.0).max(1.0)),
+            refilled: Instant::now(),
+        };
+        Arc::new_cyclic(|me| Governor {
+            max_wait,
+            active: AtomicBool::new(limit.is_some()),
+            state: Mutex::new(State {
+                windows: vec![window; tokens.max(1)],
+                waiting: BinaryHeap::new(),
+                virtual_time: 0,
+                clients: HashMap::new(),
+                seq: 0,
+                dispatcher: false,
+                next_token: 0,
+            }),
+            me: me.clone(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether calls are held to a budget (else they pass without a lock).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Let a call of `client` (weight `share`, at most `cap` calls a minute) through: the
+    /// pooled token it must use (`None`: no budget is known; pick as usual), or why not.
+    pub async fn admit(
+        &self,
+        client: &Arc<str>,
+        share: u32,
+        cap: Option<u64>,
+    ) -> Result<Option<usize>, Refusal> {
+        if !self.is_active() && cap.is_none() {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let rx = {
+            let mut st = self.lock();
+            let active = self.is_active();
+            let book = st.clients.entry(Arc::clone(client)).or_default();
+            if let Some(cap) = cap {
+                let minute = Duration::from_secs(60);
+                let (started, calls) = match book.minute {
+                    Some((started, calls)) if now < started + minute => (started, calls),
+                    _ => (now, 0),
+                };
+                if calls >= cap {
+                    return Err(Refusal::ClientCap(started + minute - now));
+                }
+                book.minute = Some((started, calls + 1));
+            }
+            if !active {
+                return Ok(None);
+            }
+            let start = st.virtual_time.max(book_finish(&st, client));
+            let tag = start + STEP / u64::from(share.max(1));
+            for w in &mut st.windows {
+                w.roll(now);
+            }
+            if st.waiting.is_empty() {
+                if let Some(i) = st.take_room(now) {
+                    st.virtual_time = start;
+                    let book = st.clients.entry(Arc::clone(client)).or_default();
+                    book.finish = tag;
+                    book.served += 1;
+                    return Ok(Some(i));
+                }
+            }
+            let room_at = st.room_at(now);
+            if room_at > now + self.max_wait {
+                return Err(Refusal::Budget(room_at - now));
+            }
+            let (tx, rx) = oneshot::channel();
+            st.seq += 1;
+            let seq = st.seq;
+            st.clients.entry(Arc::clone(client)).or_default().finish = tag;
+            st.waiting.push(Reverse(Waiter {
+                tag,
+                start,
+                seq,
+                client: Arc::clone(client),
+                tx,
+            }));
+            self.arm(&mut st, room_at);
+            rx
+        };
+        match tokio::time::timeout(self.max_wait, rx).await {
+            Ok(Ok(index)) => Ok(Some(index)),
+            _ => {
+                let now = Instant::now();
+                let room_at = self.lock().room_at(now);
+                Err(Refusal::Budget(
+                    room_at
+                        .saturating_duration_since(now)
+                        .max(Duration::from_secs(1)),
+                ))
+            }
+        }
+    }
+
+    /// Start the task that lets waiting calls through when room comes, if none is asleep.
+    fn arm(&self, st: &mut State, first_wake: Instant) {
+        if st.dispatcher {
+            return;
+        }
+        st.dispatcher = true;
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let mut wake = first_wake;
+            loop {
+                tokio::time::sleep_until(wake).await;
+                let Some(governor) = me.upgrade() else { return };
+                let mut st = governor.lock();
+                let now = Instant::now();
+                st.dispatch(now);
+                if st.waiting.is_empty() {
+                    st.dispatcher = false;
+                    return;
+                }
+                // Room comes again at the next window's end (or at once, if a window
+                // started by these calls has room left: it has none, or they'd be gone).
+                wake = st.room_at(now).max(now + Duration::from_millis(1));
+            }
+        });
+    }
+
+    /// Read an answer's budget for pooled token `index` (Genesys' `inin-ratelimit-*`),
+    /// and a platform 429, which says the window is spent whatever was believed.
+    pub fn observe(&self, index: usize, status: u16, headers: &HeaderMap) {
+        let number = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let allowed = number("inin-ratelimit-allowed");
+        if allowed.is_none() && (status != 429 || !self.is_active()) {
+            return;
+        }
+        let (count, reset) = (
+            number("inin-ratelimit-count"),
+            number("inin-ratelimit-reset").or_else(|| number("retry-after")),
+        );
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(w) = st.windows.get_mut(index) else {
+            return;
+        };
+        w.roll(now);
+        if let Some(a) = allowed {
+            w.allowed = Some(a);
+            self.active.store(true, Ordering::Relaxed);
+        }
+        if let Some(reset) = reset {
+            let left = Duration::from_secs(reset.min(86_400));
+            if status != 429 {
+                let learned = w.len.is_none();
+                w.len = Some(w.len.unwrap_or_default().max(left));
+                if learned {
+                    w.bucket = w.pace().map_or(1.0, |(_, burst)| burst);
+                }
+            }
+            let end = now + left + MARGIN;
+            // A reset well past the window believed: the platform started a new one.
+            let len = w.len.unwrap_or(left);
+            let newer = w.ends.is_none_or(|e| end > e + len / 2);
+            if newer {
+                w.used = count.unwrap_or(w.used);
+            } else {
+                w.used = w.used.max(count.unwrap_or(0));
+            }
+            // The platform's clock decides when its window ends.
+            w.ends = Some(end);
+        }
+        if status == 429 {
+            w.used = w.used.max(w.allowed.unwrap_or(w.used));
+            if w.allowed.is_none() {
+                w.allowed = Some(w.used.max(1));
+            }
+            if reset.is_none() {
+                w.ends = Some(w.ends.unwrap_or(now).max(now + Duration::from_secs(1)));
+            }
+        }
+        if !st.waiting.is_empty() {
+            st.dispatch(now);
+        }
+    }
+
+    /// The budget over the pool's tokens, once known.
+    pub fn budget(&self) -> Option<Budget> {
+        if !self.is_active() {
+            return None;
+        }
+        let st = self.lock();
+        let now = Instant::now();
+        let mut b = Budget {
+            allowed: 0,
+            used: 0,
+            window: Duration::ZERO,
+            waiting: st.waiting.len(),
+        };
+        for w in &st.windows {
+            let mut w = w.clone();
+            w.roll(now);
+            b.allowed += w.allowed?;
+            b.used += w.used;
+            b.window = b.window.max(w.len.unwrap_or_default());
+        }
+        Some(b)
+    }
+}
+
+fn book_finish(st: &State, client: &Arc<str>) -> u64 {
+    st.clients.get(client).map_or(0, |b| b.finish)
+}
+
+impl State {
+    /// Take one call's room in the next token that has some (round-robin).
+    fn take_room(&mut self, now: Instant) -> Option<usize> {
+        let n = self.windows.len();
+        for k in 0..n {
+            let i = (self.next_token + k) % n;
+            let w = &mut self.windows[i];
+            if w.has_room() {
+                w.used += 1;
+                if w.pace().is_some() {
+                    w.bucket -= 1.0;
+                }
+                if w.ends.is_none() {
+                    // Until the platform says otherwise, a window as long as the longest
+                    // seen (a minute, if none was).
+                    w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
+                }
+                self.next_token = (i + 1) % n;
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn room_at(&self, now: Instant) -> Instant {
+        self.windows
+            .iter()
+            .map(|w| {
+                let mut w = w.clone();
+                w.roll(now);
+                w.room_at(now)
+            })
+            .min()
+            .unwrap_or(now)
+    }
+
+    /// Let waiting calls through, smallest tag first, while there is room.
+    fn dispatch(&mut self, now: Instant) {
+        for w in &mut self.windows {
+            w.roll(now);
+        }
+        while let Some(Reverse(top)) = self.waiting.peek() {
+            if top.tx.is_closed() {
+                // It gave up (its wait ran out, or its caller went away).
+                self.waiting.pop();
+                continue;
+            }
+            let Some(i) = self.take_room(now) else { break };
+            let Some(Reverse(w)) = self.waiting.pop() else {
+                break;
+            };
+            self.virtual_time = self.virtual_time.max(w.start);
+            if w.tx.send(i).is_err() {
+                self.windows[i].used -= 1;
+            } else if let Some(book) = self.clients.get_mut(&w.client) {
+                book.served += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(calls: u64, secs: u64) -> Option<RateLimit> {
+        Some(RateLimit {
+            calls,
+            window: Duration::from_secs(secs),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_budget_calls_pass_untouched() {
+        let g = Governor::with(None, Duration::from_secs(10), 1);
+        let c: Arc<str> = Arc::from("a");
+        for _ in 0..1000 {
+            assert_eq!(g.admit(&c, 1, None).await, Ok(None));
+        }
+        assert_eq!(g.budget(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_are_paced_over_the_window_and_refused_past_the_wait() {
+        // 4 calls per 10 s: one every 2.5 s (the burst is a quarter: one call).
+        let g = Governor::with(limit(4, 10), Duration::from_secs(3), 1);
+        let c: Arc<str> = Arc::from("a");
+        let started = Instant::now();
+        for i in 0..4u32 {
+            assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
+            assert_eq!(Instant::now() - started, Duration::from_millis(2500) * i);
+        }
+        // The window (10 s and the margin) ends at 11 s: 3.5 s away, past the 3 s wait,
+        // so refused at once.
+        let asked = Instant::now();
+        match g.admit(&c, 1, None).await {
+            Err(Refusal::Budget(after)) => assert_eq!(after, Duration::from_millis(3500)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Instant::now(), asked, "refused without waiting");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // 2.5 s left: it waits for the reset, then goes.
+        assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
+        assert_eq!(Instant::now() - started, Duration::from_secs(11));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_calls_are_served_in_the_ratio_of_their_shares() {
+        // 20 calls a window for 40 callers: more want in than fit, so shares decide.
+        let g = Governor::with(limit(20, 1), Duration::from_secs(600), 1);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (client, share) in [(a, 3), (b, 1)] {
+            for _ in 0..20 {
+                let (g, client, served) = (Arc::clone(&g), Arc::clone(&client), served.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        if g.admit(&client, share, None).await.is_ok() {
+                            served
+                                .lock()
+                                .unwrap()
+                                .push((Instant::now(), client.clone()));
+                        }
+                    }
+                }));
+            }
+        }
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        for t in tasks {
+            t.abort();
+        }
+        let served = served.lock().unwrap();
+        assert!(
+            (190..=210).contains(&served.len()),
+            "20 per 2 s window: {}",
+            served.len()
+        );
+        // After the first window (taken first come, first served, before anyone waited).
+        let count = |name: &str| {
+            served
+                .iter()
+                .filter(|(at, c)| c.as_ref() == name && *at > started + Duration::from_secs(3))
+                .count()
+        };
+        let (na, nb) = (count("a"), count("b"));
+        let ratio = na as f64 / nb as f64;
+        assert!((2.7..=3.3).contains(&ratio), "{na}:{nb}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_client_goes_ahead_of_a_noisy_backlog() {
+        let g = Governor::with(limit(10, 1), Duration::from_secs(600), 1);
+        let noisy: Arc<str> = Arc::from("noisy");
+        for _ in 0..50 {
+            let (g, noisy) = (Arc::clone(&g), Arc::clone(&noisy));
+            tokio::spawn(async move {
+                loop {
+                    let _ = g.admit(&noisy, 1, None).await;
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let quiet: Arc<str> = Arc::from("quiet");
+        let asked = Instant::now();
+        assert_eq!(g.admit(&quiet, 1, None).await, Ok(Some(0)));
+        // Served at the next reset, not after the noisy client's backlog of 50.
+        assert!(Instant::now() - asked <= Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_platforms_headers_set_the_budget_and_its_429_spends_it() {
+        let g = Governor::with(None, Duration::from_secs(30), 1);
+        let c: Arc<str> = Arc::from("a");
+        let mut h = HeaderMap::new();
+        h.insert("inin-ratelimit-allowed", "5".parse().unwrap());
+        h.insert("inin-ratelimit-count", "4".parse().unwrap());
+        h.insert("inin-ratelimit-reset", "20".parse().unwrap());
+        g.observe(0, 200, &h);
+        assert_eq!(
+            g.budget(),
+            Some(Budget {
+                allowed: 5,
+                used: 4,
+                window: Duration::from_secs(20),
+                waiting: 0
+            })
+        );
+        assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
+        let asked = Instant::now();
+        assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
+        assert_eq!(Instant::now() - asked, Duration::from_secs(21));
+        // A platform 429 spends the window, whatever the count said.
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "3".parse().unwrap());
+        g.observe(0, 429, &h);
+        let asked = Instant::now();
+        assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
+        assert!(Instant::now() - asked >= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_per_minute_caps_a_client_without_a_budget() {
+        let g = Governor::with(None, Duration::from_secs(10), 1);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        for _ in 0..3 {
+            assert_eq!(g.admit(&a, 1, Some(3)).await, Ok(None));
+        }
+        assert_eq!(
+            g.admit(&a, 1, Some(3)).await,
+            Err(Refusal::ClientCap(Duration::from_secs(60)))
+        );
+        assert_eq!(g.admit(&b, 1, Some(3)).await, Ok(None));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(g.admit(&a, 1, Some(3)).await, Ok(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_multiplies_the_budget() {
+        let g = Governor::with(limit(2, 10), Duration::from_secs(30), 3);
+        let c: Arc<str> = Arc::from("a");
+        let started = Instant::now();
+        let mut used = Vec::new();
+        for _ in 0..6 {
+            used.push(g.admit(&c, 1, None).await.unwrap().unwrap());
+        }
+        used.sort();
+        assert_eq!(used, [0, 0, 1, 1, 2, 2]);
+        // Each token paces its own budget: the six took one token's pace for two calls.
+        assert_eq!(Instant::now() - started, Duration::from_secs(5));
+        // All three windows spent: the next call waits for the first reset (11 s).
+        assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
+        assert_eq!(Instant::now() - started, Duration::from_secs(11));
+    }
+}
