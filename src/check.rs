@@ -26,6 +26,40 @@ pub struct Diagnosis {
     /// The egress proxy the grant went through (no credentials), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<String>,
+    /// The token's rate budget as the platform reports it (Genesys' `inin-ratelimit-*`
+    /// on one API call), or as `rate_limit` configures it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_budget: Option<RateBudget>,
+}
+
+/// A token's rate budget, as `check` found it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateBudget {
+    /// `platform` (from the answer's headers) or `config` (`rate_limit`).
+    pub source: &'static str,
+    pub allowed: u64,
+    /// Used so far in the window (platform only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
+    /// Seconds until the window resets (platform), or the window's length (config).
+    pub window_secs: u64,
+}
+
+impl std::fmt::Display for RateBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.used {
+            Some(used) => write!(
+                f,
+                "rate budget {} calls per window, {used} used, resets in {} s (as the platform reports it)",
+                self.allowed, self.window_secs
+            ),
+            None => write!(
+                f,
+                "rate budget {} calls per {} s (rate_limit)",
+                self.allowed, self.window_secs
+            ),
+        }
+    }
 }
 
 /// Try one grant for every upstream, all at once (each upstream's endpoint sees one request,
@@ -56,8 +90,14 @@ async fn check_upstream(
     region_token_url: &(dyn Fn(&GenesysRegion) -> String + Sync),
 ) -> Diagnosis {
     let granter = Granter::new(u.grant.clone());
-    let result = granter.grant().await.map(|g| g.expires_in);
+    let granted = granter.grant().await;
+    let budget = match &granted {
+        Ok(g) => rate_budget(u, g).await,
+        Err(_) => None,
+    };
+    let result = granted.map(|g| g.expires_in);
     let mut d = diagnose(u, shown_token_url(&granter).await, result);
+    d.rate_budget = budget;
     if d.hint == "egress_proxy_refused" {
         // Name the proxy's own answer (401/407: its password; 403: its rules).
         let status = match (&u.grant.egress.proxy, d.token_url.parse::<http::Uri>()) {
@@ -88,6 +128,55 @@ async fn check_upstream(
         d.message = "the token endpoint refused this client id and secret in every encoding tried (Basic raw, Basic form-encoded, post): check both values".to_string();
     }
     d
+}
+
+/// The token's budget: for Genesys, the `inin-ratelimit-*` headers of one call to
+/// `/api/v2/tokens/me` with the new token (it spends one call of the budget); else the
+/// configured `rate_limit`, if any.
+async fn rate_budget(
+    u: &UpstreamConfig,
+    granted: &crate::token::grant::Granted,
+) -> Option<RateBudget> {
+    use secrecy::ExposeSecret;
+    let configured = u.rate_limit.map(|r| RateBudget {
+        source: "config",
+        allowed: r.calls,
+        used: None,
+        window_secs: r.window.as_secs(),
+    });
+    if u.provider != Provider::Genesys {
+        return configured;
+    }
+    let base = u.base_url.clone().or_else(|| granted.api_base.clone())?;
+    let url = format!(
+        "{}/api/v2/tokens/me",
+        base.to_string().trim_end_matches('/')
+    );
+    let resp = u
+        .grant
+        .egress
+        .api_client()
+        .ok()?
+        .get(url)
+        .bearer_auth(granted.access_token.expose_secret())
+        .send()
+        .await
+        .ok()?;
+    let number = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    match number("inin-ratelimit-allowed") {
+        Some(allowed) => Some(RateBudget {
+            source: "platform",
+            allowed,
+            used: number("inin-ratelimit-count"),
+            window_secs: number("inin-ratelimit-reset").unwrap_or(0),
+        }),
+        None => configured,
+    }
 }
 
 /// Whether the secret has characters that RFC 6749 §2.3.1 form-encoding changes.
@@ -170,6 +259,7 @@ pub fn diagnose(
         message: String::new(),
         auth_method: u.grant.auth_method.name(),
         egress_proxy: u.grant.egress.proxy.as_ref().and_then(|p| p.shown(https)),
+        rate_budget: None,
     };
     let err = match result {
         Ok(expires_in) => {

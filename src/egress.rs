@@ -127,8 +127,18 @@ impl Egress {
     /// redirect from a token endpoint is a misconfiguration to report, and following it
     /// could carry the credentials elsewhere), bounded time.
     pub fn side_call_client(&self) -> Result<reqwest::Client, String> {
+        self.client_with(&self.token_tls)
+    }
+
+    /// A client like [`Egress::side_call_client`] for the API host (its TLS: `ca_file`,
+    /// and the client certificate of `mtls_upstream`), for `check`'s look at the budget.
+    pub fn api_client(&self) -> Result<reqwest::Client, String> {
+        self.client_with(&self.api_tls)
+    }
+
+    fn client_with(&self, tls: &rustls::ClientConfig) -> Result<reqwest::Client, String> {
         let mut b = reqwest::Client::builder()
-            .use_preconfigured_tls((*self.token_tls).clone())
+            .use_preconfigured_tls(tls.clone())
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15))

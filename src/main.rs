@@ -236,6 +236,9 @@ async fn check(cli: &Cli, json: bool) -> ExitCode {
             println!("{}", serde_json::to_string(d).unwrap_or_default());
         } else if d.ok {
             println!("ok    {}: {} ({}{via})", d.upstream, d.message, d.token_url);
+            if let Some(b) = &d.rate_budget {
+                println!("      {}: {b}", d.upstream);
+            }
         } else {
             println!(
                 "FAIL  {}: [{}] {} ({}{via})",

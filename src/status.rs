@@ -79,15 +79,64 @@ impl Window {
     }
 }
 
+/// Calls sent to an upstream per 10 s over the last 10 minutes, for one client: the
+/// status page's chart. Buckets as in [`Window`]: (bucket number << 32 | count).
+struct History {
+    buckets: [AtomicU64; HISTORY_BUCKETS],
+}
+
+const HISTORY_BUCKETS: usize = 60;
+const BUCKET_SECS: u64 = 10;
+
+impl History {
+    fn new() -> History {
+        History {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    fn record(&self, second: u64) {
+        let bucket = (second / BUCKET_SECS) & u64::from(u32::MAX);
+        count_in(
+            &self.buckets[(bucket % HISTORY_BUCKETS as u64) as usize],
+            bucket,
+        );
+    }
+
+    /// The counts, oldest first, the last one the bucket `second` falls in.
+    fn counts(&self, second: u64) -> Vec<u64> {
+        let now = second / BUCKET_SECS;
+        (0..HISTORY_BUCKETS as u64)
+            .rev()
+            .map(|ago| match now.checked_sub(ago) {
+                Some(b) => {
+                    let word =
+                        self.buckets[(b % HISTORY_BUCKETS as u64) as usize].load(Ordering::Relaxed);
+                    if word >> 32 == b {
+                        word & u64::from(u32::MAX)
+                    } else {
+                        0
+                    }
+                }
+                None => 0,
+            })
+            .collect()
+    }
+}
+
 struct UpstreamStats {
     name: Arc<str>,
     window: Window,
+    /// Per client, in the order of [`StatusBoard::clients`].
+    history: Vec<History>,
     retries_401: AtomicU64,
     throttled_429: AtomicU64,
 }
 
 struct ClientStats {
     name: Arc<str>,
+    share: u32,
+    max_per_minute: Option<u64>,
     requests: AtomicU64,
     forbidden: AtomicU64,
 }
@@ -125,6 +174,8 @@ impl StatusBoard {
             .iter()
             .map(|c| ClientStats {
                 name: c.name.clone(),
+                share: c.share,
+                max_per_minute: c.max_per_minute,
                 requests: AtomicU64::new(0),
                 forbidden: AtomicU64::new(0),
             })
@@ -132,10 +183,13 @@ impl StatusBoard {
         if clients.is_empty() {
             clients.push(ClientStats {
                 name: Arc::from(ANONYMOUS),
+                share: 1,
+                max_per_minute: None,
                 requests: AtomicU64::new(0),
                 forbidden: AtomicU64::new(0),
             });
         }
+        let n = clients.len();
         StatusBoard {
             started: Instant::now(),
             upstreams: config
@@ -144,6 +198,7 @@ impl StatusBoard {
                 .map(|u| UpstreamStats {
                     name: u.name.clone(),
                     window: Window::new(),
+                    history: (0..n).map(|_| History::new()).collect(),
                     retries_401: AtomicU64::new(0),
                     throttled_429: AtomicU64::new(0),
                 })
@@ -155,11 +210,17 @@ impl StatusBoard {
     /// `now`: when the answer was made (the observe layer has read the clock already).
     pub fn record(&self, a: Answered<'_>, now: Instant) {
         let second = now.saturating_duration_since(self.started).as_secs();
+        let client = a.client.unwrap_or(ANONYMOUS);
+        let client_index = self.clients.iter().position(|c| c.name.as_ref() == client);
         if let Some(u) = a
             .upstream
             .and_then(|name| self.upstreams.iter().find(|u| u.name.as_ref() == name))
         {
             u.window.record(second, a.status >= 400);
+            // The chart shows calls that reached the platform (and spent its budget).
+            if let (None, Some(i)) = (a.proxy_error, client_index) {
+                u.history[i].record(second);
+            }
             if a.retried_after_401 {
                 u.retries_401.fetch_add(1, Ordering::Relaxed);
             }
@@ -167,8 +228,7 @@ impl StatusBoard {
                 u.throttled_429.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let client = a.client.unwrap_or(ANONYMOUS);
-        if let Some(c) = self.clients.iter().find(|c| c.name.as_ref() == client) {
+        if let Some(c) = client_index.map(|i| &self.clients[i]) {
             c.requests.fetch_add(1, Ordering::Relaxed);
             if a.proxy_error == Some("forbidden") {
                 c.forbidden.fetch_add(1, Ordering::Relaxed);
@@ -263,15 +323,43 @@ pub fn status_json(
                 "throttled_429": stats.map_or(0, |s| s.throttled_429.load(Ordering::Relaxed)),
                 "websockets_open": sockets_of(Some(u.name()), None),
                 "channels_live": channels_of(Some(u.name()), None),
+                "rate_budget": u.budget.budget().map(|b| json!({
+                    "allowed": b.allowed,
+                    "used": b.used,
+                    "remaining": b.allowed.saturating_sub(b.used),
+                    "window_secs": b.window.as_secs(),
+                    "waiting": b.waiting,
+                })),
+                "calls_per_10s": {
+                    "bucket_secs": BUCKET_SECS,
+                    // The budget, as calls per bucket, for the chart's line.
+                    "budget_per_bucket": u.budget.budget().filter(|b| !b.window.is_zero()).map(|b| {
+                        b.allowed as f64 * BUCKET_SECS as f64 / b.window.as_secs_f64()
+                    }),
+                    "clients": board.clients.iter().enumerate().map(|(i, c)| json!({
+                        "client": c.name.as_ref(),
+                        "counts": stats.map(|s| s.history[i].counts(second)).unwrap_or_default(),
+                    })).collect::<Vec<_>>(),
+                },
             })
         })
         .collect();
     let client_docs: Vec<Value> = board
         .clients
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(i, c)| {
+            let calls_10min: u64 = board
+                .upstreams
+                .iter()
+                .flat_map(|u| u.history.get(i).map(|h| h.counts(second)))
+                .flatten()
+                .sum();
             json!({
                 "name": c.name.as_ref(),
+                "share": c.share,
+                "max_per_minute": c.max_per_minute,
+                "calls_last_10_min": calls_10min,
                 "requests": c.requests.load(Ordering::Relaxed),
                 "forbidden": c.forbidden.load(Ordering::Relaxed),
                 "websockets_open": sockets_of(None, Some(&c.name)),
@@ -296,6 +384,113 @@ pub fn status_json(
             })
         }),
     })
+}
+
+/// Colours of the clients' stacks, in order (repeated past the eighth client).
+const PALETTE: [&str; 8] = [
+    "#3b6fd8", "#e07b39", "#2f9e6e", "#b5477e", "#8a6ad1", "#c9a227", "#4aa3b8", "#7b7f86",
+];
+
+/// One upstream's chart: calls per 10 s over the last 10 minutes, stacked by client, with
+/// the rate budget per 10 s as a dashed line. Inline SVG drawn here, so the page needs
+/// no script and fetches nothing.
+fn rate_chart(u: &Value) -> String {
+    let (w, h, left, bottom) = (600.0_f64, 140.0_f64, 34.0_f64, 16.0_f64);
+    let empty = Vec::new();
+    let series: Vec<(&str, Vec<f64>)> = u["calls_per_10s"]["clients"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|c| {
+            let counts = c["counts"].as_array().unwrap_or(&empty);
+            (
+                c["client"].as_str().unwrap_or(""),
+                counts.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+            )
+        })
+        .collect();
+    let buckets = series.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
+    let budget = u["calls_per_10s"]["budget_per_bucket"].as_f64();
+    let tallest = (0..buckets)
+        .map(|i| {
+            series
+                .iter()
+                .map(|(_, c)| c.get(i).copied().unwrap_or(0.0))
+                .sum::<f64>()
+        })
+        .fold(budget.unwrap_or(0.0), f64::max)
+        .max(1.0)
+        * 1.1;
+    let plot_h = h - bottom;
+    let y = |v: f64| plot_h - v / tallest * (plot_h - 4.0);
+    let bar = if buckets == 0 {
+        0.0
+    } else {
+        (w - left) / buckets as f64
+    };
+    let mut svg = String::new();
+    for i in 0..buckets {
+        let mut base = 0.0;
+        for (k, (client, counts)) in series.iter().enumerate() {
+            let v = counts.get(i).copied().unwrap_or(0.0);
+            if v > 0.0 {
+                svg.push_str(&format!(
+                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{}: {} calls</title></rect>",
+                    left + i as f64 * bar,
+                    y(base + v),
+                    (bar - 1.0).max(1.0),
+                    y(base) - y(base + v),
+                    PALETTE[k % PALETTE.len()],
+                    esc(client),
+                    v
+                ));
+            }
+            base += v;
+        }
+    }
+    if let Some(b) = budget {
+        svg.push_str(&format!(
+            "<line class=\"budget\" x1=\"{left}\" x2=\"{w}\" y1=\"{0:.1}\" y2=\"{0:.1}\" stroke=\"#c92a2a\" stroke-dasharray=\"5 3\"/><text x=\"{1}\" y=\"{2:.1}\" fill=\"#c92a2a\" font-size=\"10\" text-anchor=\"end\">budget {3:.0}</text>",
+            y(b),
+            w - 2.0,
+            y(b) - 3.0,
+            b
+        ));
+    }
+    let legend: String = series
+        .iter()
+        .enumerate()
+        .map(|(k, (client, _))| {
+            format!(
+                "<span><i style=\"background:{}\"></i>{}</span>",
+                PALETTE[k % PALETTE.len()],
+                esc(client)
+            )
+        })
+        .collect();
+    let name = esc(&text(&u["name"]));
+    let budget_text = match u["rate_budget"].as_object() {
+        Some(b) => format!(
+            "{} of {} calls left in this {} s window, {} waiting",
+            text(&b["remaining"]),
+            text(&b["allowed"]),
+            text(&b["window_secs"]),
+            text(&b["waiting"])
+        ),
+        None => "no budget known yet (the platform has not said, and no rate_limit is set)".into(),
+    };
+    format!(
+        "<figure class=\"chart\" id=\"chart-{name}\"><figcaption>{name} <small>— {budget_text}</small></figcaption>\
+         <svg width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"calls per 10 seconds to {name}, by client\">\
+         <line x1=\"{left}\" x2=\"{w}\" y1=\"{plot_h}\" y2=\"{plot_h}\" stroke=\"#adb5bd\"/>\
+         <text x=\"{tx}\" y=\"10\" font-size=\"10\" text-anchor=\"end\" fill=\"#5b6472\">{top:.0}</text>\
+         <text x=\"{tx}\" y=\"{plot_h}\" font-size=\"10\" text-anchor=\"end\" fill=\"#5b6472\">0</text>\
+         <text x=\"{left}\" y=\"{h}\" font-size=\"10\" fill=\"#5b6472\">10 min ago</text>\
+         <text x=\"{w}\" y=\"{h}\" font-size=\"10\" text-anchor=\"end\" fill=\"#5b6472\">now</text>{svg}</svg>\
+         <div class=\"legend\">{legend}</div></figure>\n",
+        tx = left - 4.0,
+        top = tallest / 1.1,
+    )
 }
 
 /// Escape text for HTML element content and attribute values.
@@ -332,6 +527,7 @@ fn clock(secs: f64) -> String {
 pub fn status_html(doc: &Value) -> String {
     let mut rows = String::new();
     let mut failures = String::new();
+    let mut charts = String::new();
     let empty = Vec::new();
     for u in doc["upstreams"].as_array().unwrap_or(&empty) {
         let name = esc(&text(&u["name"]));
@@ -376,6 +572,7 @@ pub fn status_html(doc: &Value) -> String {
             retries = text(&u["retries_401"]),
             throttled = text(&u["throttled_429"]),
         ));
+        charts.push_str(&rate_chart(u));
         if let Some(f) = u["last_failure"].as_object() {
             failures.push_str(&format!(
                 "<li id=\"failure-{name}\"><strong>{name}</strong>: <code class=\"grant-error\">{grant_error}</code> \
@@ -391,8 +588,13 @@ pub fn status_html(doc: &Value) -> String {
     let mut clients = String::new();
     for c in doc["clients"].as_array().unwrap_or(&empty) {
         let name = esc(&text(&c["name"]));
+        let cap = c["max_per_minute"]
+            .as_u64()
+            .map_or("—".into(), |n| format!("{n}/min"));
         clients.push_str(&format!(
-            "<tr id=\"client-{name}\"><th scope=\"row\">{name}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            "<tr id=\"client-{name}\"><th scope=\"row\">{name}</th><td class=\"share\">{}</td><td>{cap}</td><td class=\"use\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            text(&c["share"]),
+            text(&c["calls_last_10_min"]),
             text(&c["requests"]),
             text(&c["forbidden"]),
             text(&c["websockets_open"]),
@@ -432,6 +634,9 @@ thead th{{background:#eef1f4;font-weight:600}}
 .countdown{{font-variant-numeric:tabular-nums}}
 ul.failures{{background:#fff;padding:.6rem 1.6rem;box-shadow:0 1px 2px #0002}}
 code{{background:#eef1f4;padding:0 .25rem;border-radius:.2rem}}
+figure.chart{{background:#fff;box-shadow:0 1px 2px #0002;margin:0 0 1rem;padding:.6rem .8rem;display:inline-block}}
+figure.chart figcaption{{font-weight:600;margin-bottom:.3rem}}
+.legend span{{margin-right:1rem}} .legend i{{display:inline-block;width:.8rem;height:.8rem;margin-right:.3rem;vertical-align:-.1rem}}
 </style></head>
 <body>
 <header><h1>tokengate</h1>
@@ -441,11 +646,13 @@ code{{background:#eef1f4;padding:0 .25rem;border-radius:.2rem}}
 <table id="upstreams"><thead><tr><th>upstream</th><th>provider</th><th>region / host</th><th>token</th><th>expires in</th><th>token age</th><th>pool</th><th>grants ok / failed</th><th>last minute: requests / errors</th><th>401 retries</th><th>429s</th></tr></thead>
 <tbody>
 {rows}</tbody></table>
+<h2>Rate budget: calls per 10 s, last 10 minutes</h2>
+{charts}
 <h2>Last grant failures</h2>
 <ul class="failures" id="failures">
 {failures}</ul>
 <h2>Clients</h2>
-<table id="clients"><thead><tr><th>client</th><th>requests</th><th>403s</th><th>WebSockets open</th><th>notification channels</th></tr></thead>
+<table id="clients"><thead><tr><th>client</th><th>share</th><th>max per minute</th><th>calls sent, last 10 min</th><th>requests</th><th>403s</th><th>WebSockets open</th><th>notification channels</th></tr></thead>
 <tbody>
 {clients}</tbody></table>
 <script>
