@@ -16,6 +16,7 @@ mod genesys_sdk;
 mod hardening;
 mod notifications;
 mod proxy;
+mod rate_budget;
 mod replicas;
 mod resilience;
 mod security;

@@ -21,7 +21,7 @@ fn chromium() -> PathBuf {
 }
 
 /// Run headless Chromium with the flags this closed network needs, plus `args`.
-fn headless(profile: &std::path::Path, args: &[&str]) -> std::process::Output {
+pub(crate) fn headless(profile: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(chromium())
         .args([
             "--headless",

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use rand::RngCore;
@@ -51,9 +51,33 @@ pub(crate) async fn answer(
     resp
 }
 
-/// Count a call against `token`'s rate limit; the 429 to answer when it is spent.
-fn rate_limited(o: &SandboxOptions, s: &State, token: &str) -> Option<Response<Body>> {
-    let allowed = o.per_token_limit?;
+/// Where a token stands in its rate-limit window: calls allowed, counted, seconds left.
+struct Standing {
+    allowed: u64,
+    count: u64,
+    reset: u64,
+}
+
+impl Standing {
+    /// Genesys' headers, on every answer to a call with a valid token.
+    fn write(&self, h: &mut HeaderMap) {
+        h.insert("inin-ratelimit-count", HeaderValue::from(self.count));
+        h.insert("inin-ratelimit-allowed", HeaderValue::from(self.allowed));
+        h.insert("inin-ratelimit-reset", HeaderValue::from(self.reset));
+    }
+}
+
+/// Count a call against `token`'s rate limit (when one is set): where it stands, or the
+/// 429 to answer when the window is spent.
+#[allow(clippy::result_large_err)] // one answer, made once per call
+fn rate_limited(
+    o: &SandboxOptions,
+    s: &State,
+    token: &str,
+) -> Result<Option<Standing>, Response<Body>> {
+    let Some(allowed) = o.per_token_limit else {
+        return Ok(None);
+    };
     let now = Instant::now();
     let (count, reset) = {
         let mut usage = lock(&s.usage);
@@ -63,21 +87,30 @@ fn rate_limited(o: &SandboxOptions, s: &State, token: &str) -> Option<Response<B
         }
         entry.1 += 1;
         let left = o.limit_window.saturating_sub(now.duration_since(entry.0));
-        (entry.1, left.as_secs().max(1))
+        // Whole seconds, rounded up: the window ends no later than it says.
+        (entry.1, left.as_secs_f64().ceil().max(1.0) as u64)
     };
     if count <= allowed {
-        return None;
+        return Ok(Some(Standing {
+            allowed,
+            count,
+            reset,
+        }));
     }
+    s.throttled.fetch_add(1, Ordering::SeqCst);
     let mut resp = json(
         StatusCode::TOO_MANY_REQUESTS,
         serde_json::json!({"message": format!("Rate limit exceeded the maximum. [{allowed}] requests for [{}] seconds", o.limit_window.as_secs()), "code": "too.many.requests", "status": 429}),
     );
     let h = resp.headers_mut();
     h.insert(header::RETRY_AFTER, HeaderValue::from(reset));
-    h.insert("inin-ratelimit-count", HeaderValue::from(count));
-    h.insert("inin-ratelimit-allowed", HeaderValue::from(allowed));
-    h.insert("inin-ratelimit-reset", HeaderValue::from(reset));
-    Some(resp)
+    Standing {
+        allowed,
+        count,
+        reset,
+    }
+    .write(h);
+    Err(resp)
 }
 
 async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<Body> {
@@ -104,9 +137,19 @@ async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Re
         }
         Some(_) => {}
     }
-    if let Some(resp) = rate_limited(o, s, &token) {
-        return resp;
+    let standing = match rate_limited(o, s, &token) {
+        Ok(standing) => standing,
+        Err(resp) => return resp,
+    };
+    let mut resp = served(s, req).await;
+    if let Some(standing) = standing {
+        standing.write(resp.headers_mut());
     }
+    resp
+}
+
+/// The answer to a call with a valid token, within its rate limit.
+async fn served(s: &State, req: Request<Incoming>) -> Response<Body> {
     let req = match crate::streaming::answer(s, req).await {
         Ok(resp) => return resp,
         Err(req) => req,

@@ -129,6 +129,8 @@ struct State {
     api_in_flight: AtomicU64,
     max_api_in_flight: AtomicU64,
     api_401s: AtomicU64,
+    /// API calls answered 429 because their token's window was spent.
+    throttled: AtomicU64,
     seen: Mutex<Vec<SeenRequest>>,
     /// Per token: when its rate-limit window started, and the calls in it.
     usage: Mutex<HashMap<String, (Instant, u64)>>,
@@ -284,6 +286,11 @@ impl Sandbox {
     }
 
     /// 401s the API host has answered.
+    /// API calls answered 429 because their token's rate-limit window was spent.
+    pub fn throttled(&self) -> u64 {
+        self.state.throttled.load(Ordering::SeqCst)
+    }
+
     pub fn api_401s(&self) -> u64 {
         self.state.api_401s.load(Ordering::SeqCst)
     }
