@@ -69,6 +69,7 @@ fn whole_stack(c: &mut Criterion) {
             vec![tokens],
             1,
             metrics.for_upstream("s"),
+            None,
         ));
         let board = Arc::new(StatusBoard::new(&config));
         let sessions = Arc::new(Sessions::new());

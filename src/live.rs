@@ -100,11 +100,17 @@ impl Builder {
                 let pool = (0..u.tokens)
                     .map(|i| self.tokens.source_for(&u.name, &u.grant, i, &self.metrics))
                     .collect();
+                // With [cache], the fleet shares each token's rate budget through Redis.
+                let fleet = crate::rate_budget::FleetBudget {
+                    shared: self.tokens.shared_handle(),
+                    cache_key: u.grant.cache_key(),
+                };
                 Arc::new(Upstream::new(
                     Arc::clone(u),
                     pool,
                     self.workers,
                     self.metrics.for_upstream(&u.name),
+                    Some(fleet),
                 ))
             })
             .collect();

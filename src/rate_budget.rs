@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{RateLimit, UpstreamConfig};
+use crate::token::shared::SharedCache;
 
 /// A tag step for share 1: tags are integers, `STEP / share` apart for one client.
 const STEP: u64 = 1_000_000;
@@ -59,6 +60,15 @@ struct TokenWindow {
     /// spend a whole window in its first moment and leave a quiet client nothing.
     bucket: f64,
     refilled: Instant,
+    /// With a fleet: calls of this window reserved in Redis and not used yet. A call
+    /// spends one; when none are left, the dispatcher reserves a slice more.
+    leased: u64,
+    /// Calls reserved by this replica in this window, and its part of the fleet's
+    /// reservations (kept across windows: what it falls back to when Redis is down).
+    reserved: u64,
+    fleet_part: f64,
+    /// Calls this replica let through in this window.
+    own: u64,
 }
 
 impl TokenWindow {
@@ -84,21 +94,36 @@ impl TokenWindow {
         self.allowed.is_none_or(|a| self.used < a)
     }
 
-    fn has_room(&self) -> bool {
-        self.window_has_room() && (self.pace().is_none() || self.bucket >= 1.0)
+    /// Room for a call now. `fleet`: the budget is shared through Redis and reachable
+    /// (a reserved call is needed); `Some(false)`: shared but Redis is down (this
+    /// replica's part of the budget); `None`: not shared.
+    fn has_room(&self, fleet: Option<bool>) -> bool {
+        let share = match fleet {
+            None => true,
+            Some(true) => self.leased > 0,
+            Some(false) => self
+                .allowed
+                .is_none_or(|a| (self.own as f64) < (a as f64 * self.fleet_part).ceil()),
+        };
+        share && self.window_has_room() && (self.pace().is_none() || self.bucket >= 1.0)
     }
 
     fn roll(&mut self, now: Instant) {
         if self.ends.is_some_and(|e| e <= now) {
             self.used = 0;
             self.ends = None;
+            self.leased = 0;
+            self.reserved = 0;
+            self.own = 0;
         }
         self.refill(now);
     }
 
-    /// When it next has room (`now` if it has).
-    fn room_at(&self, now: Instant) -> Instant {
-        if !self.window_has_room() {
+    /// When it next has room (`now` if it has, or if it needs a lease from the fleet).
+    fn room_at(&self, now: Instant, fleet: Option<bool>) -> Instant {
+        let part_spent =
+            fleet == Some(false) && !self.has_room(Some(false)) && self.window_has_room();
+        if !self.window_has_room() || part_spent {
             return self.ends.unwrap_or(now);
         }
         match self.pace() {
@@ -157,6 +182,10 @@ struct State {
     /// A task is asleep until the next window ends, to let waiting calls through.
     dispatcher: bool,
     next_token: usize,
+    /// The budget is shared with the fleet through Redis (`[cache]`).
+    fleet: bool,
+    /// Redis failed a lease: until then, each window gets this replica's part only.
+    fleet_down_until: Option<Instant>,
 }
 
 /// One upstream's rate governor (see the module's documentation).
@@ -167,6 +196,15 @@ pub struct Governor {
     state: Mutex<State>,
     /// Itself, for the dispatcher task it spawns (which must not keep it alive).
     me: Weak<Governor>,
+    fleet: Option<FleetBudget>,
+}
+
+/// Where a fleet shares a token's budget: the shared cache (while one is configured) and
+/// the credentials whose tokens the budget belongs to.
+pub struct FleetBudget {
+    pub shared: Arc<arc_swap::ArcSwapOption<SharedCache>>,
+    /// [`GrantConfig::cache_key`](crate::config::GrantConfig::cache_key).
+    pub cache_key: String,
 }
 
 impl std::fmt::Debug for Governor {
@@ -190,11 +228,20 @@ pub struct Budget {
 
 impl Governor {
     /// A governor for `config`'s pool of `tokens` tokens.
-    pub fn new(config: &UpstreamConfig, tokens: usize) -> Arc<Governor> {
-        Governor::with(config.rate_limit, config.rate_limit_max_wait, tokens)
+    pub fn new(
+        config: &UpstreamConfig,
+        tokens: usize,
+        fleet: Option<FleetBudget>,
+    ) -> Arc<Governor> {
+        Governor::with(config.rate_limit, config.rate_limit_max_wait, tokens, fleet)
     }
 
-    pub fn with(limit: Option<RateLimit>, max_wait: Duration, tokens: usize) -> Arc<Governor> {
+    pub fn with(
+        limit: Option<RateLimit>,
+        max_wait: Duration,
+        tokens: usize,
+        fleet: Option<FleetBudget>,
+    ) -> Arc<Governor> {
         let window = TokenWindow {
             allowed: limit.map(|l| l.calls),
             used: 0,
@@ -202,6 +249,10 @@ impl Governor {
             len: limit.map(|l| l.window),
             bucket: limit.map_or(1.0, |l| (l.calls as f64 / 4.0).max(1.0)),
             refilled: Instant::now(),
+            leased: 0,
+            reserved: 0,
+            fleet_part: 1.0,
+            own: 0,
         };
         Arc::new_cyclic(|me| Governor {
             max_wait,
@@ -214,8 +265,11 @@ impl Governor {
                 seq: 0,
                 dispatcher: false,
                 next_token: 0,
+                fleet: false,
+                fleet_down_until: None,
             }),
             me: me.clone(),
+            fleet,
         })
     }
 
@@ -242,8 +296,13 @@ impl Governor {
             return Ok(None);
         }
         let now = Instant::now();
+        let fleet = self
+            .fleet
+            .as_ref()
+            .is_some_and(|f| f.shared.load().is_some());
         let rx = {
             let mut st = self.lock();
+            st.fleet = fleet;
             let active = self.is_active();
             let book = st.clients.entry(Arc::clone(client)).or_default();
             if let Some(cap) = cap {
@@ -318,6 +377,13 @@ impl Governor {
             loop {
                 tokio::time::sleep_until(wake).await;
                 let Some(governor) = me.upgrade() else { return };
+                // Reserve more of the fleet's budget first, if a window ran out of it
+                // (outside the lock: a round trip to Redis).
+                let wanted = governor.lock().lease_wanted(Instant::now());
+                if let Some((index, slice, left)) = wanted {
+                    let got = governor.lease(index, slice, left).await;
+                    governor.lock().leased(index, slice, got, Instant::now());
+                }
                 let mut st = governor.lock();
                 let now = Instant::now();
                 st.dispatch(now);
@@ -330,6 +396,15 @@ impl Governor {
                 wake = st.room_at(now).max(now + Duration::from_millis(1));
             }
         });
+    }
+
+    /// Reserve `slice` calls of pool token `index`'s window in Redis: the fleet's
+    /// reservations in the window so far, or `None` when Redis cannot be used.
+    async fn lease(&self, index: usize, slice: u64, left: Duration) -> Option<u64> {
+        let fleet = self.fleet.as_ref()?;
+        let shared = fleet.shared.load_full()?;
+        let creds = shared.credentials_id(&fleet.cache_key);
+        shared.lease_budget(&creds, index, slice, left).await.ok()
     }
 
     /// Read an answer's budget for pooled token `index` (Genesys' `inin-ratelimit-*`),
@@ -423,14 +498,74 @@ fn book_finish(st: &State, client: &Arc<str>) -> u64 {
 }
 
 impl State {
+    /// How the budget is shared now (see [`TokenWindow::has_room`]).
+    fn fleet_mode(&self, now: Instant) -> Option<bool> {
+        self.fleet
+            .then(|| self.fleet_down_until.is_none_or(|until| now >= until))
+    }
+
+    /// A window that needs a lease from the fleet: its index, the slice to reserve (a
+    /// tenth of the budget, at least 10 calls: one Redis command per slice) and how long
+    /// the window has left.
+    fn lease_wanted(&mut self, now: Instant) -> Option<(usize, u64, Duration)> {
+        if self.fleet_mode(now) != Some(true) {
+            return None;
+        }
+        self.windows.iter_mut().enumerate().find_map(|(i, w)| {
+            w.roll(now);
+            let allowed = w.allowed?;
+            (w.leased == 0 && w.window_has_room()).then(|| {
+                let slice = (allowed / 10).max(10).min(allowed);
+                let left = w
+                    .ends
+                    .map_or(w.len.unwrap_or(Duration::from_secs(60)) + MARGIN, |e| {
+                        e.saturating_duration_since(now)
+                    });
+                (i, slice, left)
+            })
+        })
+    }
+
+    /// What a lease of `slice` calls for window `index` got: the fleet's reservations
+    /// in the window (`None`: Redis could not be used; this replica falls back to its
+    /// part of the budget for a while).
+    fn leased(&mut self, index: usize, slice: u64, fleet_total: Option<u64>, now: Instant) {
+        let Some(w) = self.windows.get_mut(index) else {
+            return;
+        };
+        let Some(total) = fleet_total else {
+            self.fleet_down_until = Some(now + Duration::from_secs(5));
+            return;
+        };
+        let allowed = w.allowed.unwrap_or(u64::MAX);
+        let granted = slice.min(allowed.saturating_sub(total.saturating_sub(slice)));
+        w.leased += granted;
+        w.reserved += granted;
+        if total > 0 {
+            w.fleet_part = (w.reserved as f64 / total as f64).clamp(0.01, 1.0);
+        }
+        if granted == 0 {
+            // The fleet has reserved the whole window: none until it ends.
+            w.used = w.used.max(allowed);
+            if w.ends.is_none() {
+                w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
+            }
+        }
+    }
+
     /// Take one call's room in the next token that has some (round-robin).
     fn take_room(&mut self, now: Instant) -> Option<usize> {
         let n = self.windows.len();
+        let fleet = self.fleet_mode(now);
         for k in 0..n {
             let i = (self.next_token + k) % n;
             let w = &mut self.windows[i];
-            if w.has_room() {
+            if w.has_room(fleet) {
                 w.used += 1;
+                w.own += 1;
+                if fleet == Some(true) {
+                    w.leased -= 1;
+                }
                 if w.pace().is_some() {
                     w.bucket -= 1.0;
                 }
@@ -447,12 +582,13 @@ impl State {
     }
 
     fn room_at(&self, now: Instant) -> Instant {
+        let fleet = self.fleet_mode(now);
         self.windows
             .iter()
             .map(|w| {
                 let mut w = w.clone();
                 w.roll(now);
-                w.room_at(now)
+                w.room_at(now, fleet)
             })
             .min()
             .unwrap_or(now)
@@ -496,7 +632,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_a_budget_calls_pass_untouched() {
-        let g = Governor::with(None, Duration::from_secs(10), 1);
+        let g = Governor::with(None, Duration::from_secs(10), 1, None);
         let c: Arc<str> = Arc::from("a");
         for _ in 0..1000 {
             assert_eq!(g.admit(&c, 1, None).await, Ok(None));
@@ -507,7 +643,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn calls_are_paced_over_the_window_and_refused_past_the_wait() {
         // 4 calls per 10 s: one every 2.5 s (the burst is a quarter: one call).
-        let g = Governor::with(limit(4, 10), Duration::from_secs(3), 1);
+        let g = Governor::with(limit(4, 10), Duration::from_secs(3), 1, None);
         let c: Arc<str> = Arc::from("a");
         let started = Instant::now();
         for i in 0..4u32 {
@@ -531,7 +667,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_calls_are_served_in_the_ratio_of_their_shares() {
         // 20 calls a window for 40 callers: more want in than fit, so shares decide.
-        let g = Governor::with(limit(20, 1), Duration::from_secs(600), 1);
+        let g = Governor::with(limit(20, 1), Duration::from_secs(600), 1, None);
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         let served = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
@@ -575,7 +711,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_client_goes_ahead_of_a_noisy_backlog() {
-        let g = Governor::with(limit(10, 1), Duration::from_secs(600), 1);
+        let g = Governor::with(limit(10, 1), Duration::from_secs(600), 1, None);
         let noisy: Arc<str> = Arc::from("noisy");
         for _ in 0..50 {
             let (g, noisy) = (Arc::clone(&g), Arc::clone(&noisy));
@@ -595,7 +731,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_platforms_headers_set_the_budget_and_its_429_spends_it() {
-        let g = Governor::with(None, Duration::from_secs(30), 1);
+        let g = Governor::with(None, Duration::from_secs(30), 1, None);
         let c: Arc<str> = Arc::from("a");
         let mut h = HeaderMap::new();
         h.insert("inin-ratelimit-allowed", "5".parse().unwrap());
@@ -626,7 +762,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn max_per_minute_caps_a_client_without_a_budget() {
-        let g = Governor::with(None, Duration::from_secs(10), 1);
+        let g = Governor::with(None, Duration::from_secs(10), 1, None);
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         for _ in 0..3 {
             assert_eq!(g.admit(&a, 1, Some(3)).await, Ok(None));
@@ -642,7 +778,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pool_multiplies_the_budget() {
-        let g = Governor::with(limit(2, 10), Duration::from_secs(30), 3);
+        let g = Governor::with(limit(2, 10), Duration::from_secs(30), 3, None);
         let c: Arc<str> = Arc::from("a");
         let started = Instant::now();
         let mut used = Vec::new();

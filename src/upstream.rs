@@ -18,7 +18,7 @@ use http::HeaderMap;
 use crate::config::UpstreamConfig;
 use crate::connections::{Origin, WorkerConnections};
 use crate::metrics::UpstreamMetrics;
-use crate::rate_budget::Governor;
+use crate::rate_budget::{FleetBudget, Governor};
 use crate::token::TokenSource;
 
 #[derive(Debug)]
@@ -51,6 +51,7 @@ impl Upstream {
         tokens: Vec<Arc<TokenSource>>,
         workers: usize,
         metrics: UpstreamMetrics,
+        fleet: Option<FleetBudget>,
     ) -> Upstream {
         let clients = connection_shares(config.max_connections, workers)
             .map(|share| {
@@ -65,7 +66,7 @@ impl Upstream {
             .is_some_and(|b| !b.path().trim_matches('/').is_empty());
         Upstream {
             plain_paths_only,
-            budget: Governor::new(&config, tokens.len()),
+            budget: Governor::new(&config, tokens.len(), fleet),
             config,
             tokens,
             clients,

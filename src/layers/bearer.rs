@@ -161,6 +161,7 @@ mod tests {
             vec![source],
             1,
             metrics.for_upstream("a"),
+            None,
         ));
         let upstream = WorkerUpstream::new(&upstream, 0);
         // The inner service plays the upstream: it records the Authorization it was sent.

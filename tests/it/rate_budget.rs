@@ -360,3 +360,80 @@ async fn check_prints_the_budget_as_the_platform_reports_it() {
         "{d}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
+async fn three_replicas_share_one_budget_through_redis_leases_and_survive_its_loss() {
+    use crate::support::redis_server::RedisServer;
+    // 600 calls per 10 s window on the one token the fleet shares.
+    let sandbox = budgeted_sandbox(600, 10).await;
+    let mut redis = RedisServer::start();
+    let config = format!(
+        "{}\n[cache]\nredis_url = \"{}\"\nencryption_key = \"q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=\"\ntimeout_ms = 300\n",
+        config_with(&sandbox, "", "rate_limit_max_wait_secs = 30"),
+        redis.url()
+    );
+    let fleet: Vec<Arc<Proxy>> = (0..3).map(|_| Arc::new(Proxy::start(&config))).collect();
+    // Each replica takes the fleet's token (one grant) and learns the budget.
+    for p in &fleet {
+        assert_eq!(get_with_key(p, "/api/v2/users/me").await.status(), 200);
+    }
+    redis.reset_stats();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tallies = Vec::new();
+    let mut loops = Vec::new();
+    for p in &fleet {
+        let (tally, tasks) = saturate(p, CLIENT_KEY, 3, &stop);
+        tallies.push(tally);
+        loops.extend(tasks);
+    }
+    let served = |tallies: &[Arc<Mutex<Tally>>]| -> u64 {
+        tallies.iter().map(|t| t.lock().unwrap().count(200)).sum()
+    };
+    wait_for(Duration::from_secs(60), || {
+        (served(&tallies) >= 1000).then_some(())
+    })
+    .await
+    .expect("a thousand calls");
+    let calls = served(&tallies);
+    let counts = redis.command_counts();
+    let commands: u64 = counts
+        .iter()
+        .filter(|(name, _)| name != "info" && name != "config|resetstat" && name != "config")
+        .map(|(_, n)| n)
+        .sum();
+    eprintln!("{calls} calls through three replicas: {commands} Redis commands ({counts:?})");
+    assert!(
+        commands * 1000 <= 100 * calls,
+        "{commands} commands for {calls} calls: {counts:?}"
+    );
+    assert_eq!(sandbox.throttled(), 0, "the platform answered no 429");
+
+    // Redis goes away: each replica goes on with its part of the budget.
+    redis.kill();
+    let at_kill = served(&tallies);
+    wait_for(Duration::from_secs(60), || {
+        (served(&tallies) >= at_kill + 500).then_some(())
+    })
+    .await
+    .expect("five hundred calls without Redis");
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    for (i, t) in tallies.iter().enumerate() {
+        let t = t.lock().unwrap();
+        let all: u64 = t.statuses.values().sum();
+        assert_eq!(
+            t.count(200),
+            all,
+            "replica {i}: every call succeeded: {t:?}"
+        );
+    }
+    assert_eq!(
+        sandbox.throttled(),
+        0,
+        "the platform answered no 429 without Redis either"
+    );
+    assert_eq!(sandbox.grants(), 1);
+}

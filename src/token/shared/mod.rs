@@ -39,6 +39,12 @@ use crate::metrics::Metrics;
 /// How long the cache is left alone after a failed command.
 const COOL_OFF: Duration = Duration::from_secs(5);
 /// Releases the fleet lock only if we still hold it (it may have expired and been taken).
+/// Reserves `ARGV[1]` calls of a token's rate-limit window for one replica, in one atomic
+/// command: the fleet's reservations so far in the window, this one included. The first
+/// reservation of a window sets when it ends (`ARGV[2]` ms).
+const LEASE: &str = "local n = redis.call('INCRBY', KEYS[1], ARGV[1]) \
+    if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return n";
+
 const RELEASE: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
@@ -237,6 +243,24 @@ impl SharedCache {
             .run(redis::cmd("GET").arg(&key).query_async(&mut redis))
             .await?;
         Ok(value.and_then(|v| self.unseal(&key, &v)))
+    }
+
+    /// Reserve `slice` calls of pool token `index`'s current window (which ends after
+    /// `window_left`) for this replica: the calls the fleet has reserved in the window,
+    /// these included. A count past the budget means the window is spent.
+    pub async fn lease_budget(
+        &self,
+        creds: &str,
+        index: usize,
+        slice: u64,
+        window_left: Duration,
+    ) -> Result<u64, Unavailable> {
+        let key = format!("{}:budget:{creds}:{index}", self.config.key_prefix);
+        let mut redis = self.redis.clone();
+        let script = redis::Script::new(LEASE);
+        let mut call = script.key(&key);
+        call.arg(slice).arg(window_left.as_millis().max(1) as u64);
+        self.run(call.invoke_async::<u64>(&mut redis)).await
     }
 
     /// Takes the fleet lock for these credentials if nobody holds it.
