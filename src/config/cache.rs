@@ -11,9 +11,10 @@ use super::{ConfigError, Cx};
 /// `[cache]`: tokens shared by replicas through Redis, encrypted at rest.
 #[derive(Clone)]
 pub struct CacheConfig {
-    /// May carry a password, so it is a secret.
-    pub redis_url: SecretString,
-    /// `host:port` (or socket path) of the Redis server: what logs name.
+    /// Where Redis is: one server, or a master found through Sentinel.
+    pub redis: RedisTarget,
+    /// `host:port` (or socket path) of the Redis server, or the master's name and its
+    /// sentinels: what logs name.
     pub redis_target: String,
     /// XChaCha20-Poly1305 key for the values stored in Redis.
     pub encryption_key: Arc<SecretBox<[u8; 32]>>,
@@ -23,11 +24,49 @@ pub struct CacheConfig {
     pub key_prefix: String,
 }
 
+/// How to reach the fleet's Redis. Addresses may carry a password, so they are secrets.
+#[derive(Clone)]
+pub enum RedisTarget {
+    /// `redis_url`.
+    Url(SecretString),
+    /// `sentinels` and `master_name`: the master is asked of the sentinels, and asked
+    /// again when it stops answering (a failover moves it).
+    Sentinel {
+        sentinels: Vec<SecretString>,
+        master_name: String,
+    },
+}
+
+impl RedisTarget {
+    fn same_as(&self, other: &RedisTarget) -> bool {
+        match (self, other) {
+            (RedisTarget::Url(a), RedisTarget::Url(b)) => a.expose_secret() == b.expose_secret(),
+            (
+                RedisTarget::Sentinel {
+                    sentinels: a,
+                    master_name: m,
+                },
+                RedisTarget::Sentinel {
+                    sentinels: b,
+                    master_name: n,
+                },
+            ) => {
+                m == n
+                    && a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(x, y)| x.expose_secret() == y.expose_secret())
+            }
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Debug for CacheConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheConfig")
             .field("redis_target", &self.redis_target)
-            .field("redis_url", &"[redacted]")
+            .field("redis", &"[redacted]")
             .field("encryption_key", &"[redacted]")
             .field("timeout", &self.timeout)
             .field("key_prefix", &self.key_prefix)
@@ -38,7 +77,7 @@ impl std::fmt::Debug for CacheConfig {
 impl CacheConfig {
     /// Whether two configs talk to the same Redis the same way (a reload keeps the client).
     pub fn same_as(&self, other: &CacheConfig) -> bool {
-        self.redis_url.expose_secret() == other.redis_url.expose_secret()
+        self.redis.same_as(&other.redis)
             && self.encryption_key.expose_secret() == other.encryption_key.expose_secret()
             && self.timeout == other.timeout
             && self.key_prefix == other.key_prefix
@@ -46,19 +85,8 @@ impl CacheConfig {
 }
 
 impl Cx<'_> {
-    pub(super) fn cache(&self, raw: RawCache) -> Result<CacheConfig, ConfigError> {
-        let redis_url = self.secret("cache.redis_url", raw.redis_url, raw.redis_url_file)?;
-        // Messages name the scheme and the problem, never the URL: it may hold a password.
-        let info = redis::IntoConnectionInfo::into_connection_info(redis_url.expose_secret())
-            .map_err(|e| {
-                self.err(
-                    "cache.redis_url",
-                    format!(
-                        "is not a Redis URL such as redis://host:6379, rediss://:password@host:6380/0 or redis+unix:///path ({})",
-                        e.category()
-                    ),
-                )
-            })?;
+    pub(super) fn cache(&self, mut raw: RawCache) -> Result<CacheConfig, ConfigError> {
+        let (redis, redis_target) = self.redis_target(&mut raw)?;
         let key = self.secret(
             "cache.encryption_key",
             raw.encryption_key,
@@ -84,12 +112,89 @@ impl Cx<'_> {
             return Err(self.err("cache.key_prefix", "use letters, digits and - _ . : only"));
         }
         Ok(CacheConfig {
-            redis_url,
-            redis_target: info.addr().to_string(),
+            redis,
+            redis_target,
             encryption_key: Arc::new(SecretBox::new(Box::new(encryption_key))),
             timeout,
             key_prefix,
         })
+    }
+}
+
+impl Cx<'_> {
+    /// `redis_url` (one server), or `sentinels` with `master_name`; and how logs name it.
+    fn redis_target(&self, raw: &mut RawCache) -> Result<(RedisTarget, String), ConfigError> {
+        // Messages name the scheme and the problem, never a URL: it may hold a password.
+        let parse = |key: &str, url: &str| {
+            redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
+                self.err(
+                    key,
+                    format!(
+                        "is not a Redis URL such as redis://host:6379, rediss://:password@host:6380/0 or redis+unix:///path ({})",
+                        e.category()
+                    ),
+                )
+            })
+        };
+        match (
+            raw.sentinels.take(),
+            raw.redis_url.is_some() || raw.redis_url_file.is_some(),
+        ) {
+            (Some(_), true) => Err(self.err(
+                "cache.sentinels",
+                "set either redis_url (one Redis) or sentinels with master_name, not both",
+            )),
+            (Some(sentinels), false) => {
+                let master_name = raw
+                    .master_name
+                    .take()
+                    .filter(|m| !m.is_empty())
+                    .ok_or_else(|| {
+                        self.err(
+                            "cache.master_name",
+                            "is required with sentinels (the name the sentinels monitor)",
+                        )
+                    })?;
+                if sentinels.is_empty() {
+                    return Err(self.err("cache.sentinels", "lists no sentinel"));
+                }
+                let mut addrs = Vec::new();
+                let mut urls = Vec::new();
+                for (i, s) in sentinels.iter().enumerate() {
+                    let s = self.interpolate(&format!("cache.sentinels[{i}]"), s)?;
+                    // host:port, as sentinels are usually written, or a redis:// URL (with
+                    // the password the sentinels and the master require).
+                    let url = if s.contains("://") {
+                        s
+                    } else {
+                        format!("redis://{s}")
+                    };
+                    let info = parse(&format!("cache.sentinels[{i}]"), &url)?;
+                    addrs.push(info.addr().to_string());
+                    urls.push(SecretString::from(url));
+                }
+                let target = format!("sentinel {master_name} via {}", addrs.join(","));
+                Ok((
+                    RedisTarget::Sentinel {
+                        sentinels: urls,
+                        master_name,
+                    },
+                    target,
+                ))
+            }
+            (None, _) => {
+                if raw.master_name.is_some() {
+                    return Err(self.err("cache.master_name", "is used with sentinels only"));
+                }
+                let url = self.secret(
+                    "cache.redis_url",
+                    raw.redis_url.take(),
+                    raw.redis_url_file.take(),
+                )?;
+                let info = parse("cache.redis_url", url.expose_secret())?;
+                Ok((RedisTarget::Url(url), info.addr().to_string()))
+            }
+        }
     }
 }
 

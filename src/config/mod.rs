@@ -36,7 +36,7 @@ mod values;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use cache::CacheConfig;
+pub use cache::{CacheConfig, RedisTarget};
 pub use client::ClientConfig;
 use error::toml_error;
 pub use error::ConfigError;

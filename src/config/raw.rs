@@ -116,7 +116,6 @@ pub(super) struct RawClient {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // read only to give a precise "not supported yet" error
 pub(super) struct RawCache {
     pub(super) redis_url: Option<String>,
     pub(super) redis_url_file: Option<PathBuf>,
@@ -124,6 +123,8 @@ pub(super) struct RawCache {
     pub(super) encryption_key_file: Option<PathBuf>,
     pub(super) timeout_ms: Option<u64>,
     pub(super) key_prefix: Option<String>,
+    pub(super) sentinels: Option<Vec<String>>,
+    pub(super) master_name: Option<String>,
 }
 
 // === The typed config ===

@@ -365,3 +365,50 @@ fn rate_limits_and_shares_are_read_and_checked() {
         assert!(e.contains(key), "{e}");
     }
 }
+
+#[test]
+fn cache_takes_sentinels_with_a_master_name_instead_of_a_url() {
+    let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let cache = |lines: &str| {
+        load(&format!(
+            "{GENESYS}\n[cache]\nencryption_key = \"{key}\"\n{lines}\n"
+        ))
+    };
+    let c = cache("sentinels = [\"10.0.0.1:26379\", \"redis://:pw-sent@10.0.0.2:26379\"]\nmaster_name = \"fleet\"")
+        .unwrap()
+        .cache
+        .unwrap();
+    assert_eq!(
+        c.redis_target,
+        "sentinel fleet via 10.0.0.1:26379,10.0.0.2:26379"
+    );
+    assert!(
+        matches!(&c.redis, RedisTarget::Sentinel { sentinels, master_name } if sentinels.len() == 2 && master_name == "fleet")
+    );
+    assert!(!format!("{c:?}").contains("pw-sent"));
+    for (lines, expected) in [
+        (
+            "sentinels = [\"h:26379\"]",
+            "cache.master_name: is required",
+        ),
+        ("sentinels = []\nmaster_name = \"m\"", "lists no sentinel"),
+        (
+            "sentinels = [\"h:26379\"]\nmaster_name = \"m\"\nredis_url = \"redis://h\"",
+            "not both",
+        ),
+        (
+            "redis_url = \"redis://h\"\nmaster_name = \"m\"",
+            "is used with sentinels only",
+        ),
+        (
+            "sentinels = [\"ftp://:pw-x@h\"]\nmaster_name = \"m\"",
+            "cache.sentinels[0]",
+        ),
+    ] {
+        let e = cache(lines).unwrap_err().to_string();
+        assert!(
+            e.contains(expected) && !e.contains("pw-x"),
+            "{expected:?} not in {e}"
+        );
+    }
+}

@@ -556,3 +556,81 @@ async fn a_notification_channel_made_on_one_replica_opens_on_another() {
     );
     assert_eq!(sandbox.api_calls(), api_calls);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
+async fn a_sentinel_failover_moves_the_fleet_to_the_new_master_without_a_restart() {
+    use crate::support::redis_server::{Sentinel, MASTER_NAME};
+    // A budget, so the fleet also shares leases of it through Redis.
+    let sandbox = Sandbox::start(SandboxOptions {
+        per_token_limit: Some(600),
+        limit_window: Duration::from_secs(10),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let mut master = RedisServer::start();
+    let replica = RedisServer::replica_of(&master);
+    let mut sentinel = Sentinel::watching(&master);
+    let config = format!(
+        "{}\n[cache]\nsentinels = [\"{}\"]\nmaster_name = \"{MASTER_NAME}\"\nencryption_key = \"${{TOKENGATE_CACHE_KEY}}\"\ntimeout_ms = 300\n",
+        config_with(&sandbox, "", "rate_limit_max_wait_secs = 30"),
+        sentinel.url()
+    );
+    let fleet = start_fleet(&config, 2);
+    let (ok, failures) = under_load(&fleet, async {
+        // The fleet's token and budget are in the master, and copied to the replica.
+        let stored = wait_for(Duration::from_secs(30), || {
+            let keys = replica.dump();
+            (keys.iter().any(|(k, _)| k.starts_with("tokengate:token:"))
+                && keys.iter().any(|(k, _)| k.starts_with("tokengate:budget:")))
+            .then_some(())
+        })
+        .await;
+        assert!(stored.is_some(), "token and budget reached the replica");
+        master.kill();
+        let promoted = wait_for(Duration::from_secs(60), || {
+            (sentinel.master_port() == Some(replica.port)).then_some(())
+        })
+        .await;
+        assert!(promoted.is_some(), "the sentinel promoted the replica");
+        // The fleet finds the new master by itself and reserves its budget there.
+        replica.reset_stats();
+        let moved = wait_for(Duration::from_secs(60), || {
+            replica
+                .command_counts()
+                .iter()
+                .any(|(name, n)| name == "evalsha" && *n > 0)
+                .then_some(())
+        })
+        .await;
+        assert!(moved.is_some(), "no lease reached the new master");
+    })
+    .await;
+    assert!(
+        failures.is_empty(),
+        "{} failed calls: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 100, "load ran: {ok} calls");
+    assert_eq!(
+        sandbox.grants(),
+        1,
+        "one grant for the fleet, before and after"
+    );
+    assert_eq!(sandbox.throttled(), 0, "the platform answered no 429");
+    for p in &fleet {
+        assert!(wait_for(Duration::from_secs(10), || p
+            .output
+            .text()
+            .contains("shared token cache reachable again")
+            .then_some(()))
+        .await
+        .is_some());
+        assert!(
+            !p.output.text().contains(&replica.password),
+            "a password in a log"
+        );
+    }
+}

@@ -13,6 +13,13 @@
 //!   whoever is minting, released with a compare-and-delete. A holder that dies only
 //!   delays the others by the lease.
 //!
+//! - `<prefix>:budget:<creds>:<pool index>` — the calls of a token's rate-limit window the
+//!   replicas have reserved (see [`crate::rate_budget`]).
+//!
+//! Redis is one server (`redis_url`) or a master found through Sentinel (`sentinels`,
+//! `master_name`): after a failed command the master is asked of the sentinels again, so
+//! a failover moves the fleet to the new master without a restart.
+//!
 //! Redis down or slow is never a failed request: every command has a short timeout, and
 //! after a failure the cache is left alone for a few seconds (each replica mints on its
 //! own meanwhile). The outage is logged once, and the return once.
@@ -33,7 +40,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, RedisTarget};
 use crate::metrics::Metrics;
 
 /// How long the cache is left alone after a failed command.
@@ -71,9 +78,22 @@ pub struct FleetLock {
     value: String,
 }
 
+/// The connection to Redis: to one server, or to the master the sentinels name.
+enum Redis {
+    Direct(ConnectionManager),
+    Sentinel {
+        // Boxed: the sentinel client is large, and one per process.
+        sentinels: Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+        /// The master's connection, until a command fails (then the sentinels are asked
+        /// again).
+        master: arc_swap::ArcSwapOption<ConnectionManager>,
+        manager_config: ConnectionManagerConfig,
+    },
+}
+
 pub struct SharedCache {
     config: CacheConfig,
-    redis: ConnectionManager,
+    redis: Redis,
     cipher: XChaCha20Poly1305,
     /// How long a minting replica holds the fleet lock at most.
     lease: Duration,
@@ -99,15 +119,44 @@ impl SharedCache {
     /// Connects lazily: a Redis that is down at start is an outage like any other. Call
     /// within the tokio runtime (the connection manager spawns its task there).
     pub fn new(config: &CacheConfig, metrics: &Metrics) -> Result<SharedCache, String> {
-        let client = redis::Client::open(config.redis_url.expose_secret())
-            .map_err(|e| format!("cache.redis_url: {}", e.category()))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let redis = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| format!("cache.redis_url: {}", e.category()))?;
+        let redis = match &config.redis {
+            RedisTarget::Url(url) => {
+                let client = redis::Client::open(url.expose_secret())
+                    .map_err(|e| format!("cache.redis_url: {}", e.category()))?;
+                Redis::Direct(
+                    ConnectionManager::new_lazy_with_config(client, manager_config)
+                        .map_err(|e| format!("cache.redis_url: {}", e.category()))?,
+                )
+            }
+            RedisTarget::Sentinel {
+                sentinels,
+                master_name,
+            } => {
+                let urls: Vec<&str> = sentinels.iter().map(|u| u.expose_secret()).collect();
+                // The master takes the password (and TLS) the sentinels' addresses carry.
+                let first = redis::IntoConnectionInfo::into_connection_info(urls[0])
+                    .map_err(|e| format!("cache.sentinels: {}", e.category()))?;
+                let node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(first.redis_settings().clone());
+                let client = redis::sentinel::SentinelClient::build(
+                    urls,
+                    master_name,
+                    Some(node),
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(|e| format!("cache.sentinels: {}", e.category()))?;
+                Redis::Sentinel {
+                    sentinels: Box::new(tokio::sync::Mutex::new(client)),
+                    master: arc_swap::ArcSwapOption::empty(),
+                    manager_config,
+                }
+            }
+        };
         let cipher = XChaCha20Poly1305::new(config.encryption_key.expose_secret().into());
         let up = metrics.shared_cache_up(&config.redis_target);
         up.set(1);
@@ -173,7 +222,7 @@ impl SharedCache {
     /// The fleet's token for this pool slot, if one is stored and opens with our key.
     pub async fn get(&self, creds: &str, index: u32) -> Result<Option<SharedToken>, Unavailable> {
         let key = self.token_key(creds, index);
-        let mut redis = self.redis.clone();
+        let mut redis = self.connection().await?;
         let value: Option<Vec<u8>> = self
             .run(redis::cmd("GET").arg(&key).query_async(&mut redis))
             .await?;
@@ -207,7 +256,7 @@ impl SharedCache {
 
     /// `SET key value PX ttl_ms`.
     async fn set_for(&self, key: &str, value: Vec<u8>, ttl_ms: u64) -> Result<(), Unavailable> {
-        let mut redis = self.redis.clone();
+        let mut redis = self.connection().await?;
         self.run(
             redis::cmd("SET")
                 .arg(key)
@@ -238,7 +287,7 @@ impl SharedCache {
     /// What [`put_sealed`](Self::put_sealed) stored under `name`, if it opens.
     pub async fn get_sealed(&self, name: &str) -> Result<Option<Vec<u8>>, Unavailable> {
         let key = format!("{}:{name}", self.config.key_prefix);
-        let mut redis = self.redis.clone();
+        let mut redis = self.connection().await?;
         let value: Option<Vec<u8>> = self
             .run(redis::cmd("GET").arg(&key).query_async(&mut redis))
             .await?;
@@ -256,7 +305,7 @@ impl SharedCache {
         window_left: Duration,
     ) -> Result<u64, Unavailable> {
         let key = format!("{}:budget:{creds}:{index}", self.config.key_prefix);
-        let mut redis = self.redis.clone();
+        let mut redis = self.connection().await?;
         let script = redis::Script::new(LEASE);
         let mut call = script.key(&key);
         call.arg(slice).arg(window_left.as_millis().max(1) as u64);
@@ -271,7 +320,7 @@ impl SharedCache {
             key: self.lock_key(creds),
             value: hex::encode(nonce),
         };
-        let mut redis = self.redis.clone();
+        let mut redis = self.connection().await?;
         let taken: Option<String> = self
             .run(
                 redis::cmd("SET")
@@ -288,7 +337,9 @@ impl SharedCache {
 
     /// Gives the lock back, if it is still ours.
     pub async fn release(&self, lock: FleetLock) {
-        let mut redis = self.redis.clone();
+        let Ok(mut redis) = self.connection().await else {
+            return;
+        };
         let script = redis::Script::new(RELEASE);
         let mut call = script.key(&lock.key);
         call.arg(&lock.value);
@@ -300,8 +351,11 @@ impl SharedCache {
     /// prefix with this replica's key. `(tokens that open, tokens that do not)`, or why
     /// Redis could not be used.
     pub async fn probe(&self) -> Result<(usize, usize), String> {
+        let mut redis = self
+            .connection()
+            .await
+            .map_err(|_| "no Redis master could be reached".to_string())?;
         let work = async {
-            let mut redis = self.redis.clone();
             redis::cmd("PING").query_async::<String>(&mut redis).await?;
             let pattern = format!("{}:token:*", self.config.key_prefix);
             let (mut opened, mut closed) = (0, 0);
@@ -343,19 +397,81 @@ impl SharedCache {
         }
     }
 
+    /// The connection to send a command on: the one server's, or the master's (asked of
+    /// the sentinels when none is known, or the last command failed).
+    async fn connection(&self) -> Result<ConnectionManager, Unavailable> {
+        let (sentinels, master, manager_config) = match &self.redis {
+            Redis::Direct(m) => return Ok(m.clone()),
+            Redis::Sentinel {
+                sentinels,
+                master,
+                manager_config,
+            } => (sentinels, master, manager_config),
+        };
+        if let Some(m) = master.load_full() {
+            return Ok((*m).clone());
+        }
+        if self.cooling_off() {
+            return Err(Unavailable);
+        }
+        let ask = async {
+            let mut sentinels = sentinels.lock().await;
+            // Another caller may have asked while this one waited for the lock.
+            if let Some(m) = master.load_full() {
+                return Ok((*m).clone());
+            }
+            let client = sentinels.async_get_client().await?;
+            let m = ConnectionManager::new_lazy_with_config(client, manager_config.clone())?;
+            master.store(Some(std::sync::Arc::new(m.clone())));
+            Ok::<_, redis::RedisError>(m)
+        };
+        match tokio::time::timeout(self.config.timeout * 4, ask).await {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(self.failed(format!(
+                "the sentinels named no reachable master: {} ({:?})",
+                e.category(),
+                e.kind()
+            ))),
+            Err(_) => Err(self.failed("the sentinels did not answer in time".into())),
+        }
+    }
+
+    fn cooling_off(&self) -> bool {
+        let until = self
+            .cool_off_until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// A command failed: leave Redis alone for a while (and, with Sentinel, ask for the
+    /// master again then); log the outage once.
+    fn failed(&self, why: String) -> Unavailable {
+        self.up.set(0);
+        *self
+            .cool_off_until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now() + COOL_OFF);
+        if let Redis::Sentinel { master, .. } = &self.redis {
+            master.store(None);
+        }
+        if !self.down.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                redis = %self.config.redis_target,
+                error = %why,
+                "shared token cache unavailable; this replica mints and keeps its own tokens until it returns"
+            );
+        }
+        Unavailable
+    }
+
     /// Runs one command with the timeout and the cool-off; logs an outage once.
     async fn run<T>(
         &self,
         command: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, Unavailable> {
-        {
-            let until = self
-                .cool_off_until
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if until.is_some_and(|u| Instant::now() < u) {
-                return Err(Unavailable);
-            }
+        if self.cooling_off() {
+            return Err(Unavailable);
         }
         let outcome = match tokio::time::timeout(self.config.timeout, command).await {
             Ok(Ok(value)) => Ok(value),
@@ -374,22 +490,7 @@ impl SharedCache {
                 }
                 Ok(value)
             }
-            Err(why) => {
-                self.up.set(0);
-                *self
-                    .cool_off_until
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                    Some(Instant::now() + COOL_OFF);
-                if !self.down.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(
-                        redis = %self.config.redis_target,
-                        error = %why,
-                        "shared token cache unavailable; this replica mints and keeps its own tokens until it returns"
-                    );
-                }
-                Err(Unavailable)
-            }
+            Err(why) => Err(self.failed(why)),
         }
     }
 }
