@@ -55,9 +55,10 @@ struct TokenWindow {
     /// How long a window lasts, as configured or as the platform's resets tell (the
     /// longest reset seen); `None`: not known yet.
     len: Option<Duration>,
-    /// Calls that may start now: the window's budget is released at an even pace
-    /// (`allowed / len`), with a burst of a quarter of it, so a noisy backlog cannot
-    /// spend a whole window in its first moment and leave a quiet client nothing.
+    /// Calls that may start now, once calls wait: a backlog is let through at an even
+    /// pace (`allowed / len`, with a burst of a quarter of it), so it cannot spend a
+    /// whole window in its first moment and leave a quiet client nothing. While nobody
+    /// waits, a call with room in the window goes at once (it spends the pace too).
     bucket: f64,
     refilled: Instant,
     /// With a fleet: calls of this window reserved in Redis and not used yet. A call
@@ -97,7 +98,7 @@ impl TokenWindow {
     /// Room for a call now. `fleet`: the budget is shared through Redis and reachable
     /// (a reserved call is needed); `Some(false)`: shared but Redis is down (this
     /// replica's part of the budget); `None`: not shared.
-    fn has_room(&self, fleet: Option<bool>) -> bool {
+    fn has_room(&self, fleet: Option<bool>, paced: bool) -> bool {
         let share = match fleet {
             None => true,
             Some(true) => self.leased > 0,
@@ -105,7 +106,7 @@ impl TokenWindow {
                 .allowed
                 .is_none_or(|a| (self.own as f64) < (a as f64 * self.fleet_part).ceil()),
         };
-        share && self.window_has_room() && (self.pace().is_none() || self.bucket >= 1.0)
+        share && self.window_has_room() && (!paced || self.pace().is_none() || self.bucket >= 1.0)
     }
 
     fn roll(&mut self, now: Instant) {
@@ -122,7 +123,7 @@ impl TokenWindow {
     /// When it next has room (`now` if it has, or if it needs a lease from the fleet).
     fn room_at(&self, now: Instant, fleet: Option<bool>) -> Instant {
         let part_spent =
-            fleet == Some(false) && !self.has_room(Some(false)) && self.window_has_room();
+            fleet == Some(false) && !self.has_room(Some(false), false) && self.window_has_room();
         if !self.window_has_room() || part_spent {
             return self.ends.unwrap_or(now);
         }
@@ -325,7 +326,7 @@ impl Governor {
                 w.roll(now);
             }
             if st.waiting.is_empty() {
-                if let Some(i) = st.take_room(now) {
+                if let Some(i) = st.take_room(now, false) {
                     st.virtual_time = start;
                     let book = st.clients.entry(Arc::clone(client)).or_default();
                     book.finish = tag;
@@ -554,20 +555,21 @@ impl State {
     }
 
     /// Take one call's room in the next token that has some (round-robin).
-    fn take_room(&mut self, now: Instant) -> Option<usize> {
+    /// `paced`: a waiting call, held to the pace (see [`TokenWindow::bucket`]).
+    fn take_room(&mut self, now: Instant, paced: bool) -> Option<usize> {
         let n = self.windows.len();
         let fleet = self.fleet_mode(now);
         for k in 0..n {
             let i = (self.next_token + k) % n;
             let w = &mut self.windows[i];
-            if w.has_room(fleet) {
+            if w.has_room(fleet, paced) {
                 w.used += 1;
                 w.own += 1;
                 if fleet == Some(true) {
                     w.leased -= 1;
                 }
                 if w.pace().is_some() {
-                    w.bucket -= 1.0;
+                    w.bucket = (w.bucket - 1.0).max(0.0);
                 }
                 if w.ends.is_none() {
                     // Until the platform says otherwise, a window as long as the longest
@@ -605,7 +607,9 @@ impl State {
                 self.waiting.pop();
                 continue;
             }
-            let Some(i) = self.take_room(now) else { break };
+            let Some(i) = self.take_room(now, true) else {
+                break;
+            };
             let Some(Reverse(w)) = self.waiting.pop() else {
                 break;
             };
@@ -641,27 +645,51 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn calls_are_paced_over_the_window_and_refused_past_the_wait() {
-        // 4 calls per 10 s: one every 2.5 s (the burst is a quarter: one call).
+    async fn calls_within_the_window_go_at_once_and_the_rest_wait_or_are_refused() {
         let g = Governor::with(limit(4, 10), Duration::from_secs(3), 1, None);
         let c: Arc<str> = Arc::from("a");
         let started = Instant::now();
-        for i in 0..4u32 {
+        for _ in 0..4 {
             assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
-            assert_eq!(Instant::now() - started, Duration::from_millis(2500) * i);
         }
-        // The window (10 s and the margin) ends at 11 s: 3.5 s away, past the 3 s wait,
-        // so refused at once.
-        let asked = Instant::now();
+        assert_eq!(Instant::now(), started, "nobody waited: no pace");
+        // The window (10 s and the margin) ends at 11 s: past the 3 s wait, refused at once.
         match g.admit(&c, 1, None).await {
-            Err(Refusal::Budget(after)) => assert_eq!(after, Duration::from_millis(3500)),
+            Err(Refusal::Budget(after)) => assert_eq!(after, Duration::from_secs(11)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(Instant::now(), asked, "refused without waiting");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        // 2.5 s left: it waits for the reset, then goes.
+        assert_eq!(Instant::now(), started, "refused without waiting");
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        // 2 s left: it waits for the reset, then goes.
         assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
         assert_eq!(Instant::now() - started, Duration::from_secs(11));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_let_through_at_the_pace_not_all_at_once() {
+        // 40 calls per 10 s: 4 a second, a burst of 10.
+        let g = Governor::with(limit(40, 10), Duration::from_secs(60), 1, None);
+        let c: Arc<str> = Arc::from("a");
+        for _ in 0..40 {
+            assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
+        }
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        for _ in 0..40 {
+            let (g, c, served) = (Arc::clone(&g), Arc::clone(&c), Arc::clone(&served));
+            tokio::spawn(async move {
+                if g.admit(&c, 1, None).await.is_ok() {
+                    served.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        let at =
+            |secs: f64| tokio::time::sleep_until(Instant::now() + Duration::from_secs_f64(secs));
+        at(11.01).await; // the window resets at 11 s: the burst goes
+        assert_eq!(served.load(Ordering::SeqCst), 10);
+        at(2.5).await; // then four a second
+        assert_eq!(served.load(Ordering::SeqCst), 20);
+        at(5.0).await;
+        assert_eq!(served.load(Ordering::SeqCst), 40);
     }
 
     #[tokio::test(start_paused = true)]
@@ -787,8 +815,7 @@ mod tests {
         }
         used.sort();
         assert_eq!(used, [0, 0, 1, 1, 2, 2]);
-        // Each token paces its own budget: the six took one token's pace for two calls.
-        assert_eq!(Instant::now() - started, Duration::from_secs(5));
+        assert_eq!(Instant::now(), started, "within the pool's budget: at once");
         // All three windows spent: the next call waits for the first reset (11 s).
         assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
         assert_eq!(Instant::now() - started, Duration::from_secs(11));

@@ -75,16 +75,16 @@ where
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
-        let client = match req.extensions().get::<Caller>() {
-            Some(Caller(Some(c))) => Some(Arc::clone(c)),
+        let caller = match req.extensions().get::<Caller>() {
+            Some(Caller(Some(c))) => Some(c),
             _ => None,
         };
-        let cap = client.as_ref().and_then(|c| c.max_per_minute);
-        let governed = self.upstream.budget.is_active();
-        if !governed && cap.is_none() {
+        let cap = caller.and_then(|c| c.max_per_minute);
+        if !self.upstream.budget.is_active() && cap.is_none() {
             // No budget known, no cap: nothing to hold, nothing to count.
             return self.inner.call(req);
         }
+        let client = caller.map(Arc::clone);
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (upstream, metrics) = (self.upstream.clone(), self.metrics.clone());
