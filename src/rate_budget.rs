@@ -64,12 +64,22 @@ struct TokenWindow {
     /// With a fleet: calls of this window reserved in Redis and not used yet. A call
     /// spends one; when none are left, the dispatcher reserves a slice more.
     leased: u64,
-    /// Calls reserved by this replica in this window, and its part of the fleet's
-    /// reservations (kept across windows: what it falls back to when Redis is down).
+    /// Calls reserved by this replica in this window; the fleet's reservations in it as
+    /// the last lease told; and how many replicas reserved (kept across windows). While
+    /// Redis is down, a replica spends what it reserved, then an equal part of what the
+    /// fleet had not reserved.
     reserved: u64,
-    fleet_part: f64,
+    fleet_total: u64,
+    replicas: u64,
+    /// Since Redis went down (in this window): the window's count then, and this
+    /// replica's calls then.
+    fallback_from: Option<(u64, u64)>,
     /// Calls this replica let through in this window.
     own: u64,
+    /// Calls let through in the window's last two seconds (and when the first was): the
+    /// platform's window may already have ended, so they may count in its next one.
+    late: u64,
+    late_first: Option<Instant>,
 }
 
 impl TokenWindow {
@@ -91,6 +101,13 @@ impl TokenWindow {
         self.refilled = now;
     }
 
+    /// Calls this replica made in the window beyond what it reserved (while Redis was
+    /// away).
+    fn unreserved(&self) -> u64 {
+        self.own
+            .saturating_sub(self.reserved.saturating_sub(self.leased))
+    }
+
     fn window_has_room(&self) -> bool {
         self.allowed.is_none_or(|a| self.used < a)
     }
@@ -102,20 +119,37 @@ impl TokenWindow {
         let share = match fleet {
             None => true,
             Some(true) => self.leased > 0,
-            Some(false) => self
-                .allowed
-                .is_none_or(|a| (self.own as f64) < (a as f64 * self.fleet_part).ceil()),
+            Some(false) => {
+                // What nobody had counted when Redis went down, less what the others may
+                // still hold reserved (a slice each), in equal parts.
+                let (base, own_then) = self.fallback_from.unwrap_or((self.used, self.own));
+                self.leased > 0
+                    || self.allowed.is_none_or(|a| {
+                        let others = (self.replicas.max(1) - 1) * slice_of(a);
+                        let part =
+                            a.saturating_sub(base).saturating_sub(others) / self.replicas.max(1);
+                        self.own.saturating_sub(own_then) < part
+                    })
+            }
         };
         share && self.window_has_room() && (!paced || self.pace().is_none() || self.bucket >= 1.0)
     }
 
     fn roll(&mut self, now: Instant) {
         if self.ends.is_some_and(|e| e <= now) {
-            self.used = 0;
-            self.ends = None;
+            // The late calls may have started the platform's next window: count them in
+            // ours, which then ends a window after the first of them.
+            self.used = self.late;
+            self.own = self.late;
+            self.ends = self
+                .late_first
+                .map(|t| t + self.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
             self.leased = 0;
             self.reserved = 0;
-            self.own = 0;
+            self.fleet_total = 0;
+            self.fallback_from = None;
+            self.late = 0;
+            self.late_first = None;
         }
         self.refill(now);
     }
@@ -252,8 +286,12 @@ impl Governor {
             refilled: Instant::now(),
             leased: 0,
             reserved: 0,
-            fleet_part: 1.0,
+            fleet_total: 0,
+            replicas: 1,
+            fallback_from: None,
             own: 0,
+            late: 0,
+            late_first: None,
         };
         Arc::new_cyclic(|me| Governor {
             max_wait,
@@ -400,8 +438,9 @@ impl Governor {
     }
 
     /// Reserve `slice` calls of pool token `index`'s window in Redis: the fleet's
-    /// reservations in the window so far, or `None` when Redis cannot be used.
-    async fn lease(&self, index: usize, slice: u64, left: Duration) -> Option<u64> {
+    /// reservations in the window so far and how many replicas made them, or `None` when
+    /// Redis cannot be used.
+    async fn lease(&self, index: usize, slice: u64, left: Duration) -> Option<(u64, u64)> {
         let fleet = self.fleet.as_ref()?;
         let shared = fleet.shared.load_full()?;
         let creds = shared.credentials_id(&fleet.cache_key);
@@ -410,7 +449,16 @@ impl Governor {
 
     /// Read an answer's budget for pooled token `index` (Genesys' `inin-ratelimit-*`),
     /// and a platform 429, which says the window is spent whatever was believed.
-    pub fn observe(&self, index: usize, status: u16, headers: &HeaderMap) {
+    /// `in_flight`: calls sent and not yet answered — the platform may have counted them
+    /// after this answer's count (read only when a budget is first learned, or the
+    /// platform starts a window the governor did not expect).
+    pub fn observe(
+        &self,
+        index: usize,
+        status: u16,
+        headers: &HeaderMap,
+        in_flight: impl Fn() -> u64,
+    ) {
         let number = |name: &str| {
             headers
                 .get(name)
@@ -431,6 +479,7 @@ impl Governor {
             return;
         };
         w.roll(now);
+        let learned = allowed.is_some() && w.allowed.is_none();
         if let Some(a) = allowed {
             w.allowed = Some(a);
             self.active.store(true, Ordering::Relaxed);
@@ -448,8 +497,15 @@ impl Governor {
             // A reset well past the window believed: the platform started a new one.
             let len = w.len.unwrap_or(left);
             let newer = w.ends.is_none_or(|e| end > e + len / 2);
-            if newer {
-                w.used = count.unwrap_or(w.used);
+            if newer || learned {
+                // Calls let through before this count was known, or counted in a window
+                // it did not expect, may be in flight: count them too.
+                w.used = count.unwrap_or(w.used) + in_flight();
+                if learned {
+                    // They were not reserved with the fleet either: the first lease
+                    // reserves them (erring on the side of the fleet's whole count).
+                    w.own = w.own.max(w.used);
+                }
             } else {
                 w.used = w.used.max(count.unwrap_or(0));
             }
@@ -494,6 +550,12 @@ impl Governor {
     }
 }
 
+/// How many calls a replica reserves at a time: an eighth of the budget, at least 10
+/// (one Redis command, four counted by Redis with the script's own, per slice).
+fn slice_of(allowed: u64) -> u64 {
+    (allowed / 8).max(10).min(allowed)
+}
+
 fn book_finish(st: &State, client: &Arc<str>) -> u64 {
     st.clients.get(client).map_or(0, |b| b.finish)
 }
@@ -505,9 +567,8 @@ impl State {
             .then(|| self.fleet_down_until.is_none_or(|until| now >= until))
     }
 
-    /// A window that needs a lease from the fleet: its index, the slice to reserve (a
-    /// tenth of the budget, at least 10 calls: one Redis command per slice) and how long
-    /// the window has left.
+    /// A window that needs a lease from the fleet: its index, the slice to reserve (see
+    /// [`slice_of`]) and how long the window has left.
     fn lease_wanted(&mut self, now: Instant) -> Option<(usize, u64, Duration)> {
         if self.fleet_mode(now) != Some(true) {
             return None;
@@ -516,7 +577,9 @@ impl State {
             w.roll(now);
             let allowed = w.allowed?;
             (w.leased == 0 && w.window_has_room()).then(|| {
-                let slice = (allowed / 10).max(10).min(allowed);
+                // Calls made on its own while Redis was away are reserved too, so the
+                // fleet's count includes them.
+                let slice = slice_of(allowed) + w.unreserved();
                 let left = w
                     .ends
                     .map_or(w.len.unwrap_or(Duration::from_secs(60)) + MARGIN, |e| {
@@ -528,23 +591,26 @@ impl State {
     }
 
     /// What a lease of `slice` calls for window `index` got: the fleet's reservations
-    /// in the window (`None`: Redis could not be used; this replica falls back to its
-    /// part of the budget for a while).
-    fn leased(&mut self, index: usize, slice: u64, fleet_total: Option<u64>, now: Instant) {
+    /// in the window and its replicas (`None`: Redis could not be used; this replica falls
+    /// back to its part of the budget for a while).
+    fn leased(&mut self, index: usize, slice: u64, got: Option<(u64, u64)>, now: Instant) {
         let Some(w) = self.windows.get_mut(index) else {
             return;
         };
-        let Some(total) = fleet_total else {
+        let Some((total, replicas)) = got else {
             self.fleet_down_until = Some(now + Duration::from_secs(5));
+            w.fallback_from.get_or_insert((w.used, w.own));
             return;
         };
+        w.fallback_from = None;
+        w.replicas = replicas.max(1);
+        w.fleet_total = w.fleet_total.max(total);
         let allowed = w.allowed.unwrap_or(u64::MAX);
         let granted = slice.min(allowed.saturating_sub(total.saturating_sub(slice)));
-        w.leased += granted;
+        // The first of them pay for the calls already made without a reservation.
+        let owed = w.unreserved();
         w.reserved += granted;
-        if total > 0 {
-            w.fleet_part = (w.reserved as f64 / total as f64).clamp(0.01, 1.0);
-        }
+        w.leased += granted.saturating_sub(owed);
         if granted == 0 {
             // The fleet has reserved the whole window: none until it ends.
             w.used = w.used.max(allowed);
@@ -565,16 +631,22 @@ impl State {
             if w.has_room(fleet, paced) {
                 w.used += 1;
                 w.own += 1;
-                if fleet == Some(true) {
+                // A reserved call first (also while Redis is down).
+                if fleet.is_some() && w.leased > 0 {
                     w.leased -= 1;
                 }
                 if w.pace().is_some() {
                     w.bucket = (w.bucket - 1.0).max(0.0);
                 }
-                if w.ends.is_none() {
+                match w.ends {
                     // Until the platform says otherwise, a window as long as the longest
                     // seen (a minute, if none was).
-                    w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
+                    None => w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN),
+                    Some(e) if now + MARGIN * 2 >= e => {
+                        w.late += 1;
+                        w.late_first.get_or_insert(now);
+                    }
+                    Some(_) => {}
                 }
                 self.next_token = (i + 1) % n;
                 return Some(i);
@@ -765,7 +837,7 @@ mod tests {
         h.insert("inin-ratelimit-allowed", "5".parse().unwrap());
         h.insert("inin-ratelimit-count", "4".parse().unwrap());
         h.insert("inin-ratelimit-reset", "20".parse().unwrap());
-        g.observe(0, 200, &h);
+        g.observe(0, 200, &h, || 0);
         assert_eq!(
             g.budget(),
             Some(Budget {
@@ -782,7 +854,7 @@ mod tests {
         // A platform 429 spends the window, whatever the count said.
         let mut h = HeaderMap::new();
         h.insert("retry-after", "3".parse().unwrap());
-        g.observe(0, 429, &h);
+        g.observe(0, 429, &h, || 0);
         let asked = Instant::now();
         assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
         assert!(Instant::now() - asked >= Duration::from_secs(3));

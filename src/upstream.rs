@@ -86,6 +86,11 @@ impl Upstream {
         &self.config.name
     }
 
+    /// Calls holding a connection to this upstream now, over all workers.
+    pub fn in_flight(&self) -> u64 {
+        self.clients.iter().map(|c| c.slots.in_use() as u64).sum()
+    }
+
     /// Where calls go: the configured `base_url`, else what discovery found (CXone).
     pub fn api_base(&self) -> Option<http::Uri> {
         self.config

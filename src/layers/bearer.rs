@@ -131,7 +131,9 @@ where
             if !Outcome::made_by_proxy(&resp) {
                 let status = resp.status().as_u16();
                 upstream.observe_limits(pool_index, status, resp.headers());
-                upstream.budget.observe(pool_index, status, resp.headers());
+                upstream
+                    .budget
+                    .observe(pool_index, status, resp.headers(), || upstream.in_flight());
                 Outcome::of(&mut resp).token = Some(TokenId {
                     pool_index,
                     generation,

@@ -588,6 +588,23 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_master_without_a_restart
         })
         .await;
         assert!(stored.is_some(), "token and budget reached the replica");
+        // Into a second window, so each replica has seen the whole fleet reserve budget
+        // (in its first window a replica that leased first knows only itself).
+        let reserved_now = || {
+            replica
+                .dump()
+                .into_iter()
+                .find(|(k, _)| k.starts_with("tokengate:budget:") && !k.ends_with(":replicas"))
+                .and_then(|(_, v)| String::from_utf8(v).ok()?.parse::<u64>().ok())
+        };
+        let mut most = 0;
+        let next_window = wait_for(Duration::from_secs(30), || {
+            let now = reserved_now()?;
+            most = most.max(now);
+            (now < most).then_some(())
+        })
+        .await;
+        assert!(next_window.is_some(), "no second budget window");
         master.kill();
         let promoted = wait_for(Duration::from_secs(60), || {
             (sentinel.master_port() == Some(replica.port)).then_some(())

@@ -213,9 +213,16 @@ async fn a_pool_of_three_tokens_carries_three_times_one_tokens_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_token_alone_hits_the_limit_the_pool_avoids() {
-    let (_sandbox, statuses) = pool_run(1).await;
+    let (sandbox, statuses) = pool_run(1).await;
     let throttled = statuses.iter().filter(|s| **s == 429).count();
-    assert_eq!(throttled, 40, "{statuses:?}");
+    // 20 fit the token's window; the rest are refused (by the rate governor, which may
+    // count a few calls in flight when it first learns the budget, so a few more).
+    assert!((40..=46).contains(&throttled), "{statuses:?}");
+    assert!(
+        sandbox.api_calls() <= 21,
+        "{} calls reached the API",
+        sandbox.api_calls()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -46,11 +46,16 @@ use crate::metrics::Metrics;
 /// How long the cache is left alone after a failed command.
 const COOL_OFF: Duration = Duration::from_secs(5);
 /// Releases the fleet lock only if we still hold it (it may have expired and been taken).
-/// Reserves `ARGV[1]` calls of a token's rate-limit window for one replica, in one atomic
-/// command: the fleet's reservations so far in the window, this one included. The first
-/// reservation of a window sets when it ends (`ARGV[2]` ms).
+/// Reserves `ARGV[1]` calls of a token's rate-limit window for replica `ARGV[3]`, in one
+/// atomic command: the fleet's reservations so far in the window, this one included, and
+/// how many replicas reserved some lately. The first reservation of a window sets when it
+/// ends (`ARGV[2]` ms), and keeps the set of replicas for `ARGV[4]` ms more (several
+/// windows: a replica that knows its fleet can fall back to its part of the budget).
 const LEASE: &str = "local n = redis.call('INCRBY', KEYS[1], ARGV[1]) \
-    if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return n";
+    redis.call('SADD', KEYS[2], ARGV[3]) \
+    if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
+    redis.call('PEXPIRE', KEYS[2], ARGV[4]) end \
+    return {n, redis.call('SCARD', KEYS[2])}";
 
 const RELEASE: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
@@ -105,6 +110,8 @@ pub struct SharedCache {
     /// Tokens this replica took from the fleet, and stored for it.
     taken: AtomicU64,
     stored: AtomicU64,
+    /// Names this process among the replicas that reserve budget (random, per start).
+    replica_id: String,
 }
 
 impl std::fmt::Debug for SharedCache {
@@ -161,6 +168,7 @@ impl SharedCache {
         let up = metrics.shared_cache_up(&config.redis_target);
         up.set(1);
         Ok(SharedCache {
+            replica_id: hex::encode(rand::random::<[u8; 8]>()),
             up,
             taken: AtomicU64::new(0),
             stored: AtomicU64::new(0),
@@ -296,20 +304,26 @@ impl SharedCache {
 
     /// Reserve `slice` calls of pool token `index`'s current window (which ends after
     /// `window_left`) for this replica: the calls the fleet has reserved in the window,
-    /// these included. A count past the budget means the window is spent.
+    /// these included (a count past the budget means the window is spent), and how many
+    /// replicas reserved some.
     pub async fn lease_budget(
         &self,
         creds: &str,
         index: usize,
         slice: u64,
         window_left: Duration,
-    ) -> Result<u64, Unavailable> {
+    ) -> Result<(u64, u64), Unavailable> {
         let key = format!("{}:budget:{creds}:{index}", self.config.key_prefix);
         let mut redis = self.connection().await?;
         let script = redis::Script::new(LEASE);
         let mut call = script.key(&key);
-        call.arg(slice).arg(window_left.as_millis().max(1) as u64);
-        self.run(call.invoke_async::<u64>(&mut redis)).await
+        // The replicas a window saw are remembered for five minutes.
+        call.key(format!("{key}:replicas"))
+            .arg(slice)
+            .arg(window_left.as_millis().max(1) as u64)
+            .arg(&self.replica_id)
+            .arg(300_000u64);
+        self.run(call.invoke_async::<(u64, u64)>(&mut redis)).await
     }
 
     /// Takes the fleet lock for these credentials if nobody holds it.
