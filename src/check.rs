@@ -162,12 +162,7 @@ async fn rate_budget(
         .send()
         .await
         .ok()?;
-    let number = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
+    let number = |name: &str| crate::rate_budget::header_number(resp.headers(), name);
     match number("inin-ratelimit-allowed") {
         Some(allowed) => Some(RateBudget {
             source: "platform",

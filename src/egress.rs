@@ -104,8 +104,9 @@ impl std::fmt::Debug for Egress {
 }
 
 impl Egress {
-    /// Direct connections trusting the web roots, presenting no certificate (what an
-    /// upstream without egress settings gets).
+    /// Direct connections trusting the web roots, presenting no certificate (for unit
+    /// tests; the config builds the real ones).
+    #[cfg(test)]
     pub fn direct() -> Egress {
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -274,14 +275,12 @@ pub fn refusal(text: &str) -> Option<(String, bool)> {
     }
 }
 
-/// For `check`, when a tunnel was refused: ask the proxy for one to `dst` by hand and
-/// return the status it answers (hyper-util's tunnel error does not keep it). `None`: no
-/// proxy applies, or no readable answer.
+/// For `check`, when a tunnel was refused: ask the proxy for one to `dst` (a CONNECT over
+/// hyper's HTTP/1.1 client) and return the status it answers — hyper-util's tunnel error
+/// does not keep it. `None`: no proxy applies, or no answer.
 pub async fn tunnel_status(routes: &ProxyRoutes, dst: &Uri) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let via = routes.matcher().intercept(dst)?;
     let proxy = via.uri().authority()?.as_str().to_string();
-    let host = dst.host()?;
     let port = dst
         .port_u16()
         .unwrap_or(if dst.scheme_str() == Some("https") {
@@ -289,23 +288,25 @@ pub async fn tunnel_status(routes: &ProxyRoutes, dst: &Uri) -> Option<u16> {
         } else {
             80
         });
-    let mut request = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
-    if let Some(auth) = via.basic_auth().and_then(|a| a.to_str().ok()) {
-        request.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
-    }
-    request.push_str("\r\n");
+    let target = format!("{}:{port}", dst.host()?);
     let probe = async {
-        let mut stream = TcpStream::connect(&proxy).await.ok()?;
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut head = [0u8; 64];
-        let n = stream.read(&mut head).await.ok()?;
-        // "HTTP/1.1 407 ..."
-        std::str::from_utf8(&head[..n])
-            .ok()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        let tcp = TcpStream::connect(&proxy).await.ok()?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<bytes::Bytes>,
+        >(TokioIo::new(tcp))
+        .await
+        .ok()?;
+        tokio::spawn(conn);
+        let mut req = http::Request::connect(target.as_str()).header(http::header::HOST, &target);
+        if let Some(auth) = via.basic_auth() {
+            req = req.header(http::header::PROXY_AUTHORIZATION, auth.clone());
+        }
+        let resp = sender
+            .send_request(req.body(http_body_util::Empty::new()).ok()?)
+            .await
+            .ok()?;
+        Some(resp.status().as_u16())
     };
     tokio::time::timeout(Duration::from_secs(5), probe)
         .await

@@ -459,12 +459,7 @@ impl Governor {
         headers: &HeaderMap,
         in_flight: impl Fn() -> u64,
     ) {
-        let number = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
+        let number = |name: &str| header_number(headers, name);
         let allowed = number("inin-ratelimit-allowed");
         if allowed.is_none() && (status != 429 || !self.is_active()) {
             return;
@@ -548,6 +543,14 @@ impl Governor {
         }
         Some(b)
     }
+}
+
+/// A header holding a whole number (`inin-ratelimit-*`, `Retry-After` in seconds).
+pub fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// How many calls a replica reserves at a time: an eighth of the budget, at least 10

@@ -158,7 +158,7 @@ pub fn upstream_service(
         ))
         // Room in the tokens' rate budget, in the caller's fair share; inside the retry
         // layer, so a second attempt spends budget too.
-        .layer(BudgetLayer::of(upstream, metrics))
+        .layer(BudgetLayer::of(upstream, metrics, &config.clients))
         // The upstream's cached token, in place of whatever the caller sent.
         .layer(BearerLayer::with_tokens_of(upstream))
         // To the upstream's host, over this worker's connections, streaming both ways.

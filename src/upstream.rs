@@ -18,7 +18,7 @@ use http::HeaderMap;
 use crate::config::UpstreamConfig;
 use crate::connections::{Origin, WorkerConnections};
 use crate::metrics::UpstreamMetrics;
-use crate::rate_budget::{FleetBudget, Governor};
+use crate::rate_budget::{header_number, FleetBudget, Governor};
 use crate::token::TokenSource;
 
 #[derive(Debug)]
@@ -133,12 +133,7 @@ impl Upstream {
         if self.tokens.len() < 2 {
             return;
         }
-        let number = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
+        let number = |name: &str| header_number(headers, name);
         let reset = number("inin-ratelimit-reset").or_else(|| number("retry-after"));
         let spent = status == 429
             || matches!(

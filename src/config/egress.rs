@@ -129,13 +129,23 @@ impl Cx<'_> {
             }
             None => Vec::new(),
         };
+        // One config (and one copy of the web roots) for both sides unless they present
+        // different certificates.
+        let same = parts.api_identity.map(std::ptr::from_ref)
+            == parts.token_identity.map(std::ptr::from_ref);
         let tls = |identity: Option<&Identity>| {
             self.client_tls(&key("ca_file"), &ca, parts.ca_only, identity)
         };
+        let api_tls = tls(parts.api_identity)?;
+        let token_tls = if same {
+            Arc::clone(&api_tls)
+        } else {
+            tls(parts.token_identity)?
+        };
         let egress = Egress {
             proxy,
-            api_tls: tls(parts.api_identity)?,
-            token_tls: tls(parts.token_identity)?,
+            api_tls,
+            token_tls,
         };
         // What makes two upstreams' side-call clients differ (token sources are shared
         // only between upstreams whose clients are the same).

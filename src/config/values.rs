@@ -2,7 +2,7 @@
 //! file), addresses, hashes, durations, URLs and prefixes. Each names its key in errors.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::Uri;
@@ -61,7 +61,7 @@ impl Cx<'_> {
             }
             (Some(v), None) => self.interpolate(key, &v)?,
             (None, Some(path)) => {
-                let path = self.file.parent().unwrap_or(Path::new(".")).join(path);
+                let path = self.relative(&path);
                 let text = std::fs::read_to_string(&path).map_err(|e| {
                     self.err(
                         &format!("{key}_file"),

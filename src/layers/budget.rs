@@ -28,13 +28,21 @@ pub struct Admitted(pub usize);
 pub struct BudgetLayer {
     upstream: WorkerUpstream,
     metrics: Metrics,
+    capped: bool,
 }
 
 impl BudgetLayer {
-    pub fn of(upstream: &WorkerUpstream, metrics: &Metrics) -> BudgetLayer {
+    /// `clients`: the configured ones (whether any has a `max_per_minute` decides whether
+    /// a call's caller needs looking at when no budget is known).
+    pub fn of(
+        upstream: &WorkerUpstream,
+        metrics: &Metrics,
+        clients: &[Arc<crate::config::ClientConfig>],
+    ) -> BudgetLayer {
         BudgetLayer {
             upstream: upstream.clone(),
             metrics: metrics.clone(),
+            capped: clients.iter().any(|c| c.max_per_minute.is_some()),
         }
     }
 }
@@ -46,6 +54,7 @@ impl<S> Layer<S> for BudgetLayer {
             inner,
             upstream: self.upstream.clone(),
             metrics: self.metrics.clone(),
+            capped: self.capped,
         }
     }
 }
@@ -55,6 +64,7 @@ pub struct Budget<S> {
     inner: S,
     upstream: WorkerUpstream,
     metrics: Metrics,
+    capped: bool,
 }
 
 const ANONYMOUS: &str = "";
@@ -75,6 +85,10 @@ where
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
+        if !self.capped && !self.upstream.budget.is_active() {
+            // No budget known, no client with a cap: nothing to hold, nothing to count.
+            return self.inner.call(req);
+        }
         let caller = match req.extensions().get::<Caller>() {
             Some(Caller(Some(c))) => Some(c),
             _ => None,

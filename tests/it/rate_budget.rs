@@ -296,23 +296,7 @@ async fn the_status_page_draws_calls_per_client_against_the_budget() {
     for t in sandbox.issued_tokens() {
         assert!(!dom.contains(&t));
     }
-    let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-rate-chart.png");
-    let _ = std::fs::remove_file(&shot);
-    let out = {
-        let (profile, arg) = (
-            profile.path().to_path_buf(),
-            format!("--screenshot={}", shot.display()),
-        );
-        tokio::task::spawn_blocking(move || {
-            crate::status_page::headless(&profile, &["--window-size=1440,900", &arg, &url])
-        })
-        .await
-        .unwrap()
-    };
-    let png = std::fs::read(&shot)
-        .unwrap_or_else(|_| panic!("no screenshot: {}", String::from_utf8_lossy(&out.stderr)));
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
-    eprintln!("screenshot: {}", shot.display());
+    crate::status_page::screenshot(profile.path(), &url, "status-rate-chart.png", "1440,900").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -197,15 +197,24 @@ async fn the_status_page_renders_in_a_browser() {
         assert!(!dom.contains(&s));
     }
 
-    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    screenshot(profile.path(), &url, "status-page.png", "1440,560").await;
+}
+
+/// Screenshot `url` in headless Chromium at `size` into the target's tmp folder as `name`;
+/// asserts a real PNG came out.
+pub(crate) async fn screenshot(profile: &std::path::Path, url: &str, name: &str, size: &str) {
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_file(&shot);
     let out = {
-        let (profile, shot_arg) = (
-            profile.path().to_path_buf(),
+        let profile = profile.to_path_buf();
+        let args = [
+            format!("--window-size={size}"),
             format!("--screenshot={}", shot.display()),
-        );
+            url.to_string(),
+        ];
         tokio::task::spawn_blocking(move || {
-            headless(&profile, &["--window-size=1440,560", &shot_arg, &url])
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            headless(&profile, &args)
         })
         .await
         .unwrap()
