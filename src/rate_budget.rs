@@ -74,6 +74,10 @@ struct TokenWindow {
     /// Since Redis went down (in this window): the window's count then, and this
     /// replica's calls then.
     fallback_from: Option<(u64, u64)>,
+    /// Calls that were in flight when this window's count was learned (the platform may
+    /// not have counted them yet): held back from the budget until the platform's count
+    /// shows them, or fewer calls than that are still in flight.
+    guard: u64,
     /// Calls this replica let through in this window.
     own: u64,
     /// Calls let through in the window's last two seconds (and when the first was): the
@@ -109,7 +113,7 @@ impl TokenWindow {
     }
 
     fn window_has_room(&self) -> bool {
-        self.allowed.is_none_or(|a| self.used < a)
+        self.allowed.is_none_or(|a| self.used + self.guard < a)
     }
 
     /// Room for a call now. `fleet`: the budget is shared through Redis and reachable
@@ -148,6 +152,7 @@ impl TokenWindow {
             self.reserved = 0;
             self.fleet_total = 0;
             self.fallback_from = None;
+            self.guard = 0;
             self.late = 0;
             self.late_first = None;
         }
@@ -158,6 +163,12 @@ impl TokenWindow {
     fn room_at(&self, now: Instant, fleet: Option<bool>) -> Instant {
         let part_spent =
             fleet == Some(false) && !self.has_room(Some(false), false) && self.window_has_room();
+        if self.guard > 0 && self.allowed.is_some_and(|a| self.used < a) && !self.window_has_room()
+        {
+            // Room comes with the answers of the calls in flight (each answer dispatches);
+            // look again soon in any case.
+            return now + Duration::from_millis(20);
+        }
         if !self.window_has_room() || part_spent {
             return self.ends.unwrap_or(now);
         }
@@ -289,6 +300,7 @@ impl Governor {
             fleet_total: 0,
             replicas: 1,
             fallback_from: None,
+            guard: 0,
             own: 0,
             late: 0,
             late_first: None,
@@ -494,15 +506,24 @@ impl Governor {
             let newer = w.ends.is_none_or(|e| end > e + len / 2);
             if newer || learned {
                 // Calls let through before this count was known, or counted in a window
-                // it did not expect, may be in flight: count them too.
-                w.used = count.unwrap_or(w.used) + in_flight();
+                // it did not expect, may be in flight: hold that many back until the count
+                // shows them (this answer's own call is in it).
+                w.used = count.unwrap_or(w.used);
+                w.guard = in_flight().saturating_sub(1);
                 if learned {
                     // They were not reserved with the fleet either: the first lease
                     // reserves them (erring on the side of the fleet's whole count).
-                    w.own = w.own.max(w.used);
+                    w.own = w.own.max(w.used + w.guard);
                 }
             } else {
-                w.used = w.used.max(count.unwrap_or(0));
+                let count = count.unwrap_or(0);
+                if w.guard > 0 {
+                    // Counted beyond what was let through since: those were the calls in
+                    // flight; and no more can be unaccounted than are in flight now.
+                    let held = w.guard.saturating_sub(count.saturating_sub(w.used));
+                    w.guard = held.min(in_flight().saturating_sub(1));
+                }
+                w.used = w.used.max(count);
             }
             // The platform's clock decides when its window ends.
             w.ends = Some(end);

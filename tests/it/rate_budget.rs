@@ -98,7 +98,14 @@ fn saturate(
 async fn a_noisy_client_cannot_spend_the_quiet_clients_budget() {
     // 30 calls per 5 s window; three windows and a bit.
     let sandbox = budgeted_sandbox(30, 5).await;
-    let proxy = Arc::new(Proxy::start(&two_clients(&sandbox, "", "", "")));
+    // The budget configured as well as reported: the proxy holds it from the first call
+    // (before its first answer, 20 loops' first calls would go out uncounted).
+    let proxy = Arc::new(Proxy::start(&two_clients(
+        &sandbox,
+        "rate_limit = \"30/5s\"",
+        "",
+        "",
+    )));
     let stop = Arc::new(AtomicBool::new(false));
     let (noisy, loops) = saturate(&proxy, NOISY_KEY, 20, &stop);
     let quiet = Arc::new(Mutex::new(Tally::default()));
