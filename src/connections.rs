@@ -13,10 +13,13 @@
 //! How many connections a worker opens is bounded by its [`ConnectionSlots`]: a call holds
 //! a slot, and at most one connection, until its answer's body ends.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures_util::future::Either;
+use futures_util::FutureExt as _;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
@@ -120,6 +123,10 @@ impl SendError {
 
 type Stream = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
+/// An upstream's answer, with the HTTP/1.1 connection it came on (to give back when its
+/// body ends), or why there is none.
+pub type Answered = Result<(Response<Incoming>, Option<http1::SendRequest<ProxyBody>>), SendError>;
+
 struct Idle {
     origin: Arc<Origin>,
     sender: http1::SendRequest<ProxyBody>,
@@ -184,14 +191,17 @@ impl WorkerConnections {
     /// with the connection it arrived on, to be given back through a [`Lease`] when its
     /// body ends. A call that an idle connection refused before sending anything (the
     /// upstream had just closed it) is sent again on another one, as hyper-util did.
+    ///
+    /// Takes what it needs by value: the caller builds this future before it is polled
+    /// (see `forward`), and no copy of the request is kept beside it.
     pub async fn send(
-        self: &Arc<Self>,
-        origin: &Arc<Origin>,
+        self: Arc<Self>,
+        origin: Arc<Origin>,
         path: PathAndQuery,
         mut req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Option<http1::SendRequest<ProxyBody>>), SendError> {
+    ) -> Answered {
         loop {
-            let (conn, reused) = self.checkout(origin).await?;
+            let (conn, reused) = self.checkout(&origin).await?;
             match conn {
                 Conn::Http1(mut sender) => {
                     *req.uri_mut() = Uri::from(path.clone());
@@ -225,6 +235,63 @@ impl WorkerConnections {
                 }
             }
         }
+    }
+
+    /// [`send`](Self::send)'s usual case, without waiting: when an idle HTTP/1.1
+    /// connection to `origin` can take a request at once, `req` goes out on it now and
+    /// the answer's future comes back; otherwise `path` and `req` come back, for `send`.
+    /// The future is small (it holds no copy of the request): a call's future is
+    /// allocated for every call.
+    // The request comes back by value, as it came in: boxing it would cost the
+    // allocation this saves.
+    #[allow(clippy::result_large_err)]
+    pub fn send_now(
+        self: &Arc<Self>,
+        origin: &Arc<Origin>,
+        path: PathAndQuery,
+        mut req: Request<ProxyBody>,
+    ) -> Result<impl Future<Output = Answered> + Send + 'static, (PathAndQuery, Request<ProxyBody>)>
+    {
+        let Some(mut sender) = self.ready_now(origin) else {
+            return Err((path, req));
+        };
+        *req.uri_mut() = Uri::from(path.clone());
+        req.headers_mut().insert(header::HOST, origin.host.clone());
+        let sent = sender.try_send_request(req);
+        let (home, origin) = (Arc::clone(self), Arc::clone(origin));
+        Ok(sent.then(move |sent| match sent {
+            Ok(resp) => Either::Left(futures_util::future::ready(Ok((resp, Some(sender))))),
+            // Closed by the upstream before the request went out: another connection.
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => Either::Right(Box::pin(home.send(origin, path, unsent))),
+                None => Either::Left(futures_util::future::ready(Err(SendError::Exchange(
+                    e.into_error(),
+                )))),
+            },
+        }))
+    }
+
+    /// An idle HTTP/1.1 connection to `origin` that is ready at once, if there is one
+    /// and no HTTP/2 connection is shared (as `checkout` looks, without waiting).
+    fn ready_now(&self, origin: &Arc<Origin>) -> Option<http1::SendRequest<ProxyBody>> {
+        let shared = self.shared.lock().ok()?;
+        if shared.as_ref().is_some_and(|s| s.origin.same_as(origin)) {
+            return None;
+        }
+        drop(shared);
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(top) = idle.pop() {
+            if !top.origin.same_as(origin) || top.sender.is_closed() {
+                continue;
+            }
+            if top.sender.is_ready() {
+                return Some(top.sender);
+            }
+            // Its connection task has not caught up yet: `checkout` waits for it.
+            idle.push(top);
+            break;
+        }
+        None
     }
 
     /// Send a WebSocket handshake to `origin` on a new HTTP/1.1 connection of its own:
@@ -426,8 +493,8 @@ mod tests {
     fn a_call_future_stays_small() {
         let connections = WorkerConnections::new(Duration::from_secs(1), 1, &Egress::direct());
         let origin = Arc::new(Origin::of(&Uri::from_static("http://127.0.0.1:9/")).unwrap());
-        let send = connections.send(
-            &origin,
+        let send = Arc::clone(&connections).send(
+            Arc::clone(&origin),
             PathAndQuery::from_static("/"),
             Request::new(crate::body::empty()),
         );

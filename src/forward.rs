@@ -18,7 +18,8 @@ use tower::Service;
 
 use crate::body;
 use crate::config::WebsocketToken;
-use crate::connections::{Lease, Origin, SendError};
+use crate::connection_slots::Slot;
+use crate::connections::{Answered, Lease, Origin, SendError, WorkerConnections};
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
 use crate::layers::{BoxFuture, ProxyRequest};
@@ -26,6 +27,8 @@ use crate::outcome::Outcome;
 use crate::token::grant::error_chain;
 use crate::upstream::WorkerUpstream;
 use crate::websocket::{self, Sockets};
+use futures_util::future::Either;
+use futures_util::FutureExt as _;
 use hyper::upgrade::OnUpgrade;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -235,61 +238,104 @@ impl Service<ProxyRequest> for Forward {
             let sockets = Arc::clone(&self.sockets);
             return Box::pin(handshake(upstream, sockets, origin, path, caller, req));
         }
+        let connections = Arc::clone(upstream.connections());
+        let timeout = upstream.config.timeout;
+        // A free connection slot at once is the usual case: no timer and no queue for it.
+        if let Some(permit) = connections.slots.try_acquire(&caller) {
+            // And usually an idle connection ready for the request: it goes out now.
+            // Either way the call's future holds the request once and stays small enough
+            // for the allocator's thread cache (an `async` block holding it would hold it
+            // twice; rust-lang/rust#62958).
+            let exchange = match connections.send_now(&origin, path, req) {
+                Ok(answer) => Either::Left(answer),
+                Err((path, req)) => Either::Right(Box::pin(Arc::clone(&connections).send(
+                    Arc::clone(&origin),
+                    path,
+                    req,
+                ))),
+            };
+            return Box::pin(tokio::time::timeout(timeout, exchange).map(move |answer| {
+                Ok(answered(answer, &upstream, &connections, &origin, permit))
+            }));
+        }
+        // Every connection busy: calls queue here rather than open one more, and a freed
+        // connection goes to the client holding fewest (see `connection_slots`). Waiting is
+        // the proxy being busy, not the API being slow, so it ends in 503 upstream_busy,
+        // never in a 504 that would blame the API.
         Box::pin(async move {
-            let connections = upstream.connections();
-            let timeout = upstream.config.timeout;
-            // A free connection first: at the cap, calls queue here rather than open one
-            // more, and a freed connection goes to the client holding fewest (see
-            // `connection_slots`). Waiting is the proxy being busy, not the API being
-            // slow, so it ends in 503 upstream_busy, never in a 504 that would blame the API.
             let queue = upstream.config.queue_timeout;
-            let slots = &connections.slots;
-            // A free connection at once is the usual case: no timer for it.
-            let permit = match slots.try_acquire(&caller) {
-                Some(slot) => slot,
-                None => {
-                    tracing::debug!(upstream = %upstream.name(), client = %caller, "every connection to the upstream is busy; waiting for one");
-                    match tokio::time::timeout(queue, slots.acquire(&caller)).await {
-                        Ok(slot) => slot,
-                        Err(_) => {
-                            let busy = ProxyError::UpstreamBusy {
-                                upstream: Arc::clone(upstream.name()),
-                                waited: queue,
-                            };
-                            tracing::warn!(upstream = %upstream.name(), "{busy}");
-                            return Ok(busy.into_response());
-                        }
-                    }
-                }
+            tracing::debug!(upstream = %upstream.name(), client = %caller, "every connection to the upstream is busy; waiting for one");
+            let Ok(permit) = tokio::time::timeout(queue, connections.slots.acquire(&caller)).await
+            else {
+                let busy = ProxyError::UpstreamBusy {
+                    upstream: Arc::clone(upstream.name()),
+                    waited: queue,
+                };
+                tracing::warn!(upstream = %upstream.name(), "{busy}");
+                return Ok(busy.into_response());
             };
-            let answer = tokio::time::timeout(timeout, connections.send(&origin, path, req)).await;
-            let (resp, sender) = match answer {
-                Err(_) => return Ok(ProxyError::UpstreamTimeout(timeout).into_response()),
-                Ok(Err(e)) => {
-                    let failure = failure(&origin, &e);
-                    tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
-                    let err = body_error_or(e.as_error(), ProxyError::UpstreamUnreachable(failure));
-                    let mut resp = err.into_response();
-                    Outcome::of(&mut resp).closed_before_answer = closed_before_answering(&e);
-                    return Ok(resp);
-                }
-                Ok(Ok(answered)) => answered,
-            };
-            let (mut head, incoming) = resp.into_parts();
-            strip_hop_by_hop(&mut head.headers);
-            // The connection is busy until the body has been read (or dropped): at once
-            // for a small answer that came with its head, else as the caller reads it.
-            let lease = Lease::new(connections, &origin, sender, permit);
-            let answer = body::settle_answer(incoming, lease, timeout);
-            Ok(http::Response::from_parts(head, answer))
+            let exchange = Arc::clone(&connections).send(Arc::clone(&origin), path, req);
+            let answer = tokio::time::timeout(timeout, exchange).await;
+            Ok(answered(answer, &upstream, &connections, &origin, permit))
         })
     }
+}
+
+/// The caller's answer from an exchange with the upstream (or its failure, or its
+/// timeout). The connection stays leased until the answer's body has been read.
+fn answered(
+    answer: Result<Answered, tokio::time::error::Elapsed>,
+    upstream: &WorkerUpstream,
+    connections: &Arc<WorkerConnections>,
+    origin: &Arc<Origin>,
+    permit: Slot,
+) -> crate::layers::ProxyResponse {
+    let timeout = upstream.config.timeout;
+    let (resp, sender) = match answer {
+        Err(_) => return ProxyError::UpstreamTimeout(timeout).into_response(),
+        Ok(Err(e)) => {
+            let failure = failure(origin, &e);
+            tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
+            let err = body_error_or(e.as_error(), ProxyError::UpstreamUnreachable(failure));
+            let mut resp = err.into_response();
+            Outcome::of(&mut resp).closed_before_answer = closed_before_answering(&e);
+            return resp;
+        }
+        Ok(Ok(answered)) => answered,
+    };
+    let (mut head, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    // The connection is busy until the body has been read (or dropped): at once for a
+    // small answer that came with its head, else as the caller reads it.
+    let lease = Lease::new(connections, origin, sender, permit);
+    let answer = body::settle_answer(incoming, lease, timeout);
+    http::Response::from_parts(head, answer)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// Every call's future is allocated once; past 1 KiB glibc serves it from its bins
+    /// instead of the thread cache, and every call copies it (see README, issue 13).
+    #[tokio::test]
+    async fn a_calls_future_fits_the_allocators_thread_cache() {
+        let (_sandbox, config, source) = crate::token::tests::sandboxed_source().await;
+        let metrics = crate::metrics::Metrics::new();
+        let upstream = Arc::new(crate::upstream::Upstream::new(
+            config,
+            vec![source],
+            1,
+            metrics.for_upstream("a"),
+            None,
+        ));
+        let upstream = WorkerUpstream::new(&upstream, 0);
+        let mut forward = Forward::to(&upstream, &Sockets::new(metrics));
+        let call = forward.call(http::Request::get("/x").body(body::empty()).unwrap());
+        let size = std::mem::size_of_val(&*call);
+        assert!(size <= 1024, "{size} bytes");
+    }
 
     #[test]
     fn the_hop_by_hop_test_knows_every_listed_name() {

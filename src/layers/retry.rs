@@ -265,11 +265,27 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> BoxFuture {
+        let policy = Arc::clone(&self.policy);
+        // Most calls (GET) have no body: nothing to keep. The first attempt is under way
+        // before this returns, so the call's future holds neither the request nor the
+        // inner service's future inline: small enough for the allocator's thread cache
+        // (an `async` block holding the request would hold it twice; rust-lang/rust#62958).
+        if req.body().is_end_stream() {
+            let kept = KeptHead::of(&req);
+            let first = self.inner.call(req);
+            let inner = self.inner.clone();
+            return Box::pin(attempts(
+                inner,
+                policy,
+                kept,
+                Bytes::new(),
+                Reserved::default(),
+                first,
+            ));
+        }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let policy = Arc::clone(&self.policy);
         Box::pin(async move {
-            let (name, metrics) = (&*policy.upstream, &policy.metrics);
             let (head, body) = req.into_parts();
             let declared = head
                 .headers
@@ -283,81 +299,121 @@ where
                     return Ok(body_error_or(&*e, unread).into_response());
                 }
             };
-            let body = match kept {
-                Kept::Streaming(body) => {
-                    return inner.call(Request::from_parts(head, body)).await;
-                }
-                Kept::Whole(body, reserved) => (body, reserved),
-            };
-            // Counted against the budget until this call ends.
-            let (body, _reserved) = body;
-            // The first attempt takes the caller's own head (hyper sized its header map
-            // for it, so the token fits without growing it); the copy stays for retries.
-            let first = Request::from_parts(head, as_body(&body));
-            let kept = KeptHead::of(&first);
-            let mut resp = inner.call(first).await?;
-            let mut retried = None;
-            // A pooled connection closed under the call before any answer: nothing was
-            // answered, and the body is here (empty, for most), so an idempotent call goes
-            // again; each time the pool drops that connection, and a burst of idle closes
-            // can take several.
-            let mut resends = 0;
-            let closed =
-                |r: &ProxyResponse| Outcome::read(r).is_some_and(|o| o.closed_before_answer);
-            while resends < STALE_RESENDS && closed(&resp) && idempotent(&kept.head.method) {
-                resends += 1;
-                metrics.retry(name, RetryReason::ConnectionClosed.as_str());
-                drop(resp);
-                resp = inner.ready().await?.call(kept.with_body(&body)).await?;
-                retried = Some(RetryReason::ConnectionClosed);
-            }
-            // The token the upstream saw; none when the proxy made the answer itself.
-            let from_upstream =
-                |r: &ProxyResponse| -> Option<TokenId> { Outcome::read(r).and_then(|o| o.token) };
-            if let (StatusCode::UNAUTHORIZED, Some(rejected)) =
-                (resp.status(), from_upstream(&resp))
-            {
-                metrics.retry(name, RetryReason::Unauthorized.as_str());
-                tracing::info!(
-                    upstream = name,
-                    "upstream answered 401; retrying with a fresh token"
-                );
-                drop(resp);
-                let mut again = kept.with_body(&body);
-                again.extensions_mut().insert(ReplaceToken(rejected));
-                resp = inner.ready().await?.call(again).await?;
-                retried = Some(RetryReason::Unauthorized);
-            }
-            if idempotent(&kept.head.method) {
-                let (mut left, mut budget) = (policy.retry_429, policy.retry_429_max_wait);
-                while left > 0
-                    && resp.status() == StatusCode::TOO_MANY_REQUESTS
-                    && from_upstream(&resp).is_some()
-                {
-                    let wait =
-                        retry_after(resp.headers()).unwrap_or(std::time::Duration::from_secs(1));
-                    if wait > budget {
-                        break;
-                    }
-                    (left, budget) = (left - 1, budget - wait);
-                    metrics.retry(name, RetryReason::Throttled.as_str());
-                    tracing::info!(
-                        upstream = name,
-                        wait_secs = wait.as_secs_f32(),
-                        "upstream answered 429; retrying after Retry-After"
-                    );
-                    drop(resp);
-                    tokio::time::sleep(wait).await;
-                    resp = inner.ready().await?.call(kept.with_body(&body)).await?;
-                    retried = retried.or(Some(RetryReason::Throttled));
+            match kept {
+                Kept::Streaming(body) => inner.call(Request::from_parts(head, body)).await,
+                // The first attempt takes the caller's own head (hyper sized its header
+                // map for it, so the token fits without growing it); the copy stays for
+                // retries. The body counts against the budget until the call ends.
+                Kept::Whole(body, reserved) => {
+                    let first = Request::from_parts(head, as_body(&body));
+                    let kept = KeptHead::of(&first);
+                    let first = inner.call(first);
+                    attempts(inner, policy, kept, body, reserved, first).await
                 }
             }
-            if retried.is_some() {
-                Outcome::of(&mut resp).retried = retried;
-            }
-            Ok(resp)
         })
     }
+}
+
+/// The first attempt's answer (`first`), and more attempts if the policy calls for them.
+async fn attempts<S>(
+    inner: S,
+    policy: Arc<RetryPolicy>,
+    kept: KeptHead,
+    body: Bytes,
+    reserved: Reserved,
+    first: BoxFuture,
+) -> Result<ProxyResponse, Infallible>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Send
+        + 'static,
+{
+    let resp = first.await?;
+    // Nearly every call ends here; the rest is boxed so this future stays small.
+    let again = matches!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+    ) || Outcome::read(&resp).is_some_and(|o| o.closed_before_answer);
+    if !again {
+        return Ok(resp);
+    }
+    let more: BoxFuture = Box::pin(again_as_the_policy_says(
+        inner, policy, kept, body, reserved, resp,
+    ));
+    more.await
+}
+
+/// After a first answer that may call for another attempt: a connection closed before
+/// answering, a 401, a 429.
+async fn again_as_the_policy_says<S>(
+    mut inner: S,
+    policy: Arc<RetryPolicy>,
+    kept: KeptHead,
+    body: Bytes,
+    _reserved: Reserved,
+    mut resp: ProxyResponse,
+) -> Result<ProxyResponse, Infallible>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>,
+{
+    let (name, metrics) = (&*policy.upstream, &policy.metrics);
+    let mut retried = None;
+    // A pooled connection closed under the call before any answer: nothing was
+    // answered, and the body is here (empty, for most), so an idempotent call goes
+    // again; each time the pool drops that connection, and a burst of idle closes
+    // can take several.
+    let mut resends = 0;
+    let closed = |r: &ProxyResponse| Outcome::read(r).is_some_and(|o| o.closed_before_answer);
+    while resends < STALE_RESENDS && closed(&resp) && idempotent(&kept.head.method) {
+        resends += 1;
+        metrics.retry(name, RetryReason::ConnectionClosed.as_str());
+        drop(resp);
+        resp = inner.ready().await?.call(kept.with_body(&body)).await?;
+        retried = Some(RetryReason::ConnectionClosed);
+    }
+    // The token the upstream saw; none when the proxy made the answer itself.
+    let from_upstream =
+        |r: &ProxyResponse| -> Option<TokenId> { Outcome::read(r).and_then(|o| o.token) };
+    if let (StatusCode::UNAUTHORIZED, Some(rejected)) = (resp.status(), from_upstream(&resp)) {
+        metrics.retry(name, RetryReason::Unauthorized.as_str());
+        tracing::info!(
+            upstream = name,
+            "upstream answered 401; retrying with a fresh token"
+        );
+        drop(resp);
+        let mut again = kept.with_body(&body);
+        again.extensions_mut().insert(ReplaceToken(rejected));
+        resp = inner.ready().await?.call(again).await?;
+        retried = Some(RetryReason::Unauthorized);
+    }
+    if idempotent(&kept.head.method) {
+        let (mut left, mut budget) = (policy.retry_429, policy.retry_429_max_wait);
+        while left > 0
+            && resp.status() == StatusCode::TOO_MANY_REQUESTS
+            && from_upstream(&resp).is_some()
+        {
+            let wait = retry_after(resp.headers()).unwrap_or(std::time::Duration::from_secs(1));
+            if wait > budget {
+                break;
+            }
+            (left, budget) = (left - 1, budget - wait);
+            metrics.retry(name, RetryReason::Throttled.as_str());
+            tracing::info!(
+                upstream = name,
+                wait_secs = wait.as_secs_f32(),
+                "upstream answered 429; retrying after Retry-After"
+            );
+            drop(resp);
+            tokio::time::sleep(wait).await;
+            resp = inner.ready().await?.call(kept.with_body(&body)).await?;
+            retried = retried.or(Some(RetryReason::Throttled));
+        }
+    }
+    if retried.is_some() {
+        Outcome::of(&mut resp).retried = retried;
+    }
+    Ok(resp)
 }
 
 #[cfg(test)]
@@ -506,6 +562,17 @@ mod tests {
             1,
             "no token was rejected: nothing to retry"
         );
+    }
+
+    /// Every call's future is allocated once; past 1 KiB glibc serves it from its bins
+    /// instead of the thread cache, and every call copies it (see README, issue 13).
+    #[test]
+    fn a_calls_future_fits_the_allocators_thread_cache() {
+        let layer = RetryLayer::for_upstream(&upstream(), 1024, Metrics::new());
+        let mut retry = layer.layer(inner(vec![], true, Seen::default()));
+        let call = retry.call(Request::get("/x").body(body::empty()).unwrap());
+        let size = std::mem::size_of_val(&*call);
+        assert!(size <= 1024, "{size} bytes");
     }
 
     #[tokio::test]
