@@ -162,13 +162,14 @@ async fn rate_budget(
         .send()
         .await
         .ok()?;
-    let number = |name: &str| crate::rate_budget::header_number(resp.headers(), name);
-    match number("inin-ratelimit-allowed") {
+    use crate::rate_budget::{header_number, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET};
+    let number = |name| header_number(resp.headers(), name);
+    match number(RATELIMIT_ALLOWED) {
         Some(allowed) => Some(RateBudget {
             source: "platform",
             allowed,
-            used: number("inin-ratelimit-count"),
-            window_secs: number("inin-ratelimit-reset").unwrap_or(0),
+            used: number(RATELIMIT_COUNT),
+            window_secs: number(RATELIMIT_RESET).unwrap_or(0),
         }),
         None => configured,
     }

@@ -57,20 +57,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        // Connection options, not header names (RFC 9112 §9.6).
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+    // Header names the `Connection` header lists, besides its options (RFC 9112 §9.6):
+    // a byte scan first, since nearly every answer says only `keep-alive` or `close`.
+    let options = |v: &http::HeaderValue| {
+        v.as_bytes().split(|b| *b == b',').all(|token| {
+            let token = token.trim_ascii();
+            token.is_empty()
+                || token.eq_ignore_ascii_case(b"keep-alive")
+                || token.eq_ignore_ascii_case(b"close")
         })
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    for name in &named {
-        headers.remove(name);
+    };
+    if !headers.get_all(header::CONNECTION).iter().all(options) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case(b"keep-alive") && !token.eq_ignore_ascii_case(b"close")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
     }
     // Cloning a name to remove it copies no bytes (a standard name, or shared bytes), so
     // this allocates nothing.

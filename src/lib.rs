@@ -17,6 +17,7 @@ pub mod body;
 pub mod check;
 pub mod config;
 pub mod connection_slots;
+pub mod connection_timer;
 pub mod connections;
 pub mod credentials;
 pub mod demo;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -471,14 +471,14 @@ impl Governor {
         headers: &HeaderMap,
         in_flight: impl Fn() -> u64,
     ) {
-        let number = |name: &str| header_number(headers, name);
-        let allowed = number("inin-ratelimit-allowed");
+        let number = |name| header_number(headers, name);
+        let allowed = number(RATELIMIT_ALLOWED);
         if allowed.is_none() && (status != 429 || !self.is_active()) {
             return;
         }
         let (count, reset) = (
-            number("inin-ratelimit-count"),
-            number("inin-ratelimit-reset").or_else(|| number("retry-after")),
+            number(RATELIMIT_COUNT),
+            number(RATELIMIT_RESET).or_else(|| number(http::header::RETRY_AFTER)),
         );
         let now = Instant::now();
         let mut st = self.lock();
@@ -566,8 +566,14 @@ impl Governor {
     }
 }
 
+/// Genesys Cloud's rate-limit headers, as names made once: looked up in every answer, a
+/// name given as text would be parsed and checked again each time.
+pub const RATELIMIT_ALLOWED: HeaderName = HeaderName::from_static("inin-ratelimit-allowed");
+pub const RATELIMIT_COUNT: HeaderName = HeaderName::from_static("inin-ratelimit-count");
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("inin-ratelimit-reset");
+
 /// A header holding a whole number (`inin-ratelimit-*`, `Retry-After` in seconds).
-pub fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
+pub fn header_number(headers: &HeaderMap, name: HeaderName) -> Option<u64> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())

@@ -29,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
 use crate::body::ProxyBody;
+use crate::connection_timer::ConnectionTimer;
 
 /// How long a client may take to send a request head, or to finish a TLS handshake:
 /// slow or half-open connections cannot hold a slot for ever.
@@ -242,7 +243,6 @@ pub async fn serve<S>(
     // under way; the upstream's timeouts bound it.
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
-        .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .half_close(true);
@@ -300,6 +300,10 @@ pub async fn serve<S>(
                     };
                     match protocol {
                         Some(Protocol::Http1) => {
+                            // The head timer: one per connection, reused for every head
+                            // (see `connection_timer`).
+                            let mut http1 = (*http1).clone();
+                            http1.timer(ConnectionTimer::new());
                             // With upgrades: a WebSocket's connection is handed over
                             // after its `101` (see `websocket`).
                             let conn = http1

@@ -18,7 +18,9 @@ use http::HeaderMap;
 use crate::config::UpstreamConfig;
 use crate::connections::{Origin, WorkerConnections};
 use crate::metrics::UpstreamMetrics;
-use crate::rate_budget::{header_number, FleetBudget, Governor};
+use crate::rate_budget::{
+    header_number, FleetBudget, Governor, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET,
+};
 use crate::token::TokenSource;
 
 #[derive(Debug)]
@@ -133,11 +135,11 @@ impl Upstream {
         if self.tokens.len() < 2 {
             return;
         }
-        let number = |name: &str| header_number(headers, name);
-        let reset = number("inin-ratelimit-reset").or_else(|| number("retry-after"));
+        let number = |name| header_number(headers, name);
+        let reset = number(RATELIMIT_RESET).or_else(|| number(http::header::RETRY_AFTER));
         let spent = status == 429
             || matches!(
-                (number("inin-ratelimit-count"), number("inin-ratelimit-allowed")),
+                (number(RATELIMIT_COUNT), number(RATELIMIT_ALLOWED)),
                 (Some(count), Some(allowed)) if count >= allowed
             );
         if spent {

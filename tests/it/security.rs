@@ -117,6 +117,91 @@ async fn two_hundred_slow_half_open_connections_do_not_delay_a_real_call() {
     drop(slow);
 }
 
+/// The slow-loris guard: a request head must be complete within the head timeout (10 s),
+/// on a fresh connection and on a kept-alive one that has been in use for longer than
+/// that alike (each connection reuses one timer for every head; see `connection_timer`).
+/// Both are closed then, and the proxy keeps answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_head_must_be_complete_within_the_head_timeout_on_every_request() {
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let addr = proxy.addr.clone();
+    let (fresh, kept) = tokio::task::spawn_blocking(move || {
+        let partial = b"GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+        let started = Instant::now();
+        let mut fresh = TcpStream::connect(&addr).unwrap();
+        fresh.write_all(partial).unwrap();
+        // Whole requests (answered 401: no key) for longer than the head timeout, so a
+        // timer that were not moved on with each head would have closed it; then part
+        // of the next head.
+        let mut kept = TcpStream::connect(&addr).unwrap();
+        kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let busy_since = Instant::now();
+        while busy_since.elapsed() < Duration::from_secs(12) {
+            kept.write_all(b"GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !answer_is_whole(&answer) {
+                let n = kept.read(&mut buf).unwrap();
+                assert!(
+                    n > 0,
+                    "closed while in use, after {:?}",
+                    busy_since.elapsed()
+                );
+                answer.extend_from_slice(&buf[..n]);
+            }
+            assert!(answer.starts_with(b"HTTP/1.1 401"));
+            // The caller's pace: a call every 100 ms.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let kept_started = Instant::now();
+        kept.write_all(partial).unwrap();
+        // Each is closed by the proxy (EOF or a reset), not by this read's own timeout.
+        let closed_after = |mut s: TcpStream, since: Instant| {
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut rest = Vec::new();
+            match s.read_to_end(&mut rest) {
+                Ok(_) => {}
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            }
+            assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+            since.elapsed()
+        };
+        (
+            closed_after(fresh, started),
+            closed_after(kept, kept_started),
+        )
+    })
+    .await
+    .unwrap();
+    for took in [fresh, kept] {
+        assert!(
+            took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+            "closed after {took:?}"
+        );
+    }
+    assert!(works(&proxy).await);
+}
+
+/// A whole HTTP/1.1 answer with a `Content-Length`.
+fn answer_is_whole(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    body.len() >= length
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_address_cannot_take_every_connection_slot() {
     let sandbox = sandbox().await;
