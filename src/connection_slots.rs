@@ -12,7 +12,6 @@
 //! Each worker has its own set, used only from its thread: the mutex is never contended,
 //! it only makes the set shareable through the upstream.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
@@ -27,8 +26,11 @@ pub struct ConnectionSlots {
 #[derive(Debug, Default)]
 struct State {
     in_use: usize,
-    /// Slots held per client (anonymous callers share the empty name).
-    held: HashMap<Arc<str>, usize>,
+    /// Slots held per client (anonymous callers share the empty name): a short list of
+    /// the clients with calls under way, looked through by pointer first. Every call
+    /// counts here twice; a hash map made that three SipHash rounds of the client's name
+    /// per call.
+    held: Vec<(Arc<str>, usize)>,
     waiting: Vec<Waiter>,
     /// Arrival order of waiters, for ties.
     next_seq: u64,
@@ -73,7 +75,7 @@ impl ConnectionSlots {
             return None;
         }
         state.in_use += 1;
-        *state.held.entry(Arc::clone(client)).or_insert(0) += 1;
+        state.count_one(client);
         Some(Slot {
             slots: Some(Arc::clone(self)),
             client: Arc::clone(client),
@@ -118,15 +120,14 @@ impl ConnectionSlots {
         // Waiters that gave up are dropped from the line.
         state.waiting.retain(|w| !w.hand_over.is_closed());
         while !state.waiting.is_empty() {
-            let held = &state.held;
             let fairest = (0..state.waiting.len())
                 .min_by_key(|&i| {
                     let w = &state.waiting[i];
-                    (held.get(&w.client).copied().unwrap_or(0), w.seq)
+                    (state.held_by(&w.client), w.seq)
                 })
                 .unwrap_or(0);
             let waiter = state.waiting.swap_remove(fairest);
-            *state.held.entry(Arc::clone(&waiter.client)).or_insert(0) += 1;
+            state.count_one(&waiter.client);
             let slot = Slot {
                 slots: Some(Arc::clone(self)),
                 client: Arc::clone(&waiter.client),
@@ -146,11 +147,28 @@ impl ConnectionSlots {
 }
 
 impl State {
+    fn position(&self, client: &Arc<str>) -> Option<usize> {
+        self.held
+            .iter()
+            .position(|(c, _)| Arc::ptr_eq(c, client) || **c == **client)
+    }
+
+    fn held_by(&self, client: &Arc<str>) -> usize {
+        self.position(client).map_or(0, |i| self.held[i].1)
+    }
+
+    fn count_one(&mut self, client: &Arc<str>) {
+        match self.position(client) {
+            Some(i) => self.held[i].1 += 1,
+            None => self.held.push((Arc::clone(client), 1)),
+        }
+    }
+
     fn forget_one(&mut self, client: &Arc<str>) {
-        if let Some(n) = self.held.get_mut(client) {
-            *n -= 1;
-            if *n == 0 {
-                self.held.remove(client);
+        if let Some(i) = self.position(client) {
+            self.held[i].1 -= 1;
+            if self.held[i].1 == 0 {
+                self.held.swap_remove(i);
             }
         }
     }
