@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use futures_util::future::Either;
+use futures_util::future::{ready, Either};
 use futures_util::FutureExt as _;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri};
@@ -237,11 +237,11 @@ impl WorkerConnections {
         }
     }
 
-    /// [`send`](Self::send)'s usual case, without waiting: when an idle HTTP/1.1
-    /// connection to `origin` can take a request at once, `req` goes out on it now and
-    /// the answer's future comes back; otherwise `path` and `req` come back, for `send`.
-    /// The future is small (it holds no copy of the request): a call's future is
-    /// allocated for every call.
+    /// [`send`](Self::send)'s usual case, without waiting: when a connection to `origin`
+    /// can take a request at once (the shared HTTP/2 one, or an idle HTTP/1.1 one), `req`
+    /// goes out on it now and the answer's future comes back; otherwise `path` and `req`
+    /// come back, for `send`. The future is small (it holds no copy of the request): a
+    /// call's future is allocated for every call.
     // The request comes back by value, as it came in: boxing it would cost the
     // allocation this saves.
     #[allow(clippy::result_large_err)]
@@ -252,31 +252,62 @@ impl WorkerConnections {
         mut req: Request<ProxyBody>,
     ) -> Result<impl Future<Output = Answered> + Send + 'static, (PathAndQuery, Request<ProxyBody>)>
     {
-        let Some(mut sender) = self.ready_now(origin) else {
+        let Some(conn) = self.ready_now(origin) else {
             return Err((path, req));
         };
-        *req.uri_mut() = Uri::from(path.clone());
-        req.headers_mut().insert(header::HOST, origin.host.clone());
-        let sent = sender.try_send_request(req);
         let (home, origin) = (Arc::clone(self), Arc::clone(origin));
-        Ok(sent.then(move |sent| match sent {
-            Ok(resp) => Either::Left(futures_util::future::ready(Ok((resp, Some(sender))))),
-            // Closed by the upstream before the request went out: another connection.
-            Err(mut e) => match e.take_message() {
-                Some(unsent) => Either::Right(Box::pin(home.send(origin, path, unsent))),
-                None => Either::Left(futures_util::future::ready(Err(SendError::Exchange(
-                    e.into_error(),
-                )))),
-            },
-        }))
+        // Closed by the upstream before the request went out: another connection, as
+        // `send` does.
+        let again = move |home: Arc<Self>, origin, path, unsent| {
+            Either::Right(Box::pin(WorkerConnections::send(
+                home, origin, path, unsent,
+            )))
+        };
+        match conn {
+            Conn::Http1(mut sender) => {
+                *req.uri_mut() = Uri::from(path.clone());
+                req.headers_mut().insert(header::HOST, origin.host.clone());
+                let sent = sender.try_send_request(req);
+                Ok(Either::Left(sent.then(move |sent| match sent {
+                    Ok(resp) => Either::Left(ready(Ok((resp, Some(sender))))),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => again(home, origin, path, unsent),
+                        None => Either::Left(ready(Err(SendError::Exchange(e.into_error())))),
+                    },
+                })))
+            }
+            Conn::Http2(mut sender) => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(origin.scheme.clone());
+                parts.authority = Some(origin.authority.clone());
+                parts.path_and_query = Some(path.clone());
+                let Ok(uri) = Uri::from_parts(parts) else {
+                    return Err((path, req));
+                };
+                *req.uri_mut() = uri;
+                req.headers_mut().remove(header::HOST);
+                let sent = sender.try_send_request(req);
+                Ok(Either::Right(sent.then(move |sent| match sent {
+                    Ok(resp) => Either::Left(ready(Ok((resp, None)))),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => {
+                            home.forget_shared();
+                            again(home, origin, path, unsent)
+                        }
+                        None => Either::Left(ready(Err(SendError::Exchange(e.into_error())))),
+                    },
+                })))
+            }
+        }
     }
 
-    /// An idle HTTP/1.1 connection to `origin` that is ready at once, if there is one
-    /// and no HTTP/2 connection is shared (as `checkout` looks, without waiting).
-    fn ready_now(&self, origin: &Arc<Origin>) -> Option<http1::SendRequest<ProxyBody>> {
+    /// A connection to `origin` that can take a request at once, looked for as
+    /// `checkout` does but without waiting: the shared HTTP/2 one, else the most recently
+    /// used idle HTTP/1.1 one.
+    fn ready_now(&self, origin: &Arc<Origin>) -> Option<Conn> {
         let shared = self.shared.lock().ok()?;
-        if shared.as_ref().is_some_and(|s| s.origin.same_as(origin)) {
-            return None;
+        if let Some(s) = shared.as_ref().filter(|s| s.origin.same_as(origin)) {
+            return s.sender.is_ready().then(|| Conn::Http2(s.sender.clone()));
         }
         drop(shared);
         let mut idle = self.idle.lock().ok()?;
@@ -285,7 +316,7 @@ impl WorkerConnections {
                 continue;
             }
             if top.sender.is_ready() {
-                return Some(top.sender);
+                return Some(Conn::Http1(top.sender));
             }
             // Its connection task has not caught up yet: `checkout` waits for it.
             idle.push(top);

@@ -331,16 +331,7 @@ mod tests {
     /// instead of the thread cache, and every call copies it (see README, issue 13).
     #[tokio::test]
     async fn a_calls_future_fits_the_allocators_thread_cache() {
-        let (_sandbox, config, source) = crate::token::tests::sandboxed_source().await;
-        let metrics = crate::metrics::Metrics::new();
-        let upstream = Arc::new(crate::upstream::Upstream::new(
-            config,
-            vec![source],
-            1,
-            metrics.for_upstream("a"),
-            None,
-        ));
-        let upstream = WorkerUpstream::new(&upstream, 0);
+        let (_sandbox, upstream, metrics) = crate::upstream::sandboxed_worker_upstream().await;
         let mut forward = Forward::to(&upstream, &Sockets::new(metrics));
         let call = forward.call(http::Request::get("/x").body(body::empty()).unwrap());
         let size = std::mem::size_of_val(&*call);

@@ -216,6 +216,25 @@ fn connection_shares(max_connections: usize, workers: usize) -> impl Iterator<It
     (0..workers).map(move |worker| (base + usize::from(worker < extra)).max(1))
 }
 
+/// One upstream in front of a fresh sandbox, on worker 0 (for the layers' unit tests).
+#[cfg(test)]
+pub(crate) async fn sandboxed_worker_upstream() -> (
+    tokengate_sandbox::Sandbox,
+    WorkerUpstream,
+    crate::metrics::Metrics,
+) {
+    let (sandbox, config, source) = crate::token::tests::sandboxed_source().await;
+    let metrics = crate::metrics::Metrics::new();
+    let upstream = Arc::new(Upstream::new(
+        config,
+        vec![source],
+        1,
+        metrics.for_upstream("a"),
+        None,
+    ));
+    (sandbox, WorkerUpstream::new(&upstream, 0), metrics)
+}
+
 #[cfg(test)]
 mod tests {
     use super::connection_shares;

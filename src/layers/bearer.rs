@@ -152,20 +152,10 @@ mod tests {
 
     use super::*;
     use crate::body;
-    use crate::metrics::Metrics;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_callers_credentials_are_replaced_and_a_rejected_token_is_swapped() {
-        let (sandbox, config, source) = crate::token::tests::sandboxed_source().await;
-        let metrics = Metrics::new();
-        let upstream = Arc::new(crate::upstream::Upstream::new(
-            config,
-            vec![source],
-            1,
-            metrics.for_upstream("a"),
-            None,
-        ));
-        let upstream = WorkerUpstream::new(&upstream, 0);
+        let (sandbox, upstream, _metrics) = crate::upstream::sandboxed_worker_upstream().await;
         // The inner service plays the upstream: it records the Authorization it was sent.
         let sent: Arc<Mutex<Vec<http::HeaderValue>>> = Arc::default();
         let recorder = {

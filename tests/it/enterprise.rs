@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::support::pki::{pki, tls_front, Pki};
+use crate::support::pki::{pki, tls_front, tls_front_recording, Pki};
 use crate::support::tinyproxy::Tinyproxy;
 use crate::support::*;
 
@@ -286,6 +286,46 @@ async fn a_private_ca_is_trusted_only_through_ca_file() {
             assert!(body.contains("upstream_unreachable"), "{body}");
         }
     }
+}
+
+/// An API host that speaks HTTP/2 (ALPN `h2`): every call shares one connection, the first call opening it and the rest going out on it at once
+/// (`WorkerConnections::send_now`), in sequence and side by side.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_api_host_is_called_over_one_shared_connection() {
+    let (sandbox, pki) = (sandbox().await, pki());
+    let mut h2 = (*pki.server_config(false)).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let (api, negotiated) = tls_front_recording(sandbox.api_addr, Arc::new(h2)).await;
+    let login = tls_front(sandbox.login_addr, pki.server_config(false)).await;
+    let upstream = https_upstream(
+        &login,
+        &api,
+        &format!("ca_file = \"{}\"", pki.path("ca.pem")),
+    )
+    .replace(
+        &format!("https://127.0.0.1:{}/oauth/token", login.addr.port()),
+        &sandbox.token_url(),
+    );
+    // One worker: one shared connection in all.
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n{upstream}{}",
+        client_toml("reporting-job", "")
+    );
+    let proxy = Proxy::start(&config);
+    for _ in 0..10 {
+        assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    }
+    let side_by_side = (0..30).map(|_| get_with_key(&proxy, "/api/v2/users/me"));
+    for r in futures_util::future::join_all(side_by_side).await {
+        assert_eq!(r.status(), 200);
+    }
+    let negotiated = negotiated.lock().unwrap().clone();
+    assert!(!negotiated.is_empty());
+    assert!(
+        negotiated.iter().all(|p| p.as_deref() == Some(&b"h2"[..])),
+        "{negotiated:?}"
+    );
+    assert_eq!(negotiated.len(), 1, "{negotiated:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -93,16 +93,32 @@ impl Pki {
 /// HTTPS on a loopback port in front of the plain server at `target`: each TLS connection
 /// is relayed byte for byte to a new connection to `target`. Stops when dropped.
 pub async fn tls_front(target: SocketAddr, config: Arc<rustls::ServerConfig>) -> Served {
+    tls_front_recording(target, config).await.0
+}
+
+/// The protocol each TLS connection to a front agreed by ALPN (`None`: none), in order.
+pub type Negotiated = Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>;
+
+/// [`tls_front`], noting what each connection agreed by ALPN.
+pub async fn tls_front_recording(
+    target: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+) -> (Served, Negotiated) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let negotiated = Negotiated::default();
+    let seen = Arc::clone(&negotiated);
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let seen = Arc::clone(&seen);
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(stream).await else {
                     return;
                 };
+                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                seen.lock().unwrap().push(alpn);
                 let Ok(mut plain) = tokio::net::TcpStream::connect(target).await else {
                     return;
                 };
@@ -110,5 +126,5 @@ pub async fn tls_front(target: SocketAddr, config: Arc<rustls::ServerConfig>) ->
             });
         }
     });
-    Served::new(addr, task)
+    (Served::new(addr, task), negotiated)
 }
