@@ -1,12 +1,13 @@
 //! The innermost service: send the request to its upstream and stream the answer back.
 //!
 //! Built for one upstream and one worker: the request (its URI the path within the
-//! upstream, set by the router) goes to that upstream over that worker's own pooled
-//! hyper-util client (rustls; HTTP/1.1 or HTTP/2 by ALPN), so a call never waits on another
-//! thread's pool. Hop-by-hop headers (RFC 9110 §7.6.1) are removed
-//! from the answer here and from the request at the edge (the guard layer), `Host` is set
-//! by the client from the target, and neither body is buffered:
-//! bytes flow as they come, with hyper's back-pressure.
+//! upstream, set by the router) goes to that upstream over that worker's own connections
+//! (`connections`: hyper's HTTP/1.1 senders on an idle stack, or one shared HTTP/2
+//! connection, over rustls), so a call never waits on another thread. A call takes a
+//! connection slot first (`connection_slots`: at the cap, calls queue, fairly by client).
+//! Hop-by-hop headers (RFC 9110 §7.6.1) are removed from the answer here and from the
+//! request at the edge (the guard layer), `Host` is set for the upstream, and neither body
+//! is buffered: bytes flow as they come, with hyper's back-pressure.
 
 use std::convert::Infallible;
 use std::sync::Arc;
