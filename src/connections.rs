@@ -91,6 +91,27 @@ impl Origin {
         PathAndQuery::from_maybe_shared(bytes::Bytes::from(joined))
     }
 
+    /// `req` aimed at `path` here over HTTP/1.1: the path as its target, `Host` set.
+    fn aim_http1(&self, req: &mut Request<ProxyBody>, path: &PathAndQuery) {
+        *req.uri_mut() = Uri::from(path.clone());
+        req.headers_mut().insert(header::HOST, self.host.clone());
+    }
+
+    /// `req` aimed at `path` here over HTTP/2: the whole URI (its `:authority`), no `Host`.
+    fn aim_http2(
+        &self,
+        req: &mut Request<ProxyBody>,
+        path: &PathAndQuery,
+    ) -> Result<(), http::Error> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path.clone());
+        *req.uri_mut() = Uri::from_parts(parts)?;
+        req.headers_mut().remove(header::HOST);
+        Ok(())
+    }
+
     fn same_as(&self, other: &Origin) -> bool {
         std::ptr::eq(self, other)
             || (self.scheme == other.scheme && self.authority == other.authority)
@@ -204,8 +225,7 @@ impl WorkerConnections {
             let (conn, reused) = self.checkout(&origin).await?;
             match conn {
                 Conn::Http1(mut sender) => {
-                    *req.uri_mut() = Uri::from(path.clone());
-                    req.headers_mut().insert(header::HOST, origin.host.clone());
+                    origin.aim_http1(&mut req, &path);
                     match sender.try_send_request(req).await {
                         Ok(resp) => return Ok((resp, Some(sender))),
                         Err(mut e) => match e.take_message() {
@@ -215,13 +235,9 @@ impl WorkerConnections {
                     }
                 }
                 Conn::Http2(mut sender) => {
-                    let mut parts = http::uri::Parts::default();
-                    parts.scheme = Some(origin.scheme.clone());
-                    parts.authority = Some(origin.authority.clone());
-                    parts.path_and_query = Some(path.clone());
-                    *req.uri_mut() =
-                        Uri::from_parts(parts).map_err(|e| SendError::Connect(Box::new(e)))?;
-                    req.headers_mut().remove(header::HOST);
+                    origin
+                        .aim_http2(&mut req, &path)
+                        .map_err(|e| SendError::Connect(Box::new(e)))?;
                     match sender.try_send_request(req).await {
                         Ok(resp) => return Ok((resp, None)),
                         Err(mut e) => match e.take_message() {
@@ -265,8 +281,7 @@ impl WorkerConnections {
         };
         match conn {
             Conn::Http1(mut sender) => {
-                *req.uri_mut() = Uri::from(path.clone());
-                req.headers_mut().insert(header::HOST, origin.host.clone());
+                origin.aim_http1(&mut req, &path);
                 let sent = sender.try_send_request(req);
                 Ok(Either::Left(sent.then(move |sent| match sent {
                     Ok(resp) => Either::Left(ready(Ok((resp, Some(sender))))),
@@ -277,15 +292,9 @@ impl WorkerConnections {
                 })))
             }
             Conn::Http2(mut sender) => {
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(origin.scheme.clone());
-                parts.authority = Some(origin.authority.clone());
-                parts.path_and_query = Some(path.clone());
-                let Ok(uri) = Uri::from_parts(parts) else {
+                if origin.aim_http2(&mut req, &path).is_err() {
                     return Err((path, req));
-                };
-                *req.uri_mut() = uri;
-                req.headers_mut().remove(header::HOST);
+                }
                 let sent = sender.try_send_request(req);
                 Ok(Either::Right(sent.then(move |sent| match sent {
                     Ok(resp) => Either::Left(ready(Ok((resp, None)))),
@@ -349,8 +358,7 @@ impl WorkerConnections {
                 tracing::debug!(error = %e, "a WebSocket's connection to an upstream ended");
             }
         });
-        *req.uri_mut() = Uri::from(path);
-        req.headers_mut().insert(header::HOST, origin.host.clone());
+        origin.aim_http1(&mut req, &path);
         sender.send_request(req).await.map_err(SendError::Exchange)
     }
 

@@ -402,7 +402,7 @@ pub async fn serve_untrusted_tls() -> Served {
     Served { addr, task }
 }
 
-/// A loopback address nothing listens on.
+/// A loopback address nothing listens on (its port is free for a server a test starts).
 pub fn closed_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -46,10 +46,7 @@ impl RedisServer {
         // A port the OS just gave out is free unless something takes it in between: try
         // a few times rather than fail on that race.
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
+            let port = super::closed_addr().port();
             let mut server = RedisServer {
                 child: None,
                 port,
@@ -179,10 +176,7 @@ impl Sentinel {
         let binary =
             std::env::var("TOKENGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
+            let port = super::closed_addr().port();
             let dir = tempfile::tempdir().expect("temp dir");
             let conf = dir.path().join("sentinel.conf");
             // The sentinel asks for the same password as the servers, so one URL carries it.

@@ -22,10 +22,7 @@ impl Tinyproxy {
         let binary = std::env::var("TOKENGATE_TINYPROXY").unwrap_or_else(|_| "tinyproxy".into());
         let password = format!("proxy-pw-{}", std::process::id());
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
+            let port = super::closed_addr().port();
             let dir = tempfile::tempdir().expect("temp dir");
             // No ConnectPort line: CONNECT is allowed to every port.
             let conf = format!(
