@@ -121,6 +121,13 @@ async fn random_request_heads_never_break_the_proxy() {
         );
         runner
             .run(&head, |(method, target, version, headers)| {
+                // A peer that says HTTP/1.0 is answered in HTTP/1.0 (hyper, as RFC 9110
+                // §2.5 asks): `A & HTTP/1.0` drew a correct `HTTP/1.0 400`.
+                let status_line: &[u8] = if version == "HTTP/1.0" {
+                    b"HTTP/1.0 "
+                } else {
+                    b"HTTP/1.1 "
+                };
                 let mut req = format!("{method} {target} {version}\r\n");
                 for (k, v) in headers {
                     req.push_str(&format!("{k}: {v}\r\n"));
@@ -133,7 +140,7 @@ async fn random_request_heads_never_break_the_proxy() {
                 let mut out = Vec::new();
                 let _ = s.read_to_end(&mut out);
                 prop_assert!(
-                    out.is_empty() || out.starts_with(b"HTTP/1.1 "),
+                    out.is_empty() || out.starts_with(b"HTTP/1.1 ") || out.starts_with(status_line),
                     "{}",
                     String::from_utf8_lossy(&out)
                 );
