@@ -58,6 +58,9 @@ pub struct Outcome {
     /// The upstream closed a pooled connection before any byte of an answer: nothing was
     /// answered, so an idempotent call may go again.
     pub closed_before_answer: bool,
+    /// Set by `bearer` on a second attempt it did not send: the token the upstream
+    /// rejected is still good (or may not be replaced yet), so the first 401 stands.
+    pub rejection_stood: bool,
 }
 
 impl Outcome {

@@ -14,17 +14,69 @@ use std::task::{Context, Poll};
 use http::header;
 use tower::{Layer, Service};
 
+use futures_util::FutureExt as _;
+
 use super::budget::Admitted;
+use super::client_auth::Caller;
 use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::error::ProxyError;
 use crate::outcome::{Outcome, TokenId};
+use crate::providers::Provider;
+use crate::token::rejection::{Check, Liveness, Rejection};
 use crate::token::TokenError;
 use crate::upstream::WorkerUpstream;
 
 /// Set on a request by the retry layer, the one message a request carries inside an
-/// upstream's stack: the upstream rejected this token; use another from the same source.
+/// upstream's stack: the upstream rejected this token (its 401 arrived at `seen_at`); use
+/// another from the same source — unless the platform still accepts this one, and then
+/// answer with [`Outcome::rejection_stood`] so that the 401 goes to the caller.
 #[derive(Debug, Clone, Copy)]
-pub struct ReplaceToken(pub TokenId);
+pub struct ReplaceToken {
+    pub rejected: TokenId,
+    pub seen_at: tokio::time::Instant,
+}
+
+/// How the platform is asked whether it still accepts a token, where it can be asked:
+/// Genesys verifies one with `HEAD /api/v2/tokens/me` (200 or 401, no body, and the token's
+/// idle clock is not the caller's concern: the proxy's token is in use anyway).
+fn liveness_check<S>(upstream: &WorkerUpstream, forward: &S, req: &ProxyRequest) -> Option<Check>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    if upstream.config.provider != Provider::Genesys {
+        return None;
+    }
+    let mut forward = forward.clone();
+    let caller = req.extensions().get::<Caller>().cloned();
+    Some(Box::new(move |token: http::HeaderValue| {
+        Box::pin(async move {
+            let mut ask = http::Request::head(TOKEN_ITSELF)
+                .body(crate::body::empty())
+                .ok()?;
+            ask.headers_mut().insert(header::AUTHORIZATION, token);
+            if let Some(caller) = caller {
+                ask.extensions_mut().insert(caller);
+            }
+            let answer = forward.call(ask).await.ok()?;
+            if Outcome::made_by_proxy(&answer) {
+                return None;
+            }
+            Some(answer.status())
+        })
+        .map(|status| match status.map(|s| s.as_u16()) {
+            Some(200..=299) => Liveness::Alive,
+            Some(401) => Liveness::Dead,
+            _ => Liveness::Unknown,
+        })
+        .boxed()
+    }))
+}
+
+/// The platform's description of the token a call carries (Genesys).
+pub const TOKEN_ITSELF: &str = "/api/v2/tokens/me";
 
 #[derive(Debug, Clone)]
 pub struct BearerLayer {
@@ -106,11 +158,21 @@ where
         let upstream = self.upstream.clone();
         let replace = req.extensions().get::<ReplaceToken>().copied();
         let admitted = req.extensions().get::<Admitted>().copied();
+        let check = replace.and_then(|_| liveness_check(&upstream, &self.inner, &req));
         Box::pin(async move {
             let (pool_index, token) = match replace {
-                Some(ReplaceToken(rejected)) => {
+                Some(ReplaceToken { rejected, seen_at }) => {
                     let i = rejected.pool_index.min(upstream.tokens.len() - 1);
-                    (i, upstream.tokens[i].replace(rejected.generation).await)
+                    let source = &upstream.tokens[i];
+                    match source.replace(rejected.generation, seen_at, check).await {
+                        Rejection::Replaced(token) => (i, token),
+                        Rejection::Stands => {
+                            let mut stood = http::Response::new(crate::body::empty());
+                            *stood.status_mut() = http::StatusCode::UNAUTHORIZED;
+                            Outcome::of(&mut stood).rejection_stood = true;
+                            return Ok(stood);
+                        }
+                    }
                 }
                 None => {
                     // The rate governor chose the token whose budget has room, if it
@@ -177,7 +239,10 @@ mod tests {
                 .body(body::empty())
                 .unwrap();
             if let Some(rejected) = replace {
-                req.extensions_mut().insert(ReplaceToken(rejected));
+                req.extensions_mut().insert(ReplaceToken {
+                    rejected,
+                    seen_at: tokio::time::Instant::now(),
+                });
             }
             bearer.clone().oneshot(req)
         };

@@ -315,6 +315,42 @@ where
     }
 }
 
+/// The most of a 401's body kept while the token it rejected is judged; Genesys' are
+/// about 300 bytes.
+const KEPT_401_BYTES: usize = 64 * 1024;
+
+/// `resp` with its body read into memory (so its connection is free again), or the
+/// error answer when it cannot be read within [`KEPT_401_BYTES`] and 10 s.
+async fn in_hand(resp: ProxyResponse) -> Result<ProxyResponse, ProxyResponse> {
+    let (head, mut answer) = resp.into_parts();
+    let mut kept = BytesMut::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(frame) = answer.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                if kept.len() + data.len() > KEPT_401_BYTES {
+                    return Err(BoxError::from("a 401 answer over 64 KiB"));
+                }
+                kept.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match read {
+        Ok(Ok(())) => Ok(http::Response::from_parts(head, as_body(&kept.freeze()))),
+        Ok(Err(e)) => {
+            let unread = ProxyError::UpstreamUnreachable(
+                "the upstream's 401 answer could not be read".into(),
+            );
+            Err(body_error_or(&*e, unread).into_response())
+        }
+        Err(_) => Err(ProxyError::UpstreamUnreachable(
+            "the upstream's 401 answer did not arrive within 10 s".into(),
+        )
+        .into_response()),
+    }
+}
+
 /// The first attempt's answer (`first`), and more attempts if the policy calls for them.
 async fn attempts<S>(
     inner: S,
@@ -376,16 +412,29 @@ where
     let from_upstream =
         |r: &ProxyResponse| -> Option<TokenId> { Outcome::read(r).and_then(|o| o.token) };
     if let (StatusCode::UNAUTHORIZED, Some(rejected)) = (resp.status(), from_upstream(&resp)) {
-        metrics.retry(name, RetryReason::Unauthorized.as_str());
-        tracing::info!(
-            upstream = name,
-            "upstream answered 401; retrying with a fresh token"
-        );
-        drop(resp);
+        let seen_at = tokio::time::Instant::now();
+        // Kept in hand (it is small) and its connection freed: the bearer layer may ask
+        // the platform about the token first, and the 401 goes back if it is still good.
+        let first = match in_hand(resp).await {
+            Ok(first) => first,
+            Err(unread) => return Ok(unread),
+        };
         let mut again = kept.with_body(&body);
-        again.extensions_mut().insert(ReplaceToken(rejected));
-        resp = inner.ready().await?.call(again).await?;
-        retried = Some(RetryReason::Unauthorized);
+        again
+            .extensions_mut()
+            .insert(ReplaceToken { rejected, seen_at });
+        let second = inner.ready().await?.call(again).await?;
+        if Outcome::read(&second).is_some_and(|o| o.rejection_stood) {
+            resp = first;
+        } else {
+            metrics.retry(name, RetryReason::Unauthorized.as_str());
+            tracing::info!(
+                upstream = name,
+                "upstream answered 401 for a token it no longer accepts; sent again with a fresh one"
+            );
+            resp = second;
+            retried = Some(RetryReason::Unauthorized);
+        }
     }
     if idempotent(&kept.head.method) {
         let (mut left, mut budget) = (policy.retry_429, policy.retry_429_max_wait);
@@ -493,7 +542,7 @@ mod tests {
                 let replace = req
                     .extensions()
                     .get::<ReplaceToken>()
-                    .map(|r| r.0.generation);
+                    .map(|r| r.rejected.generation);
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 let attempt = {
                     let mut seen = seen.lock().unwrap();

@@ -58,17 +58,20 @@ pub(super) struct Backoff {
     /// The last token the upstream rejected: the fleet's cache may still hold it, and it
     /// must not come back from there.
     pub(super) rejected: Option<HeaderValue>,
-    /// The generation of the last token minted to replace a rejected one.
-    pub(super) replacement: Option<u64>,
+    /// Judgements of rejected tokens: kept across grants, unlike the rest.
+    pub(super) judge: super::rejection::Judge,
 }
 
-/// A token minted to replace a rejected one is not replaced again while it is younger than
-/// this: the platform just issued it, so a 401 for it says more about the call than about
-/// the token, and a caller that can provoke 401s must not make the proxy mint a token per
-/// call (the token endpoint has its own rate limit, shared by every client).
-pub(super) const REPLACEMENT_MIN_AGE: Duration = Duration::from_secs(5);
-
 impl Backoff {
+    /// After a token was had: no failure is remembered, the judgements are.
+    pub(super) fn succeeded(&mut self) {
+        let judge = std::mem::take(&mut self.judge);
+        *self = Backoff {
+            judge,
+            ..Backoff::default()
+        };
+    }
+
     pub(super) fn record(&mut self, error: GrantError, now: Instant) {
         self.failures = self.failures.saturating_add(1);
         let exp = 1u64 << self.failures.saturating_sub(1).min(6); // 1 s … 64 s

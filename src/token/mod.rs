@@ -17,6 +17,7 @@
 mod backoff;
 mod cache;
 pub mod grant;
+pub mod rejection;
 pub mod shared;
 mod source;
 #[cfg(test)]

@@ -11,8 +11,9 @@ use rand::Rng;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
-use super::backoff::{Backoff, Want, FOREIGN_LOCK_WAIT, REPLACEMENT_MIN_AGE};
+use super::backoff::{Backoff, Want, FOREIGN_LOCK_WAIT};
 use super::grant::{GrantError, Granter};
+use super::rejection::{Check, Rejection};
 use super::shared::{FleetLock, SharedCache, SharedToken};
 use super::{Token, TokenError};
 use crate::metrics::Metrics;
@@ -138,10 +139,30 @@ impl TokenSource {
         Box::pin(self.obtain(Want::Usable)).await
     }
 
-    /// A token to replace `rejected`, which the upstream answered with 401. Concurrent
-    /// callers that saw the same rejection share one grant; a newer token is kept.
-    pub async fn replace(self: &Arc<Self>, rejected: u64) -> Result<Arc<Token>, TokenError> {
-        Box::pin(self.obtain(Want::Replacing(rejected))).await
+    /// A token to replace `rejected`, which the upstream answered with 401 at `seen_at`,
+    /// unless the platform still accepts it (`check` asks; see [`super::rejection`]).
+    /// Concurrent callers that saw the same rejection share one question and one grant; a
+    /// newer token is kept.
+    pub async fn replace(
+        self: &Arc<Self>,
+        rejected: u64,
+        seen_at: Instant,
+        check: Option<Check>,
+    ) -> Rejection<Result<Arc<Token>, TokenError>> {
+        let mut backoff = self.minting.lock().await;
+        if let Some(t) = self.current.load_full() {
+            if t.generation == rejected && t.is_usable(Instant::now()) {
+                let replace = backoff
+                    .judge
+                    .should_replace(rejected, t.header(), seen_at, check)
+                    .await;
+                if !replace {
+                    tracing::debug!(upstream = %self.upstream, generation = rejected, "the platform answered 401 for a token it still accepts (or replacements are spent for now); keeping the token");
+                    return Rejection::Stands;
+                }
+            }
+        }
+        Rejection::Replaced(Box::pin(self.obtain_with(backoff, Want::Replacing(rejected))).await)
     }
 
     /// The state of this source, for the status page.
@@ -225,19 +246,21 @@ impl TokenSource {
     }
 
     async fn obtain(self: &Arc<Self>, want: Want) -> Result<Arc<Token>, TokenError> {
-        let mut backoff = self.minting.lock().await;
+        let backoff = self.minting.lock().await;
+        self.obtain_with(backoff, want).await
+    }
+
+    /// [`Self::obtain`], with the single flight's lock already held.
+    async fn obtain_with(
+        self: &Arc<Self>,
+        mut backoff: tokio::sync::MutexGuard<'_, Backoff>,
+        want: Want,
+    ) -> Result<Arc<Token>, TokenError> {
         let now = Instant::now();
         let current = self.current.load_full();
         // Someone else may have minted while we waited for the lock.
         if let Some(t) = current.as_ref().filter(|t| want.satisfied_by(t, now)) {
             return Ok(Arc::clone(t));
-        }
-        if let (Want::Replacing(g), Some(t)) = (want, current.as_ref()) {
-            let young = now.saturating_duration_since(t.obtained) < REPLACEMENT_MIN_AGE;
-            if t.generation == g && backoff.replacement == Some(g) && young && t.is_usable(now) {
-                tracing::debug!(upstream = %self.upstream, generation = g, "a token minted seconds ago to replace a rejected one was rejected too; keeping it");
-                return Ok(Arc::clone(t));
-            }
         }
         // Discard the rejected token, and only it: a newer one would have satisfied us.
         if let (Want::Replacing(g), Some(t)) = (want, current.as_ref()) {
@@ -265,10 +288,9 @@ impl TokenSource {
         let fleet_turn = match self.ask_fleet(want, backoff.rejected.as_ref()).await {
             FleetAnswer::Token(token) => {
                 self.current.store(Some(Arc::clone(&token)));
-                *backoff = Backoff {
-                    rejected: backoff.rejected.take(),
-                    ..Backoff::default()
-                };
+                let rejected = backoff.rejected.take();
+                backoff.succeeded();
+                backoff.rejected = rejected;
                 return Ok(token);
             }
             FleetAnswer::Mint(shared, creds, lock) => Some((shared, creds, lock)),
@@ -305,10 +327,7 @@ impl TokenSource {
                     self.api_base.store(Some(Arc::new(base)));
                 }
                 self.current.store(Some(Arc::clone(&token)));
-                *backoff = Backoff {
-                    replacement: matches!(want, Want::Replacing(_)).then_some(token.generation),
-                    ..Backoff::default()
-                };
+                backoff.succeeded();
                 self.metrics.grant(&self.upstream, "ok");
                 self.grants_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(

@@ -141,7 +141,14 @@ async fn callers_replacing_the_same_rejected_token_share_one_new_grant() {
     let calls = (0..20).map(|_| {
         let source = Arc::clone(&source);
         let rejected = first.generation;
-        tokio::spawn(async move { source.replace(rejected).await.map(|t| t.generation) })
+        tokio::spawn(async move {
+            let dead: rejection::Check =
+                Box::new(|_| Box::pin(async { rejection::Liveness::Dead }));
+            match source.replace(rejected, Instant::now(), Some(dead)).await {
+                rejection::Rejection::Replaced(t) => t.map(|t| t.generation),
+                rejection::Rejection::Stands => panic!("a dead token stood"),
+            }
+        })
     });
     for call in futures_util::future::join_all(calls).await {
         assert_eq!(call.unwrap().unwrap(), 2);

@@ -157,8 +157,8 @@ async fn a_run_with_known_secrets_logs_none_of_them() {
     let c = client();
     let auth = format!("Bearer {CLIENT_KEY}");
     let mut bodies = String::new();
-    // A revoked token first: the retry mints a fresh one (a token minted to replace a
-    // rejected one is kept for a few seconds, so always401 below does not mint again).
+    // A revoked token first: the retry mints a fresh one (the platform, asked, says the
+    // token is good when always401 below refuses it, so that mints nothing).
     assert_eq!(
         c.get(proxy.url("/api/v2/users/me"))
             .header("Authorization", &auth)

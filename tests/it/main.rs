@@ -19,6 +19,7 @@ mod proxy;
 mod rate_budget;
 mod replicas;
 mod resilience;
+mod revocation;
 mod security;
 mod status_page;
 mod websockets;

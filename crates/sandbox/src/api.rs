@@ -141,11 +141,49 @@ async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Re
         Ok(standing) => standing,
         Err(resp) => return resp,
     };
-    let mut resp = served(s, req).await;
+    let mut resp = match token_itself(o, s, &token, &req) {
+        Some(resp) => resp,
+        None => served(s, req).await,
+    };
     if let Some(standing) = standing {
         standing.write(resp.headers_mut());
     }
     resp
+}
+
+/// `/api/v2/tokens/me`, about the token the call carries: `GET` describes it, `HEAD`
+/// verifies it (200, no body), `DELETE` revokes it (204).
+fn token_itself(
+    o: &SandboxOptions,
+    s: &State,
+    token: &str,
+    req: &Request<Incoming>,
+) -> Option<Response<Body>> {
+    if req.uri().path() != "/api/v2/tokens/me" {
+        return None;
+    }
+    let resp = match *req.method() {
+        Method::HEAD => {
+            s.token_checks.fetch_add(1, Ordering::SeqCst);
+            Response::new(crate::full(Bytes::new()))
+        }
+        Method::GET => json(
+            StatusCode::OK,
+            serde_json::json!({"organization": {"id": "5f4c0000-0000-4000-8000-00000000beef"}, "homeOrg": {"id": "5f4c0000-0000-4000-8000-00000000beef"}, "OAuthClient": {"id": o.client_id, "name": "sandbox"}}),
+        ),
+        Method::DELETE => {
+            lock(&s.tokens).remove(token);
+            s.tokens_deleted.fetch_add(1, Ordering::SeqCst);
+            let mut resp = Response::new(crate::full(Bytes::new()));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            resp
+        }
+        _ => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"message": "method not allowed", "code": "method.not.allowed", "status": 405}),
+        ),
+    };
+    Some(resp)
 }
 
 /// The answer to a call with a valid token, within its rate limit.

@@ -11,6 +11,8 @@
 //!   `credentials.expired`). Every answer carries `inin-correlation-id`. `GET
 //!   /api/v2/users/me` answers a user; every other path echoes what it received (method,
 //!   path, query, header names, body length and SHA-256) ([`api`]).
+//!   `/api/v2/tokens/me` is about the token itself: `GET` describes it, `HEAD` verifies it,
+//!   `DELETE` revokes it.
 //!
 //! With the `fixtures` feature (tests only), endpoints and controls that exercise the
 //! proxy's failure paths ([`fixtures`]); the release binary has none of them.
@@ -131,6 +133,10 @@ struct State {
     api_401s: AtomicU64,
     /// API calls answered 429 because their token's window was spent.
     throttled: AtomicU64,
+    /// `HEAD /api/v2/tokens/me` with a good token (a dead one is answered 401).
+    token_checks: AtomicU64,
+    /// `DELETE /api/v2/tokens/me`: tokens revoked by a call that carried them.
+    tokens_deleted: AtomicU64,
     seen: Mutex<Vec<SeenRequest>>,
     /// Per token: when its rate-limit window started, and the calls in it.
     usage: Mutex<HashMap<String, (Instant, u64)>>,
@@ -289,6 +295,16 @@ impl Sandbox {
     /// API calls answered 429 because their token's rate-limit window was spent.
     pub fn throttled(&self) -> u64 {
         self.state.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Good tokens verified with `HEAD /api/v2/tokens/me` (a dead one counts in 401s).
+    pub fn token_checks(&self) -> u64 {
+        self.state.token_checks.load(Ordering::SeqCst)
+    }
+
+    /// Tokens revoked with `DELETE /api/v2/tokens/me`.
+    pub fn tokens_deleted(&self) -> u64 {
+        self.state.tokens_deleted.load(Ordering::SeqCst)
     }
 
     pub fn api_401s(&self) -> u64 {
