@@ -36,6 +36,7 @@ pub mod providers;
 pub mod rate_budget;
 pub mod server;
 pub mod session;
+pub mod shared_credentials;
 pub mod stack;
 pub mod status;
 pub mod token;

@@ -27,7 +27,13 @@ const PREFIX: &str = "tgs.";
 pub struct Sessions {
     /// One HMAC-SHA-256 block: the key length HMAC uses as is.
     key: [u8; 64],
+    /// Session tokens their callers ended (`DELETE /api/v2/tokens/me`), by SHA-256, with
+    /// their expiry: refused until then.
+    ended: std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>,
 }
+
+/// The most ended sessions remembered at once (expired ones are forgotten first).
+const MAX_ENDED: usize = 65_536;
 
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,7 +59,34 @@ impl Sessions {
     pub fn new() -> Sessions {
         let mut key = [0u8; 64];
         rand::rngs::OsRng.fill_bytes(&mut key);
-        Sessions { key }
+        Sessions {
+            key,
+            ended: Default::default(),
+        }
+    }
+
+    /// End the (valid) session `token`, as `DELETE /api/v2/tokens/me` with it asks: 204, or
+    /// 503 while too many ended sessions are remembered to take one more.
+    pub fn end(&self, token: &[u8]) -> http::Response<crate::body::ProxyBody> {
+        let expiry = std::str::from_utf8(token)
+            .ok()
+            .and_then(|t| t.rsplit('.').nth(1))
+            .and_then(|e| e.parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        let digest: [u8; 32] = <Sha256 as sha2::Digest>::digest(token).into();
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.len() >= MAX_ENDED {
+            let now = now_unix();
+            ended.retain(|_, until| *until > now);
+        }
+        let mut resp = http::Response::new(crate::body::empty());
+        if ended.len() >= MAX_ENDED {
+            *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            return resp;
+        }
+        ended.insert(digest, expiry);
+        *resp.status_mut() = http::StatusCode::NO_CONTENT;
+        resp
     }
 
     fn mac(&self, name: &str, expiry: u64, key_sha256: &[u8; 32]) -> Hmac<Sha256> {
@@ -87,6 +120,7 @@ impl Sessions {
 
     /// The client a valid, unexpired session token belongs to.
     pub fn verify(&self, token: &[u8], clients: &[Arc<ClientConfig>]) -> Option<Arc<ClientConfig>> {
+        let whole = token;
         let token = std::str::from_utf8(token).ok()?.strip_prefix(PREFIX)?;
         let mut parts = token.split('.');
         let (name, expiry, tag) = (parts.next()?, parts.next()?, parts.next()?);
@@ -100,7 +134,12 @@ impl Sessions {
         self.mac(&name, expiry, &client.key_sha256)
             .verify_slice(&tag)
             .ok()?;
-        (expiry > now_unix()).then(|| Arc::clone(client))
+        if expiry <= now_unix() {
+            return None;
+        }
+        let digest: [u8; 32] = <Sha256 as sha2::Digest>::digest(whole).into();
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        (!ended.contains_key(&digest)).then(|| Arc::clone(client))
     }
 }
 

@@ -26,6 +26,7 @@ use crate::error::ProxyError;
 use crate::notifications::{self, Channels, UnresolvedChannel};
 use crate::server::PeerIdentity;
 use crate::session::Sessions;
+use crate::shared_credentials;
 use crate::websocket;
 
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -169,7 +170,17 @@ impl ValidateRequest<ProxyBody> for ClientKeys {
             Caller(None)
         } else {
             let found = match presented_key(req.headers()) {
-                Some(k) if Sessions::is_session(k) => self.sessions.verify(k, &self.clients),
+                Some(k) if Sessions::is_session(k) => {
+                    let client = self.sessions.verify(k, &self.clients);
+                    // Genesys SDKs end their token this way; a session token is the
+                    // caller's own to end (the upstream's, shared, is not).
+                    if client.is_some()
+                        && shared_credentials::ends_own_session(req.method(), req.uri().path())
+                    {
+                        return Err(self.sessions.end(k));
+                    }
+                    client
+                }
                 Some(k) => identify(&self.clients, k),
                 // A notification channel's socket: the platform wants no credentials on it
                 // (the channel id is one), so apps open it bare; it acts as the channel's

@@ -27,6 +27,7 @@ use crate::error::ProxyError;
 use crate::notifications::UnresolvedChannel;
 use crate::outcome::Outcome;
 use crate::policy::is_plain_path;
+use crate::shared_credentials;
 use crate::upstream::{Upstream, WorkerUpstream};
 
 /// One upstream and the service that carries calls to it (its prebuilt back half).
@@ -84,6 +85,11 @@ fn strip_prefix<'a>(prefix: &str, path: &'a str) -> Option<&'a str> {
 /// May this caller send this request to `upstream`?
 fn permitted(req: &ProxyRequest, upstream: &Upstream) -> Result<(), ProxyError> {
     let path = req.uri().path();
+    if let Some(why) =
+        shared_credentials::refusal(req.method(), path, &upstream.config.grant.client_id)
+    {
+        return Err(ProxyError::Forbidden(why));
+    }
     let caller = req.extensions().get::<Caller>();
     // A bare socket on a notification channel this replica does not know (client_auth let
     // it on for the notifications layer to decide): only an upstream with notification

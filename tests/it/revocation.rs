@@ -181,3 +181,141 @@ async fn without_a_way_to_ask_replacements_are_bounded_by_a_budget() {
     .await;
     assert!(back.is_some(), "a revoked token was never replaced");
 }
+
+const OTHER_KEY: &str = "tg_other-client-key-9876543210zyxwvutsrqponm";
+
+/// Two clients: `reporting-job` (CLIENT_KEY, no allow rules) and `wallboard` (OTHER_KEY).
+fn two_clients(sandbox: &Sandbox) -> String {
+    format!(
+        "{}\n[[client]]\nname = \"wallboard\"\nkey_sha256 = \"{}\"\n",
+        standard_config(sandbox, ""),
+        tokengate::keys::hash_key(OTHER_KEY)
+    )
+}
+
+async fn as_other(client: &reqwest::Client, proxy: &Proxy, path: &str) -> u16 {
+    client
+        .get(proxy.url(path))
+        .header("Authorization", format!("Bearer {OTHER_KEY}"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_client_can_revoke_or_change_the_shared_credentials() {
+    let sandbox = sandbox().await;
+    let (proxy, client) = warmed(&sandbox, &two_clients(&sandbox)).await;
+    let id = sandbox.options().client_id.clone();
+    let attacks = [
+        ("DELETE", "/api/v2/tokens/me".to_string()),
+        ("DELETE", "/api/v2//tokens/%6De/".to_string()),
+        ("DELETE", format!("/api/v2/oauth/clients/{id}")),
+        ("PUT", format!("/api/v2/oauth/clients/{id}")),
+        ("POST", format!("/api/v2/oauth/clients/{id}/secret")),
+    ];
+    for round in 0..30 {
+        let (method, path) = &attacks[round % attacks.len()];
+        let refused = client
+            .request(method.parse().unwrap(), proxy.url(path))
+            .header("Authorization", bearer())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 403, "{method} {path}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["error"], "forbidden");
+        assert!(
+            body["message"].as_str().unwrap().contains("shared"),
+            "{body}"
+        );
+        assert_eq!(as_other(&client, &proxy, "/api/v2/users/me").await, 200);
+    }
+    assert_eq!(
+        sandbox.tokens_deleted(),
+        0,
+        "the API host saw no DELETE of the token"
+    );
+    assert!(
+        !sandbox
+            .seen()
+            .iter()
+            .any(|r| r.path.contains("oauth/clients")),
+        "the API host saw no change to the OAuth client"
+    );
+    assert_eq!(sandbox.grants(), 1);
+    // Reading the token's description is a caller's right.
+    assert_eq!(status(&client, &proxy, "/api/v2/tokens/me").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_token_from_the_proxy_is_the_callers_own_to_end() {
+    let sandbox = sandbox().await;
+    let (proxy, client) = warmed(&sandbox, &two_clients(&sandbox)).await;
+    let session: serde_json::Value = client
+        .post(proxy.url("/oauth/token"))
+        .basic_auth("reporting-job", Some(CLIENT_KEY))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = format!("Bearer {}", session["access_token"].as_str().unwrap());
+    let call = |method: reqwest::Method, path: &str| {
+        client
+            .request(method, proxy.url(path))
+            .header("Authorization", &session)
+            .send()
+    };
+    assert_eq!(
+        call(reqwest::Method::GET, "/api/v2/users/me")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ended = call(reqwest::Method::DELETE, "/api/v2/tokens/me")
+        .await
+        .unwrap();
+    assert_eq!(ended.status(), 204);
+    assert_eq!(
+        call(reqwest::Method::GET, "/api/v2/users/me")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // The team's token, and the client's key, live on.
+    assert_eq!(status(&client, &proxy, "/api/v2/users/me").await, 200);
+    assert_eq!(sandbox.tokens_deleted(), 0);
+    assert_eq!(sandbox.grants(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_401_storm_while_the_token_endpoint_is_rate_limited_leaves_the_others_served() {
+    let sandbox = sandbox().await;
+    let (proxy, client) = warmed(&sandbox, &two_clients(&sandbox)).await;
+    sandbox.rate_limit_grants(true);
+    let storm = async {
+        let mut answers = Vec::new();
+        for _ in 0..60 {
+            answers.push(status(&client, &proxy, "/api/v2/sandbox/always401").await);
+        }
+        answers
+    };
+    let others = async {
+        let mut answers = Vec::new();
+        for _ in 0..60 {
+            answers.push(as_other(&client, &proxy, "/api/v2/users/me").await);
+        }
+        answers
+    };
+    let (storm, others) = tokio::join!(storm, others);
+    assert!(storm.iter().all(|s| *s == 401), "{storm:?}");
+    assert!(others.iter().all(|s| *s == 200), "{others:?}");
+    assert_eq!(sandbox.grants(), 1);
+}

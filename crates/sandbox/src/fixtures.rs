@@ -27,6 +27,8 @@ pub(crate) struct Controls {
     held_401s: watch::Sender<u64>,
     /// API calls still to be answered with 429.
     throttle: AtomicU64,
+    /// The login host answers every grant as its rate limit does.
+    pub(crate) grants_rate_limited: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Controls {
@@ -36,6 +38,7 @@ impl Default for Controls {
             hold_401s: AtomicU64::new(0),
             held_401s: watch::channel(0).0,
             throttle: AtomicU64::new(0),
+            grants_rate_limited: Default::default(),
         }
     }
 }
@@ -90,6 +93,15 @@ impl Sandbox {
         if let Ok(mut secret) = self.state.rotated_secret.lock() {
             *secret = Some(new.to_string());
         }
+    }
+
+    /// Refuse every grant from now on (`true`) as the login host's rate limit does (400
+    /// `invalid_request`, "rate limit exceeded"), or grant again (`false`).
+    pub fn rate_limit_grants(&self, on: bool) {
+        self.state
+            .controls
+            .grants_rate_limited
+            .store(on, Ordering::SeqCst);
     }
 
     /// Let the requests waiting at `/api/v2/sandbox/gate` (and later ones) through.

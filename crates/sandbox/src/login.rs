@@ -66,6 +66,15 @@ pub(crate) async fn answer(
         );
     }
     s.grant_requests.fetch_add(1, Ordering::SeqCst);
+    #[cfg(feature = "fixtures")]
+    if s.controls.grants_rate_limited.load(Ordering::SeqCst) {
+        // Genesys' answer to a burst of token requests.
+        return oauth_refusal(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "rate limit exceeded",
+        );
+    }
     let in_flight = s.grants_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     s.max_grants_in_flight
         .fetch_max(in_flight, Ordering::SeqCst);
