@@ -9,7 +9,9 @@
 #   OS packages when it is missing);
 # - Debian's chromium, which renders the operator's status page;
 # - Debian's redis-server, which the replica tests start on free ports;
-# - Debian's tinyproxy, the corporate egress proxy of the enterprise tests.
+# - Debian's tinyproxy, the corporate egress proxy of the enterprise tests;
+# - Debian's nginx-light, an HTTPS API host (HTTP/2 and HTTP/1.1) that ends connections
+#   on its own schedule.
 # OS packages are installed with apt-get when we are root; otherwise the script says what
 # is missing.
 set -euo pipefail
@@ -69,7 +71,17 @@ if [ -z "${TOKENGATE_TINYPROXY:-}" ] && ! command -v tinyproxy >/dev/null; then
   fi
 fi
 
-# The tests that need chromium, redis-server, tinyproxy or the SDK are #[ignore]d, so that a plain
+if [ -z "${TOKENGATE_NGINX:-}" ] && ! command -v nginx >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "scripts/test.sh: installing nginx-light (the API host that ends connections on its own schedule)"
+    apt-get install -y nginx-light >/dev/null || { apt-get update >/dev/null && apt-get install -y nginx-light >/dev/null; }
+  else
+    echo "scripts/test.sh: nginx is needed for the API host connection tests; install it (Debian: apt-get install nginx-light)" >&2
+    exit 1
+  fi
+fi
+
+# The tests that need chromium, redis-server, tinyproxy, nginx or the SDK are #[ignore]d, so that a plain
 # `cargo test` passes on a machine without them; here they run too. The benches run once
 # as tests on their own: criterion's harness does not take libtest's --include-ignored.
 cargo test --workspace --lib --bins --tests "$@" -- --include-ignored

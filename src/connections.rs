@@ -158,12 +158,40 @@ struct Idle {
 struct Shared {
     origin: Arc<Origin>,
     sender: http2::SendRequest<ProxyBody>,
+    /// Tells this connection from the next one made after it went away.
+    id: u64,
 }
 
-/// A connection to send one call on.
+/// A connection to send one call on (an HTTP/2 one with its [`Shared::id`]).
 enum Conn {
     Http1(http1::SendRequest<ProxyBody>),
-    Http2(http2::SendRequest<ProxyBody>),
+    Http2(http2::SendRequest<ProxyBody>, u64),
+}
+
+/// Did the API host refuse the request before processing any of it? An HTTP/2 stream above
+/// a GOAWAY's last-stream-id, or one sent after the GOAWAY, and a stream reset with
+/// `REFUSED_STREAM`, were never processed (RFC 9113 §6.8, §8.7): any method may be sent
+/// again, on another connection.
+pub fn never_processed(e: &SendError) -> bool {
+    let SendError::Exchange(e) = e else {
+        return false;
+    };
+    h2_cause(e).is_some_and(|h2| {
+        (h2.is_go_away() && h2.is_remote())
+            || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+    })
+}
+
+/// The HTTP/2 error under a hyper error, if it is one.
+pub fn h2_cause(e: &hyper::Error) -> Option<&h2::Error> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(err) = cause {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        cause = err.source();
+    }
+    None
 }
 
 /// One worker's connections to one upstream, and its share of the connection slots.
@@ -182,6 +210,11 @@ pub struct WorkerConnections {
     reaper: std::sync::Once,
     /// Looks the reaper has taken so far.
     ticks: AtomicU64,
+    /// HTTP/2 connections made so far (each one's [`Shared::id`]).
+    connections_made: AtomicU64,
+    /// The API host chose HTTP/2 before: new connections are made one at a time.
+    speaks_h2: std::sync::atomic::AtomicBool,
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for WorkerConnections {
@@ -205,6 +238,9 @@ impl WorkerConnections {
             slots: ConnectionSlots::new(share),
             reaper: std::sync::Once::new(),
             ticks: AtomicU64::new(0),
+            connections_made: AtomicU64::new(0),
+            speaks_h2: Default::default(),
+            connecting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -234,7 +270,7 @@ impl WorkerConnections {
                         },
                     }
                 }
-                Conn::Http2(mut sender) => {
+                Conn::Http2(mut sender, id) => {
                     origin
                         .aim_http2(&mut req, &path)
                         .map_err(|e| SendError::Connect(Box::new(e)))?;
@@ -245,7 +281,7 @@ impl WorkerConnections {
                                 self.forget_shared();
                                 req = unsent;
                             }
-                            _ => return Err(SendError::Exchange(e.into_error())),
+                            _ => return Err(self.went_away(id, e.into_error())),
                         },
                     }
                 }
@@ -291,7 +327,7 @@ impl WorkerConnections {
                     },
                 })))
             }
-            Conn::Http2(mut sender) => {
+            Conn::Http2(mut sender, id) => {
                 if origin.aim_http2(&mut req, &path).is_err() {
                     return Err((path, req));
                 }
@@ -303,7 +339,7 @@ impl WorkerConnections {
                             home.forget_shared();
                             again(home, origin, path, unsent)
                         }
-                        None => Either::Left(ready(Err(SendError::Exchange(e.into_error())))),
+                        None => Either::Left(ready(Err(home.went_away(id, e.into_error())))),
                     },
                 })))
             }
@@ -316,7 +352,10 @@ impl WorkerConnections {
     fn ready_now(&self, origin: &Arc<Origin>) -> Option<Conn> {
         let shared = self.shared.lock().ok()?;
         if let Some(s) = shared.as_ref().filter(|s| s.origin.same_as(origin)) {
-            return s.sender.is_ready().then(|| Conn::Http2(s.sender.clone()));
+            return s
+                .sender
+                .is_ready()
+                .then(|| Conn::Http2(s.sender.clone(), s.id));
         }
         drop(shared);
         let mut idle = self.idle.lock().ok()?;
@@ -368,11 +407,11 @@ impl WorkerConnections {
         let shared = self.shared.lock().ok().and_then(|s| {
             s.as_ref()
                 .filter(|s| s.origin.same_as(origin))
-                .map(|s| s.sender.clone())
+                .map(|s| (s.sender.clone(), s.id))
         });
-        if let Some(mut sender) = shared {
+        if let Some((mut sender, id)) = shared {
             if sender.ready().await.is_ok() {
-                return Ok((Conn::Http2(sender), true));
+                return Ok((Conn::Http2(sender, id), true));
             }
             self.forget_shared();
         }
@@ -391,9 +430,29 @@ impl WorkerConnections {
         // Boxed: connecting (TCP, TLS, handshake) is a large future and rare; inline, it
         // would make every call's future that large, even the ones queued for a slot
         // (measured: 8 MiB more at 1,000 connections).
-        Box::pin(self.connect(origin))
+        Box::pin(self.connect_once(origin))
             .await
             .map(|conn| (conn, false))
+    }
+
+    /// A new connection; with an API host that speaks HTTP/2, one at a time: the calls
+    /// that found no connection (all of them, just after a GOAWAY) share the one made.
+    async fn connect_once(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<Conn, SendError> {
+        if !self.speaks_h2.load(Ordering::Relaxed) {
+            return self.connect(origin).await;
+        }
+        let _turn = self.connecting.lock().await;
+        let shared = self.shared.lock().ok().and_then(|s| {
+            s.as_ref()
+                .filter(|s| s.origin.same_as(origin))
+                .map(|s| (s.sender.clone(), s.id))
+        });
+        if let Some((mut sender, id)) = shared {
+            if sender.ready().await.is_ok() {
+                return Ok(Conn::Http2(sender, id));
+            }
+        }
+        self.connect(origin).await
     }
 
     async fn connect(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<Conn, SendError> {
@@ -413,13 +472,16 @@ impl WorkerConnections {
                     tracing::debug!(error = %e, "an HTTP/2 connection to an upstream ended");
                 }
             });
+            self.speaks_h2.store(true, Ordering::Relaxed);
+            let id = self.connections_made.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut shared) = self.shared.lock() {
                 *shared = Some(Shared {
                     origin: Arc::clone(origin),
                     sender: sender.clone(),
+                    id,
                 });
             }
-            return Ok(Conn::Http2(sender));
+            return Ok(Conn::Http2(sender, id));
         }
         let (sender, conn) = http1::handshake(io)
             .await
@@ -437,6 +499,21 @@ impl WorkerConnections {
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain(|c| now - c.since < IDLE_TICKS && !c.sender.is_closed());
         }
+    }
+
+    /// A failed HTTP/2 exchange on connection `id`. If the API host said it is going away
+    /// (GOAWAY) or refused the stream, that connection takes no more calls: the next one
+    /// opens a new connection while the calls it is still answering finish on the old.
+    fn went_away(&self, id: u64, e: hyper::Error) -> SendError {
+        let e = SendError::Exchange(e);
+        if never_processed(&e) {
+            if let Ok(mut shared) = self.shared.lock() {
+                if shared.as_ref().is_some_and(|s| s.id == id) {
+                    *shared = None;
+                }
+            }
+        }
+        e
     }
 
     /// Forget the shared HTTP/2 connection once it has closed; a new one is made for the

@@ -20,7 +20,9 @@ use tower::Service;
 use crate::body;
 use crate::config::WebsocketToken;
 use crate::connection_slots::Slot;
-use crate::connections::{Answered, Lease, Origin, SendError, WorkerConnections};
+use crate::connections::{
+    h2_cause, never_processed, Answered, Lease, Origin, SendError, WorkerConnections,
+};
 use crate::error::{body_error_or, ProxyError};
 use crate::layers::client_auth::Caller;
 use crate::layers::{BoxFuture, ProxyRequest};
@@ -103,6 +105,13 @@ fn closed_before_answering(e: &SendError) -> bool {
     };
     if e.is_incomplete_message() || e.is_canceled() {
         return true;
+    }
+    // HTTP/2: the connection ended (after a GOAWAY, say) before this stream's answer.
+    if let Some(io) = h2_cause(e).and_then(h2::Error::get_io) {
+        return matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        );
     }
     let mut cause = std::error::Error::source(e);
     while let Some(err) = cause {
@@ -309,7 +318,9 @@ fn answered(
             tracing::warn!(upstream = %upstream.name(), error = %failure, "upstream request failed");
             let err = body_error_or(e.as_error(), ProxyError::UpstreamUnreachable(failure));
             let mut resp = err.into_response();
-            Outcome::of(&mut resp).closed_before_answer = closed_before_answering(&e);
+            let outcome = Outcome::of(&mut resp);
+            outcome.never_processed = never_processed(&e);
+            outcome.closed_before_answer = outcome.never_processed || closed_before_answering(&e);
             return resp;
         }
         Ok(Ok(answered)) => answered,

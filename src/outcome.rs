@@ -58,6 +58,9 @@ pub struct Outcome {
     /// The upstream closed a pooled connection before any byte of an answer: nothing was
     /// answered, so an idempotent call may go again.
     pub closed_before_answer: bool,
+    /// The API host refused the request before processing any of it (an HTTP/2 GOAWAY or
+    /// REFUSED_STREAM): whatever its method, it may go again.
+    pub never_processed: bool,
     /// Set by `bearer` on a second attempt it did not send: the token the upstream
     /// rejected is still good (or may not be replaced yet), so the first 401 stands.
     pub rejection_stood: bool,

@@ -400,8 +400,13 @@ where
     // again; each time the pool drops that connection, and a burst of idle closes
     // can take several.
     let mut resends = 0;
+    // A request the API host never processed (HTTP/2 GOAWAY, REFUSED_STREAM) goes again
+    // whatever its method.
     let closed = |r: &ProxyResponse| Outcome::read(r).is_some_and(|o| o.closed_before_answer);
-    while resends < STALE_RESENDS && closed(&resp) && idempotent(&kept.head.method) {
+    let unprocessed = |r: &ProxyResponse| Outcome::read(r).is_some_and(|o| o.never_processed);
+    while resends < STALE_RESENDS
+        && (unprocessed(&resp) || closed(&resp) && idempotent(&kept.head.method))
+    {
         resends += 1;
         metrics.retry(name, RetryReason::ConnectionClosed.as_str());
         drop(resp);

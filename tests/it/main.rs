@@ -6,6 +6,8 @@
 
 mod support;
 
+mod api_host_connections;
+
 mod check;
 mod cli;
 mod cxone;

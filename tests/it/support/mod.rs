@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub use tokengate_sandbox::{Sandbox, SandboxOptions};
 
+pub mod nginx;
 pub mod pki;
 pub mod redis_server;
 pub mod tinyproxy;
