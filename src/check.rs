@@ -91,13 +91,18 @@ async fn check_upstream(
 ) -> Diagnosis {
     let granter = Granter::new(u.grant.clone());
     let granted = granter.grant().await;
-    let budget = match &granted {
-        Ok(g) => rate_budget(u, g).await,
+    let probe = match &granted {
+        Ok(g) => Some(probe_api_host(u, g).await),
         Err(_) => None,
     };
     let result = granted.map(|g| g.expires_in);
     let mut d = diagnose(u, shown_token_url(&granter).await, result);
-    d.rate_budget = budget;
+    if let Some(probe) = probe {
+        d.rate_budget = probe.budget;
+        if let Some((hint, message)) = probe.failure {
+            (d.ok, d.hint, d.message) = (false, hint, message);
+        }
+    }
     if d.hint == "egress_proxy_refused" {
         // Name the proxy's own answer (401/407: its password; 403: its rules).
         let status = match (&u.grant.egress.proxy, d.token_url.parse::<http::Uri>()) {
@@ -130,13 +135,19 @@ async fn check_upstream(
     d
 }
 
-/// The token's budget: for Genesys, the `inin-ratelimit-*` headers of one call to
-/// `/api/v2/tokens/me` with the new token (it spends one call of the budget); else the
-/// configured `rate_limit`, if any.
-async fn rate_budget(
-    u: &UpstreamConfig,
-    granted: &crate::token::grant::Granted,
-) -> Option<RateBudget> {
+/// What the API host said when the new token was shown to it.
+struct ApiProbe {
+    /// The hint and message when calls would fail there.
+    failure: Option<(&'static str, String)>,
+    budget: Option<RateBudget>,
+}
+
+/// After a grant, the API host: reached through the egress path with its own TLS settings
+/// (a token endpoint on plain HTTP says nothing about them). On Genesys, `GET
+/// /api/v2/tokens/me?preserveIdleTTL=true` with the new token (it spends one call of the
+/// budget, and its `inin-ratelimit-*` headers give the budget); elsewhere `HEAD /`, where
+/// any answer at all shows the host is reachable. Else the configured `rate_limit`.
+async fn probe_api_host(u: &UpstreamConfig, granted: &crate::token::grant::Granted) -> ApiProbe {
     use secrecy::ExposeSecret;
     let configured = u.rate_limit.map(|r| RateBudget {
         source: "config",
@@ -144,27 +155,64 @@ async fn rate_budget(
         used: None,
         window_secs: r.window.as_secs(),
     });
-    if u.provider != Provider::Genesys {
-        return configured;
+    let failed = |hint, message| ApiProbe {
+        failure: Some((hint, message)),
+        budget: None,
+    };
+    let Some(base) = u.base_url.clone().or_else(|| granted.api_base.clone()) else {
+        return ApiProbe {
+            failure: None,
+            budget: configured,
+        };
+    };
+    let base = base.to_string().trim_end_matches('/').to_string();
+    let client = match u.grant.egress.api_client() {
+        Ok(client) => client,
+        Err(e) => {
+            return failed(
+                "api_host_tls_error",
+                format!("the TLS settings for the API host {base} cannot be used: {e}"),
+            )
+        }
+    };
+    let genesys = u.provider == Provider::Genesys;
+    let probe = if genesys {
+        client
+            .get(format!("{base}/api/v2/tokens/me?preserveIdleTTL=true"))
+            .bearer_auth(granted.access_token.expose_secret())
+    } else {
+        client.head(format!("{base}/"))
+    };
+    let resp = match probe.send().await {
+        Ok(resp) => resp,
+        Err(e) if crate::token::grant::is_tls_error(&e) => {
+            return failed(
+                "api_host_tls_error",
+                format!(
+                    "the token was granted, but TLS with the API host {base} failed ({}): a private CA needs ca_file (the API host's own, where it differs from the token endpoint's)",
+                    crate::token::grant::error_chain(&e)
+                ),
+            )
+        }
+        Err(e) => {
+            return failed(
+                "api_host_unreachable",
+                format!(
+                    "the token was granted, but the API host {base} cannot be reached ({}): check base_url (or region), DNS, the egress proxy and firewall",
+                    crate::token::grant::error_chain(&e)
+                ),
+            )
+        }
+    };
+    if genesys && resp.status() == http::StatusCode::UNAUTHORIZED {
+        return failed(
+            "wrong_region",
+            format!("the API host {base} refused the token its login host just granted: the token endpoint and the API host belong to different regions (check region, token_url and base_url)"),
+        );
     }
-    let base = u.base_url.clone().or_else(|| granted.api_base.clone())?;
-    let url = format!(
-        "{}/api/v2/tokens/me",
-        base.to_string().trim_end_matches('/')
-    );
-    let resp = u
-        .grant
-        .egress
-        .api_client()
-        .ok()?
-        .get(url)
-        .bearer_auth(granted.access_token.expose_secret())
-        .send()
-        .await
-        .ok()?;
     use crate::rate_budget::{header_number, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET};
     let number = |name| header_number(resp.headers(), name);
-    match number(RATELIMIT_ALLOWED) {
+    let budget = match number(RATELIMIT_ALLOWED) {
         Some(allowed) => Some(RateBudget {
             source: "platform",
             allowed,
@@ -172,6 +220,10 @@ async fn rate_budget(
             window_secs: number(RATELIMIT_RESET).unwrap_or(0),
         }),
         None => configured,
+    };
+    ApiProbe {
+        failure: None,
+        budget,
     }
 }
 

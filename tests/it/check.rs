@@ -1,21 +1,33 @@
 //! `tokengate check`: one test per hint code, each against local servers that answer as
 //! the platforms do, and each asserting that no secret is printed.
 
+use crate::support::pki;
 use crate::support::*;
 use tokengate::providers::GenesysRegion;
 use tokengate_sandbox::Flavor;
 
 const SECRET: &str = "the-real-secret-0451";
 
-/// An oauth2-or-genesys upstream with everything given.
+/// An oauth2-or-genesys upstream with everything given; its API host is the token
+/// endpoint's host (the sandbox's login host answers any path) unless `extra` sets one.
 fn upstream(provider: &str, token_url: &str, extra: &str) -> String {
     let region = if provider == "genesys" {
         "region = \"us_east_1\"\n"
     } else {
         ""
     };
+    let base_url = if extra.contains("base_url") {
+        String::new()
+    } else {
+        let origin = token_url.parse::<http::Uri>().unwrap();
+        format!(
+            "base_url = \"{}://{}\"\n",
+            origin.scheme_str().unwrap(),
+            origin.authority().unwrap()
+        )
+    };
     format!(
-        "[[upstream]]\nname = \"u\"\nprovider = \"{provider}\"\n{region}token_url = \"{token_url}\"\nbase_url = \"http://127.0.0.1:9\"\nclient_id = \"sandbox-client\"\nclient_secret = \"${{THE_SECRET}}\"\n{extra}\n"
+        "[[upstream]]\nname = \"u\"\nprovider = \"{provider}\"\n{region}token_url = \"{token_url}\"\n{base_url}client_id = \"sandbox-client\"\nclient_secret = \"${{THE_SECRET}}\"\n{extra}\n"
     )
 }
 
@@ -242,4 +254,39 @@ async fn wrong_region_when_another_regions_login_host_knows_the_client() {
     let d = tokengate::check::check_with(&config, &move |_: &GenesysRegion| nowhere.clone()).await;
     assert_eq!(d[0].hint, "invalid_client");
     assert!(d[0].message.contains("Admin > OAuth"), "{}", d[0].message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_host_is_probed_after_the_grant() {
+    let s = sandbox_with(|_| {}).await;
+    // The API host behind a private CA, the token endpoint on plain HTTP: the grant
+    // succeeds, every call would fail.
+    let pki = pki::pki();
+    let front = pki::tls_front(s.api_addr, pki.server_config(false)).await;
+    let private = format!("base_url = \"https://127.0.0.1:{}\"", front.addr.port());
+    let d = check(upstream("genesys", &s.token_url(), &private), SECRET).await;
+    assert_eq!(
+        (d["ok"].as_bool(), d["hint"].as_str()),
+        (Some(false), Some("api_host_tls_error")),
+        "{d}"
+    );
+    assert!(d["message"].as_str().unwrap().contains("TLS"), "{d}");
+    assert!(d["message"].as_str().unwrap().contains("ca_file"), "{d}");
+    // With the CA, ok, and the budget read off the same call.
+    let trusted = format!("{private}\nca_file = \"{}\"", pki.path("ca.pem"));
+    let d = check(upstream("genesys", &s.token_url(), &trusted), SECRET).await;
+    assert_eq!(d["hint"], "ok", "{d}");
+    // Nothing listening where the API host should be.
+    let nowhere = format!("base_url = \"http://{}\"", closed_addr());
+    let d = check(upstream("oauth2", &s.token_url(), &nowhere), SECRET).await;
+    assert_eq!(
+        (d["ok"].as_bool(), d["hint"].as_str()),
+        (Some(false), Some("api_host_unreachable")),
+        "{d}"
+    );
+    // A Genesys API host that refuses the new token: another region's.
+    let other = sandbox_with(|_| {}).await;
+    let elsewhere = format!("base_url = \"{}\"", other.api_url());
+    let d = check(upstream("genesys", &s.token_url(), &elsewhere), SECRET).await;
+    assert_eq!(d["hint"], "wrong_region", "{d}");
 }
