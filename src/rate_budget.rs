@@ -84,6 +84,9 @@ struct TokenWindow {
     /// platform's window may already have ended, so they may count in its next one.
     late: u64,
     late_first: Option<Instant>,
+    /// `allowed` and `len` are the provider's documented budget, assumed until the
+    /// platform's first answer says what it is.
+    assumed: bool,
 }
 
 impl TokenWindow {
@@ -212,6 +215,8 @@ impl Ord for Waiter {
 struct ClientBook {
     /// The tag of its last call.
     finish: u64,
+    /// When it last asked to make a call.
+    last_asked: Option<Instant>,
     /// The minute of `max_per_minute`: when it started, and the calls in it.
     minute: Option<(Instant, u64)>,
     /// Calls let through, and calls waiting now (for the status page).
@@ -237,8 +242,10 @@ struct State {
 /// One upstream's rate governor (see the module's documentation).
 pub struct Governor {
     max_wait: Duration,
-    /// A budget is known (configured, or learned from an answer).
+    /// A budget is known (configured, or learned from an answer), or assumed.
     active: AtomicBool,
+    /// Some token's budget is still the provider's documented one, assumed.
+    assuming: AtomicBool,
     state: Mutex<State>,
     /// Itself, for the dispatcher task it spawns (which must not keep it alive).
     me: Weak<Governor>,
@@ -279,7 +286,51 @@ impl Governor {
         tokens: usize,
         fleet: Option<FleetBudget>,
     ) -> Arc<Governor> {
-        Governor::with(config.rate_limit, config.rate_limit_max_wait, tokens, fleet)
+        let documented = match config.rate_limit {
+            Some(_) => None,
+            None => documented_budget(config.provider),
+        };
+        let governor = Governor::with(
+            config.rate_limit.or(documented),
+            config.rate_limit_max_wait,
+            tokens,
+            fleet,
+        );
+        if documented.is_some() {
+            governor.assume();
+        }
+        governor
+    }
+
+    /// Hold calls to the budget given at construction as an assumption until the
+    /// platform's first answer: adopt its figures then, or, if it sends none, govern
+    /// nothing (an API host that is not the platform, or a platform that changed).
+    fn assume(&self) {
+        for w in &mut self.lock().windows {
+            // Paced calls wait for the first answer: a burst of the assumed size could
+            // spend a smaller real window first come, first served.
+            (w.assumed, w.bucket) = (true, 1.0);
+        }
+        self.assuming.store(true, Ordering::Relaxed);
+    }
+
+    /// An answer with no budget in it while one is assumed: the host does not count calls
+    /// as the provider documents; stop holding calls to the assumption.
+    fn drop_assumption(&self) {
+        let mut st = self.lock();
+        if !self.assuming.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        for w in &mut st.windows {
+            if w.assumed {
+                (w.assumed, w.allowed, w.len, w.bucket) = (false, None, None, 1.0);
+            }
+        }
+        if st.windows.iter().all(|w| w.allowed.is_none()) {
+            self.active.store(false, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        st.dispatch(now);
     }
 
     pub fn with(
@@ -304,10 +355,12 @@ impl Governor {
             own: 0,
             late: 0,
             late_first: None,
+            assumed: false,
         };
         Arc::new_cyclic(|me| Governor {
             max_wait,
             active: AtomicBool::new(limit.is_some()),
+            assuming: AtomicBool::new(false),
             state: Mutex::new(State {
                 windows: vec![window; tokens.max(1)],
                 waiting: BinaryHeap::new(),
@@ -375,8 +428,24 @@ impl Governor {
             for w in &mut st.windows {
                 w.roll(now);
             }
+            // Alone, a client's burst within the budget goes at once. With others calling
+            // too, calls are paced over the window (a quarter of it at once), so that no
+            // client can spend a whole window in its first moment — refused calls come
+            // back at once, and the quiet client would find nothing left for the rest of
+            // the window — and a backlog queues, where the shares decide.
+            let recent = st
+                .windows
+                .first()
+                .and_then(|w| w.len)
+                .unwrap_or(Duration::from_secs(60));
+            st.clients.entry(Arc::clone(client)).or_default().last_asked = Some(now);
+            let others = st.clients.iter().any(|(name, b)| {
+                name != client
+                    && b.last_asked
+                        .is_some_and(|t| now.saturating_duration_since(t) < recent)
+            });
             if st.waiting.is_empty() {
-                if let Some(i) = st.take_room(now, false) {
+                if let Some(i) = st.take_room(now, others) {
                     st.virtual_time = start;
                     let book = st.clients.entry(Arc::clone(client)).or_default();
                     book.finish = tag;
@@ -473,6 +542,13 @@ impl Governor {
     ) {
         let number = |name| header_number(headers, name);
         let allowed = number(RATELIMIT_ALLOWED);
+        if allowed.is_none()
+            && !matches!(status, 401 | 429)
+            && self.assuming.load(Ordering::Relaxed)
+        {
+            self.drop_assumption();
+            return;
+        }
         if allowed.is_none() && (status != 429 || !self.is_active()) {
             return;
         }
@@ -486,16 +562,23 @@ impl Governor {
             return;
         };
         w.roll(now);
-        let learned = allowed.is_some() && w.allowed.is_none();
+        let learned = allowed.is_some() && (w.allowed.is_none() || w.assumed);
+        let was_assumed = w.assumed;
         if let Some(a) = allowed {
             w.allowed = Some(a);
+            w.assumed = false;
             self.active.store(true, Ordering::Relaxed);
         }
         if let Some(reset) = reset {
             let left = Duration::from_secs(reset.min(86_400));
             if status != 429 {
-                let learned = w.len.is_none();
-                w.len = Some(w.len.unwrap_or_default().max(left));
+                // The platform's resets replace an assumed window's length.
+                let learned = w.len.is_none() || (was_assumed && !w.assumed);
+                w.len = Some(if learned {
+                    left
+                } else {
+                    w.len.unwrap_or_default().max(left)
+                });
                 if learned {
                     w.bucket = w.pace().map_or(1.0, |(_, burst)| burst);
                 }
@@ -563,6 +646,19 @@ impl Governor {
             b.window = b.window.max(w.len.unwrap_or_default());
         }
         Some(b)
+    }
+}
+
+/// The budget a provider documents for a token, held until its answers say otherwise:
+/// Genesys Cloud allows 300 calls a minute per client-credentials token
+/// (`client.credentials.token.rate.per.minute`). CXone documents none.
+pub fn documented_budget(provider: crate::providers::Provider) -> Option<RateLimit> {
+    match provider {
+        crate::providers::Provider::Genesys => Some(RateLimit {
+            calls: 300,
+            window: Duration::from_secs(60),
+        }),
+        _ => None,
     }
 }
 

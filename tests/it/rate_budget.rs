@@ -428,3 +428,78 @@ async fn three_replicas_share_one_budget_through_redis_leases_and_survive_its_lo
     );
     assert_eq!(sandbox.grants(), 1);
 }
+
+/// The budget only in the platform's headers, as Genesys sends it (no `rate_limit`): the
+/// governor holds calls to Genesys' documented budget until the first answer, then to the
+/// platform's figures (issue 22).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_known_only_from_headers_is_fair_from_the_first_call() {
+    let sandbox = budgeted_sandbox(60, 10).await;
+    let proxy = Arc::new(Proxy::start(&two_clients(&sandbox, "", "", "")));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (noisy, loops) = saturate(&proxy, NOISY_KEY, 20, &stop);
+    let quiet = Arc::new(Mutex::new(Tally::default()));
+    // The quiet client's load: one call a second (the scenario's shape, not a wait).
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        every_second.tick().await;
+        call_and_tally(&proxy, CLIENT_KEY, &quiet).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    let quiet = std::mem::take(&mut *quiet.lock().unwrap());
+    let noisy = std::mem::take(&mut *noisy.lock().unwrap());
+    eprintln!("quiet: {quiet:?}\nnoisy: {noisy:?}");
+    let quiet_calls: u64 = quiet.statuses.values().sum();
+    assert!(quiet_calls >= 29, "{quiet:?}");
+    assert_eq!(
+        quiet.count(200),
+        quiet_calls,
+        "every quiet call succeeds: {quiet:?}"
+    );
+    assert_eq!(sandbox.throttled(), 0, "the platform answered no 429");
+    assert_eq!(noisy.missing_retry_after, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn header_only_shares_three_and_one_are_served_three_to_one_from_the_first_second() {
+    let sandbox = budgeted_sandbox(60, 10).await;
+    let config = two_clients(
+        &sandbox,
+        "rate_limit_max_wait_secs = 60",
+        "share = 3",
+        "share = 1",
+    );
+    let proxy = Arc::new(Proxy::start(&config));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (three, a) = saturate(&proxy, CLIENT_KEY, 30, &stop);
+    let (one, b) = saturate(&proxy, NOISY_KEY, 30, &stop);
+    let served = || {
+        (
+            three.lock().unwrap().count(200),
+            one.lock().unwrap().count(200),
+        )
+    };
+    // Counted from the first second: three windows' calls.
+    let first = wait_for(Duration::from_secs(5), || Some(served()))
+        .await
+        .unwrap();
+    let last = wait_for(Duration::from_secs(60), || {
+        let (n3, n1) = served();
+        (n3 + n1 >= first.0 + first.1 + 180).then_some((n3, n1))
+    })
+    .await
+    .expect("three windows of calls");
+    stop.store(true, Ordering::Relaxed);
+    for t in a.into_iter().chain(b) {
+        t.abort();
+    }
+    let (n3, n1) = (last.0 - first.0, last.1 - first.1);
+    let ratio = n3 as f64 / n1 as f64;
+    eprintln!("from the first moment: share 3 got {n3} calls, share 1 got {n1}: {ratio:.2}:1 (before it: {first:?})");
+    assert!((2.55..=3.45).contains(&ratio), "{n3}:{n1}");
+    assert_eq!(sandbox.throttled(), 0, "the platform answered no 429");
+}
