@@ -76,6 +76,7 @@ pub(super) struct RawUpstream {
     pub(super) tokens: Option<u32>,
     pub(super) max_connections: Option<usize>,
     pub(super) issuer: Option<String>,
+    pub(super) introspection_url: Option<String>,
     pub(super) access_key_id: Option<String>,
     pub(super) access_key_secret: Option<String>,
     pub(super) access_key_secret_file: Option<PathBuf>,

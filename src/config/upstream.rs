@@ -53,6 +53,9 @@ pub struct UpstreamConfig {
     /// How long a call may wait for room in the rate budget before the proxy answers
     /// `429 rate_limited` itself (`rate_limit_max_wait_secs`, 10 s by default).
     pub rate_limit_max_wait: Duration,
+    /// `introspection_url` (RFC 7662, `provider = "oauth2"`): asked whether a token the
+    /// API answered with 401 is still active, before it is replaced.
+    pub introspection_url: Option<String>,
     pub grant: GrantConfig,
 }
 
@@ -180,6 +183,21 @@ impl Cx<'_> {
         let token_url = token_url
             .map(|u| self.http_url(&key("token_url"), &u).map(|u| u.to_string()))
             .transpose()?;
+        if raw.introspection_url.is_some() && provider != Provider::Oauth2 {
+            return Err(self.err(
+                &key("introspection_url"),
+                "is only valid for provider = \"oauth2\"",
+            ));
+        }
+        let introspection_url = raw
+            .introspection_url
+            .take()
+            .map(|u| {
+                let u = self.interpolate(&key("introspection_url"), &u)?;
+                self.http_url(&key("introspection_url"), &u)
+                    .map(|u| u.to_string())
+            })
+            .transpose()?;
         let base_url = base_url
             .map(|u| self.base_url(&key("base_url"), &u))
             .transpose()?;
@@ -243,6 +261,7 @@ impl Cx<'_> {
                 30.0,
             )?,
             streaming_url,
+            introspection_url,
             websocket_token,
             rate_limit: raw
                 .rate_limit

@@ -37,7 +37,8 @@ pub struct ReplaceToken {
 }
 
 /// How the platform is asked whether it still accepts a token, where it can be asked:
-/// Genesys verifies one with `HEAD /api/v2/tokens/me` (200 or 401, no body, and the token's
+/// an OAuth2 server with `introspection_url` by RFC 7662; Genesys verifies one with
+/// `HEAD /api/v2/tokens/me` (200 or 401, no body, and the token's
 /// idle clock is not the caller's concern: the proxy's token is in use anyway).
 fn liveness_check<S>(upstream: &WorkerUpstream, forward: &S, req: &ProxyRequest) -> Option<Check>
 where
@@ -46,6 +47,10 @@ where
         + Send
         + 'static,
 {
+    if upstream.config.provider == Provider::Oauth2 {
+        let url = upstream.config.introspection_url.as_deref()?;
+        return crate::token::rejection::introspection(&upstream.config.grant, url);
+    }
     if upstream.config.provider != Provider::Genesys {
         return None;
     }

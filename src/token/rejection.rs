@@ -47,7 +47,8 @@ pub const REPLACEMENT_BURST: f64 = 3.0;
 /// ...then one per this long.
 pub const REPLACEMENT_EVERY: Duration = Duration::from_secs(2);
 /// Questions to the platform: this many at once, then one per [`CHECK_EVERY`]. Each is a
-/// call in the token's rate budget; a storm of 401s must not spend it.
+/// call in the token's rate budget; a storm of 401s must not spend it (past the budget,
+/// the next question waits, and the 401s that come meanwhile share its answer).
 const CHECK_BURST: f64 = 5.0;
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// A question unanswered within this long is [`Liveness::Unknown`].
@@ -70,6 +71,15 @@ impl Bucket {
             burst,
             every,
         }
+    }
+
+    /// How long until one is there.
+    fn until_one(&self, now: Instant) -> Duration {
+        let since = self
+            .at
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+        let level = self.level + since.as_secs_f64() / self.every.as_secs_f64();
+        self.every.mul_f64((1.0 - level).max(0.0))
     }
 
     fn take(&mut self, now: Instant) -> bool {
@@ -133,7 +143,14 @@ impl Judge {
             _ => {}
         }
         let liveness = match check {
-            Some(check) if self.checks.take(Instant::now()) => {
+            Some(check) => {
+                // Past the questions' budget, wait for the next one: every 401 that came
+                // meanwhile shares its answer (the single flight holds them), and a real
+                // revocation in a storm of 401s is recovered within a second.
+                if !self.checks.take(Instant::now()) {
+                    tokio::time::sleep(self.checks.until_one(Instant::now())).await;
+                    self.checks.take(Instant::now());
+                }
                 let asked = Instant::now();
                 let liveness = tokio::time::timeout(CHECK_TIMEOUT, check(header.clone()))
                     .await
@@ -147,9 +164,7 @@ impl Judge {
                 }
                 liveness
             }
-            // Too many questions lately: the last answer stands, if it was "alive".
-            Some(_) if known.is_some() => Liveness::Alive,
-            _ => Liveness::Unknown,
+            None => Liveness::Unknown,
         };
         match liveness {
             Liveness::Alive => false,
@@ -157,6 +172,64 @@ impl Judge {
             Liveness::Unknown => self.replacements.take(Instant::now()),
         }
     }
+}
+
+/// RFC 7662 token introspection at `url`, authenticated as the grant is
+/// (`client_secret_basic` or `client_secret_post`): `{"active": true}` is alive, `false`
+/// dead, anything else unknown. Only for clients with a shared secret.
+pub fn introspection(grant: &crate::config::GrantConfig, url: &str) -> Option<Check> {
+    use crate::config::{AuthMethod, BasicEncoding};
+    use secrecy::ExposeSecret;
+    let secret = grant
+        .client_secret
+        .as_ref()?
+        .value
+        .expose_secret()
+        .to_string();
+    let client = grant.http.clone();
+    let (url, id) = (url.to_string(), grant.client_id.clone());
+    let (post, form_encoded) = (
+        grant.auth_method == AuthMethod::Post,
+        grant.basic_encoding == BasicEncoding::FormEncoded,
+    );
+    Some(Box::new(move |header: HeaderValue| {
+        Box::pin(async move {
+            let Some(token) = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")) else {
+                return Liveness::Unknown;
+            };
+            let mut form = vec![
+                ("token", token.to_string()),
+                ("token_type_hint", "access_token".into()),
+            ];
+            let ask = if post {
+                form.push(("client_id", id));
+                form.push(("client_secret", secret));
+                client.post(&url)
+            } else if form_encoded {
+                let enc =
+                    |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                client.post(&url).basic_auth(enc(&id), Some(enc(&secret)))
+            } else {
+                client.post(&url).basic_auth(id, Some(secret))
+            };
+            let Ok(answer) = ask.form(&form).send().await else {
+                return Liveness::Unknown;
+            };
+            if !answer.status().is_success() {
+                return Liveness::Unknown;
+            }
+            match answer
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| v["active"].as_bool())
+            {
+                Some(true) => Liveness::Alive,
+                Some(false) => Liveness::Dead,
+                None => Liveness::Unknown,
+            }
+        })
+    }))
 }
 
 #[cfg(test)]
@@ -227,21 +300,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_storm_of_401s_asks_a_bounded_number_of_questions() {
+    async fn a_storm_of_401s_asks_five_questions_at_once_then_one_a_second() {
         let mut judge = Judge::default();
         let h = HeaderValue::from_static("Bearer t");
         let asked = std::sync::Arc::default();
-        for _ in 0..100 {
-            tokio::time::advance(Duration::from_millis(10)).await;
+        let started = Instant::now();
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_millis(1)).await;
             let seen = Instant::now();
             let replace = judge
                 .should_replace(1, &h, seen, Some(answering(Liveness::Alive, &asked)))
                 .await;
             assert!(!replace, "an alive token is never replaced");
         }
-        // One second of 401s: the burst, and at most one more.
-        let asked = asked.load(std::sync::atomic::Ordering::SeqCst);
-        assert!((5..=6).contains(&asked), "{asked} questions");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 20);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(15), "{took:?}");
+        assert!(took < Duration::from_secs(17), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]

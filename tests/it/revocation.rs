@@ -319,3 +319,34 @@ async fn a_401_storm_while_the_token_endpoint_is_rate_limited_leaves_the_others_
     assert!(others.iter().all(|s| *s == 200), "{others:?}");
     assert_eq!(sandbox.grants(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oauth2_server_with_introspection_is_asked_before_a_token_is_replaced() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        basic_form_encoded: true,
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let introspect = format!("http://{}/oauth/introspect", sandbox.login_addr);
+    let config = standard_config(&sandbox, "").replace(
+        "provider = \"genesys\"\nregion = \"us_east_1\"\n",
+        &format!("provider = \"oauth2\"\nintrospection_url = \"{introspect}\"\n"),
+    );
+    let (proxy, client) = warmed(&sandbox, &config).await;
+    let (refused, good) = refused_beside_good(&proxy, &client).await;
+    assert!(refused.iter().all(|s| *s == 401), "{refused:?}");
+    assert!(good.iter().all(|s| *s == 200), "{good:?}");
+    assert_eq!(sandbox.grants(), 1, "the active token was kept");
+    assert!(sandbox.introspections() >= 1);
+    // Revoked: introspection says inactive, and the next call is served on a new token.
+    for n in 0..2 {
+        sandbox.revoke_all();
+        assert_eq!(
+            status(&client, &proxy, "/api/v2/users/me").await,
+            200,
+            "revocation {n}"
+        );
+    }
+    assert_eq!(sandbox.grants(), 3);
+}

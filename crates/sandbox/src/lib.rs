@@ -137,6 +137,8 @@ struct State {
     token_checks: AtomicU64,
     /// `DELETE /api/v2/tokens/me`: tokens revoked by a call that carried them.
     tokens_deleted: AtomicU64,
+    /// RFC 7662 questions to the login host's `/oauth/introspect`.
+    introspections: AtomicU64,
     seen: Mutex<Vec<SeenRequest>>,
     /// Per token: when its rate-limit window started, and the calls in it.
     usage: Mutex<HashMap<String, (Instant, u64)>>,
@@ -300,6 +302,11 @@ impl Sandbox {
     /// Good tokens verified with `HEAD /api/v2/tokens/me` (a dead one counts in 401s).
     pub fn token_checks(&self) -> u64 {
         self.state.token_checks.load(Ordering::SeqCst)
+    }
+
+    /// Questions to the login host's `/oauth/introspect` (RFC 7662).
+    pub fn introspections(&self) -> u64 {
+        self.state.introspections.load(Ordering::SeqCst)
     }
 
     /// Tokens revoked with `DELETE /api/v2/tokens/me`.

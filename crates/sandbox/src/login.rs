@@ -52,6 +52,9 @@ pub(crate) async fn answer(
             );
         }
         (Flavor::Genesys, "/oauth/token") | (Flavor::Cxone, "/auth/token") => {}
+        (_, "/oauth/introspect") if req.method() == Method::POST => {
+            return introspect(o, s, req).await;
+        }
         _ => {
             return json(
                 StatusCode::NOT_FOUND,
@@ -108,6 +111,35 @@ fn basic_credentials(o: &SandboxOptions, header: Option<&HeaderValue>) -> Option
     } else {
         Some((id.to_string(), secret.to_string()))
     }
+}
+
+/// RFC 7662 introspection, for the OAuth client itself (Basic credentials):
+/// `{"active": true}` for a token issued, not revoked and not expired.
+async fn introspect(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<Body> {
+    let basic = basic_credentials(o, req.headers().get(header::AUTHORIZATION));
+    if basic.map(|(id, _)| id) != Some(o.client_id.clone()) {
+        return oauth_refusal(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "authentication failed",
+        );
+    }
+    let Ok(form) = req.into_body().collect().await else {
+        return oauth_refusal(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "unreadable body",
+        );
+    };
+    let token = form_urlencoded::parse(&form.to_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    s.introspections.fetch_add(1, Ordering::SeqCst);
+    let active = lock(&s.tokens)
+        .get(&token)
+        .is_some_and(|expiry| *expiry > Instant::now());
+    json(StatusCode::OK, serde_json::json!({"active": active}))
 }
 
 async fn grant(
