@@ -709,7 +709,7 @@ impl State {
         }
         self.windows.iter_mut().enumerate().find_map(|(i, w)| {
             w.roll(now);
-            let allowed = w.allowed?;
+            let allowed = w.allowed.filter(|_| !w.assumed)?;
             (w.leased == 0 && w.window_has_room()).then(|| {
                 // Calls made on its own while Redis was away are reserved too, so the
                 // fleet's count includes them.
@@ -762,7 +762,7 @@ impl State {
         for k in 0..n {
             let i = (self.next_token + k) % n;
             let w = &mut self.windows[i];
-            if w.has_room(fleet, paced) {
+            if w.has_room(fleet.filter(|_| !w.assumed), paced) {
                 w.used += 1;
                 w.own += 1;
                 // A reserved call first (also while Redis is down).
@@ -796,7 +796,9 @@ impl State {
             .map(|w| {
                 let mut w = w.clone();
                 w.roll(now);
-                w.room_at(now, fleet)
+                // An assumed budget is this replica's own until the platform's is known:
+                // nothing is reserved in the fleet against a window that may not exist.
+                w.room_at(now, fleet.filter(|_| !w.assumed))
             })
             .min()
             .unwrap_or(now)

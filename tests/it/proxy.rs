@@ -143,7 +143,11 @@ async fn a_revoked_token_costs_one_fresh_grant_and_the_body_arrives_intact_on_th
     let answer: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(answer["body_bytes"], 200_000);
     assert_eq!(answer["body_sha256"], hex::encode(Sha256::digest(&body)));
-    assert_eq!(sandbox.api_401s(), 1, "one 401 for the revoked token");
+    assert_eq!(
+        sandbox.api_401s(),
+        2,
+        "one 401 for the revoked token, one for the question about it"
+    );
     assert_eq!(sandbox.grants(), 2, "one fresh grant");
     let metrics = admin_text(&proxy, "/metrics").await;
     assert_eq!(
