@@ -58,18 +58,25 @@ where
     let caller = req.extensions().get::<Caller>().cloned();
     Some(Box::new(move |token: http::HeaderValue| {
         Box::pin(async move {
-            let mut ask = http::Request::head(TOKEN_ITSELF)
-                .body(crate::body::empty())
-                .ok()?;
-            ask.headers_mut().insert(header::AUTHORIZATION, token);
-            if let Some(caller) = caller {
-                ask.extensions_mut().insert(caller);
+            // A HEAD may go again, as retry sends calls whose connection closed unanswered
+            // (the 401 being judged often closed the connection it came on).
+            for _ in 0..3 {
+                let mut ask = http::Request::head(TOKEN_ITSELF)
+                    .body(crate::body::empty())
+                    .ok()?;
+                ask.headers_mut()
+                    .insert(header::AUTHORIZATION, token.clone());
+                if let Some(caller) = caller.clone() {
+                    ask.extensions_mut().insert(caller);
+                }
+                let answer = forward.call(ask).await.ok()?;
+                match Outcome::read(&answer) {
+                    Some(o) if o.closed_before_answer => continue,
+                    Some(o) if o.error.is_some() => return None,
+                    _ => return Some(answer.status()),
+                }
             }
-            let answer = forward.call(ask).await.ok()?;
-            if Outcome::made_by_proxy(&answer) {
-                return None;
-            }
-            Some(answer.status())
+            None
         })
         .map(|status| match status.map(|s| s.as_u16()) {
             Some(200..=299) => Liveness::Alive,
