@@ -210,10 +210,9 @@ pub struct WorkerConnections {
     reaper: std::sync::Once,
     /// Looks the reaper has taken so far.
     ticks: AtomicU64,
-    /// HTTP/2 connections made so far (each one's [`Shared::id`]).
-    connections_made: AtomicU64,
-    /// The API host chose HTTP/2 before: new connections are made one at a time.
-    speaks_h2: std::sync::atomic::AtomicBool,
+    /// HTTP/2 connections made so far (each one's [`Shared::id`]); once there was one,
+    /// new connections are made one at a time (`connecting`).
+    h2_made: AtomicU64,
     connecting: tokio::sync::Mutex<()>,
 }
 
@@ -238,8 +237,7 @@ impl WorkerConnections {
             slots: ConnectionSlots::new(share),
             reaper: std::sync::Once::new(),
             ticks: AtomicU64::new(0),
-            connections_made: AtomicU64::new(0),
-            speaks_h2: Default::default(),
+            h2_made: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
         })
     }
@@ -404,12 +402,7 @@ impl WorkerConnections {
     /// A ready connection to `origin`, and whether it served calls before: the shared
     /// HTTP/2 one, else the most recently used idle HTTP/1.1 one, else a new one.
     async fn checkout(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<(Conn, bool), SendError> {
-        let shared = self.shared.lock().ok().and_then(|s| {
-            s.as_ref()
-                .filter(|s| s.origin.same_as(origin))
-                .map(|s| (s.sender.clone(), s.id))
-        });
-        if let Some((mut sender, id)) = shared {
+        if let Some((mut sender, id)) = self.shared_to(origin) {
             if sender.ready().await.is_ok() {
                 return Ok((Conn::Http2(sender, id), true));
             }
@@ -438,21 +431,23 @@ impl WorkerConnections {
     /// A new connection; with an API host that speaks HTTP/2, one at a time: the calls
     /// that found no connection (all of them, just after a GOAWAY) share the one made.
     async fn connect_once(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<Conn, SendError> {
-        if !self.speaks_h2.load(Ordering::Relaxed) {
+        if self.h2_made.load(Ordering::Relaxed) == 0 {
             return self.connect(origin).await;
         }
         let _turn = self.connecting.lock().await;
-        let shared = self.shared.lock().ok().and_then(|s| {
-            s.as_ref()
-                .filter(|s| s.origin.same_as(origin))
-                .map(|s| (s.sender.clone(), s.id))
-        });
-        if let Some((mut sender, id)) = shared {
+        if let Some((mut sender, id)) = self.shared_to(origin) {
             if sender.ready().await.is_ok() {
                 return Ok(Conn::Http2(sender, id));
             }
         }
         self.connect(origin).await
+    }
+
+    /// The shared HTTP/2 connection, if it goes to `origin`, and its id.
+    fn shared_to(&self, origin: &Origin) -> Option<(http2::SendRequest<ProxyBody>, u64)> {
+        let shared = self.shared.lock().ok()?;
+        let s = shared.as_ref().filter(|s| s.origin.same_as(origin))?;
+        Some((s.sender.clone(), s.id))
     }
 
     async fn connect(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<Conn, SendError> {
@@ -472,8 +467,7 @@ impl WorkerConnections {
                     tracing::debug!(error = %e, "an HTTP/2 connection to an upstream ended");
                 }
             });
-            self.speaks_h2.store(true, Ordering::Relaxed);
-            let id = self.connections_made.fetch_add(1, Ordering::Relaxed);
+            let id = self.h2_made.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut shared) = self.shared.lock() {
                 *shared = Some(Shared {
                     origin: Arc::clone(origin),

@@ -215,8 +215,6 @@ impl Ord for Waiter {
 struct ClientBook {
     /// The tag of its last call.
     finish: u64,
-    /// When it last asked to make a call.
-    last_asked: Option<Instant>,
     /// The minute of `max_per_minute`: when it started, and the calls in it.
     minute: Option<(Instant, u64)>,
     /// Calls let through, and calls waiting now (for the status page).
@@ -237,6 +235,10 @@ struct State {
     fleet: bool,
     /// Redis failed a lease: until then, each window gets this replica's part only.
     fleet_down_until: Option<Instant>,
+    /// The last client to ask for a call; until `several_until` (a window after another
+    /// client asked) more than one client counts as calling, and calls are paced.
+    last_client: Option<Arc<str>>,
+    several_until: Option<Instant>,
 }
 
 /// One upstream's rate governor (see the module's documentation).
@@ -371,6 +373,8 @@ impl Governor {
                 next_token: 0,
                 fleet: false,
                 fleet_down_until: None,
+                last_client: None,
+                several_until: None,
             }),
             me: me.clone(),
             fleet,
@@ -433,19 +437,16 @@ impl Governor {
             // client can spend a whole window in its first moment — refused calls come
             // back at once, and the quiet client would find nothing left for the rest of
             // the window — and a backlog queues, where the shares decide.
-            let recent = st
-                .windows
-                .first()
-                .and_then(|w| w.len)
-                .unwrap_or(Duration::from_secs(60));
-            st.clients.entry(Arc::clone(client)).or_default().last_asked = Some(now);
-            let others = st.clients.iter().any(|(name, b)| {
-                name != client
-                    && b.last_asked
-                        .is_some_and(|t| now.saturating_duration_since(t) < recent)
-            });
+            if st.last_client.as_ref() != Some(client) {
+                if st.last_client.is_some() {
+                    let len = st.windows[0].len.unwrap_or(Duration::from_secs(60));
+                    st.several_until = Some(now + len);
+                }
+                st.last_client = Some(Arc::clone(client));
+            }
+            let several = st.several_until.is_some_and(|until| now < until);
             if st.waiting.is_empty() {
-                if let Some(i) = st.take_room(now, others) {
+                if let Some(i) = st.take_room(now, several) {
                     st.virtual_time = start;
                     let book = st.clients.entry(Arc::clone(client)).or_default();
                     book.finish = tag;

@@ -315,37 +315,16 @@ where
     }
 }
 
-/// The most of a 401's body kept while the token it rejected is judged; Genesys' are
-/// about 300 bytes.
-const KEPT_401_BYTES: usize = 64 * 1024;
-
 /// `resp` with its body read into memory (so its connection is free again), or the
-/// error answer when it cannot be read within [`KEPT_401_BYTES`] and 10 s.
+/// error answer when it is not whole within [`body::SETTLED_ANSWER_BYTES`] and 10 s (a
+/// Genesys 401 is about 300 bytes).
 async fn in_hand(resp: ProxyResponse) -> Result<ProxyResponse, ProxyResponse> {
-    let (head, mut answer) = resp.into_parts();
-    let mut kept = BytesMut::new();
-    let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while let Some(frame) = answer.frame().await {
-            if let Ok(data) = frame?.into_data() {
-                if kept.len() + data.len() > KEPT_401_BYTES {
-                    return Err(BoxError::from("a 401 answer over 64 KiB"));
-                }
-                kept.extend_from_slice(&data);
-            }
-        }
-        Ok(())
-    })
-    .await;
-    match read {
-        Ok(Ok(())) => Ok(http::Response::from_parts(head, as_body(&kept.freeze()))),
-        Ok(Err(e)) => {
-            let unread = ProxyError::UpstreamUnreachable(
-                "the upstream's 401 answer could not be read".into(),
-            );
-            Err(body_error_or(&*e, unread).into_response())
-        }
-        Err(_) => Err(ProxyError::UpstreamUnreachable(
-            "the upstream's 401 answer did not arrive within 10 s".into(),
+    let (head, answer) = resp.into_parts();
+    let read = body::read_small(answer, body::SETTLED_ANSWER_BYTES);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Ok(Some(bytes)) => Ok(http::Response::from_parts(head, as_body(&bytes))),
+        _ => Err(ProxyError::UpstreamUnreachable(
+            "the upstream's 401 answer could not be read whole (64 KiB within 10 s)".into(),
         )
         .into_response()),
     }

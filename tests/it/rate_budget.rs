@@ -94,6 +94,28 @@ fn saturate(
     (tally, tasks)
 }
 
+/// 20 loops of the noisy client's calls beside the quiet client's one call a second (the
+/// scenario's shape, not a wait) for `run`: what each got.
+async fn quiet_beside_noisy(proxy: &Arc<Proxy>, run: Duration) -> (Tally, Tally) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (noisy, loops) = saturate(proxy, NOISY_KEY, 20, &stop);
+    let quiet = Mutex::new(Tally::default());
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    let started = Instant::now();
+    while started.elapsed() < run {
+        every_second.tick().await;
+        call_and_tally(proxy, CLIENT_KEY, &quiet).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    let quiet = std::mem::take(&mut *quiet.lock().unwrap());
+    let noisy = std::mem::take(&mut *noisy.lock().unwrap());
+    eprintln!("quiet: {quiet:?}\nnoisy: {noisy:?}");
+    (quiet, noisy)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_noisy_client_cannot_spend_the_quiet_clients_budget() {
     // 30 calls per 5 s window; three windows and a bit.
@@ -106,23 +128,8 @@ async fn a_noisy_client_cannot_spend_the_quiet_clients_budget() {
         "",
         "",
     )));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (noisy, loops) = saturate(&proxy, NOISY_KEY, 20, &stop);
-    let quiet = Arc::new(Mutex::new(Tally::default()));
-    // The quiet client's load: one call a second (the scenario's shape, not a wait).
-    let mut every_second = tokio::time::interval(Duration::from_secs(1));
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(18) {
-        every_second.tick().await;
-        call_and_tally(&proxy, CLIENT_KEY, &quiet).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        l.await.unwrap();
-    }
-    let quiet = std::mem::take(&mut *quiet.lock().unwrap());
-    let noisy = std::mem::take(&mut *noisy.lock().unwrap());
-    eprintln!("quiet: {quiet:?}\nnoisy: {noisy:?}");
+    let (quiet, noisy) = quiet_beside_noisy(&proxy, Duration::from_secs(18)).await;
     let quiet_calls: u64 = quiet.statuses.values().sum();
     assert_eq!(
         quiet.count(200),
@@ -436,23 +443,7 @@ async fn three_replicas_share_one_budget_through_redis_leases_and_survive_its_lo
 async fn a_budget_known_only_from_headers_is_fair_from_the_first_call() {
     let sandbox = budgeted_sandbox(60, 10).await;
     let proxy = Arc::new(Proxy::start(&two_clients(&sandbox, "", "", "")));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (noisy, loops) = saturate(&proxy, NOISY_KEY, 20, &stop);
-    let quiet = Arc::new(Mutex::new(Tally::default()));
-    // The quiet client's load: one call a second (the scenario's shape, not a wait).
-    let mut every_second = tokio::time::interval(Duration::from_secs(1));
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        every_second.tick().await;
-        call_and_tally(&proxy, CLIENT_KEY, &quiet).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        l.await.unwrap();
-    }
-    let quiet = std::mem::take(&mut *quiet.lock().unwrap());
-    let noisy = std::mem::take(&mut *noisy.lock().unwrap());
-    eprintln!("quiet: {quiet:?}\nnoisy: {noisy:?}");
+    let (quiet, noisy) = quiet_beside_noisy(&proxy, Duration::from_secs(30)).await;
     let quiet_calls: u64 = quiet.statuses.values().sum();
     assert!(quiet_calls >= 29, "{quiet:?}");
     assert_eq!(

@@ -24,6 +24,23 @@ async fn warmed(sandbox: &Sandbox, config: &str) -> (Proxy, reqwest::Client) {
     (proxy, client)
 }
 
+/// A generic OAuth server (Basic credentials form-encoded first, RFC 6749 §2.3.1) and the
+/// usual config with it as a `provider = "oauth2"` upstream, plus the lines `extra` gives.
+async fn oauth2(extra: impl FnOnce(&Sandbox) -> String) -> (Sandbox, String) {
+    let sandbox = Sandbox::start(SandboxOptions {
+        basic_form_encoded: true,
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let config = standard_config(&sandbox, "").replace(
+        "provider = \"genesys\"\nregion = \"us_east_1\"\n",
+        &format!("provider = \"oauth2\"\n{}", extra(&sandbox)),
+    );
+    assert!(config.contains("provider = \"oauth2\""));
+    (sandbox, config)
+}
+
 async fn status(client: &reqwest::Client, proxy: &Proxy, path: &str) -> u16 {
     client
         .get(proxy.url(path))
@@ -144,18 +161,7 @@ async fn a_storm_of_401s_for_a_good_token_costs_no_grant_on_genesys() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_way_to_ask_replacements_are_bounded_by_a_budget() {
-    // A generic OAuth server: Basic credentials form-encoded first (RFC 6749 §2.3.1).
-    let sandbox = Sandbox::start(SandboxOptions {
-        basic_form_encoded: true,
-        ..sandbox_options()
-    })
-    .await
-    .unwrap();
-    let config = standard_config(&sandbox, "").replace(
-        "provider = \"genesys\"\nregion = \"us_east_1\"\n",
-        "provider = \"oauth2\"\n",
-    );
-    assert!(config.contains("provider = \"oauth2\""));
+    let (sandbox, config) = oauth2(|_| String::new()).await;
     let started = std::time::Instant::now();
     let (proxy, client) = warmed(&sandbox, &config).await;
     let (refused, good) = refused_beside_good(&proxy, &client).await;
@@ -322,17 +328,13 @@ async fn a_401_storm_while_the_token_endpoint_is_rate_limited_leaves_the_others_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oauth2_server_with_introspection_is_asked_before_a_token_is_replaced() {
-    let sandbox = Sandbox::start(SandboxOptions {
-        basic_form_encoded: true,
-        ..sandbox_options()
+    let (sandbox, config) = oauth2(|s| {
+        format!(
+            "introspection_url = \"http://{}/oauth/introspect\"\n",
+            s.login_addr
+        )
     })
-    .await
-    .unwrap();
-    let introspect = format!("http://{}/oauth/introspect", sandbox.login_addr);
-    let config = standard_config(&sandbox, "").replace(
-        "provider = \"genesys\"\nregion = \"us_east_1\"\n",
-        &format!("provider = \"oauth2\"\nintrospection_url = \"{introspect}\"\n"),
-    );
+    .await;
     let (proxy, client) = warmed(&sandbox, &config).await;
     let (refused, good) = refused_beside_good(&proxy, &client).await;
     assert!(refused.iter().all(|s| *s == 401), "{refused:?}");
