@@ -8,7 +8,8 @@
 //! The binary is thin: it parses the command line, loads [`config::Config`], and calls
 //! [`start`]. Tests drive the same function.
 
-#![forbid(unsafe_code)]
+// Unsafe code only where a C library must be called (`memory`: the allocator's trim).
+#![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
@@ -18,9 +19,11 @@ pub mod check;
 pub mod config;
 pub mod connection_slots;
 pub mod connection_timer;
+pub mod connection_watch;
 pub mod connections;
 pub mod credentials;
 pub mod demo;
+pub mod descriptors;
 pub mod egress;
 pub mod error;
 pub mod forward;
@@ -28,6 +31,7 @@ pub mod keys;
 pub mod layers;
 pub mod live;
 pub mod log_batch;
+pub mod memory;
 pub mod metrics;
 pub mod notifications;
 pub mod outcome;
@@ -74,6 +78,8 @@ pub struct Running {
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     refreshers: Vec<JoinHandle<()>>,
+    /// Gives memory back after bursts of connections (see [`memory`]).
+    memory: JoinHandle<()>,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -92,6 +98,33 @@ fn spawn_refreshers(generation: &live::Generation) -> Vec<JoinHandle<()>> {
         .into_iter()
         .map(|s| tokio::spawn(s.keep_fresh()))
         .collect()
+}
+
+/// The admin listener's connections: a few are plenty for the operator's tooling...
+const ADMIN_CONNECTIONS: usize = 256;
+/// ...and no one address may take them all (a status page left open in many tabs, or a
+/// scraper gone wrong).
+const ADMIN_CONNECTIONS_PER_ADDRESS: usize = 32;
+
+/// The listeners' connection caps under the process's limit of open files, raised first
+/// (see [`descriptors`]): the configured `max_connections` unless the descriptors cannot
+/// hold it beside the admin listener and the upstream connections.
+fn connection_caps(config: &Config) -> (usize, usize) {
+    let wanted = config.server.max_connections;
+    let Some(open_files) = descriptors::raise_limit() else {
+        return (wanted, ADMIN_CONNECTIONS);
+    };
+    let upstream = config.upstreams.iter().map(|u| u.max_connections).sum();
+    let (proxy, admin) = descriptors::fit(open_files, wanted, ADMIN_CONNECTIONS, upstream);
+    if proxy < wanted {
+        tracing::warn!(
+            open_files,
+            max_connections = proxy,
+            configured = wanted,
+            "the process may open only {open_files} files (ulimit -n): the proxy listener takes at most {proxy} connections; raise the limit for more"
+        );
+    }
+    (proxy, admin)
 }
 
 /// Bind the listeners and start serving: the proxy listener on `server.workers` threads
@@ -130,12 +163,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .tls
         .clone()
         .map(tokio_rustls::TlsAcceptor::from);
+    let (max_connections, admin_connections) = connection_caps(&config);
     let gate = server::ConnectionGate::new(server::ConnectionLimits {
-        max_connections: config.server.max_connections,
-        max_per_address: config.server.max_connections_per_address,
+        max_connections,
+        max_per_address: config
+            .server
+            .max_connections_per_address
+            .min(max_connections),
     });
     let generation = builder.build(config);
     let refreshers = spawn_refreshers(&generation);
+    let memory = tokio::spawn(memory::give_back_after_bursts(std::sync::Arc::clone(&gate)));
     let summary = (generation.upstreams.len(), generation.config.clients.len());
     let live = live::Live::new(generation);
     let mut servers = Vec::new();
@@ -175,8 +213,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         // The operator's listener: a few connections are plenty, and no one address may
         // take them all (a status page left open in many tabs, or a scraper gone wrong).
         let admin_gate = server::ConnectionGate::new(server::ConnectionLimits {
-            max_connections: 256,
-            max_per_address: 32,
+            max_connections: admin_connections,
+            max_per_address: ADMIN_CONNECTIONS_PER_ADDRESS.min(admin_connections),
         });
         servers.push(tokio::spawn(server::serve(
             server::Listener {
@@ -199,6 +237,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stop,
         servers,
         refreshers,
+        memory,
     })
 }
 
@@ -239,6 +278,7 @@ impl Running {
         for r in &self.refreshers {
             r.abort();
         }
+        self.memory.abort();
         for s in self.servers {
             let _ = s.await;
         }

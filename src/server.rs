@@ -30,6 +30,7 @@ use tower::{Service, ServiceExt};
 
 use crate::body::ProxyBody;
 use crate::connection_timer::ConnectionTimer;
+use crate::connection_watch::{until_closing, StallGuard, Verdict, Watch, Watched, ANSWER_STALL};
 
 /// How long a client may take to send a request head, or to finish a TLS handshake:
 /// slow or half-open connections cannot hold a slot for ever.
@@ -38,11 +39,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent requests on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
-/// An HTTP/2 connection that starts no request for this long is closed (gracefully: a
-/// GOAWAY, and streams in flight finish). HTTP/1 connections have the head timeout for
-/// that; without this an HTTP/2 connection that sent only its preface kept its slot for
-/// ever, and 1,000 of them locked their address out.
-pub const HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/2 keep-alive: a PING this often, and a peer that does not answer one within the
 /// same time is gone.
 pub const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -129,6 +125,7 @@ impl Default for ConnectionLimits {
 /// The connection slots of one listening address, shared by every socket accepting on it
 /// (one per worker), so the caps hold for the address as a whole.
 pub struct ConnectionGate {
+    max: usize,
     slots: Arc<Semaphore>,
     per_address: Arc<PerAddress>,
     max_per_address: usize,
@@ -137,10 +134,18 @@ pub struct ConnectionGate {
 impl ConnectionGate {
     pub fn new(limits: ConnectionLimits) -> Arc<ConnectionGate> {
         Arc::new(ConnectionGate {
+            max: limits.max_connections.max(1),
             slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             per_address: Arc::new(PerAddress::default()),
             max_per_address: limits.max_per_address,
         })
+    }
+}
+
+impl ConnectionGate {
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
     }
 }
 
@@ -254,6 +259,9 @@ pub async fn serve<S>(
     // `graceful`) that the listener is closing, so they do not hold up the drain.
     let (closing, closed) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
+    // Accept failures in a row (out of descriptors, say): each waits twice as long as the
+    // one before, up to a second, and only the first of a run is logged.
+    let mut failures = 0u32;
     loop {
         // At the connection cap, stop accepting: the kernel's backlog holds the rest.
         let slot = tokio::select! {
@@ -265,12 +273,22 @@ pub async fn serve<S>(
         };
         let (stream, peer) = tokio::select! {
             accepted = tcp.accept() => match accepted {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    failures = 0;
+                    conn
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: pause, do not spin.
-                    tracing::warn!(listener = what, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    if failures == 0 {
+                        tracing::warn!(listener = what, error = %e, "accept failed; pausing accepts until it succeeds again");
+                    }
+                    let pause = Duration::from_millis(10 << failures.min(7)).min(Duration::from_secs(1));
+                    failures = failures.saturating_add(1);
+                    drop(slot);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => continue,
+                        () = &mut shutdown => break,
+                    }
                 }
             },
             () = &mut shutdown => break,
@@ -307,7 +325,10 @@ pub async fn serve<S>(
                             // With upgrades: a WebSocket's connection is handed over
                             // after its `101` (see `websocket`).
                             let conn = http1
-                                .serve_connection(TokioIo::new(stream), PerConnection::new(service))
+                                .serve_connection(
+                                    TokioIo::new(StallGuard::new(stream)),
+                                    PerConnection::new(service),
+                                )
                                 .with_upgrades();
                             ServeHttp1 {
                                 conn,
@@ -320,7 +341,7 @@ pub async fn serve<S>(
                             .await
                         }
                         Some(Protocol::MaybeHttp2) => {
-                            let io = TokioIo::new(stream);
+                            let io = TokioIo::new(StallGuard::new(stream));
                             Box::pin(serve_any(&builder, io, service, watcher, closed)).await
                         }
                         None => return,
@@ -455,7 +476,10 @@ async fn serve_tls<S>(
 where
     S: HttpService<Incoming>,
 {
-    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+    let handshake = tokio::time::timeout(
+        HEADER_READ_TIMEOUT,
+        acceptor.accept(StallGuard::new(stream)),
+    );
     let finished = tokio::select! {
         finished = handshake => finished,
         _ = closed.wait_for(|closing| *closing) => return Ok(()),
@@ -488,7 +512,7 @@ where
 }
 
 /// Serve one connection of either protocol (HTTP/1.1 or HTTP/2, as the client speaks),
-/// closed when it starts no request for [`HTTP2_IDLE_TIMEOUT`].
+/// closed when idle or stuck (see [`crate::connection_watch`]).
 async fn serve_any<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
@@ -500,70 +524,22 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: HttpService<Incoming>,
 {
-    let activity = Activity::new();
+    let watch = Watch::new();
     let conn = builder
-        .serve_connection_with_upgrades(io, PerConnection::new(activity.counting(service)))
+        .serve_connection_with_upgrades(io, PerConnection::new(Watched::new(service, &watch)))
         .into_owned();
-    serve_closing_when_idle(conn, watcher, closed, activity).await
-}
-
-/// When a connection last started a request (for [`HTTP2_IDLE_TIMEOUT`]).
-#[derive(Clone)]
-struct Activity {
-    since: tokio::time::Instant,
-    /// Milliseconds after `since`.
-    last_request_ms: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            since: tokio::time::Instant::now(),
-            last_request_ms: Arc::default(),
-        }
-    }
-
-    /// `service`, noting each request's arrival.
-    fn counting<S, B>(
-        &self,
-        service: S,
-    ) -> impl Service<Request<B>, Response = S::Response, Error = S::Error, Future = S::Future> + Clone
-    where
-        S: Service<Request<B>> + Clone,
-    {
-        let activity = self.clone();
-        service.map_request(move |req: Request<B>| {
-            let ms = activity.since.elapsed().as_millis() as u64;
-            activity
-                .last_request_ms
-                .store(ms, std::sync::atomic::Ordering::Relaxed);
-            req
-        })
-    }
-
-    /// Resolves once no request has started for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let last = self
-                .last_request_ms
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let due = self.since + Duration::from_millis(last) + idle;
-            if tokio::time::Instant::now() >= due {
-                return;
-            }
-            tokio::time::sleep_until(due).await;
-        }
-    }
+    serve_closing_when_idle(conn, watcher, closed, watch).await
 }
 
 /// Serve an `auto` connection (HTTP/2 or HTTP/1.1) until it ends, shutting it down
-/// gracefully when the listener closes or when it has started no request for
-/// [`HTTP2_IDLE_TIMEOUT`]. Holds `watcher` so the listener's drain waits for it.
+/// gracefully when the listener closes or when it is idle, and dropping it when an answer
+/// is stuck (see [`crate::connection_watch`]). Holds `watcher` so the listener's drain
+/// waits for it.
 async fn serve_closing_when_idle<C>(
     conn: C,
     watcher: hyper_util::server::graceful::Watcher,
     mut closed: tokio::sync::watch::Receiver<bool>,
-    activity: Activity,
+    watch: Arc<Watch>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
@@ -578,11 +554,18 @@ where
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
-            () = activity.idle_for(HTTP2_IDLE_TIMEOUT), if !shutting_down => {
-                tracing::debug!("closing a connection that started no request for {HTTP2_IDLE_TIMEOUT:?}");
-                conn.as_mut().graceful_shutdown();
-                shutting_down = true;
-            }
+            verdict = until_closing(&watch) => match verdict {
+                Verdict::Stuck => {
+                    tracing::debug!("dropping a connection whose caller took nothing of an answer for {ANSWER_STALL:?}");
+                    return Ok(());
+                }
+                _ if !shutting_down => {
+                    tracing::debug!("closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                }
+                _ => {}
+            },
         }
     }
 }

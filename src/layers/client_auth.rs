@@ -159,6 +159,17 @@ fn anonymous_browser_refusal(req: &ProxyRequest) -> Option<ProxyResponse> {
     None
 }
 
+/// `401 unauthorized`; on HTTP/1 the connection closes after it, so a caller without a key
+/// keeps no connection (and no descriptor) of the proxy's between its refused requests.
+fn refused(version: http::Version) -> ProxyResponse {
+    let mut resp = ProxyError::Unauthorized.into_response();
+    if version <= http::Version::HTTP_11 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
+}
+
 impl ValidateRequest<ProxyBody> for ClientKeys {
     type ResponseBody = ProxyBody;
 
@@ -216,7 +227,7 @@ impl ValidateRequest<ProxyBody> for ClientKeys {
             };
             match found {
                 Some(client) => Caller(Some(client)),
-                None => return Err(ProxyError::Unauthorized.into_response()),
+                None => return Err(refused(req.version())),
             }
         };
         let headers = req.headers_mut();

@@ -7,6 +7,7 @@
 mod support;
 
 mod api_host_connections;
+mod attacks;
 
 mod check;
 mod cli;

@@ -131,8 +131,30 @@ impl Proxy {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Proxy {
+        Self::start_as(binary(), config, env)
+    }
+
+    /// Started by a shell that first sets the limit of open files (soft and hard) to
+    /// `nofile`, as a login shell's `ulimit -n` does.
+    pub fn start_with_open_files(config: &str, nofile: u32) -> Proxy {
+        Self::start_with_ulimit(config, &format!("-n {nofile}"))
+    }
+
+    /// Started with a soft limit of open files of `nofile` (the hard one unchanged).
+    pub fn start_with_soft_open_files(config: &str, nofile: u32) -> Proxy {
+        Self::start_with_ulimit(config, &format!("-Sn {nofile}"))
+    }
+
+    fn start_with_ulimit(config: &str, ulimit: &str) -> Proxy {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_tokengate"));
+        Self::start_as(sh, config, &[("SANDBOX_SECRET", CLIENT_SECRET)])
+    }
+
+    fn start_as(mut cmd: Command, config: &str, env: &[(&str, &str)]) -> Proxy {
         let (dir, path) = write_config(config);
-        let mut cmd = binary();
         cmd.arg("run").arg("-c").arg(&path);
         cmd.env("TOKENGATE_LOG", "debug");
         for (k, v) in env {
@@ -191,8 +213,17 @@ impl Proxy {
 
     /// Peak resident memory of the proxy process so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// Resident memory now.
+    pub fn rss(&self) -> u64 {
+        self.status_bytes("VmRSS:")
+    }
+
+    fn status_bytes(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
         let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kib * 1024
     }
