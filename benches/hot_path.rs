@@ -70,6 +70,7 @@ fn whole_stack(c: &mut Criterion) {
             1,
             metrics.for_upstream("s"),
             None,
+            None,
         ));
         let board = Arc::new(StatusBoard::new(&config));
         let sessions = Arc::new(Sessions::new());

@@ -69,6 +69,8 @@ pub struct Builder {
     metrics: Metrics,
     /// Each worker gets its own connection pool per upstream.
     workers: usize,
+    /// The upstreams of the generation built last.
+    upstreams: std::sync::Mutex<Arc<[Arc<Upstream>]>>,
 }
 
 impl Builder {
@@ -81,6 +83,7 @@ impl Builder {
             sessions: Arc::new(Sessions::new()),
             sockets: crate::websocket::Sockets::new(metrics.clone()),
             metrics,
+            upstreams: std::sync::Mutex::new(Arc::from(Vec::new())),
         }
     }
 
@@ -93,6 +96,14 @@ impl Builder {
         if let Err(why) = self.tokens.use_shared(config.cache.as_ref(), &self.metrics) {
             tracing::error!(error = %why, "cannot use the shared token cache; tokens stay in memory");
         }
+        // The upstreams this config replaces: each successor of the same identity takes
+        // over its connections and budget (see `Upstream::new`).
+        let previous = Arc::clone(
+            &self
+                .upstreams
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         let upstreams: Arc<[Arc<Upstream>]> = config
             .upstreams
             .iter()
@@ -105,15 +116,21 @@ impl Builder {
                     shared: self.tokens.shared_handle(),
                     cache_key: u.grant.cache_key(),
                 };
+                let previous = previous.iter().find(|p| p.name() == &u.name);
                 Arc::new(Upstream::new(
                     Arc::clone(u),
                     pool,
                     self.workers,
                     self.metrics.for_upstream(&u.name),
                     Some(fleet),
+                    previous.map(|p| &**p),
                 ))
             })
             .collect();
+        *self
+            .upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&upstreams);
         let board = Arc::new(StatusBoard::new(&config));
         self.sockets
             .configure(config.server.max_websockets, config.server.websocket_idle);

@@ -41,42 +41,89 @@ pub struct Upstream {
     pub plain_paths_only: bool,
     next: AtomicUsize,
     /// Per pooled token: until when (ms after `epoch`) it is spent; 0 when it is not.
-    spent_until: Vec<AtomicU64>,
+    spent_until: Arc<[AtomicU64]>,
+    epoch: Instant,
+}
+
+/// What a reload carries from an upstream to its successor of the same identity (see
+/// [`Upstream::new`]).
+#[derive(Clone)]
+struct Kept {
+    clients: Vec<Arc<WorkerConnections>>,
+    budget: Arc<Governor>,
+    spent_until: Arc<[AtomicU64]>,
     epoch: Instant,
 }
 
 impl Upstream {
     /// `tokens` come from the [`TokenCache`](crate::token::TokenCache), shared with any
     /// upstream that has the same credentials.
+    ///
+    /// `previous`: the upstream of the same name in the config this one replaces (a
+    /// reload). When its identity — credentials, API host, way out — and the settings of
+    /// its limits are unchanged, this one takes over its connections and their slots, its
+    /// rate governor (the windows, the clients' shares and `max_per_minute` counts) and
+    /// its spent tokens: a reload must not hand a fresh budget or fresh connection slots
+    /// to calls that already spent them (a SIGHUP every 2 s used to bring 429s from the
+    /// platform and four times `max_connections` in flight).
     pub fn new(
         config: Arc<UpstreamConfig>,
         tokens: Vec<Arc<TokenSource>>,
         workers: usize,
         metrics: UpstreamMetrics,
         fleet: Option<FleetBudget>,
+        previous: Option<&Upstream>,
     ) -> Upstream {
-        let clients = connection_shares(config.max_connections, workers)
-            .map(|share| {
-                WorkerConnections::new(config.connect_timeout, share, &config.grant.egress)
-            })
-            .collect();
-
-        let spent_until = tokens.iter().map(|_| AtomicU64::new(0)).collect();
+        let kept = previous.and_then(|p| p.kept_for(&config, tokens.len(), workers));
+        let kept = kept.unwrap_or_else(|| Kept {
+            clients: connection_shares(config.max_connections, workers)
+                .map(|share| {
+                    WorkerConnections::new(config.connect_timeout, share, &config.grant.egress)
+                })
+                .collect(),
+            budget: Governor::new(&config, tokens.len(), fleet),
+            spent_until: tokens.iter().map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
+        });
         let plain_paths_only = config
             .base_url
             .as_ref()
             .is_some_and(|b| !b.path().trim_matches('/').is_empty());
         Upstream {
             plain_paths_only,
-            budget: Governor::new(&config, tokens.len(), fleet),
+            budget: kept.budget,
             config,
             tokens,
-            clients,
+            clients: kept.clients,
             metrics,
             next: AtomicUsize::new(0),
-            spent_until,
-            epoch: Instant::now(),
+            spent_until: kept.spent_until,
+            epoch: kept.epoch,
         }
+    }
+
+    /// What a successor configured as `config` (with `tokens` tokens, on `workers`
+    /// workers) may take over from this upstream; `None` when it is another upstream in
+    /// all but name, or its limits changed.
+    fn kept_for(&self, config: &UpstreamConfig, tokens: usize, workers: usize) -> Option<Kept> {
+        let (old, new) = (&*self.config, config);
+        let same_identity = old.name == new.name
+            && old.base_url == new.base_url
+            && old.provider == new.provider
+            && old.grant.cache_key() == new.grant.cache_key()
+            && old.grant.transport_key == new.grant.transport_key;
+        let same_limits = old.max_connections == new.max_connections
+            && old.connect_timeout == new.connect_timeout
+            && old.rate_limit == new.rate_limit
+            && old.rate_limit_max_wait == new.rate_limit_max_wait
+            && self.tokens.len() == tokens
+            && self.clients.len() == workers.max(1);
+        (same_identity && same_limits).then(|| Kept {
+            clients: self.clients.clone(),
+            budget: Arc::clone(&self.budget),
+            spent_until: Arc::clone(&self.spent_until),
+            epoch: self.epoch,
+        })
     }
 
     /// Worker `worker`'s connection pool to this upstream, and its connection slots.
@@ -230,6 +277,7 @@ pub(crate) async fn sandboxed_worker_upstream() -> (
         vec![source],
         1,
         metrics.for_upstream("a"),
+        None,
         None,
     ));
     (sandbox, WorkerUpstream::new(&upstream, 0), metrics)

@@ -285,3 +285,114 @@ async fn a_refused_http1_request_closes_its_connection() {
         "{answer}"
     );
 }
+
+/// Reload the proxy with the config it has, and wait until it says so.
+async fn reload(proxy: &Proxy, reloads_before: usize) {
+    proxy.signal("HUP");
+    let reloaded = wait_for(Duration::from_secs(10), || {
+        (proxy.output.text().matches("config reloaded").count() > reloads_before).then_some(())
+    })
+    .await;
+    assert!(reloaded.is_some(), "no reload:\n{}", proxy.output.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_keeps_the_connection_slots_of_an_unchanged_upstream() {
+    let sandbox = sandbox().await;
+    let proxy = std::sync::Arc::new(Proxy::start(&config_with(
+        &sandbox,
+        "workers = 1",
+        "max_connections = 2\nqueue_timeout_secs = 30",
+    )));
+    let call = |path: &'static str| {
+        let proxy = std::sync::Arc::clone(&proxy);
+        tokio::spawn(async move { get_with_key(&proxy, path).await.status().as_u16() })
+    };
+    // Both connections held at the API host.
+    let held: Vec<_> = (0..2).map(|_| call("/api/v2/sandbox/gate")).collect();
+    let both = wait_for(Duration::from_secs(10), || {
+        (sandbox.max_api_in_flight() == 2).then_some(())
+    })
+    .await;
+    assert!(both.is_some());
+    for n in 0..3 {
+        reload(&proxy, n).await;
+    }
+    // A call after the reloads waits for one of those two connections.
+    let third = call("/api/v2/users/me");
+    let waited = wait_for(Duration::from_secs(10), || {
+        let text = proxy.output.text();
+        (text.contains("every connection to the upstream is busy")
+            || sandbox.max_api_in_flight() > 2)
+            .then_some(())
+    })
+    .await;
+    assert!(waited.is_some());
+    assert_eq!(
+        sandbox.max_api_in_flight(),
+        2,
+        "a reload handed out fresh connection slots"
+    );
+    sandbox.open_gate();
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(third.await.unwrap(), 200);
+    assert_eq!(sandbox.max_api_in_flight(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_every_two_seconds_under_a_saturated_budget_brings_no_platform_429() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // 20 calls per 5 s window, known to the proxy; 16 callers want far more.
+    let sandbox = Sandbox::start(SandboxOptions {
+        per_token_limit: Some(20),
+        limit_window: Duration::from_secs(5),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let config = config_with(&sandbox, "", "rate_limit = \"20/5s\"\nmax_connections = 8");
+    let proxy = std::sync::Arc::new(Proxy::start(&config));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (proxy, stop) = (std::sync::Arc::clone(&proxy), std::sync::Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    statuses.push(
+                        get_with_key(&proxy, "/api/v2/users/me")
+                            .await
+                            .status()
+                            .as_u16(),
+                    );
+                }
+                statuses
+            })
+        })
+        .collect();
+    // The attack's shape: a reload every 2 s, six times.
+    let mut every = tokio::time::interval(Duration::from_secs(2));
+    every.tick().await;
+    for n in 0..6 {
+        every.tick().await;
+        reload(&proxy, n).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut statuses = Vec::new();
+    for c in callers {
+        statuses.extend(c.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    eprintln!(
+        "{} calls, {ok} served; {} reached the API, {} answered 429 by it; at most {} in flight",
+        statuses.len(),
+        sandbox.api_calls(),
+        sandbox.throttled(),
+        sandbox.max_api_in_flight()
+    );
+    assert!(ok > 0);
+    assert_eq!(sandbox.throttled(), 0, "the platform answered 429");
+    assert!(sandbox.max_api_in_flight() <= 8);
+}
