@@ -100,6 +100,11 @@ where
     }
     pump(read.into_frames(), body, permit, idle)
 }
+
+/// How long a streaming answer's caller may take nothing before the answer is cut and its
+/// upstream connection freed, whatever `timeout_secs` says: the connection is shared, and
+/// a caller that does not read is not waiting on the API.
+pub const CALLER_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 /// The frames of an answer read so far: the first on its own, a list only past it.
 #[derive(Default)]
 struct Read {
@@ -160,7 +165,7 @@ fn whole(mut read: Vec<http_body::Frame<Bytes>>) -> ProxyBody {
 pub enum AnswerCut {
     #[error("the upstream sent nothing of the answer for {0:?} (timeout_secs); it was cut off")]
     UpstreamStalled(std::time::Duration),
-    #[error("the caller took nothing of the answer for {0:?} (timeout_secs); it was cut off and its upstream connection freed")]
+    #[error("the caller took nothing of the answer for {0:?}; it was cut off and its upstream connection freed")]
     CallerStalled(std::time::Duration),
 }
 
@@ -208,12 +213,13 @@ where
                     }
                 },
             };
-            match tokio::time::timeout(idle, tx.send(frame)).await {
+            let caller_idle = idle.min(CALLER_STALL);
+            match tokio::time::timeout(caller_idle, tx.send(frame)).await {
                 Ok(Ok(())) => {}
                 // The caller hung up: nobody is left to tell.
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    let cut = AnswerCut::CallerStalled(idle);
+                    let cut = AnswerCut::CallerStalled(caller_idle);
                     tracing::warn!("{cut}");
                     return tx.abort(Box::new(cut));
                 }

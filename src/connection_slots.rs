@@ -1,13 +1,22 @@
 //! A worker's connections to one upstream, shared fairly between clients.
 //!
 //! A call takes a [`Slot`] before it is sent and gives it back when its answer has been
-//! read from the upstream (see [`crate::body::settle_answer`]). While slots are free a call
-//! takes one at once. When none is, calls wait; and when a slot comes free it goes to the
-//! waiting call whose client holds the fewest slots (the earliest of those first), not
-//! simply to the call that waited longest. So one client that fills every connection — a
-//! burst of slow calls, or callers that read slowly — gets no more while another client
-//! waits: the other is served with the next slot that frees. (A plain FIFO semaphore gave
-//! the freed slots to the busy client's own queue first.)
+//! read from the upstream (see [`crate::body::settle_answer`]). Each client may hold at
+//! most its share of the slots:
+//!
+//! - a client calling alone may hold all but a reserve (an eighth of them, at least one
+//!   when there are two or more), so a client arriving while another holds every
+//!   connection it may is served at once, not after that client's slow calls end;
+//! - clients calling together (holding slots, or waiting for one) split what is left of
+//!   the reserve by their `share` weights (the governor's), each at least one.
+//!
+//! A call past its client's share waits even when a slot is free. When a slot comes free
+//! it goes to the waiting call whose client holds the fewest for its weight (the earliest
+//! of those first), not simply to the call that waited longest. So one client that fills
+//! its connections — slow uploads, answers read slowly, a stalled API path — gets no more
+//! while another client waits, and never the reserve. (A plain FIFO semaphore gave the
+//! freed slots to the busy client's own queue first, and a client alone could take every
+//! connection for as long as its calls lasted.)
 //!
 //! Each worker has its own set, used only from its thread: the mutex is never contended,
 //! it only makes the set shareable through the upstream.
@@ -26,11 +35,11 @@ pub struct ConnectionSlots {
 #[derive(Debug, Default)]
 struct State {
     in_use: usize,
-    /// Slots held per client (anonymous callers share the empty name): a short list of
-    /// the clients with calls under way, looked through by pointer first. Every call
-    /// counts here twice; a hash map made that three SipHash rounds of the client's name
-    /// per call.
-    held: Vec<(Arc<str>, usize)>,
+    /// Slots held per client (anonymous callers share the empty name), with the client's
+    /// weight: a short list of the clients with calls under way, looked through by pointer
+    /// first. Every call counts here twice; a hash map made that three SipHash rounds of
+    /// the client's name per call.
+    held: Vec<(Arc<str>, usize, u32)>,
     waiting: Vec<Waiter>,
     /// Arrival order of waiters, for ties.
     next_seq: u64,
@@ -39,6 +48,7 @@ struct State {
 #[derive(Debug)]
 struct Waiter {
     client: Arc<str>,
+    weight: u32,
     seq: u64,
     hand_over: oneshot::Sender<Slot>,
 }
@@ -50,6 +60,13 @@ pub struct Slot {
     /// `None` once disarmed (a hand-over that found its waiter gone).
     slots: Option<Arc<ConnectionSlots>>,
     client: Arc<str>,
+}
+
+/// Who asks for a slot: the client's name and its `share` weight.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimant<'a> {
+    pub client: &'a Arc<str>,
+    pub weight: u32,
 }
 
 impl ConnectionSlots {
@@ -64,37 +81,50 @@ impl ConnectionSlots {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A slot for `client` if one is free now.
-    pub fn try_acquire(self: &Arc<Self>, client: &Arc<str>) -> Option<Slot> {
+    /// A slot for `who` if one is free now and within its share.
+    pub fn try_acquire(self: &Arc<Self>, who: Claimant<'_>) -> Option<Slot> {
         let mut state = self.state();
-        self.take_free(&mut state, client)
+        self.take_free(&mut state, who)
     }
 
-    fn take_free(self: &Arc<Self>, state: &mut State, client: &Arc<str>) -> Option<Slot> {
-        if state.in_use >= self.capacity {
+    fn take_free(self: &Arc<Self>, state: &mut State, who: Claimant<'_>) -> Option<Slot> {
+        if state.in_use >= self.capacity || state.held_by(who.client) >= self.share_of(state, who) {
             return None;
         }
         state.in_use += 1;
-        state.count_one(client);
+        state.count_one(who.client, who.weight);
         Some(Slot {
             slots: Some(Arc::clone(self)),
-            client: Arc::clone(client),
+            client: Arc::clone(who.client),
         })
     }
 
-    /// A slot for `client`: at once if one is free, else when one is handed over.
-    /// Dropping the future gives up the place in line.
-    pub async fn acquire(self: &Arc<Self>, client: &Arc<str>) -> Slot {
+    /// The most slots `who` may hold now (see the module's notes).
+    fn share_of(&self, state: &State, who: Claimant<'_>) -> usize {
+        let reserve = if self.capacity >= 2 {
+            (self.capacity / 8).max(1)
+        } else {
+            0
+        };
+        let usable = (self.capacity - reserve) as u64;
+        let total = u64::from(who.weight.max(1)) + state.weight_of_others(who.client);
+        ((usable * u64::from(who.weight.max(1)) / total) as usize).max(1)
+    }
+
+    /// A slot for `who`: at once if one is free and within its share, else when one is
+    /// handed over. Dropping the future gives up the place in line.
+    pub async fn acquire(self: &Arc<Self>, who: Claimant<'_>) -> Slot {
         let receiver = {
             let mut state = self.state();
-            if let Some(slot) = self.take_free(&mut state, client) {
+            if let Some(slot) = self.take_free(&mut state, who) {
                 return slot;
             }
             let (hand_over, receiver) = oneshot::channel();
             let seq = state.next_seq;
             state.next_seq += 1;
             state.waiting.push(Waiter {
-                client: Arc::clone(client),
+                client: Arc::clone(who.client),
+                weight: who.weight.max(1),
                 seq,
                 hand_over,
             });
@@ -113,21 +143,36 @@ impl ConnectionSlots {
         self.state().in_use
     }
 
-    /// `client` gave a slot back: hand it to the fairest waiter, or free it.
+    /// `client` gave a slot back: hand it to the fairest waiter within its share, or
+    /// free it.
     fn release(self: &Arc<Self>, client: &Arc<str>) {
         let mut state = self.state();
         state.forget_one(client);
         // Waiters that gave up are dropped from the line.
         state.waiting.retain(|w| !w.hand_over.is_closed());
-        while !state.waiting.is_empty() {
+        loop {
+            // Fewest held for the weight first (compared without division), then the
+            // earliest.
             let fairest = (0..state.waiting.len())
-                .min_by_key(|&i| {
+                .filter(|&i| {
                     let w = &state.waiting[i];
-                    (state.held_by(&w.client), w.seq)
+                    let who = Claimant {
+                        client: &w.client,
+                        weight: w.weight,
+                    };
+                    state.held_by(&w.client) < self.share_of(&state, who)
                 })
-                .unwrap_or(0);
+                .min_by(|&a, &b| {
+                    let (wa, wb) = (&state.waiting[a], &state.waiting[b]);
+                    let ha = state.held_by(&wa.client) as u64 * u64::from(wb.weight);
+                    let hb = state.held_by(&wb.client) as u64 * u64::from(wa.weight);
+                    ha.cmp(&hb).then(wa.seq.cmp(&wb.seq))
+                });
+            let Some(fairest) = fairest else {
+                break;
+            };
             let waiter = state.waiting.swap_remove(fairest);
-            state.count_one(&waiter.client);
+            state.count_one(&waiter.client, waiter.weight);
             let slot = Slot {
                 slots: Some(Arc::clone(self)),
                 client: Arc::clone(&waiter.client),
@@ -146,21 +191,43 @@ impl ConnectionSlots {
     }
 }
 
+fn same(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
 impl State {
     fn position(&self, client: &Arc<str>) -> Option<usize> {
-        self.held
-            .iter()
-            .position(|(c, _)| Arc::ptr_eq(c, client) || **c == **client)
+        self.held.iter().position(|(c, _, _)| same(c, client))
     }
 
     fn held_by(&self, client: &Arc<str>) -> usize {
         self.position(client).map_or(0, |i| self.held[i].1)
     }
 
-    fn count_one(&mut self, client: &Arc<str>) {
+    /// The weights of the clients other than `client` holding or waiting for slots.
+    fn weight_of_others(&self, client: &Arc<str>) -> u64 {
+        let holding = self
+            .held
+            .iter()
+            .filter(|(c, _, _)| !same(c, client))
+            .map(|(_, _, w)| u64::from(*w));
+        let mut counted: Vec<&Arc<str>> = Vec::new();
+        let waiting = self.waiting.iter().filter_map(|w| {
+            let new = !same(&w.client, client)
+                && self.position(&w.client).is_none()
+                && !counted.iter().any(|c| same(c, &w.client));
+            if new {
+                counted.push(&w.client);
+            }
+            new.then_some(u64::from(w.weight))
+        });
+        holding.sum::<u64>() + waiting.sum::<u64>()
+    }
+
+    fn count_one(&mut self, client: &Arc<str>, weight: u32) {
         match self.position(client) {
             Some(i) => self.held[i].1 += 1,
-            None => self.held.push((Arc::clone(client), 1)),
+            None => self.held.push((Arc::clone(client), 1, weight.max(1))),
         }
     }
 
@@ -187,24 +254,59 @@ mod tests {
     use super::*;
     use futures_util::FutureExt;
 
+    fn who(client: &Arc<str>) -> Claimant<'_> {
+        Claimant { client, weight: 1 }
+    }
+
     #[tokio::test]
-    async fn a_freed_slot_goes_to_the_client_holding_fewest() {
-        let slots = ConnectionSlots::new(2);
+    async fn a_client_alone_leaves_a_reserve_and_a_freed_slot_goes_to_the_client_holding_fewest() {
+        let slots = ConnectionSlots::new(8);
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        let a1 = slots.acquire(&a).await;
-        let a2 = slots.acquire(&a).await;
-        // a queues first, b after: b is served first all the same.
-        let mut a3 = Box::pin(slots.acquire(&a));
-        assert!((&mut a3).now_or_never().is_none());
-        let mut b1 = Box::pin(slots.acquire(&b));
-        assert!((&mut b1).now_or_never().is_none());
-        drop(a1);
-        let b1 = (&mut b1).now_or_never().expect("b got the freed slot");
-        assert!((&mut a3).now_or_never().is_none());
-        drop(a2);
-        let a3 = a3.now_or_never().expect("then a");
-        assert_eq!(slots.in_use(), 2);
-        drop((a3, b1));
+        let mut held_by_a: Vec<Slot> = (0..7)
+            .map(|_| slots.try_acquire(who(&a)).unwrap())
+            .collect();
+        // The eighth is the reserve: not for the client holding the other seven.
+        assert!(slots.try_acquire(who(&a)).is_none());
+        let mut a_waits = Box::pin(slots.acquire(who(&a)));
+        assert!((&mut a_waits).now_or_never().is_none());
+        // Another client takes it at once.
+        let b1 = slots.try_acquire(who(&b)).expect("the reserve");
+        let mut b2 = Box::pin(slots.acquire(who(&b)));
+        assert!((&mut b2).now_or_never().is_none());
+        // a queued first; b, holding fewer, gets the slot a frees.
+        drop(held_by_a.pop());
+        let b2 = (&mut b2).now_or_never().expect("b got the freed slot");
+        // a holds 6, past its half of the seven: it waits while it holds more than 3.
+        for _ in 0..2 {
+            drop(held_by_a.pop());
+            assert!((&mut a_waits).now_or_never().is_none());
+        }
+        drop(held_by_a.pop());
+        drop(held_by_a.pop());
+        assert!(
+            (&mut a_waits).now_or_never().is_some(),
+            "a holds 2 of its 3 now"
+        );
+        drop((b1, b2, held_by_a));
+        assert_eq!(slots.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn shares_split_the_slots_by_weight() {
+        let slots = ConnectionSlots::new(9);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let heavy = Claimant {
+            client: &a,
+            weight: 3,
+        };
+        let b1 = slots.try_acquire(who(&b)).unwrap();
+        // With b calling, a (weight 3) may hold 3/4 of the 8 usable: 6.
+        let held: Vec<Slot> = std::iter::from_fn(|| slots.try_acquire(heavy)).collect();
+        assert_eq!(held.len(), 6);
+        // b may hold 2.
+        let b2 = slots.try_acquire(who(&b)).unwrap();
+        assert!(slots.try_acquire(who(&b)).is_none());
+        drop((b1, b2, held));
         assert_eq!(slots.in_use(), 0);
     }
 
@@ -212,13 +314,13 @@ mod tests {
     async fn a_waiter_that_gives_up_leaves_no_slot_behind() {
         let slots = ConnectionSlots::new(1);
         let a: Arc<str> = "a".into();
-        let held = slots.acquire(&a).await;
-        let mut gave_up = Box::pin(slots.acquire(&a));
+        let held = slots.acquire(who(&a)).await;
+        let mut gave_up = Box::pin(slots.acquire(who(&a)));
         assert!((&mut gave_up).now_or_never().is_none());
         drop(gave_up);
         drop(held);
         assert_eq!(slots.in_use(), 0);
-        let again = slots.acquire(&a).now_or_never().expect("free");
+        let again = slots.acquire(who(&a)).now_or_never().expect("free");
         assert_eq!(slots.in_use(), 1);
         drop(again);
     }

@@ -23,6 +23,11 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    /// A body on a method that carries none (GET, HEAD, DELETE, OPTIONS, TRACE), too large
+    /// to keep for a retry, from a client with allow rules: it would hold a connection to
+    /// the API for as long as its upload took.
+    #[error("a {method} request's body may be at most {limit} bytes (retry_body_bytes)")]
+    UnexpectedBody { method: http::Method, limit: u64 },
     #[error("{0}")]
     BodyTimeout(BodyTimedOut),
     #[error("{message}")]
@@ -65,7 +70,9 @@ impl ProxyError {
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTooLarge { .. } | ProxyError::UnexpectedBody { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::TokenGrantFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -83,7 +90,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::NoRoute => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
-            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BodyTooLarge { .. } | ProxyError::UnexpectedBody { .. } => "body_too_large",
             ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::TokenGrantFailed { .. } => "token_grant_failed",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -118,7 +125,9 @@ impl ProxyError {
             }
             // The rest of the body is never read: the connection cannot carry another
             // request, and the client must not try.
-            ProxyError::BodyTooLarge { .. } | ProxyError::BodyTimeout(_) => {
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::UnexpectedBody { .. }
+            | ProxyError::BodyTimeout(_) => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::TokenUnavailable {
@@ -156,6 +165,14 @@ mod tests {
             (ProxyError::Forbidden("x".into()), 403, "forbidden"),
             (ProxyError::NoRoute, 404, "no_route"),
             (ProxyError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (
+                ProxyError::UnexpectedBody {
+                    method: http::Method::GET,
+                    limit: 1,
+                },
+                413,
+                "body_too_large",
+            ),
             (
                 ProxyError::BodyTimeout(BodyTimedOut::Idle(Duration::from_secs(1))),
                 408,

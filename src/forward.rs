@@ -19,7 +19,7 @@ use tower::Service;
 
 use crate::body;
 use crate::config::WebsocketToken;
-use crate::connection_slots::Slot;
+use crate::connection_slots::{Claimant, Slot};
 use crate::connections::{
     h2_cause, never_processed, Answered, Lease, Origin, SendError, WorkerConnections,
 };
@@ -250,9 +250,9 @@ impl Service<ProxyRequest> for Forward {
         // The caller's hop-by-hop headers went at the edge (guard): stripping them here,
         // after the bearer layer, would let `Connection: authorization` remove the token.
         // `Host` is set by `connections` for the upstream (HTTP/1.1) or left out (HTTP/2).
-        let caller = match req.extensions().get::<Caller>() {
-            Some(Caller(Some(client))) => Arc::clone(&client.name),
-            _ => Arc::clone(&ANONYMOUS),
+        let (caller, weight) = match req.extensions().get::<Caller>() {
+            Some(Caller(Some(client))) => (Arc::clone(&client.name), client.share),
+            _ => (Arc::clone(&ANONYMOUS), 1),
         };
         if websocket::is_handshake(req.method(), req.version(), req.headers()) {
             let sockets = Arc::clone(&self.sockets);
@@ -261,7 +261,11 @@ impl Service<ProxyRequest> for Forward {
         let connections = Arc::clone(upstream.connections());
         let timeout = upstream.config.timeout;
         // A free connection slot at once is the usual case: no timer and no queue for it.
-        if let Some(permit) = connections.slots.try_acquire(&caller) {
+        let who = Claimant {
+            client: &caller,
+            weight,
+        };
+        if let Some(permit) = connections.slots.try_acquire(who) {
             // And usually an idle connection ready for the request: it goes out now.
             // Either way the call's future holds the request once and stays small enough
             // for the allocator's thread cache (an `async` block holding it would hold it
@@ -285,7 +289,11 @@ impl Service<ProxyRequest> for Forward {
         Box::pin(async move {
             let queue = upstream.config.queue_timeout;
             tracing::debug!(upstream = %upstream.name(), client = %caller, "every connection to the upstream is busy; waiting for one");
-            let Ok(permit) = tokio::time::timeout(queue, connections.slots.acquire(&caller)).await
+            let who = Claimant {
+                client: &caller,
+                weight,
+            };
+            let Ok(permit) = tokio::time::timeout(queue, connections.slots.acquire(who)).await
             else {
                 let busy = ProxyError::UpstreamBusy {
                     upstream: Arc::clone(upstream.name()),

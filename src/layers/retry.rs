@@ -48,6 +48,15 @@ fn idempotent(method: &http::Method) -> bool {
     )
 }
 
+/// Methods whose requests have no defined use for a body (RFC 9110 §9.3).
+fn carries_no_body(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
 /// `Retry-After` as a wait: seconds, or an HTTP date.
 fn retry_after(headers: &http::HeaderMap) -> Option<std::time::Duration> {
     let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
@@ -292,6 +301,24 @@ where
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
+            // A GET's body beyond what is kept would stream to the API holding a
+            // connection for as long as its caller takes to send it: refused for clients
+            // whose rules say what they call (they cannot need one).
+            let bodiless = carries_no_body(&head.method)
+                && head
+                    .extensions
+                    .get::<Caller>()
+                    .is_some_and(|Caller(c)| c.as_ref().is_some_and(|c| c.allow.is_some()));
+            let unexpected = || {
+                let e = ProxyError::UnexpectedBody {
+                    method: head.method.clone(),
+                    limit: policy.keep_bytes as u64,
+                };
+                Ok(e.into_response())
+            };
+            if bodiless && declared.is_some_and(|len| len > policy.keep_bytes as u64) {
+                return unexpected();
+            }
             let kept = match keep_body(body, declared, policy.keep_bytes).await {
                 Ok(kept) => kept,
                 Err(e) => {
@@ -300,6 +327,7 @@ where
                 }
             };
             match kept {
+                Kept::Streaming(_) if bodiless => unexpected(),
                 Kept::Streaming(body) => inner.call(Request::from_parts(head, body)).await,
                 // The first attempt takes the caller's own head (hyper sized its header
                 // map for it, so the token fits without growing it); the copy stays for

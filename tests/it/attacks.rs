@@ -302,13 +302,13 @@ async fn a_reload_keeps_the_connection_slots_of_an_unchanged_upstream() {
     let proxy = std::sync::Arc::new(Proxy::start(&config_with(
         &sandbox,
         "workers = 1",
-        "max_connections = 2\nqueue_timeout_secs = 30",
+        "max_connections = 3\nqueue_timeout_secs = 30",
     )));
     let call = |path: &'static str| {
         let proxy = std::sync::Arc::clone(&proxy);
         tokio::spawn(async move { get_with_key(&proxy, path).await.status().as_u16() })
     };
-    // Both connections held at the API host.
+    // Both connections the client may hold (all but the reserve) held at the API host.
     let held: Vec<_> = (0..2).map(|_| call("/api/v2/sandbox/gate")).collect();
     let both = wait_for(Duration::from_secs(10), || {
         (sandbox.max_api_in_flight() == 2).then_some(())
@@ -395,4 +395,157 @@ async fn sighup_every_two_seconds_under_a_saturated_budget_brings_no_platform_42
     assert!(ok > 0);
     assert_eq!(sandbox.throttled(), 0, "the platform answered 429");
     assert!(sandbox.max_api_in_flight() <= 8);
+}
+
+const GETTER_KEY: &str = "tg_getter-client-key-0123456789abcdefghijklmn";
+
+/// A GET-only key that attacks, and the usual key beside it, on one worker with four
+/// connections to the API host.
+fn getter_beside_quiet(sandbox: &Sandbox) -> String {
+    format!(
+        "{}\n[[client]]\nname = \"getter\"\nkey_sha256 = \"{}\"\nallow = [\"GET /api/**\"]\n",
+        config_with(
+            sandbox,
+            "workers = 1",
+            "max_connections = 4\nqueue_timeout_secs = 5"
+        ),
+        tokengate::keys::hash_key(GETTER_KEY),
+    )
+}
+
+/// Slow uploads on GETs: a 2 MiB body declared, a kilobyte a second sent. The statuses.
+async fn slow_get_uploads(addr: String, n: usize) -> Vec<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uploads = (0..n).map(|_| {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = format!("GET /api/v2/users/me HTTP/1.1\r\nHost: x\r\nX-Api-Key: {GETTER_KEY}\r\nContent-Length: 2097152\r\n\r\n");
+            s.write_all(head.as_bytes()).await.unwrap();
+            let (mut read, mut write) = s.into_split();
+            let trickle = tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    if write.write_all(&[b'x'; 1024]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut answer = [0u8; 12];
+            let status = match tokio::time::timeout(Duration::from_secs(90), read.read_exact(&mut answer)).await {
+                Ok(Ok(_)) => String::from_utf8_lossy(&answer[9..12]).parse().unwrap_or(0),
+                _ => 0,
+            };
+            trickle.abort();
+            status
+        })
+    });
+    let mut statuses = Vec::new();
+    for u in uploads.collect::<Vec<_>>() {
+        statuses.push(u.await.unwrap());
+    }
+    statuses
+}
+
+/// HTTP/2 readers that never open their window, on answers larger than it, again and again
+/// until `stop`.
+async fn zero_window_readers(addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (send, driving) = h2c_from([127, 0, 4, 1], &addr, Some(0)).await;
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let Ok(mut s) = send.clone().ready().await else {
+                break;
+            };
+            let req = http::Request::get(format!("http://{addr}/api/v2/sandbox/bytes?n=200000"))
+                .header("x-api-key", GETTER_KEY)
+                .body(())
+                .unwrap();
+            if let Ok((resp, _)) = s.send_request(req, true) {
+                held.push(resp);
+            }
+        }
+        // Until the proxy ends the connection.
+        let _ = driving.await;
+        drop(held);
+    }
+}
+
+/// HTTP/2 readers that take their answers a window at a time, one window a second.
+async fn trickling_readers(addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let (send, _driving) = h2c_from([127, 0, 4, 2], &addr, Some(16 * 1024)).await;
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (send, addr, stop) = (send.clone(), addr.clone(), stop.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = send.ready().await else {
+                    return;
+                };
+                let req =
+                    http::Request::get(format!("http://{addr}/api/v2/sandbox/bytes?n=4000000"))
+                        .header("x-api-key", GETTER_KEY)
+                        .body(())
+                        .unwrap();
+                let Ok((resp, _)) = s.send_request(req, true) else {
+                    return;
+                };
+                let Ok(resp) = resp.await else {
+                    return;
+                };
+                let mut body = resp.into_body();
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    every.tick().await;
+                    match body.data().await {
+                        Some(Ok(chunk)) => {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        let _ = r.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_only_key_cannot_take_the_connections_another_client_needs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&getter_beside_quiet(&sandbox));
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let uploads = tokio::spawn(slow_get_uploads(proxy.addr.clone(), 8));
+    let zero = tokio::spawn(zero_window_readers(proxy.addr.clone(), stop.clone()));
+    let trickle = tokio::spawn(trickling_readers(proxy.addr.clone(), stop.clone()));
+    // The other client calls five times a second for 25 s (the scenario's pace).
+    let mut statuses = Vec::new();
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(25) {
+        every.tick().await;
+        statuses.push(
+            get_with_key(&proxy, "/api/v2/users/me")
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let uploads = uploads.await.unwrap();
+    zero.abort();
+    let _ = trickle.await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    eprintln!(
+        "the other client: {served} of {} calls served; the slow GET uploads: {uploads:?}; at most {} in flight at the API",
+        statuses.len(),
+        sandbox.max_api_in_flight()
+    );
+    assert_eq!(served, statuses.len(), "{statuses:?}");
+    assert!(uploads.iter().all(|s| *s == 413), "{uploads:?}");
+    assert!(sandbox.max_api_in_flight() <= 4);
 }

@@ -289,11 +289,11 @@ async fn waiting_for_a_busy_upstream_ends_in_503_upstream_busy_never_504() {
     let sandbox = sandbox().await;
     let proxy = Proxy::start(&one_worker_config(
         &sandbox,
-        "max_connections = 4\ntimeout_secs = 30\nqueue_timeout_secs = 1",
+        "max_connections = 5\ntimeout_secs = 30\nqueue_timeout_secs = 1",
     ));
     assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
-    // Four calls wait for the API's answer; a fifth waits for a connection and gets its
-    // 200 once one frees.
+    // Four calls wait for the API's answer (a client alone may hold all but one of the
+    // five: the reserve); a fifth waits for a connection and gets its 200 once one frees.
     let gated: Vec<_> = (0..4)
         .map(|_| spawn_get_with_key(proxy.url("/api/v2/sandbox/gate")))
         .collect();
@@ -309,8 +309,9 @@ async fn waiting_for_a_busy_upstream_ends_in_503_upstream_busy_never_504() {
         assert_eq!(g.await.unwrap(), 200);
     }
     assert_eq!(fifth.await.unwrap(), 200);
-    // Four answers that stall after their first bytes hold every connection: the next
-    // call is told the proxy is busy, with Retry-After, and the API is not blamed.
+    // Four answers that stall after their first bytes hold every connection the client
+    // may: its next call is told the proxy is busy, with Retry-After, and the API is not
+    // blamed.
     let mut stalled = Vec::new();
     for _ in 0..4 {
         let r = get_with_key(&proxy, "/api/v2/sandbox/stall").await;
@@ -911,14 +912,15 @@ async fn a_token_endpoint_echoing_the_request_leaks_no_encoding_of_the_secret() 
 /// A second client's key.
 const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
 
-/// One worker with four connections to the sandbox (answers cut after 2 s without
-/// progress, 30 s to wait for a connection), and client `b` beside the usual one.
+/// One worker with five connections to the sandbox, four of which one client may take
+/// (answers cut after 2 s without progress, 30 s to wait for a connection), and client
+/// `b` beside the usual one.
 fn four_connections_and_client_b(sandbox: &Sandbox) -> String {
     format!(
         "{}\n[[client]]\nname = \"b\"\nkey_sha256 = \"{}\"\n",
         one_worker_config(
             sandbox,
-            "max_connections = 4\ntimeout_secs = 2\nqueue_timeout_secs = 30"
+            "max_connections = 5\ntimeout_secs = 2\nqueue_timeout_secs = 30"
         ),
         tokengate::keys::hash_key(KEY_B)
     )
@@ -955,8 +957,7 @@ async fn a_freed_connection_goes_to_a_waiting_client_before_the_busy_clients_que
     })
     .await
     .expect("A's four calls are waiting");
-    // Client B comes last, and is served with the first connection that frees: it holds
-    // none, A holds the rest.
+    // Client B comes last, and is served at once: A may not take the reserve.
     let r = client()
         .get(proxy.url("/api/v2/users/me"))
         .header("X-Api-Key", KEY_B)
