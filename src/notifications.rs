@@ -169,6 +169,19 @@ impl Channels {
 #[derive(Debug, Clone, Copy)]
 pub struct UnresolvedChannel;
 
+/// Marks a socket that came without a key on a channel this replica made: it acts as the
+/// channel's maker, but its sockets are counted apart from the maker's own (see
+/// [`keyless_sockets_of`]).
+#[derive(Debug, Clone, Copy)]
+pub struct KeylessSocket;
+
+/// The name a client's keyless channel sockets are counted under for `max_websockets`:
+/// apart from its own, so sockets anyone holding a channel id opens cannot use up the
+/// sockets of the client that made the channel.
+pub fn keyless_sockets_of(client: &str) -> Arc<str> {
+    Arc::from(format!("{client} (keyless channel sockets)"))
+}
+
 /// Does `path` look like a channel socket's (`…/channels/<id>`)?
 pub fn is_socket_path(path: &str) -> bool {
     path.rsplit_once("/channels/")
@@ -424,9 +437,12 @@ async fn socket(
         return Ok(ProxyError::NoRoute.into_response());
     };
     // A bare socket on a channel another replica made: it acts as the channel's maker.
-    let caller = match req.extensions_mut().remove::<UnresolvedChannel>() {
-        Some(UnresolvedChannel) => channel.client.clone(),
-        None => caller_name(&req),
+    let unresolved = req.extensions_mut().remove::<UnresolvedChannel>().is_some();
+    let keyless = unresolved || req.extensions_mut().remove::<KeylessSocket>().is_some();
+    let caller = if unresolved {
+        channel.client.clone()
+    } else {
+        caller_name(&req)
     };
     if channel.client != caller {
         return Ok(ProxyError::Forbidden(
@@ -448,12 +464,17 @@ async fn socket(
         }
     };
     let caller = caller.unwrap_or_else(|| Arc::from(""));
+    let counted_as = if keyless {
+        keyless_sockets_of(&caller)
+    } else {
+        caller
+    };
     crate::forward::handshake(
         config.upstream.clone(),
         Arc::clone(&config.sockets),
         Arc::clone(&config.streaming),
         path,
-        caller,
+        counted_as,
         req,
     )
     .await

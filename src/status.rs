@@ -257,11 +257,16 @@ pub fn status_json(
 ) -> Value {
     let (sockets, channels) = (realtime.0.snapshot(), realtime.1.snapshot());
     // Open sockets and live channels, of an upstream (`client` None) or of a client.
+    // A client's sockets include the keyless ones on its channels (counted apart for
+    // `max_websockets`, shown as its).
     let sockets_of = |upstream: Option<&str>, client: Option<&str>| -> usize {
         sockets
             .iter()
             .filter(|(u, c, _)| {
-                upstream.is_none_or(|x| **u == *x) && client.is_none_or(|x| **c == *x)
+                upstream.is_none_or(|x| **u == *x)
+                    && client.is_none_or(|x| {
+                        **c == *x || **c == *crate::notifications::keyless_sockets_of(x)
+                    })
             })
             .map(|(_, _, n)| n)
             .sum()

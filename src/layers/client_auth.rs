@@ -23,7 +23,7 @@ use super::{ProxyRequest, ProxyResponse};
 use crate::body::ProxyBody;
 use crate::config::ClientConfig;
 use crate::error::ProxyError;
-use crate::notifications::{self, Channels, UnresolvedChannel};
+use crate::notifications::{self, Channels, KeylessSocket, UnresolvedChannel};
 use crate::server::PeerIdentity;
 use crate::session::Sessions;
 use crate::shared_credentials;
@@ -201,6 +201,7 @@ impl ValidateRequest<ProxyBody> for ClientKeys {
                 {
                     match self.channels.socket(req.uri().path()) {
                         Some(channel) => {
+                            req.extensions_mut().insert(KeylessSocket);
                             let maker = channel.client.as_deref();
                             self.clients
                                 .iter()

@@ -78,7 +78,7 @@ where
         let audited = tracing::enabled!(target: "tokengate::audit", tracing::Level::INFO);
         Observed {
             method: req.method().clone(),
-            path: audited.then(|| req.uri().path().to_string()),
+            path: audited.then(|| audited_path(req.uri().path())),
             started: Instant::now(),
             metrics: self.metrics.clone(),
             board: self.board.clone(),
@@ -159,5 +159,80 @@ where
             "request"
         );
         Poll::Ready(Ok(resp))
+    }
+}
+
+/// A request's path as the audit log shows it: a notification channel's id (the only
+/// credential its socket needs) as a short hash, and every character that could forge or
+/// hide log text (controls, including U+0085; line and paragraph separators; the
+/// direction controls such as U+202E) escaped as `\u{…}`. A request path can carry such
+/// characters raw; text logs and JSON logs (which leave them unescaped) would pass them
+/// on to whoever reads the log.
+pub fn audited_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut segments = path.split('/').peekable();
+    let mut after_channels = false;
+    while let Some(segment) = segments.next() {
+        if after_channels && !segment.is_empty() {
+            out.push_str(&channel_hash(segment));
+        } else {
+            for c in segment.chars() {
+                if hides_or_forges(c) {
+                    out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
+                } else {
+                    out.push(c);
+                }
+            }
+        }
+        after_channels = segment == "channels";
+        if segments.peek().is_some() {
+            out.push('/');
+        }
+    }
+    out
+}
+
+/// A channel id's stand-in in logs: enough to tell channels apart, nothing to open one.
+pub fn channel_hash(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(id.as_bytes());
+    format!("ch-{}", hex::encode(&digest[..4]))
+}
+
+/// Characters a log line must not carry raw.
+fn hides_or_forges(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+                | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::audited_path;
+
+    #[test]
+    fn a_logged_path_carries_no_channel_id_and_no_raw_separator_or_direction_control() {
+        let id = "streaming-7-9f8b2c1d5e6a4b3c";
+        for path in [
+            format!("/api/v2/notifications/channels/{id}/subscriptions"),
+            format!("/channels/{id}"),
+        ] {
+            let logged = audited_path(&path);
+            assert!(!logged.contains(id), "{logged}");
+            assert!(logged.contains("/channels/ch-"), "{logged}");
+        }
+        assert_eq!(
+            audited_path("/api/v2/notifications/channels"),
+            "/api/v2/notifications/channels"
+        );
+        let logged = audited_path("/api/v2/users/a\u{2028}b\u{85}c\u{202e}d\u{2029}e\nf");
+        assert_eq!(
+            logged,
+            "/api/v2/users/a\\u{2028}b\\u{0085}c\\u{202e}d\\u{2029}e\\u{000a}f"
+        );
+        assert_eq!(audited_path("/api/v2/users/me"), "/api/v2/users/me");
     }
 }

@@ -549,3 +549,36 @@ async fn a_get_only_key_cannot_take_the_connections_another_client_needs() {
     assert!(uploads.iter().all(|s| *s == 413), "{uploads:?}");
     assert!(sandbox.max_api_in_flight() <= 4);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn separators_and_direction_controls_in_a_path_reach_no_log_raw() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sandbox = sandbox().await;
+    for format in ["text", "json"] {
+        let config = format!(
+            "{}\n[log]\nformat = \"{format}\"\n",
+            standard_config(&sandbox, "")
+        );
+        let proxy = Proxy::start(&config);
+        // A forged second line (U+2028, U+0085) and a reversed tail (U+202E), raw in the
+        // request target.
+        let path = "/api/v2/users/a\u{2028}b\u{85}c\u{202e}d";
+        let mut s = tokio::net::TcpStream::connect(&proxy.addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {CLIENT_KEY}\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        // Escaped: `\u{2028}` in text, `\\u{2028}` inside a JSON string.
+        let logged = wait_for(Duration::from_secs(10), || {
+            let text = proxy.output.text();
+            (text.contains("users/a\\u{2028}b") || text.contains("users/a\\\\u{2028}b"))
+                .then_some(())
+        })
+        .await;
+        let text = proxy.output.text();
+        assert!(logged.is_some(), "{format}: no escaped path in\n{text}");
+        for raw in ['\u{2028}', '\u{85}', '\u{202e}'] {
+            assert!(!text.contains(raw), "{format}: {raw:?} reached the log raw");
+        }
+    }
+}

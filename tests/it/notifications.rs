@@ -174,6 +174,43 @@ async fn a_channel_made_through_the_proxy_is_opened_through_the_proxy() {
     )
     .await;
     assert_eq!(listed_b["entities"].as_array().map(Vec::len), Some(0));
+    // The channel id is the socket's credential: no log line carries it.
+    let logs = proxy.output.text();
+    assert!(!logs.contains(&id), "the channel id was logged:\n{logs}");
+    assert!(logs.contains("channels/ch-"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyless_sockets_on_a_channel_cannot_use_up_its_makers_own_sockets() {
+    let sandbox = sandbox_with_heartbeat(Duration::from_millis(200)).await;
+    let config = notifications_config(&sandbox, "/genesys").replacen(
+        "[server]\n",
+        "[server]\nmax_websockets = 2\n",
+        1,
+    );
+    let proxy = Proxy::start(&config);
+    let made = call_json(
+        &proxy,
+        http::Method::POST,
+        "/genesys/api/v2/notifications/channels",
+        CLIENT_KEY,
+    )
+    .await;
+    let connect = made["connectUri"].as_str().unwrap().to_string();
+    // Whoever holds the id opens sockets without a key, up to the limit...
+    let _bare: Vec<Socket> = vec![
+        open_url(&connect, None).await.unwrap(),
+        open_url(&connect, None).await.unwrap(),
+    ];
+    let third = open_url(&connect, None).await.unwrap_err();
+    assert_eq!(refused_with(third), 429);
+    // ...and the maker's own sockets, with its key, are still its own.
+    let own = open_url(&connect, Some(CLIENT_KEY)).await;
+    assert!(
+        own.is_ok(),
+        "the maker's socket was refused: {:?}",
+        own.err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
