@@ -105,8 +105,11 @@ async fn check_upstream(
     }
     if d.hint == "egress_proxy_refused" {
         // Name the proxy's own answer (401/407: its password; 403: its rules).
+        // (Only a tunnel, for https: a plain-http URL's refusal already says it all.)
         let status = match (&u.grant.egress.proxy, d.token_url.parse::<http::Uri>()) {
-            (Some(routes), Ok(dst)) => crate::egress::tunnel_status(routes, &dst).await,
+            (Some(routes), Ok(dst)) if dst.scheme_str() == Some("https") => {
+                crate::egress::tunnel_status(routes, &dst).await
+            }
             _ => None,
         };
         if let (Some(status), Some(proxy)) = (status, d.egress_proxy.clone()) {

@@ -40,6 +40,11 @@ impl ProxyRoutes {
         url.as_ref().map(|u| without_credentials(u.expose_secret()))
     }
 
+    /// Whether a request to `dst` goes through the proxy (`NO_PROXY` honoured).
+    pub fn applies_to(&self, dst: &Uri) -> bool {
+        self.matcher().intercept(dst).is_some()
+    }
+
     fn matcher(&self) -> Matcher {
         let mut b = Matcher::builder().no(self.no_proxy.clone());
         if let Some(u) = &self.http {

@@ -90,15 +90,34 @@ impl Cx<'_> {
                 "must be an http:// proxy URL such as http://user:pass@proxy.corp:3128 (https:// and socks proxies are not supported)",
             )
         };
-        let uri: http::Uri = url.parse().map_err(|_| bad())?;
-        let host = uri.authority().map(|a| {
+        let uri: Result<http::Uri, _> = url.parse();
+        let host = uri.as_ref().ok().and_then(|u| u.authority()).map(|a| {
             a.as_str()
                 .rsplit('@')
                 .next()
                 .unwrap_or_default()
                 .to_string()
         });
+        // A `/`, `?` or `#` in the user or password ends the host part early: the rest
+        // (with the password) reads as a path. Said apart, with the cure.
+        let userinfo_cut = url.split_once("://").is_some_and(|(_, rest)| {
+            rest.find(['/', '?', '#'])
+                .is_some_and(|end| rest[end..].contains('@'))
+        });
+        if userinfo_cut {
+            return Err(self.err(
+                key,
+                "its user or password holds a '/', '?' or '#', which ends the host part of a URL: percent-encode them (%2F, %3F, %23)",
+            ));
+        }
+        let Ok(uri) = uri else {
+            return Err(bad());
+        };
         if uri.scheme_str() != Some("http") || host.is_none_or(|h| h.is_empty()) {
+            return Err(bad());
+        }
+        // What the token endpoint's client will make of it (reqwest's own parse).
+        if reqwest::Proxy::http(url).is_err() {
             return Err(bad());
         }
         Ok(())

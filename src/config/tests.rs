@@ -241,6 +241,22 @@ fn egress_proxy_comes_from_the_config_or_the_environment_and_never_shows_its_pas
             "{e}"
         );
     }
+    // A password with a character that ends the host part: the error says so, at the
+    // proxy's key (it named ca_file once), without the password.
+    for reserved in ["pw/77", "pw?77", "pw#77"] {
+        let e = load(&with_proxy(&format!(
+            "http://corp:{reserved}@proxy.corp:3128"
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("server.egress_proxy")
+                && e.contains("percent-encode")
+                && !e.contains("ca_file")
+                && !e.contains(reserved),
+            "{e}"
+        );
+    }
     // Unset: the environment, as curl reads it; an upstream may opt out.
     let env = |name: &str| match name {
         "HTTPS_PROXY" => Some("http://u:pw-88@egress:8080".to_string()),

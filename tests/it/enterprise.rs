@@ -797,3 +797,28 @@ async fn an_issuer_alone_finds_the_token_endpoint() {
     assert_eq!(d["ok"], true, "{d}");
     assert_eq!(d["token_url"], sandbox.token_url());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs tinyproxy (scripts/test.sh installs it)"]
+async fn an_egress_proxy_refusing_an_http_token_url_is_named_as_the_cause() {
+    let sandbox = sandbox().await;
+    let tinyproxy = Tinyproxy::start();
+    let wrong = "not-the-proxy-password";
+    // The sandbox's login host is plain http: the proxy forwards the request itself (no
+    // tunnel), and refuses it.
+    let refused = check(
+        format!(
+            "[server]\negress_proxy = \"{}\"\n{}",
+            tinyproxy.url_with_password(wrong),
+            upstream_toml(&sandbox, "genesys", "/")
+        ),
+        vec![("SANDBOX_SECRET".to_string(), CLIENT_SECRET.to_string())],
+        vec![CLIENT_SECRET.into(), wrong.into()],
+    )
+    .await;
+    assert_eq!(refused["ok"], false);
+    assert_eq!(refused["hint"], "egress_proxy_refused", "{refused}");
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains("password"), "{refused}");
+    assert_eq!(sandbox.grants(), 0, "the token endpoint was never reached");
+}

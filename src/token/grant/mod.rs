@@ -385,10 +385,39 @@ impl Granter {
         let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
         let status = resp.status().as_u16();
         let content_type = header_text(resp.headers(), http::header::CONTENT_TYPE);
-        let body = read_limited(resp)
-            .await
-            .map_err(|e| self.transport_error(&e))?;
+        let forwarded = self.forwarded_by_proxy(resp.url());
+        let body = read_limited(resp).await;
+        // A plain-http URL goes to the egress proxy as a request it forwards (no tunnel):
+        // its refusal is an answer, 407 (or 401, as tinyproxy says it) without an OAuth
+        // body, often cut off. It names the proxy, not a strange token endpoint.
+        if let Some(proxy) = forwarded {
+            let oauth = body.as_ref().is_ok_and(|b| {
+                serde_json::from_slice::<serde_json::Value>(b)
+                    .is_ok_and(|j| j.get("error").is_some())
+            });
+            if status == 407 || (status == 401 && !oauth) {
+                return Err(GrantError::EgressRefused(format!(
+                    "the egress proxy {proxy} {}; the token endpoint was never reached",
+                    crate::egress::refusal_reason(status).replace("the tunnel", "the request")
+                )));
+            }
+        }
+        let body = body.map_err(|e| self.transport_error(&e))?;
         Ok((status, content_type, body))
+    }
+
+    /// The egress proxy (as it may be shown) that forwarded a request to the plain-http
+    /// `url` itself; `None` for https (a tunnel) or a direct request.
+    fn forwarded_by_proxy(&self, url: &reqwest::Url) -> Option<String> {
+        if url.scheme() != "http" {
+            return None;
+        }
+        let routes = self.config.egress.proxy.as_ref()?;
+        let uri: http::Uri = url.as_str().parse().ok()?;
+        routes
+            .applies_to(&uri)
+            .then(|| routes.shown(false))
+            .flatten()
     }
 
     fn transport_error(&self, e: &reqwest::Error) -> GrantError {
