@@ -76,13 +76,27 @@ impl<S, B> HttpService<B> for S where
 /// this proxy's are; each waits inside its call's future) is cloned and driven to
 /// readiness for that request, as the adapter would. The lock is the connection's own,
 /// never contended (a `RefCell` would do, but could panic where a lock cannot).
-struct PerConnection<S>(std::sync::Mutex<S>);
+///
+/// It also marks POST requests with the caller's address ([`PeerAddr`]): the token
+/// endpoint slows down failed key checks per address. Only POSTs: the mark costs an
+/// allocation, and the usual call is a GET.
+struct PerConnection<S> {
+    service: std::sync::Mutex<S>,
+    peer: IpAddr,
+}
 
 impl<S> PerConnection<S> {
-    fn new(service: S) -> Self {
-        PerConnection(std::sync::Mutex::new(service))
+    fn new(service: S, peer: IpAddr) -> Self {
+        PerConnection {
+            service: std::sync::Mutex::new(service),
+            peer,
+        }
     }
 }
+
+/// The address a request came from (set on POST requests only; see [`PerConnection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub IpAddr);
 
 impl<S, B> hyper::service::Service<Request<B>> for PerConnection<S>
 where
@@ -92,11 +106,14 @@ where
     type Error = S::Error;
     type Future = futures_util::future::Either<S::Future, tower::util::Oneshot<S, Request<B>>>;
 
-    fn call(&self, req: Request<B>) -> Self::Future {
+    fn call(&self, mut req: Request<B>) -> Self::Future {
         use futures_util::future::Either;
         use std::task::{Context, Poll, Waker};
+        if req.method() == http::Method::POST {
+            req.extensions_mut().insert(PeerAddr(self.peer));
+        }
         let mut service = self
-            .0
+            .service
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
@@ -327,7 +344,7 @@ pub async fn serve<S>(
                             let conn = http1
                                 .serve_connection(
                                     TokioIo::new(StallGuard::new(stream)),
-                                    PerConnection::new(service),
+                                    PerConnection::new(service, peer.ip()),
                                 )
                                 .with_upgrades();
                             ServeHttp1 {
@@ -342,13 +359,15 @@ pub async fn serve<S>(
                         }
                         Some(Protocol::MaybeHttp2) => {
                             let io = TokioIo::new(StallGuard::new(stream));
-                            Box::pin(serve_any(&builder, io, service, watcher, closed)).await
+                            let peer = peer.ip();
+                            Box::pin(serve_any(&builder, io, service, watcher, closed, peer)).await
                         }
                         None => return,
                     }
                 }
                 Some(acceptor) => {
                     let conn = TlsConnection {
+                        peer: peer.ip(),
                         acceptor,
                         stream,
                         builder,
@@ -453,6 +472,7 @@ async fn peek_protocol(stream: &tokio::net::TcpStream) -> Option<Protocol> {
 
 /// An accepted connection on an HTTPS listener, before its handshake.
 struct TlsConnection<S> {
+    peer: IpAddr,
     acceptor: TlsAcceptor,
     stream: tokio::net::TcpStream,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -465,6 +485,7 @@ struct TlsConnection<S> {
 async fn serve_tls<S>(
     what: &'static str,
     TlsConnection {
+        peer,
         acceptor,
         stream,
         builder,
@@ -508,7 +529,15 @@ where
         }
         req
     });
-    serve_any(&builder, TokioIo::new(stream), service, watcher, closed).await
+    serve_any(
+        &builder,
+        TokioIo::new(stream),
+        service,
+        watcher,
+        closed,
+        peer,
+    )
+    .await
 }
 
 /// Serve one connection of either protocol (HTTP/1.1 or HTTP/2, as the client speaks),
@@ -519,6 +548,7 @@ async fn serve_any<I, S>(
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
     closed: tokio::sync::watch::Receiver<bool>,
+    peer: IpAddr,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -526,7 +556,7 @@ where
 {
     let watch = Watch::new();
     let conn = builder
-        .serve_connection_with_upgrades(io, PerConnection::new(Watched::new(service, &watch)))
+        .serve_connection_with_upgrades(io, PerConnection::new(Watched::new(service, &watch), peer))
         .into_owned();
     serve_closing_when_idle(conn, watcher, closed, watch).await
 }

@@ -23,6 +23,7 @@ use crate::body;
 use crate::config::ClientConfig;
 use crate::connection_watch::OnConnection;
 use crate::outcome::Outcome;
+use crate::server::PeerAddr;
 use crate::session::Sessions;
 
 /// Token requests are a few dozen bytes.
@@ -58,6 +59,71 @@ impl Drop for PreAuthBytes {
     fn drop(&mut self) {
         PRE_AUTH_HELD.fetch_sub(self.0, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Failed key checks an address may make at once...
+const GUESSES_AT_ONCE: f64 = 10.0;
+/// ...and then one per this long: a key guesser on one connection went at 127,000 a
+/// second. Past them the address is answered 429 before any key is looked at (a caller
+/// with a good key behind the same address waits too, as it would for any limit).
+const GUESS_EVERY: Duration = Duration::from_secs(1);
+/// Addresses remembered at once; past it, those whose allowance has come back are
+/// forgotten first.
+const GUESSERS_REMEMBERED: usize = 65_536;
+
+/// Per address: failed key checks it may still make now, and when that was worked out.
+static GUESSES: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// The allowance of `peer` now, topped up for the time since it was last worked out.
+fn guesses_left(
+    table: &mut std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>,
+    peer: std::net::IpAddr,
+) -> f64 {
+    let now = std::time::Instant::now();
+    let (left, at) = table.get(&peer).copied().unwrap_or((GUESSES_AT_ONCE, now));
+    let refilled = now.duration_since(at).as_secs_f64() / GUESS_EVERY.as_secs_f64();
+    (left + refilled).min(GUESSES_AT_ONCE)
+}
+
+/// May `peer` have a key checked now?
+fn may_guess(peer: Option<std::net::IpAddr>) -> bool {
+    let Some(peer) = peer else {
+        return true;
+    };
+    let mut table = GUESSES.lock().unwrap_or_else(|p| p.into_inner());
+    guesses_left(&mut table, peer) >= 1.0
+}
+
+/// `peer`'s key check failed: one less.
+fn guessed_wrong(peer: Option<std::net::IpAddr>) {
+    let Some(peer) = peer else {
+        return;
+    };
+    let mut table = GUESSES.lock().unwrap_or_else(|p| p.into_inner());
+    if table.len() >= GUESSERS_REMEMBERED && !table.contains_key(&peer) {
+        let now = std::time::Instant::now();
+        let full_after = GUESS_EVERY.mul_f64(GUESSES_AT_ONCE);
+        table.retain(|_, (_, at)| now.duration_since(*at) < full_after);
+        if table.len() >= GUESSERS_REMEMBERED {
+            return;
+        }
+    }
+    let left = guesses_left(&mut table, peer) - 1.0;
+    table.insert(peer, (left.max(0.0), std::time::Instant::now()));
+}
+
+/// `429`: too many failed key checks from this address.
+fn slow_down() -> ProxyResponse {
+    let mut resp = oauth_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "slow_down",
+        "too many failed key checks from this address: wait a second before the next",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// Read a form of at most [`MAX_FORM_BYTES`] sent without credentials, within the
@@ -212,6 +278,10 @@ async fn answer(
         );
     }
     let (head, body) = req.into_parts();
+    let peer = head.extensions.get::<PeerAddr>().map(|PeerAddr(ip)| *ip);
+    if !clients.is_empty() && !may_guess(peer) {
+        return slow_down();
+    }
     // Basic credentials are checked before the form is read: a caller without a key must
     // not make the proxy wait on (and hold) its upload.
     let basic = head.headers.get(header::AUTHORIZATION);
@@ -220,6 +290,7 @@ async fn answer(
             identify(&clients, key.as_bytes()).is_some_and(|c| c.name.as_ref() == name)
         });
         if !known {
+            guessed_wrong(peer);
             return refused_client();
         }
     }
@@ -268,7 +339,10 @@ async fn answer(
             });
         match found {
             Some(c) => Some(c),
-            None => return refused_client(),
+            None => {
+                guessed_wrong(peer);
+                return refused_client();
+            }
         }
     };
     let token = sessions.issue(client.as_deref(), lifetime);

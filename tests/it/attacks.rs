@@ -582,3 +582,60 @@ async fn separators_and_direction_controls_in_a_path_reach_no_log_raw() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_guesses_at_the_token_endpoint_are_slowed_per_address() {
+    use base64::Engine as _;
+    let sandbox = sandbox().await;
+    let proxy = Proxy::start(&standard_config(&sandbox, ""));
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .unwrap()
+    };
+    let basic = |name: &str, key: &str| {
+        let pair = base64::engine::general_purpose::STANDARD.encode(format!("{name}:{key}"));
+        format!("Basic {pair}")
+    };
+    let ask = |client: reqwest::Client, auth: String| {
+        let url = proxy.url("/oauth/token");
+        async move {
+            client
+                .post(url)
+                .header("authorization", auth)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("grant_type=client_credentials")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // 300 guesses as fast as one connection goes.
+    let guesser = from([127, 0, 5, 1]);
+    let started = std::time::Instant::now();
+    let mut statuses = Vec::new();
+    for i in 0..300 {
+        statuses.push(
+            ask(
+                guesser.clone(),
+                basic("reporting-job", &format!("tg_guess-{i}")),
+            )
+            .await,
+        );
+    }
+    let took = started.elapsed();
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let slowed = statuses.iter().filter(|s| **s == 429).count();
+    eprintln!("300 key guesses in {took:?}: {checked} checked (401), {slowed} slowed down (429)");
+    assert_eq!(checked + slowed, 300);
+    assert!(
+        (checked as f64) <= 10.0 + took.as_secs_f64() + 1.0,
+        "{checked} keys checked in {took:?}"
+    );
+    // Another address is served as usual.
+    let other = ask(from([127, 0, 5, 2]), basic("reporting-job", CLIENT_KEY)).await;
+    assert_eq!(other, 200);
+}
