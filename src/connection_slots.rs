@@ -41,6 +41,10 @@ struct State {
     /// the client's name per call.
     held: Vec<(Arc<str>, usize, u32)>,
     waiting: Vec<Waiter>,
+    /// The clients in `waiting`, each with its number of waiting calls and its weight:
+    /// the shares are worked out from these and `held`, never by walking the line (a
+    /// thousand callers queued on one worker made that quadratic).
+    waiting_clients: Vec<(Arc<str>, usize, u32)>,
     /// Arrival order of waiters, for ties.
     next_seq: u64,
 }
@@ -101,14 +105,23 @@ impl ConnectionSlots {
 
     /// The most slots `who` may hold now (see the module's notes).
     fn share_of(&self, state: &State, who: Claimant<'_>) -> usize {
+        let weight = who.weight.max(1);
+        let active =
+            state.position(who.client).is_some() || state.waiting_position(who.client).is_some();
+        let total = state.active_weight() + if active { 0 } else { u64::from(weight) };
+        self.share_for(weight, total)
+    }
+
+    /// The most slots a client of `weight` may hold when the active clients weigh `total`
+    /// in all (its own weight included).
+    fn share_for(&self, weight: u32, total: u64) -> usize {
         let reserve = if self.capacity >= 2 {
             (self.capacity / 8).max(1)
         } else {
             0
         };
         let usable = (self.capacity - reserve) as u64;
-        let total = u64::from(who.weight.max(1)) + state.weight_of_others(who.client);
-        ((usable * u64::from(who.weight.max(1)) / total) as usize).max(1)
+        ((usable * u64::from(weight) / total.max(1)) as usize).max(1)
     }
 
     /// A slot for `who`: at once if one is free and within its share, else when one is
@@ -122,6 +135,7 @@ impl ConnectionSlots {
             let (hand_over, receiver) = oneshot::channel();
             let seq = state.next_seq;
             state.next_seq += 1;
+            state.note_waiting(who.client, who.weight.max(1));
             state.waiting.push(Waiter {
                 client: Arc::clone(who.client),
                 weight: who.weight.max(1),
@@ -149,18 +163,25 @@ impl ConnectionSlots {
         let mut state = self.state();
         state.forget_one(client);
         // Waiters that gave up are dropped from the line.
+        let gone: Vec<Arc<str>> = state
+            .waiting
+            .iter()
+            .filter(|w| w.hand_over.is_closed())
+            .map(|w| Arc::clone(&w.client))
+            .collect();
+        for client in &gone {
+            state.note_done_waiting(client);
+        }
         state.waiting.retain(|w| !w.hand_over.is_closed());
         loop {
             // Fewest held for the weight first (compared without division), then the
             // earliest.
+            // Every waiter's client is among the active ones: the total is the same for all.
+            let total = state.active_weight();
             let fairest = (0..state.waiting.len())
                 .filter(|&i| {
                     let w = &state.waiting[i];
-                    let who = Claimant {
-                        client: &w.client,
-                        weight: w.weight,
-                    };
-                    state.held_by(&w.client) < self.share_of(&state, who)
+                    state.held_by(&w.client) < self.share_for(w.weight, total)
                 })
                 .min_by(|&a, &b| {
                     let (wa, wb) = (&state.waiting[a], &state.waiting[b]);
@@ -172,6 +193,7 @@ impl ConnectionSlots {
                 break;
             };
             let waiter = state.waiting.swap_remove(fairest);
+            state.note_done_waiting(&waiter.client);
             state.count_one(&waiter.client, waiter.weight);
             let slot = Slot {
                 slots: Some(Arc::clone(self)),
@@ -204,24 +226,38 @@ impl State {
         self.position(client).map_or(0, |i| self.held[i].1)
     }
 
-    /// The weights of the clients other than `client` holding or waiting for slots.
-    fn weight_of_others(&self, client: &Arc<str>) -> u64 {
-        let holding = self
-            .held
+    fn waiting_position(&self, client: &Arc<str>) -> Option<usize> {
+        self.waiting_clients
             .iter()
-            .filter(|(c, _, _)| !same(c, client))
-            .map(|(_, _, w)| u64::from(*w));
-        let mut counted: Vec<&Arc<str>> = Vec::new();
-        let waiting = self.waiting.iter().filter_map(|w| {
-            let new = !same(&w.client, client)
-                && self.position(&w.client).is_none()
-                && !counted.iter().any(|c| same(c, &w.client));
-            if new {
-                counted.push(&w.client);
+            .position(|(c, _, _)| same(c, client))
+    }
+
+    /// The weights of the clients holding or waiting for slots, each once.
+    fn active_weight(&self) -> u64 {
+        let holding: u64 = self.held.iter().map(|(_, _, w)| u64::from(*w)).sum();
+        let only_waiting: u64 = self
+            .waiting_clients
+            .iter()
+            .filter(|(c, _, _)| self.position(c).is_none())
+            .map(|(_, _, w)| u64::from(*w))
+            .sum();
+        holding + only_waiting
+    }
+
+    fn note_waiting(&mut self, client: &Arc<str>, weight: u32) {
+        match self.waiting_position(client) {
+            Some(i) => self.waiting_clients[i].1 += 1,
+            None => self.waiting_clients.push((Arc::clone(client), 1, weight)),
+        }
+    }
+
+    fn note_done_waiting(&mut self, client: &Arc<str>) {
+        if let Some(i) = self.waiting_position(client) {
+            self.waiting_clients[i].1 -= 1;
+            if self.waiting_clients[i].1 == 0 {
+                self.waiting_clients.swap_remove(i);
             }
-            new.then_some(u64::from(w.weight))
-        });
-        holding.sum::<u64>() + waiting.sum::<u64>()
+        }
     }
 
     fn count_one(&mut self, client: &Arc<str>, weight: u32) {
