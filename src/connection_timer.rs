@@ -7,7 +7,7 @@
 //! lock. A `Sleep` moved to a later deadline only notes its new deadline (tokio looks again
 //! when the old one comes), so each connection here keeps the one it had and lends it to
 //! hyper again: no insertion and no removal per request (hyper still boxes the small
-//! handle it is lent). Measured under callgrind: 165 instructions per call fewer (README,
+//! handle it is lent). Measured under callgrind: 165 instructions per call fewer (docs/testing.md,
 //! issue 13).
 //!
 //! The timer a connection keeps may still be in the wheel at its old deadline: when that

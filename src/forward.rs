@@ -348,7 +348,7 @@ mod tests {
     use http::HeaderValue;
 
     /// Every call's future is allocated once; past 1 KiB glibc serves it from its bins
-    /// instead of the thread cache, and every call copies it (see README, issue 13).
+    /// instead of the thread cache, and every call copies it (see docs/testing.md, issue 13).
     #[tokio::test]
     async fn a_calls_future_fits_the_allocators_thread_cache() {
         let (_sandbox, upstream, metrics) = crate::upstream::sandboxed_worker_upstream().await;

@@ -247,7 +247,7 @@ fn secs(d: Option<Duration>) -> Value {
     })
 }
 
-/// The status document (`/status.json`; its shape is documented in README.md).
+/// The status document (`/status.json`; its shape is documented in docs/operations.md).
 pub fn status_json(
     listen: std::net::SocketAddr,
     upstreams: &[Arc<Upstream>],

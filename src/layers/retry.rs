@@ -626,7 +626,7 @@ mod tests {
     }
 
     /// Every call's future is allocated once; past 1 KiB glibc serves it from its bins
-    /// instead of the thread cache, and every call copies it (see README, issue 13).
+    /// instead of the thread cache, and every call copies it (see docs/testing.md, issue 13).
     #[test]
     fn a_calls_future_fits_the_allocators_thread_cache() {
         let layer = RetryLayer::for_upstream(&upstream(), 1024, Metrics::new());

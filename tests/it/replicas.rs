@@ -343,11 +343,11 @@ async fn a_token_pool_is_shared_by_the_fleet_and_minted_one_at_a_time() {
 }
 
 #[test]
-fn the_readme_replica_example_is_a_valid_config() {
+fn the_replicas_page_example_is_a_valid_config() {
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/replicas.md")).unwrap();
     let section = &readme[readme
-        .find("## Running several replicas")
+        .find("# Running several replicas")
         .expect("the section")..];
     let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
     let text = &section[start..start + section[start..].find("```").unwrap()];
