@@ -84,6 +84,9 @@ fi
 # The tests that need chromium, redis-server, tinyproxy, nginx or the SDK are #[ignore]d, so that a plain
 # `cargo test` passes on a machine without them; here they run too. The benches run once
 # as tests on their own: criterion's harness does not take libtest's --include-ignored.
+# Some tests open a thousand connections or more from the test process itself: as many
+# descriptors as this user may have (a shell's usual soft limit is 1,024).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo test --workspace --lib --bins --tests "$@" -- --include-ignored
 cargo test --workspace --benches "$@"
 cargo test --doc
