@@ -14,7 +14,7 @@
 //!   writes to the socket (HTTP/1.1 callers that pipeline requests and never read).
 //!
 //! [`Watch`] is shared by the connection's service ([`Watched`]), the bodies of its
-//! answers ([`WatchedBody`]) and the task serving it, which looks at it every [`TICK`].
+//! answers (`WatchedBody`) and the task serving it, which looks at it every [`TICK`].
 
 use std::future::Future;
 use std::pin::Pin;

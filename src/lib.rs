@@ -32,6 +32,7 @@ pub mod layers;
 pub mod live;
 pub mod log_batch;
 pub mod memory;
+pub mod messages;
 pub mod metrics;
 pub mod notifications;
 pub mod outcome;

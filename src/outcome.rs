@@ -54,7 +54,7 @@ pub struct Outcome {
     /// Why the answer comes from a later attempt (the first reason, when there were several).
     pub retried: Option<RetryReason>,
     /// The proxy's own error code, when the proxy made the answer.
-    pub error: Option<&'static str>,
+    pub error: Option<crate::error::ErrorCode>,
     /// The upstream closed a pooled connection before any byte of an answer: nothing was
     /// answered, so an idempotent call may go again.
     pub closed_before_answer: bool,

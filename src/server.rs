@@ -94,7 +94,7 @@ impl<S> PerConnection<S> {
     }
 }
 
-/// The address a request came from (set on POST requests only; see [`PerConnection`]).
+/// The address a request came from (set on POST requests only; see `PerConnection`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub IpAddr);
 

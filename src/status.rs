@@ -161,7 +161,7 @@ pub struct Answered<'a> {
     pub client: Option<&'a str>,
     pub status: u16,
     /// The proxy's own error code, if the proxy made the answer.
-    pub proxy_error: Option<&'static str>,
+    pub proxy_error: Option<crate::error::ErrorCode>,
     pub retried_after_401: bool,
 }
 
@@ -230,7 +230,7 @@ impl StatusBoard {
         }
         if let Some(c) = client_index.map(|i| &self.clients[i]) {
             c.requests.fetch_add(1, Ordering::Relaxed);
-            if a.proxy_error == Some("forbidden") {
+            if a.proxy_error == Some(crate::error::ErrorCode::Forbidden) {
                 c.forbidden.fetch_add(1, Ordering::Relaxed);
             }
         }

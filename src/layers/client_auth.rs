@@ -136,7 +136,8 @@ fn anonymous_browser_refusal(req: &ProxyRequest) -> Option<ProxyResponse> {
     {
         let mut resp = http::Response::new(crate::body::empty());
         *resp.status_mut() = http::StatusCode::NO_CONTENT;
-        crate::outcome::Outcome::of(&mut resp).error = Some("preflight_refused");
+        crate::outcome::Outcome::of(&mut resp).error =
+            Some(crate::error::ErrorCode::PreflightRefused);
         return Some(resp);
     }
     let cross_site = headers

@@ -182,7 +182,7 @@ mod tests {
         let resp = svc.oneshot(get()).await.unwrap();
         assert_eq!(resp.status(), 504);
         let outcome = crate::outcome::Outcome::read(&resp).and_then(|o| o.error);
-        assert_eq!(outcome, Some("upstream_timeout"));
+        assert_eq!(outcome, Some(crate::error::ErrorCode::UpstreamTimeout));
     }
 
     #[tokio::test]

@@ -155,7 +155,7 @@ where
             ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
             retried,
             correlation_id = correlation,
-            error,
+            error = error.map(crate::error::ErrorCode::as_str),
             "request"
         );
         Poll::Ready(Ok(resp))

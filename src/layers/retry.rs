@@ -570,7 +570,7 @@ mod tests {
                         generation: attempt,
                     });
                 } else {
-                    Outcome::of(&mut resp).error = Some("made_by_the_proxy");
+                    Outcome::of(&mut resp).error = Some(crate::error::ErrorCode::Unauthorized);
                 }
                 Ok(resp)
             }) as BoxFuture

@@ -22,6 +22,7 @@ use super::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::body;
 use crate::config::ClientConfig;
 use crate::connection_watch::OnConnection;
+use crate::error::ErrorCode;
 use crate::outcome::Outcome;
 use crate::server::PeerAddr;
 use crate::session::Sessions;
@@ -118,7 +119,7 @@ fn guessed_wrong(peer: Option<std::net::IpAddr>) {
 fn slow_down() -> ProxyResponse {
     let mut resp = oauth_error(
         StatusCode::TOO_MANY_REQUESTS,
-        "slow_down",
+        ErrorCode::SlowDown,
         "too many failed key checks from this address: wait a second before the next",
     );
     resp.headers_mut()
@@ -155,7 +156,7 @@ async fn read_unauthenticated_form(
 fn unreadable_form() -> ProxyResponse {
     oauth_error(
         StatusCode::BAD_REQUEST,
-        "invalid_request",
+        ErrorCode::InvalidRequest,
         "the form could not be read",
     )
 }
@@ -164,7 +165,7 @@ fn unreadable_form() -> ProxyResponse {
 fn busy(description: &str) -> ProxyResponse {
     let mut resp = oauth_error(
         StatusCode::SERVICE_UNAVAILABLE,
-        "temporarily_unavailable",
+        ErrorCode::TemporarilyUnavailable,
         description,
     );
     resp.headers_mut()
@@ -219,9 +220,9 @@ pub struct TokenEndpoint<S> {
     lifetime: Duration,
 }
 
-fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> ProxyResponse {
+fn oauth_error(status: StatusCode, error: ErrorCode, description: &str) -> ProxyResponse {
     let body = serde_json::json!({
-        "error": error,
+        "error": error.as_str(),
         "error_description": description,
         "message": description,
     });
@@ -243,7 +244,7 @@ fn oauth_error(status: StatusCode, error: &'static str, description: &str) -> Pr
 fn refused_client() -> ProxyResponse {
     oauth_error(
         StatusCode::UNAUTHORIZED,
-        "invalid_client",
+        ErrorCode::InvalidClient,
         "send the client's name and key as the Basic credentials (client id and secret)",
     )
 }
@@ -273,7 +274,7 @@ async fn answer(
     if req.method() != Method::POST {
         return oauth_error(
             StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "token requests are POSTs",
         );
     }
@@ -326,7 +327,7 @@ async fn answer(
     if grant_type != Some("client_credentials") {
         return oauth_error(
             StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
+            ErrorCode::UnsupportedGrantType,
             "the proxy issues tokens for grant_type=client_credentials only",
         );
     }
