@@ -8,12 +8,12 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::BodyExt;
+use tokengate::back::forward::strip_hop_by_hop;
+use tokengate::config::policy::AllowRule;
 use tokengate::config::Config;
-use tokengate::forward::strip_hop_by_hop;
-use tokengate::metrics::Metrics;
-use tokengate::policy::AllowRule;
-use tokengate::session::Sessions;
-use tokengate::status::StatusBoard;
+use tokengate::front::session::Sessions;
+use tokengate::telemetry::board::StatusBoard;
+use tokengate::telemetry::metrics::Metrics;
 use tokengate::token::grant::Granter;
 use tokengate::token::TokenSource;
 use tokengate::upstream::Upstream;
@@ -57,7 +57,7 @@ fn whole_stack(c: &mut Criterion) {
             "[[upstream]]\nname = \"s\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nbase_url = \"{}\"\nclient_id = \"sandbox-client\"\nclient_secret = \"sandbox-secret\"\n[[client]]\nname = \"bench\"\nkey_sha256 = \"{}\"\n",
             sandbox.token_url(),
             sandbox.api_url(),
-            tokengate::keys::hash_key(key)
+            tokengate::front::keys::hash_key(key)
         );
         let config = Config::from_toml(&text, "bench.toml".as_ref(), &|_| None).unwrap();
         let metrics = Metrics::new();
@@ -74,7 +74,7 @@ fn whole_stack(c: &mut Criterion) {
         ));
         let board = Arc::new(StatusBoard::new(&config));
         let sessions = Arc::new(Sessions::new());
-        let sockets = tokengate::websocket::Sockets::new(metrics.clone());
+        let sockets = tokengate::back::websocket::Sockets::new(metrics.clone());
         std::mem::forget(sandbox); // keep it serving for the rest of the run
         let parts = tokengate::stack::Parts {
             config: &config,
@@ -83,7 +83,7 @@ fn whole_stack(c: &mut Criterion) {
             board: &board,
             sessions: &sessions,
             sockets: &sockets,
-            channels: &tokengate::notifications::Channels::new(Default::default()),
+            channels: &tokengate::back::notifications::Channels::new(Default::default()),
         };
         tokengate::stack::request_path(&parts, 0)
     });
@@ -93,7 +93,7 @@ fn whole_stack(c: &mut Criterion) {
             async move {
                 let req = http::Request::get("/api/v2/users/me")
                     .header("authorization", format!("Bearer {key}"))
-                    .body(tokengate::body::empty())
+                    .body(tokengate::http::body::empty())
                     .unwrap();
                 let resp = service.oneshot(req).await.unwrap();
                 assert_eq!(resp.status(), 200);

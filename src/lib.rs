@@ -13,50 +13,31 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
-pub mod answers;
-pub mod body;
-pub mod check;
+pub mod back;
+pub mod call;
+pub mod cli;
 pub mod config;
-pub mod connection_slots;
-pub mod connection_timer;
-pub mod connection_watch;
-pub mod connections;
-pub mod credentials;
-pub mod demo;
-pub mod descriptors;
-pub mod egress;
-pub mod error;
-pub mod forward;
-pub mod keys;
-pub mod layers;
+pub mod front;
+pub mod governor;
+pub mod http;
+pub mod ingress;
 pub mod live;
-pub mod log_batch;
-pub mod memory;
-pub mod messages;
-pub mod metrics;
-pub mod notifications;
-pub mod outcome;
-pub mod policy;
-pub mod providers;
-pub mod rate_budget;
-pub mod server;
-pub mod session;
-pub mod shared_credentials;
+pub mod outbound;
 pub mod stack;
-pub mod status;
+pub mod telemetry;
 pub mod token;
 pub mod upstream;
-pub mod websocket;
-pub mod workers;
 
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
+
+use ingress::{descriptors, memory, server, workers};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Why the proxy could not start (the config itself was valid).
 #[derive(Debug, thiserror::Error)]

@@ -18,12 +18,12 @@ use hyper::body::Incoming;
 use tower::util::BoxCloneSyncService;
 use tower::Service;
 
-use crate::body::ProxyBody;
+use crate::call::BoxFuture;
 use crate::config::Config;
-use crate::layers::BoxFuture;
-use crate::metrics::Metrics;
-use crate::session::Sessions;
-use crate::status::StatusBoard;
+use crate::front::session::Sessions;
+use crate::http::body::ProxyBody;
+use crate::telemetry::board::StatusBoard;
+use crate::telemetry::metrics::Metrics;
 use crate::token::shared::SharedCache;
 use crate::token::{TokenCache, TokenSource};
 use crate::upstream::Upstream;
@@ -40,8 +40,8 @@ pub struct Generation {
     /// The fleet's token cache, when `[cache]` is configured.
     pub shared: Option<Arc<SharedCache>>,
     /// Open WebSockets and live notification channels (the process's, shown per generation).
-    pub sockets: Arc<crate::websocket::Sockets>,
-    pub channels: Arc<crate::notifications::Channels>,
+    pub sockets: Arc<crate::back::websocket::Sockets>,
+    pub channels: Arc<crate::back::notifications::Channels>,
 }
 
 impl Generation {
@@ -63,9 +63,9 @@ pub struct Builder {
     /// Signs the proxy's own session tokens; kept, so sessions survive a reload.
     sessions: Arc<Sessions>,
     /// Open WebSockets, counted across reloads.
-    sockets: Arc<crate::websocket::Sockets>,
+    sockets: Arc<crate::back::websocket::Sockets>,
     /// Notification channels made through the proxy; kept across reloads.
-    channels: Arc<crate::notifications::Channels>,
+    channels: Arc<crate::back::notifications::Channels>,
     metrics: Metrics,
     /// Each worker gets its own connection pool per upstream.
     workers: usize,
@@ -78,10 +78,10 @@ impl Builder {
         let tokens = TokenCache::default();
         Builder {
             workers,
-            channels: crate::notifications::Channels::new(tokens.shared_handle()),
+            channels: crate::back::notifications::Channels::new(tokens.shared_handle()),
             tokens,
             sessions: Arc::new(Sessions::new()),
-            sockets: crate::websocket::Sockets::new(metrics.clone()),
+            sockets: crate::back::websocket::Sockets::new(metrics.clone()),
             metrics,
             upstreams: std::sync::Mutex::new(Arc::from(Vec::new())),
         }
@@ -112,7 +112,7 @@ impl Builder {
                     .map(|i| self.tokens.source_for(&u.name, &u.grant, i, &self.metrics))
                     .collect();
                 // With [cache], the fleet shares each token's rate budget through Redis.
-                let fleet = crate::rate_budget::FleetBudget {
+                let fleet = crate::governor::FleetBudget {
                     shared: self.tokens.shared_handle(),
                     cache_key: u.grant.cache_key(),
                 };
@@ -235,14 +235,14 @@ impl Service<Request<Incoming>> for WorkerService {
             // A generation builds a service for every worker; the fallback is never taken.
             let services = &generation.services;
             let Some(service) = services.get(self.worker).or(services.first()).cloned() else {
-                let e = crate::error::ProxyError::NoRoute;
+                let e = crate::call::error::ProxyError::NoRoute;
                 return Box::pin(async { Ok(e.into_response()) });
             };
             self.serving = Some((generation, service));
         }
         match &mut self.serving {
             Some((_, service)) => service.call(req),
-            None => Box::pin(async { Ok(crate::error::ProxyError::NoRoute.into_response()) }),
+            None => Box::pin(async { Ok(crate::call::error::ProxyError::NoRoute.into_response()) }),
         }
     }
 }

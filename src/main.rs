@@ -78,7 +78,7 @@ fn init_logging(format: LogFormat) {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Straight to stderr, in batches on the workers (see `log_batch`).
-        .with_writer(tokengate::log_batch::Stderr)
+        .with_writer(tokengate::telemetry::log_batch::Stderr)
         .with_ansi(false);
     match format {
         LogFormat::Text => logs.init(),
@@ -140,7 +140,7 @@ fn main() -> ExitCode {
             None | Some(Command::Run) => serve(&cli).await,
             Some(Command::Check { json }) => check(&cli, *json).await,
             Some(Command::Demo { listen }) => {
-                match tokengate::demo::run(*listen, shutdown_signal()).await {
+                match tokengate::cli::demo::run(*listen, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("tokengate: demo failed: {e}");
@@ -225,7 +225,7 @@ async fn check(cli: &Cli, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let results = tokengate::check::check(&config).await;
+    let results = tokengate::cli::check::check(&config).await;
     for d in &results {
         // How the client proved itself, and the way out when it is not direct.
         let via = match &d.egress_proxy {
@@ -262,7 +262,7 @@ async fn check_shared_cache(cache: &tokengate::config::CacheConfig) -> String {
     let target = &cache.redis_target;
     let shared = match tokengate::token::shared::SharedCache::new(
         cache,
-        &tokengate::metrics::Metrics::new(),
+        &tokengate::telemetry::metrics::Metrics::new(),
     ) {
         Ok(s) => s,
         Err(e) => return format!("FAIL  shared cache {target}: {e}"),
@@ -283,9 +283,9 @@ async fn check_shared_cache(cache: &tokengate::config::CacheConfig) -> String {
 fn key(action: &KeyAction) -> ExitCode {
     match action {
         KeyAction::New => {
-            let key = tokengate::keys::new_key();
+            let key = tokengate::front::keys::new_key();
             println!("key:        {key}");
-            println!("key_sha256: {}", tokengate::keys::hash_key(&key));
+            println!("key_sha256: {}", tokengate::front::keys::hash_key(&key));
             eprintln!("Give the key to the client; put only key_sha256 in proxy.toml. The key is not shown again.");
             ExitCode::SUCCESS
         }
@@ -300,7 +300,7 @@ fn key(action: &KeyAction) -> ExitCode {
                 eprintln!("tokengate: no key on stdin");
                 return ExitCode::from(1);
             }
-            println!("{}", tokengate::keys::hash_key(key));
+            println!("{}", tokengate::front::keys::hash_key(key));
             ExitCode::SUCCESS
         }
     }

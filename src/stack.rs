@@ -15,24 +15,24 @@ use hyper::body::Incoming;
 use tower::util::Either;
 use tower::ServiceBuilder;
 
-use crate::body::{self, ProxyBody};
+use crate::back::bearer::{Bearer, BearerLayer};
+use crate::back::budget::{Budget, BudgetLayer};
+use crate::back::deadline::{Deadline, DeadlineLayer};
+use crate::back::forward::Forward;
+use crate::back::notifications::{Channels, Notifications, NotificationsLayer};
+use crate::back::retry::{Retry, RetryLayer};
 use crate::config::Config;
-use crate::connections::Origin;
-use crate::forward::Forward;
-use crate::layers::bearer::{Bearer, BearerLayer};
-use crate::layers::budget::{Budget, BudgetLayer};
-use crate::layers::client_auth;
-use crate::layers::deadline::{Deadline, DeadlineLayer};
-use crate::layers::guard;
-use crate::layers::observe::ObserveLayer;
-use crate::layers::retry::{Retry, RetryLayer};
-use crate::layers::route::{Destination, Router};
-use crate::layers::token_endpoint::TokenEndpointLayer;
-use crate::metrics::Metrics;
-use crate::notifications::{Channels, Notifications, NotificationsLayer};
-use crate::server::HttpService;
-use crate::session::Sessions;
-use crate::status::StatusBoard;
+use crate::front::client_auth;
+use crate::front::guard;
+use crate::front::observe::ObserveLayer;
+use crate::front::route::{Destination, Router};
+use crate::front::session::Sessions;
+use crate::front::token_endpoint::TokenEndpointLayer;
+use crate::http::body::{self, ProxyBody};
+use crate::ingress::server::HttpService;
+use crate::outbound::connections::Origin;
+use crate::telemetry::board::StatusBoard;
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::{Upstream, WorkerUpstream};
 
 /// What one worker needs to build its request path: the config and what outlives a call.
@@ -43,7 +43,7 @@ pub struct Parts<'a> {
     pub board: &'a Arc<StatusBoard>,
     pub sessions: &'a Arc<Sessions>,
     /// Open WebSockets, for `max_websockets`.
-    pub sockets: &'a Arc<crate::websocket::Sockets>,
+    pub sockets: &'a Arc<crate::back::websocket::Sockets>,
     /// Notification channels made through the proxy.
     pub channels: &'a Arc<Channels>,
 }
@@ -125,7 +125,7 @@ pub fn upstream_service(
     upstream: &WorkerUpstream,
     config: &Config,
     metrics: &Metrics,
-    sockets: &Arc<crate::websocket::Sockets>,
+    sockets: &Arc<crate::back::websocket::Sockets>,
     channels: &Arc<Channels>,
 ) -> UpstreamService {
     let limit = upstream.config.request_timeout;

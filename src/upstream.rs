@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use crate::config::UpstreamConfig;
-use crate::connections::{Origin, WorkerConnections};
-use crate::metrics::UpstreamMetrics;
-use crate::rate_budget::{
+use crate::governor::{
     header_number, FleetBudget, Governor, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET,
 };
+use crate::outbound::connections::{Origin, WorkerConnections};
+use crate::telemetry::metrics::UpstreamMetrics;
 use crate::token::TokenSource;
 
 #[derive(Debug)]
@@ -37,7 +37,7 @@ pub struct Upstream {
     /// The tokens' rate budget and the clients' fair shares of it.
     pub budget: Arc<Governor>,
     /// `base_url` has a path of its own: every caller's path must then be plain, or `..`
-    /// would climb out of it (see [`crate::policy::is_plain_path`]).
+    /// would climb out of it (see [`crate::config::policy::is_plain_path`]).
     pub plain_paths_only: bool,
     next: AtomicUsize,
     /// Per pooled token: until when (ms after `epoch`) it is spent; 0 when it is not.
@@ -202,7 +202,7 @@ impl Upstream {
 /// One worker's handle on a shared [`Upstream`], with that worker's connections.
 ///
 /// Every call clones the upstream a few times (into the bearer's and the forwarder's
-/// futures, into the call's [`Outcome`](crate::outcome::Outcome)). Cloned through a
+/// futures, into the call's [`Outcome`](crate::call::outcome::Outcome)). Cloned through a
 /// shared `Arc`, each clone and drop moves one cache line between the cores; a profile put
 /// such reference counts among the hottest instructions of the proxy. Through this handle
 /// they count on a cache line only this worker touches (no change beyond the noise was
@@ -268,10 +268,10 @@ fn connection_shares(max_connections: usize, workers: usize) -> impl Iterator<It
 pub(crate) async fn sandboxed_worker_upstream() -> (
     tokengate_sandbox::Sandbox,
     WorkerUpstream,
-    crate::metrics::Metrics,
+    crate::telemetry::metrics::Metrics,
 ) {
     let (sandbox, config, source) = crate::token::tests::sandboxed_source().await;
-    let metrics = crate::metrics::Metrics::new();
+    let metrics = crate::telemetry::metrics::Metrics::new();
     let upstream = Arc::new(Upstream::new(
         config,
         vec![source],

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::raw::RawClient;
 use super::upstream::UpstreamConfig;
 use super::{ConfigError, Cx};
-use crate::policy::AllowRule;
+use crate::config::policy::AllowRule;
 
 /// A caller of the proxy, identified by its key.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{ConfigError, Cx};
-use crate::egress::{Egress, ProxyRoutes};
+use crate::outbound::egress::{Egress, ProxyRoutes};
 
 /// A client certificate chain and its key, as read from PEM files.
 pub(super) struct Identity {

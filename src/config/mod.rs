@@ -26,6 +26,8 @@ mod client;
 mod egress;
 mod error;
 mod grant;
+pub mod policy;
+pub mod providers;
 mod raw;
 mod server;
 #[cfg(test)]
@@ -41,7 +43,7 @@ pub use client::ClientConfig;
 use error::toml_error;
 pub use error::ConfigError;
 pub use grant::{
-    AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
+    signing_key, AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
 };
 use raw::RawConfig;
 pub use server::{LogFormat, ServerConfig};

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{AuthMethod, BasicEncoding, LogFormat, SigningAlg};
-use crate::providers::Provider;
+use crate::config::providers::Provider;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -52,7 +52,7 @@ pub struct ServerConfig {
     pub websocket_idle: Duration,
     /// Where outbound connections go (`egress_proxy`, else the environment's
     /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`); `None`: direct.
-    pub egress: Option<crate::egress::ProxyRoutes>,
+    pub egress: Option<crate::outbound::egress::ProxyRoutes>,
 }
 
 impl Cx<'_> {
@@ -100,7 +100,7 @@ impl Cx<'_> {
             return Err(self.err("server.max_connections", "must be at least 1"));
         }
         let workers = match raw.workers {
-            None | Some(0) => crate::workers::default_count(),
+            None | Some(0) => default_workers(),
             Some(n @ 1..=1024) => n,
             Some(_) => {
                 return Err(self.err("server.workers", "must be 1 to 1024 (0: one per core)"))
@@ -201,4 +201,9 @@ impl Cx<'_> {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Some(Arc::new(config)))
     }
+}
+
+/// How many workers to run when the config does not say: one per core the process may use.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -8,7 +8,7 @@ use http::Uri;
 use super::grant::GrantConfig;
 use super::raw::RawUpstream;
 use super::{ConfigError, Cx};
-use crate::providers::{self, GenesysRegion, Provider};
+use crate::config::providers::{self, GenesysRegion, Provider};
 
 /// One API platform the proxy forwards to, and how it gets tokens for it.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use super::grant::Granter;
 use super::shared::SharedCache;
 use super::{Fleet, TokenSource};
 use crate::config::{CacheConfig, GrantConfig};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Token sources by everything that shapes a grant ([`GrantConfig::cache_key`]): token URL,
 /// client id, a hash of the secret, scope, parameters. Upstreams with the same credentials

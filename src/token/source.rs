@@ -16,7 +16,7 @@ use super::grant::{GrantError, Granter};
 use super::rejection::{Check, Rejection};
 use super::shared::{FleetLock, SharedCache, SharedToken};
 use super::{Token, TokenError};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Where a token source stands in the fleet's cache (the default: in no fleet).
 #[derive(Default)]

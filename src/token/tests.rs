@@ -5,7 +5,7 @@ use tokio::time::Instant;
 
 use super::backoff::{Backoff, PROBE_AFTER};
 use super::*;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 #[test]
 fn sources_are_shared_by_identical_grants_only() {

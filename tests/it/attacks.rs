@@ -411,7 +411,7 @@ fn getter_beside_quiet(sandbox: &Sandbox) -> String {
             "workers = 1",
             "max_connections = 4\nqueue_timeout_secs = 5"
         ),
-        tokengate::keys::hash_key(GETTER_KEY),
+        tokengate::front::keys::hash_key(GETTER_KEY),
     )
 }
 

@@ -3,7 +3,7 @@
 
 use crate::support::pki;
 use crate::support::*;
-use tokengate::providers::GenesysRegion;
+use tokengate::config::providers::GenesysRegion;
 use tokengate_sandbox::Flavor;
 
 const SECRET: &str = "the-real-secret-0451";
@@ -237,7 +237,7 @@ async fn wrong_region_when_another_regions_login_host_knows_the_client() {
             dead.clone()
         }
     };
-    let d = tokengate::check::check_with(&config, &route).await;
+    let d = tokengate::cli::check::check_with(&config, &route).await;
     let text = serde_json::to_string(&d).unwrap();
     assert!(!text.contains(SECRET));
     assert_eq!(d[0].hint, "wrong_region");
@@ -251,7 +251,8 @@ async fn wrong_region_when_another_regions_login_host_knows_the_client() {
 
     // When no region knows the client, it stays invalid_client.
     let nowhere = dead_url.clone();
-    let d = tokengate::check::check_with(&config, &move |_: &GenesysRegion| nowhere.clone()).await;
+    let d =
+        tokengate::cli::check::check_with(&config, &move |_: &GenesysRegion| nowhere.clone()).await;
     assert_eq!(d[0].hint, "invalid_client");
     assert!(d[0].message.contains("Admin > OAuth"), "{}", d[0].message);
 }

@@ -434,8 +434,8 @@ struct Issuer {
     grants: AtomicU64,
 }
 
-fn json_answer(status: u16, body: serde_json::Value) -> Response<tokengate::body::ProxyBody> {
-    let mut r = Response::new(tokengate::body::full(body.to_string()));
+fn json_answer(status: u16, body: serde_json::Value) -> Response<tokengate::http::body::ProxyBody> {
+    let mut r = Response::new(tokengate::http::body::full(body.to_string()));
     *r.status_mut() = StatusCode::from_u16(status).unwrap();
     r.headers_mut().insert(
         "content-type",
@@ -444,7 +444,7 @@ fn json_answer(status: u16, body: serde_json::Value) -> Response<tokengate::body
     r
 }
 
-fn refusal(why: &str) -> Response<tokengate::body::ProxyBody> {
+fn refusal(why: &str) -> Response<tokengate::http::body::ProxyBody> {
     json_answer(
         401,
         serde_json::json!({"error": "invalid_client", "error_description": why}),
@@ -452,7 +452,7 @@ fn refusal(why: &str) -> Response<tokengate::body::ProxyBody> {
 }
 
 impl Issuer {
-    fn grant(&self) -> Response<tokengate::body::ProxyBody> {
+    fn grant(&self) -> Response<tokengate::http::body::ProxyBody> {
         let n = self.grants.fetch_add(1, Ordering::SeqCst);
         let token = format!("issued-{n}-{}", hex::encode(rand::random::<[u8; 8]>()));
         self.tokens.lock().unwrap().insert(token.clone());

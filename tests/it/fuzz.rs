@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::support::*;
 use proptest::prelude::*;
+use tokengate::config::policy::{is_plain_path, AllowRule};
 use tokengate::config::Config;
-use tokengate::policy::{is_plain_path, AllowRule};
 
 const SECRET: &str = "prop-secret-value-93";
 

@@ -854,7 +854,7 @@ async fn echoing_token_endpoint() -> Served {
             "error_description": format!("unknown client; we got: {echo}"),
             "message": echo,
         });
-        let mut resp = http::Response::new(tokengate::body::full(answer.to_string()));
+        let mut resp = http::Response::new(tokengate::http::body::full(answer.to_string()));
         *resp.status_mut() = http::StatusCode::UNAUTHORIZED;
         Ok::<_, std::convert::Infallible>(resp)
     });
@@ -922,7 +922,7 @@ fn four_connections_and_client_b(sandbox: &Sandbox) -> String {
             sandbox,
             "max_connections = 5\ntimeout_secs = 2\nqueue_timeout_secs = 30"
         ),
-        tokengate::keys::hash_key(KEY_B)
+        tokengate::front::keys::hash_key(KEY_B)
     )
 }
 

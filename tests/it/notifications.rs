@@ -19,7 +19,7 @@ fn notifications_config(sandbox: &Sandbox, prefix: &str) -> String {
         upstream_toml(sandbox, "genesys", prefix),
         sandbox.streaming_url(),
         client_toml("reporting-job", ""),
-        tokengate::keys::hash_key(KEY_B),
+        tokengate::front::keys::hash_key(KEY_B),
     )
 }
 

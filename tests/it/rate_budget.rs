@@ -28,7 +28,7 @@ fn two_clients(sandbox: &Sandbox, upstream_extra: &str, quiet: &str, noisy: &str
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}{upstream_extra}\n{}\n[[client]]\nname = \"noisy\"\nkey_sha256 = \"{}\"\n{noisy}\n",
         upstream_toml(sandbox, "genesys", "/"),
         client_toml("quiet", quiet),
-        tokengate::keys::hash_key(NOISY_KEY),
+        tokengate::front::keys::hash_key(NOISY_KEY),
     )
 }
 

@@ -353,7 +353,7 @@ fn the_replicas_page_example_is_a_valid_config() {
     let text = &section[start..start + section[start..].find("```").unwrap()];
     let text = text.replace(
         "<tokengate key hash of the team's key>",
-        &tokengate::keys::hash_key(CLIENT_KEY),
+        &tokengate::front::keys::hash_key(CLIENT_KEY),
     );
     let env = |name: &str| match name {
         "LISTEN" => Some("127.0.0.1:8081".to_string()),

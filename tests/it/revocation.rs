@@ -195,7 +195,7 @@ fn two_clients(sandbox: &Sandbox) -> String {
     format!(
         "{}\n[[client]]\nname = \"wallboard\"\nkey_sha256 = \"{}\"\n",
         standard_config(sandbox, ""),
-        tokengate::keys::hash_key(OTHER_KEY)
+        tokengate::front::keys::hash_key(OTHER_KEY)
     )
 }
 

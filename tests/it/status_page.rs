@@ -236,7 +236,7 @@ async fn an_admin_key_protects_the_page_but_not_the_probes() {
         &sandbox,
         &format!(
             "admin_key_sha256 = \"{}\"",
-            tokengate::keys::hash_key(admin_key)
+            tokengate::front::keys::hash_key(admin_key)
         ),
     );
     let proxy = Proxy::start(&config);

@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 use serde::Serialize;
 
 use crate::config::{JwtSigning, SigningAlg};
@@ -24,28 +24,6 @@ struct Claims<'a> {
     exp: u64,
 }
 
-/// The signing key in `signing.key_file` (PEM: PKCS#8, or PKCS#1 for RSA, SEC1 for EC), as
-/// the algorithm needs it. The file is read on every call: a rotated key is used by the
-/// next grant.
-pub fn signing_key(signing: &JwtSigning) -> Result<EncodingKey, String> {
-    let pem = std::fs::read(&signing.key_file)
-        .map_err(|e| format!("cannot read {}: {e}", signing.key_file.display()))?;
-    let key = match signing.alg {
-        SigningAlg::RS256 | SigningAlg::PS256 => EncodingKey::from_rsa_pem(&pem),
-        SigningAlg::ES256 => EncodingKey::from_ec_pem(&pem),
-    };
-    key.map_err(|e| {
-        format!(
-            "{} is not a PEM {} private key ({e})",
-            signing.key_file.display(),
-            match signing.alg {
-                SigningAlg::ES256 => "EC (P-256)",
-                _ => "RSA",
-            }
-        )
-    })
-}
-
 /// A fresh assertion for `client_id`, addressed to `token_endpoint` (or the configured
 /// audience).
 pub fn assertion(
@@ -53,7 +31,7 @@ pub fn assertion(
     client_id: &str,
     token_endpoint: &str,
 ) -> Result<String, String> {
-    let key = signing_key(signing)?;
+    let key = crate::config::signing_key(signing)?;
     let mut header = Header::new(match signing.alg {
         SigningAlg::RS256 => Algorithm::RS256,
         SigningAlg::PS256 => Algorithm::PS256,

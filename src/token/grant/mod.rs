@@ -14,8 +14,9 @@ use base64::Engine as _;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{AuthMethod, BasicEncoding, GrantConfig, GrantFlow, Secret};
+pub use crate::http::causes::{error_chain, is_tls_error};
 use answer::{header_text, Answer};
-pub use error::{error_chain, is_tls_error, GrantError};
+pub use error::GrantError;
 
 /// Largest token-endpoint answer read; a real one is well under 8 KiB.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -398,7 +399,8 @@ impl Granter {
             if status == 407 || (status == 401 && !oauth) {
                 return Err(GrantError::EgressRefused(format!(
                     "the egress proxy {proxy} {}; the token endpoint was never reached",
-                    crate::egress::refusal_reason(status).replace("the tunnel", "the request")
+                    crate::outbound::egress::refusal_reason(status)
+                        .replace("the tunnel", "the request")
                 )));
             }
         }
@@ -425,7 +427,7 @@ impl Granter {
             return GrantError::Timeout;
         }
         let chain = error_chain(e);
-        if let Some((what, true)) = crate::egress::refusal(&chain) {
+        if let Some((what, true)) = crate::outbound::egress::refusal(&chain) {
             let proxy = self
                 .config
                 .egress

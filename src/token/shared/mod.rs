@@ -41,7 +41,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::config::{CacheConfig, RedisTarget};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// How long the cache is left alone after a failed command.
 const COOL_OFF: Duration = Duration::from_secs(5);

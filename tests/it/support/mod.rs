@@ -66,7 +66,7 @@ client_secret = "${{SANDBOX_SECRET}}"
 pub fn client_toml(name: &str, extra: &str) -> String {
     format!(
         "\n[[client]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n{extra}\n",
-        tokengate::keys::hash_key(CLIENT_KEY)
+        tokengate::front::keys::hash_key(CLIENT_KEY)
     )
 }
 
@@ -385,12 +385,12 @@ impl Drop for Served {
 /// Serve `svc` on a loopback port; stops when the returned [`Served`] is dropped.
 pub async fn serve_service<S>(svc: S) -> Served
 where
-    S: tokengate::server::HttpService<hyper::body::Incoming>,
+    S: tokengate::ingress::server::HttpService<hyper::body::Incoming>,
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(tokengate::server::serve(
-        tokengate::server::plain("test-server", listener),
+    let task = tokio::spawn(tokengate::ingress::server::serve(
+        tokengate::ingress::server::plain("test-server", listener),
         svc,
         std::future::pending(),
         Duration::from_secs(1),
@@ -401,7 +401,7 @@ where
 pub async fn serve_fixed(status: u16, content_type: &'static str, body: &'static str) -> Served {
     let svc = tower::service_fn(
         move |_req: http::Request<hyper::body::Incoming>| async move {
-            let mut resp = http::Response::new(tokengate::body::full(body));
+            let mut resp = http::Response::new(tokengate::http::body::full(body));
             *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
             resp.headers_mut()
                 .insert("content-type", http::HeaderValue::from_static(content_type));

@@ -1,0 +1,266 @@
+//! Attach the upstream's bearer token, from its cache.
+//!
+//! Built for one upstream. The token comes from one of its
+//! [token sources](crate::token::TokenSource) —
+//! picked by [`Upstream::pick`](crate::upstream::Upstream::pick) when there is a pool —
+//! usually with one atomic load. If the retry layer marked the request with
+//! [`ReplaceToken`], that source is asked for a token other than the rejected one. The
+//! upstream's answer records the token it was made with in its [`Outcome`], so a 401 can
+//! name the token it rejected, and its rate-limit headers steer the pool.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use http::header;
+use tower::{Layer, Service};
+
+use futures_util::FutureExt as _;
+
+use crate::call::error::ProxyError;
+use crate::call::messages::Admitted;
+use crate::call::messages::Caller;
+use crate::call::messages::ReplaceToken;
+use crate::call::outcome::{Outcome, TokenId};
+use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
+use crate::config::providers::Provider;
+use crate::token::rejection::{Check, Liveness, Rejection};
+use crate::token::TokenError;
+use crate::upstream::WorkerUpstream;
+
+/// How the platform is asked whether it still accepts a token, where it can be asked:
+/// an OAuth2 server with `introspection_url` by RFC 7662; Genesys verifies one with
+/// `HEAD /api/v2/tokens/me` (200 or 401, no body, and the token's
+/// idle clock is not the caller's concern: the proxy's token is in use anyway).
+fn liveness_check<S>(upstream: &WorkerUpstream, forward: &S, req: &ProxyRequest) -> Option<Check>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    if upstream.config.provider == Provider::Oauth2 {
+        let url = upstream.config.introspection_url.as_deref()?;
+        return crate::token::rejection::introspection(&upstream.config.grant, url);
+    }
+    if upstream.config.provider != Provider::Genesys {
+        return None;
+    }
+    let mut forward = forward.clone();
+    let caller = req.extensions().get::<Caller>().cloned();
+    Some(Box::new(move |token: http::HeaderValue| {
+        Box::pin(async move {
+            // A HEAD may go again, as retry sends calls whose connection closed unanswered
+            // (the 401 being judged often closed the connection it came on).
+            for _ in 0..3 {
+                let mut ask = http::Request::head(TOKEN_ITSELF)
+                    .body(crate::http::body::empty())
+                    .ok()?;
+                ask.headers_mut()
+                    .insert(header::AUTHORIZATION, token.clone());
+                if let Some(caller) = caller.clone() {
+                    ask.extensions_mut().insert(caller);
+                }
+                let answer = forward.call(ask).await.ok()?;
+                match Outcome::read(&answer) {
+                    Some(o) if o.closed_before_answer => continue,
+                    Some(o) if o.error.is_some() => return None,
+                    _ => return Some(answer.status()),
+                }
+            }
+            None
+        })
+        .map(|status| match status.map(|s| s.as_u16()) {
+            Some(200..=299) => Liveness::Alive,
+            Some(401) => Liveness::Dead,
+            _ => Liveness::Unknown,
+        })
+        .boxed()
+    }))
+}
+
+/// The platform's description of the token a call carries (Genesys).
+pub const TOKEN_ITSELF: &str = "/api/v2/tokens/me";
+
+#[derive(Debug, Clone)]
+pub struct BearerLayer {
+    upstream: WorkerUpstream,
+}
+
+impl BearerLayer {
+    /// Attach tokens from `upstream`'s pool.
+    pub fn with_tokens_of(upstream: &WorkerUpstream) -> Self {
+        BearerLayer {
+            upstream: upstream.clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for BearerLayer {
+    type Service = Bearer<S>;
+    fn layer(&self, inner: S) -> Bearer<S> {
+        Bearer {
+            inner,
+            upstream: self.upstream.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Bearer<S> {
+    inner: S,
+    upstream: WorkerUpstream,
+}
+
+/// A failed grant, as the caller sees it: a refusal that needs a configuration change is
+/// 502 `token_grant_failed`; an outage or rate limit is 503 `token_unavailable`.
+pub fn token_error(upstream: &str, e: TokenError) -> ProxyError {
+    use crate::token::grant::GrantError;
+    if e.cause.is_transient() {
+        return ProxyError::TokenUnavailable {
+            retry_after: e.retry_after,
+            message: format!(
+                "no token for upstream \"{upstream}\" is available: {}",
+                e.cause.for_caller()
+            ),
+        };
+    }
+    let grant_error = match &e.cause {
+        GrantError::Refused { error, .. } => Some(error.clone()),
+        _ => None,
+    };
+    ProxyError::TokenGrantFailed {
+        grant_error,
+        message: format!(
+            "the token grant for upstream \"{upstream}\" failed: {} (`tokengate check` tells why)",
+            e.cause.for_caller()
+        ),
+    }
+}
+
+impl<S> Service<ProxyRequest> for Bearer<S>
+where
+    // A concrete future type: rustc cannot yet prove a generic `S::Future` is `Send` inside
+    // an `async` block (rust-lang/rust#110338); the inner layers box theirs anyway.
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
+        // Take the service that was driven to readiness; leave a clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let upstream = self.upstream.clone();
+        let replace = req.extensions().get::<ReplaceToken>().copied();
+        let admitted = req.extensions().get::<Admitted>().copied();
+        let check = replace.and_then(|_| liveness_check(&upstream, &self.inner, &req));
+        Box::pin(async move {
+            let (pool_index, token) = match replace {
+                Some(ReplaceToken { rejected, seen_at }) => {
+                    let i = rejected.pool_index.min(upstream.tokens.len() - 1);
+                    let source = &upstream.tokens[i];
+                    match source.replace(rejected.generation, seen_at, check).await {
+                        Rejection::Replaced(token) => (i, token),
+                        Rejection::Stands => {
+                            let mut stood = http::Response::new(crate::http::body::empty());
+                            *stood.status_mut() = http::StatusCode::UNAUTHORIZED;
+                            Outcome::of(&mut stood).rejection_stood = true;
+                            return Ok(stood);
+                        }
+                    }
+                }
+                None => {
+                    // The rate governor chose the token whose budget has room, if it
+                    // holds a budget; else the pool's turn.
+                    let (i, source) = match admitted {
+                        Some(Admitted(i)) if i < upstream.tokens.len() => (i, &upstream.tokens[i]),
+                        _ => upstream.pick(),
+                    };
+                    (i, source.token().await)
+                }
+            };
+            let (generation, header) = match token {
+                Ok(t) => (t.generation, t.header().clone()),
+                Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
+            };
+            req.headers_mut().insert(header::AUTHORIZATION, header);
+            let mut resp = inner.call(req).await?;
+            if !Outcome::made_by_proxy(&resp) {
+                let status = resp.status().as_u16();
+                upstream.observe_limits(pool_index, status, resp.headers());
+                upstream
+                    .budget
+                    .observe(pool_index, status, resp.headers(), || upstream.in_flight());
+                Outcome::of(&mut resp).token = Some(TokenId {
+                    pool_index,
+                    generation,
+                });
+            }
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tower::{service_fn, ServiceExt};
+
+    use super::*;
+    use crate::http::body;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_callers_credentials_are_replaced_and_a_rejected_token_is_swapped() {
+        let (sandbox, upstream, _metrics) = crate::upstream::sandboxed_worker_upstream().await;
+        // The inner service plays the upstream: it records the Authorization it was sent.
+        let sent: Arc<Mutex<Vec<http::HeaderValue>>> = Arc::default();
+        let recorder = {
+            let sent = Arc::clone(&sent);
+            service_fn(move |req: ProxyRequest| {
+                let sent = Arc::clone(&sent);
+                Box::pin(async move {
+                    if let Some(v) = req.headers().get(header::AUTHORIZATION) {
+                        sent.lock().unwrap().push(v.clone());
+                    }
+                    Ok(http::Response::new(body::empty()))
+                }) as BoxFuture
+            })
+        };
+        let bearer = BearerLayer::with_tokens_of(&upstream).layer(recorder);
+        let call = |replace: Option<TokenId>| {
+            let mut req = http::Request::get("/x")
+                .header(header::AUTHORIZATION, "Bearer the-callers-own")
+                .body(body::empty())
+                .unwrap();
+            if let Some(rejected) = replace {
+                req.extensions_mut().insert(ReplaceToken {
+                    rejected,
+                    seen_at: tokio::time::Instant::now(),
+                });
+            }
+            bearer.clone().oneshot(req)
+        };
+        let first = call(None).await.unwrap();
+        let used = Outcome::read(&first).and_then(|o| o.token).unwrap();
+        let again = call(Some(used)).await.unwrap();
+        let swapped = Outcome::read(&again).and_then(|o| o.token).unwrap();
+        assert_ne!(swapped.generation, used.generation);
+        let sent = sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2);
+        assert_ne!(sent[0], sent[1], "the second call carried the new token");
+        for v in &sent {
+            assert_ne!(v, "Bearer the-callers-own");
+        }
+        assert!(sandbox.issued(&sent[1]));
+        assert_eq!(sandbox.grants(), 2);
+    }
+}

@@ -1,0 +1,658 @@
+//! Send a request once more when the upstream says 401 — with a fresh token — and, where
+//! the operator asked for it, again after a 429's `Retry-After`.
+//!
+//! A 401 from the upstream means the token stopped being valid (revoked, expired early,
+//! rotated). This layer sits outside [`crate::call::bearer`], so the second attempt goes through
+//! it again and gets a token other than the rejected one. Only one retry: a second 401
+//! goes back to the caller as it came.
+//!
+//! A 429 goes back to the caller with its `Retry-After` unless the upstream sets
+//! `retry_429 = N`: then idempotent requests are sent again after `Retry-After`, at most N
+//! times and `retry_429_max_wait_secs` of waiting in all, as the official Genesys SDKs do.
+//!
+//! To send a request twice its body must be kept. Bodies up to `retry_body_bytes` are read
+//! into memory first, within a process-wide budget ([`RETRY_BUDGET_BYTES`]); larger ones
+//! (or ones that turn out larger while reading, or that find the budget spent) stream
+//! through once and are not retried.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{header, Request, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::call::error::{body_error_or, ProxyError};
+use crate::call::messages::Caller;
+use crate::call::messages::ReplaceToken;
+use crate::call::outcome::{Outcome, RetryReason, TokenId};
+use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
+use crate::config::UpstreamConfig;
+use crate::http::body::{self, BoxError, ProxyBody};
+use crate::telemetry::metrics::Metrics;
+
+/// How many times a call is sent again after its pooled connection closed under it.
+const STALE_RESENDS: usize = 3;
+
+/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Methods whose requests have no defined use for a body (RFC 9110 §9.3).
+fn carries_no_body(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// `Retry-After` as a wait: seconds, or an HTTP date.
+fn retry_after(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// One upstream's retry policy, fixed when its stack is built.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Requests whose bodies are at most this long are kept, so they can be sent again.
+    keep_bytes: usize,
+    /// After a 429, idempotent calls go again at most this many times...
+    retry_429: u32,
+    /// ...and wait at most this long in all.
+    retry_429_max_wait: std::time::Duration,
+    upstream: Arc<str>,
+    metrics: Metrics,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryLayer(Arc<RetryPolicy>);
+
+impl RetryLayer {
+    /// `upstream`'s policy, keeping request bodies of at most `keep_bytes`.
+    pub fn for_upstream(upstream: &UpstreamConfig, keep_bytes: usize, metrics: Metrics) -> Self {
+        RetryLayer(Arc::new(RetryPolicy {
+            keep_bytes,
+            retry_429: upstream.retry_429,
+            retry_429_max_wait: upstream.retry_429_max_wait,
+            upstream: Arc::clone(&upstream.name),
+            metrics,
+        }))
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            policy: Arc::clone(&self.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Retry<S> {
+    inner: S,
+    policy: Arc<RetryPolicy>,
+}
+
+/// A request body after the attempt to keep it.
+enum Kept {
+    /// Fully read: can be sent any number of times. Its bytes count against
+    /// [`RETRY_BUDGET_BYTES`] until the call ends.
+    Whole(Bytes, Reserved),
+    /// Too large to keep, or the budget was spent: streams once.
+    Streaming(ProxyBody),
+}
+
+/// The most bytes of request bodies the whole process keeps for retries at once. Past it
+/// bodies stream through without being kept (and are not retried) rather than being
+/// refused: without it, 200 callers each holding back the last byte of a 1 MiB body took
+/// 200 MB.
+pub const RETRY_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+
+static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes counted against [`RETRY_BUDGET_BYTES`]; given back when dropped.
+#[derive(Default)]
+struct Reserved(usize);
+
+impl Reserved {
+    /// Count `n` more bytes, if the budget has room for them.
+    fn grow(&mut self, n: usize) -> bool {
+        let fits = KEPT_BYTES
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
+                kept.checked_add(n).filter(|k| *k <= RETRY_BUDGET_BYTES)
+            })
+            .is_ok();
+        if fits {
+            self.0 += n;
+        }
+        fits
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            KEPT_BYTES.fetch_sub(self.0, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Read `body` into memory if it is at most `limit` bytes; otherwise give back a body that
+/// streams what was read so far followed by the rest.
+async fn keep_body(
+    mut body: ProxyBody,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<Kept, BoxError> {
+    if body.is_end_stream() {
+        return Ok(Kept::Whole(Bytes::new(), Reserved::default()));
+    }
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Ok(Kept::Streaming(body));
+    }
+    // A declared length is counted against the budget before anything is read; if it does
+    // not fit, the body streams untouched.
+    let mut reserved = Reserved::default();
+    if let Some(len) = declared {
+        if !reserved.grow(len as usize) {
+            return Ok(Kept::Streaming(body));
+        }
+    }
+    // Copied out of hyper's read buffers as it comes: a kept chunk would pin the whole
+    // buffer it was cut from (measured: 200 held uploads took about 30 MB beyond what was
+    // kept).
+    let mut kept = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        // Trailers on a request are vanishingly rare; they are not worth a retry.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let total = kept.len() + data.len();
+        let fits = total <= limit
+            && (declared.is_some_and(|len| total as u64 <= len) || reserved.grow(data.len()));
+        if !fits {
+            let read = [kept.freeze(), data].map(|b| Ok(http_body::Frame::data(b)));
+            let rest = BodyStream::new(body);
+            return Ok(Kept::Streaming(body::boxed(StreamBody::new(
+                futures_util::stream::iter(read).chain(rest),
+            ))));
+        }
+        kept.extend_from_slice(&data);
+    }
+    Ok(Kept::Whole(kept.freeze(), reserved))
+}
+
+/// A request's head, kept to send it again. Of its extensions only the [`Caller`] matters
+/// past this layer (the forwarder shares connections out by caller); it is kept on its
+/// own and put back only on a copy that is sent, so the usual call, sent once, does not
+/// pay for a copy of the extension map.
+struct KeptHead {
+    head: http::request::Parts,
+    caller: Option<Caller>,
+    /// A WebSocket handshake's hold on its caller's connection, for a second attempt.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl KeptHead {
+    fn of(req: &ProxyRequest) -> KeptHead {
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.method = req.method().clone();
+        head.uri = req.uri().clone();
+        head.version = req.version();
+        head.headers = req.headers().clone();
+        KeptHead {
+            head,
+            caller: req.extensions().get::<Caller>().cloned(),
+            upgrade: req.extensions().get::<hyper::upgrade::OnUpgrade>().cloned(),
+        }
+    }
+
+    /// A copy of the request with `body`.
+    fn with_body(&self, body: &Bytes) -> ProxyRequest {
+        let mut req = Request::new(as_body(body));
+        *req.method_mut() = self.head.method.clone();
+        *req.uri_mut() = self.head.uri.clone();
+        *req.version_mut() = self.head.version;
+        *req.headers_mut() = self.head.headers.clone();
+        if let Some(caller) = &self.caller {
+            req.extensions_mut().insert(caller.clone());
+        }
+        if let Some(upgrade) = &self.upgrade {
+            req.extensions_mut().insert(upgrade.clone());
+        }
+        req
+    }
+}
+
+/// A kept body to send (an empty one, most calls', costs no allocation).
+fn as_body(kept: &Bytes) -> ProxyBody {
+    if kept.is_empty() {
+        body::empty()
+    } else {
+        body::full(kept.clone())
+    }
+}
+
+impl<S> Service<ProxyRequest> for Retry<S>
+where
+    // A concrete future type: rustc cannot yet prove a generic `S::Future` is `Send` inside
+    // an `async` block (rust-lang/rust#110338); the inner layers box theirs anyway.
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: ProxyRequest) -> BoxFuture {
+        let policy = Arc::clone(&self.policy);
+        // Most calls (GET) have no body: nothing to keep. The first attempt is under way
+        // before this returns, so the call's future holds neither the request nor the
+        // inner service's future inline: small enough for the allocator's thread cache
+        // (an `async` block holding the request would hold it twice; rust-lang/rust#62958).
+        if req.body().is_end_stream() {
+            let kept = KeptHead::of(&req);
+            let first = self.inner.call(req);
+            let inner = self.inner.clone();
+            return Box::pin(attempts(
+                inner,
+                policy,
+                kept,
+                Bytes::new(),
+                Reserved::default(),
+                first,
+            ));
+        }
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let (head, body) = req.into_parts();
+            let declared = head
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            // A GET's body beyond what is kept would stream to the API holding a
+            // connection for as long as its caller takes to send it: refused for clients
+            // whose rules say what they call (they cannot need one).
+            let bodiless = carries_no_body(&head.method)
+                && head
+                    .extensions
+                    .get::<Caller>()
+                    .is_some_and(|Caller(c)| c.as_ref().is_some_and(|c| c.allow.is_some()));
+            let unexpected = || {
+                let e = ProxyError::UnexpectedBody {
+                    method: head.method.clone(),
+                    limit: policy.keep_bytes as u64,
+                };
+                Ok(e.into_response())
+            };
+            if bodiless && declared.is_some_and(|len| len > policy.keep_bytes as u64) {
+                return unexpected();
+            }
+            let kept = match keep_body(body, declared, policy.keep_bytes).await {
+                Ok(kept) => kept,
+                Err(e) => {
+                    let unread = ProxyError::BadRequest("the request body could not be read");
+                    return Ok(body_error_or(&*e, unread).into_response());
+                }
+            };
+            match kept {
+                Kept::Streaming(_) if bodiless => unexpected(),
+                Kept::Streaming(body) => inner.call(Request::from_parts(head, body)).await,
+                // The first attempt takes the caller's own head (hyper sized its header
+                // map for it, so the token fits without growing it); the copy stays for
+                // retries. The body counts against the budget until the call ends.
+                Kept::Whole(body, reserved) => {
+                    let first = Request::from_parts(head, as_body(&body));
+                    let kept = KeptHead::of(&first);
+                    let first = inner.call(first);
+                    attempts(inner, policy, kept, body, reserved, first).await
+                }
+            }
+        })
+    }
+}
+
+/// `resp` with its body read into memory (so its connection is free again), or the
+/// error answer when it is not whole within [`body::SETTLED_ANSWER_BYTES`] and 10 s (a
+/// Genesys 401 is about 300 bytes).
+async fn in_hand(resp: ProxyResponse) -> Result<ProxyResponse, ProxyResponse> {
+    let (head, answer) = resp.into_parts();
+    let read = body::read_small(answer, body::SETTLED_ANSWER_BYTES);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Ok(Some(bytes)) => Ok(http::Response::from_parts(head, as_body(&bytes))),
+        _ => Err(ProxyError::UpstreamUnreachable(
+            "the upstream's 401 answer could not be read whole (64 KiB within 10 s)".into(),
+        )
+        .into_response()),
+    }
+}
+
+/// The first attempt's answer (`first`), and more attempts if the policy calls for them.
+async fn attempts<S>(
+    inner: S,
+    policy: Arc<RetryPolicy>,
+    kept: KeptHead,
+    body: Bytes,
+    reserved: Reserved,
+    first: BoxFuture,
+) -> Result<ProxyResponse, Infallible>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Send
+        + 'static,
+{
+    let resp = first.await?;
+    // Nearly every call ends here; the rest is boxed so this future stays small.
+    let again = matches!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+    ) || Outcome::read(&resp).is_some_and(|o| o.closed_before_answer);
+    if !again {
+        return Ok(resp);
+    }
+    let more: BoxFuture = Box::pin(again_as_the_policy_says(
+        inner, policy, kept, body, reserved, resp,
+    ));
+    more.await
+}
+
+/// After a first answer that may call for another attempt: a connection closed before
+/// answering, a 401, a 429.
+async fn again_as_the_policy_says<S>(
+    mut inner: S,
+    policy: Arc<RetryPolicy>,
+    kept: KeptHead,
+    body: Bytes,
+    _reserved: Reserved,
+    mut resp: ProxyResponse,
+) -> Result<ProxyResponse, Infallible>
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>,
+{
+    let (name, metrics) = (&*policy.upstream, &policy.metrics);
+    let mut retried = None;
+    // A pooled connection closed under the call before any answer: nothing was
+    // answered, and the body is here (empty, for most), so an idempotent call goes
+    // again; each time the pool drops that connection, and a burst of idle closes
+    // can take several.
+    let mut resends = 0;
+    // A request the API host never processed (HTTP/2 GOAWAY, REFUSED_STREAM) goes again
+    // whatever its method.
+    let closed = |r: &ProxyResponse| Outcome::read(r).is_some_and(|o| o.closed_before_answer);
+    let unprocessed = |r: &ProxyResponse| Outcome::read(r).is_some_and(|o| o.never_processed);
+    while resends < STALE_RESENDS
+        && (unprocessed(&resp) || closed(&resp) && idempotent(&kept.head.method))
+    {
+        resends += 1;
+        metrics.retry(name, RetryReason::ConnectionClosed.as_str());
+        drop(resp);
+        resp = inner.ready().await?.call(kept.with_body(&body)).await?;
+        retried = Some(RetryReason::ConnectionClosed);
+    }
+    // The token the upstream saw; none when the proxy made the answer itself.
+    let from_upstream =
+        |r: &ProxyResponse| -> Option<TokenId> { Outcome::read(r).and_then(|o| o.token) };
+    if let (StatusCode::UNAUTHORIZED, Some(rejected)) = (resp.status(), from_upstream(&resp)) {
+        let seen_at = tokio::time::Instant::now();
+        // Kept in hand (it is small) and its connection freed: the bearer layer may ask
+        // the platform about the token first, and the 401 goes back if it is still good.
+        let first = match in_hand(resp).await {
+            Ok(first) => first,
+            Err(unread) => return Ok(unread),
+        };
+        let mut again = kept.with_body(&body);
+        again
+            .extensions_mut()
+            .insert(ReplaceToken { rejected, seen_at });
+        let second = inner.ready().await?.call(again).await?;
+        if Outcome::read(&second).is_some_and(|o| o.rejection_stood) {
+            resp = first;
+        } else {
+            metrics.retry(name, RetryReason::Unauthorized.as_str());
+            tracing::info!(
+                upstream = name,
+                "upstream answered 401 for a token it no longer accepts; sent again with a fresh one"
+            );
+            resp = second;
+            retried = Some(RetryReason::Unauthorized);
+        }
+    }
+    if idempotent(&kept.head.method) {
+        let (mut left, mut budget) = (policy.retry_429, policy.retry_429_max_wait);
+        while left > 0
+            && resp.status() == StatusCode::TOO_MANY_REQUESTS
+            && from_upstream(&resp).is_some()
+        {
+            let wait = retry_after(resp.headers()).unwrap_or(std::time::Duration::from_secs(1));
+            if wait > budget {
+                break;
+            }
+            (left, budget) = (left - 1, budget - wait);
+            metrics.retry(name, RetryReason::Throttled.as_str());
+            tracing::info!(
+                upstream = name,
+                wait_secs = wait.as_secs_f32(),
+                "upstream answered 429; retrying after Retry-After"
+            );
+            drop(resp);
+            tokio::time::sleep(wait).await;
+            resp = inner.ready().await?.call(kept.with_body(&body)).await?;
+            retried = retried.or(Some(RetryReason::Throttled));
+        }
+    }
+    if retried.is_some() {
+        Outcome::of(&mut resp).retried = retried;
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::BodyExt;
+    use tower::service_fn;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// A body that sends `chunks` one frame at a time, with no declared length.
+    fn chunked(chunks: &[&'static [u8]]) -> ProxyBody {
+        let frames: Vec<Result<http_body::Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(http_body::Frame::data(Bytes::from_static(c))))
+            .collect();
+        body::boxed(StreamBody::new(futures_util::stream::iter(frames)))
+    }
+
+    async fn bytes_of(kept: Kept) -> (bool, Bytes) {
+        match kept {
+            Kept::Whole(bytes, _) => (true, bytes),
+            Kept::Streaming(body) => (false, body.collect().await.unwrap().to_bytes()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_of_exactly_the_limit_is_kept_and_one_byte_more_streams_whole() {
+        let (kept, bytes) =
+            bytes_of(keep_body(body::full("12345"), Some(5), 5).await.unwrap()).await;
+        assert!(kept);
+        assert_eq!(bytes, "12345");
+        let (kept, bytes) =
+            bytes_of(keep_body(body::full("123456"), Some(6), 5).await.unwrap()).await;
+        assert!(!kept, "a declared length over the limit is not read at all");
+        assert_eq!(bytes, "123456");
+    }
+
+    #[tokio::test]
+    async fn a_body_growing_past_the_limit_mid_read_streams_every_byte_in_order() {
+        let grown = chunked(&[b"abc", b"def", b"ghi"]);
+        let (kept, bytes) = bytes_of(keep_body(grown, None, 5).await.unwrap()).await;
+        assert!(!kept);
+        assert_eq!(bytes, "abcdefghi");
+        let (kept, bytes) =
+            bytes_of(keep_body(chunked(&[b"ab", b"cd"]), None, 4).await.unwrap()).await;
+        assert!(kept, "exactly the limit, undeclared");
+        assert_eq!(bytes, "abcd");
+    }
+
+    fn upstream() -> Arc<UpstreamConfig> {
+        let toml = "[[upstream]]\nname = \"u\"\nprovider = \"oauth2\"\ntoken_url = \"http://127.0.0.1:1/t\"\nbase_url = \"http://127.0.0.1:1\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
+        let config = Config::from_toml(toml, "t.toml".as_ref(), &|_| None).unwrap();
+        Arc::clone(&config.upstreams[0])
+    }
+
+    /// What the inner service saw of each attempt: the body and the token to replace.
+    type Seen = Arc<Mutex<Vec<(Bytes, Option<u64>)>>>;
+
+    /// An inner service that answers each attempt with the next of `statuses`, as an
+    /// upstream would (its answer names the token it was made with), or as the proxy
+    /// itself would when `from_upstream` is false.
+    fn inner(
+        statuses: Vec<u16>,
+        from_upstream: bool,
+        seen: Seen,
+    ) -> impl Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+           + Clone
+           + Send
+           + 'static {
+        let statuses = Arc::new(Mutex::new(statuses.into_iter()));
+        service_fn(move |req: ProxyRequest| {
+            let (statuses, seen) = (Arc::clone(&statuses), Arc::clone(&seen));
+            Box::pin(async move {
+                let replace = req
+                    .extensions()
+                    .get::<ReplaceToken>()
+                    .map(|r| r.rejected.generation);
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let attempt = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push((body, replace));
+                    seen.len() as u64
+                };
+                let status = statuses.lock().unwrap().next().unwrap_or(200);
+                let mut resp = http::Response::new(body::empty());
+                *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                if from_upstream {
+                    Outcome::of(&mut resp).token = Some(TokenId {
+                        pool_index: 0,
+                        generation: attempt,
+                    });
+                } else {
+                    Outcome::of(&mut resp).error =
+                        Some(crate::http::codes::ErrorCode::Unauthorized);
+                }
+                Ok(resp)
+            }) as BoxFuture
+        })
+    }
+
+    fn put(body: &'static str) -> ProxyRequest {
+        Request::put("/x").body(body::full(body)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_401_from_the_upstream_is_sent_again_with_the_same_body_asking_for_another_token() {
+        let seen = Seen::default();
+        let layer = RetryLayer::for_upstream(&upstream(), 1024, Metrics::new());
+        let mut retry = layer.layer(inner(vec![401, 200], true, Arc::clone(&seen)));
+        let resp = retry
+            .ready()
+            .await
+            .unwrap()
+            .call(put("payload"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            Outcome::read(&resp).and_then(|o| o.retried),
+            Some(RetryReason::Unauthorized)
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0], (Bytes::from("payload"), None));
+        // The second attempt names the token the upstream rejected (generation 1).
+        assert_eq!(seen[1], (Bytes::from("payload"), Some(1)));
+    }
+
+    #[tokio::test]
+    async fn a_second_401_and_a_401_the_proxy_made_go_back_unchanged() {
+        let seen = Seen::default();
+        let layer = RetryLayer::for_upstream(&upstream(), 1024, Metrics::new());
+        let mut retry = layer.layer(inner(vec![401, 401, 401], true, Arc::clone(&seen)));
+        let resp = retry.ready().await.unwrap().call(put("p")).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        assert_eq!(seen.lock().unwrap().len(), 2, "one retry, never two");
+
+        let seen = Seen::default();
+        let mut retry = layer.layer(inner(vec![401], false, Arc::clone(&seen)));
+        let resp = retry.ready().await.unwrap().call(put("p")).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            1,
+            "no token was rejected: nothing to retry"
+        );
+    }
+
+    /// Every call's future is allocated once; past 1 KiB glibc serves it from its bins
+    /// instead of the thread cache, and every call copies it (see docs/testing.md, issue 13).
+    #[test]
+    fn a_calls_future_fits_the_allocators_thread_cache() {
+        let layer = RetryLayer::for_upstream(&upstream(), 1024, Metrics::new());
+        let mut retry = layer.layer(inner(vec![], true, Seen::default()));
+        let call = retry.call(Request::get("/x").body(body::empty()).unwrap());
+        let size = std::mem::size_of_val(&*call);
+        assert!(size <= 1024, "{size} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_goes_once_and_its_401_is_not_retried() {
+        let seen = Seen::default();
+        let layer = RetryLayer::for_upstream(&upstream(), 4, Metrics::new());
+        let mut retry = layer.layer(inner(vec![401, 200], true, Arc::clone(&seen)));
+        let resp = retry
+            .ready()
+            .await
+            .unwrap()
+            .call(put("12345"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        assert_eq!(
+            seen.lock().unwrap().clone(),
+            vec![(Bytes::from("12345"), None)]
+        );
+    }
+}

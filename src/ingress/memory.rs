@@ -1,0 +1,44 @@
+//! Memory that callers no longer use goes back to the system.
+//!
+//! glibc keeps what a thread freed in that thread's arena for reuse, so after a burst —
+//! thousands of connections, many of them hostile, that have since left — the pages stay
+//! resident: an attack run left 2.1 GiB held after its callers were gone. After such a
+//! burst (the proxy listener's connections fell to half of their peak), the allocator is
+//! asked to give its free pages back (`malloc_trim`), off the workers' threads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ingress::server::ConnectionGate;
+
+/// How often the connection count is looked at.
+const EVERY: Duration = Duration::from_secs(5);
+
+/// Ask the allocator to return its free pages; whether it gave any back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn give_back_freed() -> bool {
+    // SAFETY: malloc_trim takes no pointers; glibc locks each arena while it walks it.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+/// Other allocators return large blocks themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn give_back_freed() -> bool {
+    false
+}
+
+/// Watch `gate`'s connections for good; after each burst has gone, give memory back.
+pub async fn give_back_after_bursts(gate: Arc<ConnectionGate>) {
+    let mut peak = 0;
+    loop {
+        tokio::time::sleep(EVERY).await;
+        let open = gate.open();
+        peak = peak.max(open);
+        // A burst worth the walk: a few hundred connections, now half gone.
+        if peak >= 256 && open <= peak / 2 {
+            peak = open;
+            let _ = tokio::task::spawn_blocking(give_back_freed).await;
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Where connections come in: the listeners' accept loops and connection caps, the
+//! watches that close connections serving nobody, the head timer, the worker threads,
+//! the descriptor limits, and memory given back after bursts.
+
+pub mod descriptors;
+pub mod head_timer;
+pub mod memory;
+pub mod server;
+pub mod watch;
+pub mod workers;

@@ -1,0 +1,633 @@
+//! One worker's own connections to one upstream: a small stack of idle HTTP/1.1
+//! connections (hyper's `client::conn::http1::SendRequest`), or one shared HTTP/2
+//! connection when the API host chose h2 by ALPN.
+//!
+//! Why not hyper-util's pooled `Client`: a worker runs on one thread, so its pool never
+//! needs the legacy client's machinery: a keyed map behind a lock, a background task per
+//! returned connection, a channel to each connection, the request URI rebuilt and the
+//! `Host` header formatted on every call. A profile of the proxy under load put that at
+//! about a sixth of its user time. Here a call pops the most recently used idle
+//! connection (one uncontended lock), sends, and its answer's body puts the connection
+//! back when it ends ([`Lease`]).
+//!
+//! How many connections a worker opens is bounded by its [`ConnectionSlots`]: a call holds
+//! a slot, and at most one connection, until its answer's body ends.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::future::{ready, Either};
+use futures_util::FutureExt as _;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::Connection;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::Service;
+
+use crate::http::body::{BoxError, ProxyBody};
+use crate::outbound::egress::{Connector, Egress};
+use crate::outbound::slots::{ConnectionSlots, Slot};
+
+/// How often idle connections are looked over: one that stayed idle for [`IDLE_TICKS`]
+/// looks (90 to 105 s; hyper-util's pool closed them after 90 s) is closed. Counting looks
+/// rather than reading the clock keeps the clock off every call's path.
+const REAP_EVERY: Duration = Duration::from_secs(15);
+const IDLE_TICKS: u64 = 6;
+
+/// Where an upstream's calls go, worked out once: the scheme and authority to connect to,
+/// the `Host` header HTTP/1.1 calls carry, and the base URL's own path, if any.
+#[derive(Debug)]
+pub struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    /// The base URL's path without its trailing `/`; empty when it is the root.
+    base_path: String,
+    /// `scheme://authority/`, what the connector is asked for.
+    connect_to: Uri,
+}
+
+impl Origin {
+    /// `None` for a URI without scheme or authority (config validation refuses those).
+    pub fn of(base: &Uri) -> Option<Origin> {
+        let scheme = base.scheme()?.clone();
+        let authority = base.authority()?.clone();
+        // RFC 9110 §7.2: the port goes in Host only when it is not the scheme's default.
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => HeaderValue::from_str(authority.as_str()),
+            _ => HeaderValue::from_str(authority.host()),
+        }
+        .ok()?;
+        let connect_to = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .ok()?;
+        Some(Origin {
+            base_path: base.path().trim_end_matches('/').to_owned(),
+            scheme,
+            authority,
+            host,
+            connect_to,
+        })
+    }
+
+    /// The path to ask the upstream for: the base URL's path, then the path within the
+    /// upstream (no copy when the base URL is the host's root, the usual case).
+    pub fn path(&self, within: &PathAndQuery) -> Result<PathAndQuery, http::uri::InvalidUri> {
+        if self.base_path.is_empty() {
+            return Ok(within.clone());
+        }
+        let mut joined = String::with_capacity(self.base_path.len() + within.as_str().len());
+        joined.push_str(&self.base_path);
+        joined.push_str(within.as_str());
+        PathAndQuery::from_maybe_shared(bytes::Bytes::from(joined))
+    }
+
+    /// `req` aimed at `path` here over HTTP/1.1: the path as its target, `Host` set.
+    fn aim_http1(&self, req: &mut Request<ProxyBody>, path: &PathAndQuery) {
+        *req.uri_mut() = Uri::from(path.clone());
+        req.headers_mut().insert(header::HOST, self.host.clone());
+    }
+
+    /// `req` aimed at `path` here over HTTP/2: the whole URI (its `:authority`), no `Host`.
+    fn aim_http2(
+        &self,
+        req: &mut Request<ProxyBody>,
+        path: &PathAndQuery,
+    ) -> Result<(), http::Error> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path.clone());
+        *req.uri_mut() = Uri::from_parts(parts)?;
+        req.headers_mut().remove(header::HOST);
+        Ok(())
+    }
+
+    fn same_as(&self, other: &Origin) -> bool {
+        std::ptr::eq(self, other)
+            || (self.scheme == other.scheme && self.authority == other.authority)
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// Why a call could not be sent.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made (TCP, TLS or the HTTP/2 handshake).
+    Connect(BoxError),
+    /// The exchange failed after the call was handed to a connection.
+    Exchange(hyper::Error),
+}
+
+impl SendError {
+    pub fn as_error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            SendError::Connect(e) => e.as_ref(),
+            SendError::Exchange(e) => e,
+        }
+    }
+}
+
+type Stream = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+
+/// An upstream's answer, with the HTTP/1.1 connection it came on (to give back when its
+/// body ends), or why there is none.
+pub type Answered = Result<(Response<Incoming>, Option<http1::SendRequest<ProxyBody>>), SendError>;
+
+struct Idle {
+    origin: Arc<Origin>,
+    sender: http1::SendRequest<ProxyBody>,
+    /// The reaper's tick when it was put back.
+    since: u64,
+}
+
+struct Shared {
+    origin: Arc<Origin>,
+    sender: http2::SendRequest<ProxyBody>,
+    /// Tells this connection from the next one made after it went away.
+    id: u64,
+}
+
+/// A connection to send one call on (an HTTP/2 one with its [`Shared::id`]).
+enum Conn {
+    Http1(http1::SendRequest<ProxyBody>),
+    Http2(http2::SendRequest<ProxyBody>, u64),
+}
+
+/// Did the API host refuse the request before processing any of it? An HTTP/2 stream above
+/// a GOAWAY's last-stream-id, or one sent after the GOAWAY, and a stream reset with
+/// `REFUSED_STREAM`, were never processed (RFC 9113 §6.8, §8.7): any method may be sent
+/// again, on another connection.
+pub fn never_processed(e: &SendError) -> bool {
+    let SendError::Exchange(e) = e else {
+        return false;
+    };
+    h2_cause(e).is_some_and(|h2| {
+        (h2.is_go_away() && h2.is_remote())
+            || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+    })
+}
+
+/// The HTTP/2 error under a hyper error, if it is one.
+pub fn h2_cause(e: &hyper::Error) -> Option<&h2::Error> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(err) = cause {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        cause = err.source();
+    }
+    None
+}
+
+/// One worker's connections to one upstream, and its share of the connection slots.
+pub struct WorkerConnections {
+    connector: HttpsConnector<Connector>,
+    /// Offers only HTTP/1.1 by ALPN: a WebSocket handshake needs `Upgrade`, which HTTP/2
+    /// does not have.
+    http1_only: HttpsConnector<Connector>,
+    /// HTTP/1.1 connections not in use, the most recently used last.
+    idle: Mutex<Vec<Idle>>,
+    /// The HTTP/2 connection, when the API host speaks h2: every call shares it.
+    shared: Mutex<Option<Shared>>,
+    /// At most this many idle connections are kept: the worker's share of `max_connections`.
+    idle_max: usize,
+    pub slots: Arc<ConnectionSlots>,
+    reaper: std::sync::Once,
+    /// Looks the reaper has taken so far.
+    ticks: AtomicU64,
+    /// HTTP/2 connections made so far (each one's [`Shared::id`]); once there was one,
+    /// new connections are made one at a time (`connecting`).
+    h2_made: AtomicU64,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for WorkerConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConnections")
+            .field("idle_max", &self.idle_max)
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerConnections {
+    /// Connections that leave through `egress` (its proxy, CAs and client certificate).
+    pub fn new(connect_timeout: Duration, share: usize, egress: &Egress) -> Arc<WorkerConnections> {
+        Arc::new(WorkerConnections {
+            connector: egress.api_connector(connect_timeout, false),
+            http1_only: egress.api_connector(connect_timeout, true),
+            idle: Mutex::new(Vec::new()),
+            shared: Mutex::new(None),
+            idle_max: share,
+            slots: ConnectionSlots::new(share),
+            reaper: std::sync::Once::new(),
+            ticks: AtomicU64::new(0),
+            h2_made: AtomicU64::new(0),
+            connecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Send `req` (its URI the path within the upstream) to `origin`. The answer comes
+    /// with the connection it arrived on, to be given back through a [`Lease`] when its
+    /// body ends. A call that an idle connection refused before sending anything (the
+    /// upstream had just closed it) is sent again on another one, as hyper-util did.
+    ///
+    /// Takes what it needs by value: the caller builds this future before it is polled
+    /// (see `forward`), and no copy of the request is kept beside it.
+    pub async fn send(
+        self: Arc<Self>,
+        origin: Arc<Origin>,
+        path: PathAndQuery,
+        mut req: Request<ProxyBody>,
+    ) -> Answered {
+        loop {
+            let (conn, reused) = self.checkout(&origin).await?;
+            match conn {
+                Conn::Http1(mut sender) => {
+                    origin.aim_http1(&mut req, &path);
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => return Ok((resp, Some(sender))),
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) if reused => req = unsent,
+                            _ => return Err(SendError::Exchange(e.into_error())),
+                        },
+                    }
+                }
+                Conn::Http2(mut sender, id) => {
+                    origin
+                        .aim_http2(&mut req, &path)
+                        .map_err(|e| SendError::Connect(Box::new(e)))?;
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => return Ok((resp, None)),
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) if reused => {
+                                self.forget_shared();
+                                req = unsent;
+                            }
+                            _ => return Err(self.went_away(id, e.into_error())),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`send`](Self::send)'s usual case, without waiting: when a connection to `origin`
+    /// can take a request at once (the shared HTTP/2 one, or an idle HTTP/1.1 one), `req`
+    /// goes out on it now and the answer's future comes back; otherwise `path` and `req`
+    /// come back, for `send`. The future is small (it holds no copy of the request): a
+    /// call's future is allocated for every call.
+    // The request comes back by value, as it came in: boxing it would cost the
+    // allocation this saves.
+    #[allow(clippy::result_large_err)]
+    pub fn send_now(
+        self: &Arc<Self>,
+        origin: &Arc<Origin>,
+        path: PathAndQuery,
+        mut req: Request<ProxyBody>,
+    ) -> Result<impl Future<Output = Answered> + Send + 'static, (PathAndQuery, Request<ProxyBody>)>
+    {
+        let Some(conn) = self.ready_now(origin) else {
+            return Err((path, req));
+        };
+        let (home, origin) = (Arc::clone(self), Arc::clone(origin));
+        // Closed by the upstream before the request went out: another connection, as
+        // `send` does.
+        let again = move |home: Arc<Self>, origin, path, unsent| {
+            Either::Right(Box::pin(WorkerConnections::send(
+                home, origin, path, unsent,
+            )))
+        };
+        match conn {
+            Conn::Http1(mut sender) => {
+                origin.aim_http1(&mut req, &path);
+                let sent = sender.try_send_request(req);
+                Ok(Either::Left(sent.then(move |sent| match sent {
+                    Ok(resp) => Either::Left(ready(Ok((resp, Some(sender))))),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => again(home, origin, path, unsent),
+                        None => Either::Left(ready(Err(SendError::Exchange(e.into_error())))),
+                    },
+                })))
+            }
+            Conn::Http2(mut sender, id) => {
+                if origin.aim_http2(&mut req, &path).is_err() {
+                    return Err((path, req));
+                }
+                let sent = sender.try_send_request(req);
+                Ok(Either::Right(sent.then(move |sent| match sent {
+                    Ok(resp) => Either::Left(ready(Ok((resp, None)))),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => {
+                            home.forget_shared();
+                            again(home, origin, path, unsent)
+                        }
+                        None => Either::Left(ready(Err(home.went_away(id, e.into_error())))),
+                    },
+                })))
+            }
+        }
+    }
+
+    /// A connection to `origin` that can take a request at once, looked for as
+    /// `checkout` does but without waiting: the shared HTTP/2 one, else the most recently
+    /// used idle HTTP/1.1 one.
+    fn ready_now(&self, origin: &Arc<Origin>) -> Option<Conn> {
+        let shared = self.shared.lock().ok()?;
+        if let Some(s) = shared.as_ref().filter(|s| s.origin.same_as(origin)) {
+            return s
+                .sender
+                .is_ready()
+                .then(|| Conn::Http2(s.sender.clone(), s.id));
+        }
+        drop(shared);
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(top) = idle.pop() {
+            if !top.origin.same_as(origin) || top.sender.is_closed() {
+                continue;
+            }
+            if top.sender.is_ready() {
+                return Some(Conn::Http1(top.sender));
+            }
+            // Its connection task has not caught up yet: `checkout` waits for it.
+            idle.push(top);
+            break;
+        }
+        None
+    }
+
+    /// Send a WebSocket handshake to `origin` on a new HTTP/1.1 connection of its own:
+    /// after a `101` the connection belongs to the socket (see `websocket::relay`, which
+    /// takes it through `hyper::upgrade::on` on the answer). Takes no connection slot:
+    /// sockets are bounded by `max_websockets`, not by the calls' `max_connections`.
+    pub async fn upgrade(
+        &self,
+        origin: &Origin,
+        path: PathAndQuery,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let io: Stream = self
+            .http1_only
+            .clone()
+            .call(origin.connect_to.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (mut sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "a WebSocket's connection to an upstream ended");
+            }
+        });
+        origin.aim_http1(&mut req, &path);
+        sender.send_request(req).await.map_err(SendError::Exchange)
+    }
+
+    /// A ready connection to `origin`, and whether it served calls before: the shared
+    /// HTTP/2 one, else the most recently used idle HTTP/1.1 one, else a new one.
+    async fn checkout(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<(Conn, bool), SendError> {
+        if let Some((mut sender, id)) = self.shared_to(origin) {
+            if sender.ready().await.is_ok() {
+                return Ok((Conn::Http2(sender, id), true));
+            }
+            self.forget_shared();
+        }
+        loop {
+            let popped = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let Some(mut idle) = popped else { break };
+            if !idle.origin.same_as(origin) || idle.sender.is_closed() {
+                continue;
+            }
+            // Usually ready at once; just after its last answer ended, its connection task
+            // may not have run yet. A connection the upstream closed fails here.
+            if idle.sender.is_ready() || idle.sender.ready().await.is_ok() {
+                return Ok((Conn::Http1(idle.sender), true));
+            }
+        }
+        // Boxed: connecting (TCP, TLS, handshake) is a large future and rare; inline, it
+        // would make every call's future that large, even the ones queued for a slot
+        // (measured: 8 MiB more at 1,000 connections).
+        Box::pin(self.connect_once(origin))
+            .await
+            .map(|conn| (conn, false))
+    }
+
+    /// A new connection; with an API host that speaks HTTP/2, one at a time: the calls
+    /// that found no connection (all of them, just after a GOAWAY) share the one made.
+    async fn connect_once(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<Conn, SendError> {
+        if self.h2_made.load(Ordering::Relaxed) == 0 {
+            return self.connect(origin).await;
+        }
+        let _turn = self.connecting.lock().await;
+        if let Some((mut sender, id)) = self.shared_to(origin) {
+            if sender.ready().await.is_ok() {
+                return Ok(Conn::Http2(sender, id));
+            }
+        }
+        self.connect(origin).await
+    }
+
+    /// The shared HTTP/2 connection, if it goes to `origin`, and its id.
+    fn shared_to(&self, origin: &Origin) -> Option<(http2::SendRequest<ProxyBody>, u64)> {
+        let shared = self.shared.lock().ok()?;
+        let s = shared.as_ref().filter(|s| s.origin.same_as(origin))?;
+        Some((s.sender.clone(), s.id))
+    }
+
+    async fn connect(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<Conn, SendError> {
+        self.start_reaper();
+        let io: Stream = self
+            .connector
+            .clone()
+            .call(origin.connect_to.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| SendError::Connect(Box::new(e)))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "an HTTP/2 connection to an upstream ended");
+                }
+            });
+            let id = self.h2_made.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut shared) = self.shared.lock() {
+                *shared = Some(Shared {
+                    origin: Arc::clone(origin),
+                    sender: sender.clone(),
+                    id,
+                });
+            }
+            return Ok(Conn::Http2(sender, id));
+        }
+        let (sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "an HTTP/1.1 connection to an upstream ended");
+            }
+        });
+        Ok(Conn::Http1(sender))
+    }
+
+    fn close_expired(&self) {
+        let now = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|c| now - c.since < IDLE_TICKS && !c.sender.is_closed());
+        }
+    }
+
+    /// A failed HTTP/2 exchange on connection `id`. If the API host said it is going away
+    /// (GOAWAY) or refused the stream, that connection takes no more calls: the next one
+    /// opens a new connection while the calls it is still answering finish on the old.
+    fn went_away(&self, id: u64, e: hyper::Error) -> SendError {
+        let e = SendError::Exchange(e);
+        if never_processed(&e) {
+            if let Ok(mut shared) = self.shared.lock() {
+                if shared.as_ref().is_some_and(|s| s.id == id) {
+                    *shared = None;
+                }
+            }
+        }
+        e
+    }
+
+    /// Forget the shared HTTP/2 connection once it has closed; a new one is made for the
+    /// next call.
+    fn forget_shared(&self) {
+        if let Ok(mut shared) = self.shared.lock() {
+            if shared.as_ref().is_some_and(|s| s.sender.is_closed()) {
+                *shared = None;
+            }
+        }
+    }
+
+    /// An HTTP/1.1 connection whose call has ended goes back on the idle stack, unless
+    /// the stack is full or the connection closed.
+    fn put_back(&self, origin: Arc<Origin>, sender: http1::SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < self.idle_max {
+                idle.push(Idle {
+                    origin,
+                    sender,
+                    since: self.ticks.load(Ordering::Relaxed),
+                });
+            }
+        }
+    }
+
+    /// Idle connections are closed after [`IDLE_TIMEOUT`] by a task of the worker that
+    /// opened them (started with its first connection); it ends with these connections.
+    fn start_reaper(self: &Arc<Self>) {
+        self.reaper.call_once(|| {
+            let this: Weak<WorkerConnections> = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(REAP_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(connections) = this.upgrade() else {
+                        return;
+                    };
+                    connections.close_expired();
+                }
+            });
+        });
+    }
+}
+
+/// What an answer's body holds while it streams: the connection slot, and the HTTP/1.1
+/// connection the answer arrives on. When the body ends (or is dropped) the connection
+/// goes back to the worker's idle stack, then the slot is freed, so a call waiting for a
+/// slot finds the connection there. A connection whose answer was not read to the end is
+/// closed by hyper and not reused.
+pub struct Lease {
+    sender: Option<http1::SendRequest<ProxyBody>>,
+    origin: Arc<Origin>,
+    home: Arc<WorkerConnections>,
+    _slot: Slot,
+}
+
+impl Lease {
+    pub fn new(
+        home: &Arc<WorkerConnections>,
+        origin: &Arc<Origin>,
+        sender: Option<http1::SendRequest<ProxyBody>>,
+        slot: Slot,
+    ) -> Lease {
+        Lease {
+            sender,
+            origin: Arc::clone(origin),
+            home: Arc::clone(home),
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.home.put_back(Arc::clone(&self.origin), sender);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call's future is kept (inside each queued call) for as long as the call waits,
+    /// so it must stay small: connecting is boxed (see `checkout`).
+    #[test]
+    fn a_call_future_stays_small() {
+        let connections = WorkerConnections::new(Duration::from_secs(1), 1, &Egress::direct());
+        let origin = Arc::new(Origin::of(&Uri::from_static("http://127.0.0.1:9/")).unwrap());
+        let send = Arc::clone(&connections).send(
+            Arc::clone(&origin),
+            PathAndQuery::from_static("/"),
+            Request::new(crate::http::body::empty()),
+        );
+        let size = std::mem::size_of_val(&send);
+        assert!(size < 1024, "{size} bytes");
+    }
+
+    #[test]
+    fn host_carries_only_a_port_that_is_not_the_default() {
+        let host = |uri: &'static str| Origin::of(&Uri::from_static(uri)).unwrap().host;
+        assert_eq!(host("https://api.mypurecloud.com/"), "api.mypurecloud.com");
+        assert_eq!(host("https://api.example.com:443/x"), "api.example.com");
+        assert_eq!(host("http://127.0.0.1:8080/"), "127.0.0.1:8080");
+        assert_eq!(host("http://h:80"), "h");
+    }
+
+    #[test]
+    fn paths_join_the_base_path() {
+        let within = PathAndQuery::from_static("/api/v2/users?a=1");
+        let root = Origin::of(&Uri::from_static("https://api.mypurecloud.com/")).unwrap();
+        assert_eq!(root.path(&within).unwrap(), "/api/v2/users?a=1");
+        let based = Origin::of(&Uri::from_static("http://127.0.0.1:9/base/")).unwrap();
+        assert_eq!(based.path(&within).unwrap(), "/base/api/v2/users?a=1");
+        assert_eq!(based.to_string(), "http://127.0.0.1:9/base");
+    }
+}
