@@ -3,7 +3,7 @@
 //! A legacy app points its base URL at the proxy and presents a team key; the proxy checks
 //! the key, attaches a bearer token it obtained and caches itself, retries once on a 401
 //! with a fresh token, and forwards the call to the platform's API host. The request's
-//! path through the proxy is composed in [`stack`]; each layer lives in [`layers`].
+//! path through the proxy is composed in [`stack`]; the front half lives in [`front`], each upstream's half in [`back`].
 //!
 //! The binary is thin: it parses the command line, loads [`config::Config`], and calls
 //! [`start`]. Tests drive the same function.

@@ -1,5 +1,5 @@
 //! Hold a call to its upstream's rate budget, in its client's fair share (see
-//! [`crate::rate_budget`]).
+//! [`crate::governor`]).
 //!
 //! Inside the retry layer, so every attempt (a resend after a 401 too) spends budget, and
 //! outside the bearer layer, which attaches the token whose budget had room. A call that

@@ -27,18 +27,18 @@ pub use crate::call::outcome::Outcome;
 pub use crate::http::codes::ErrorCode;
 pub use hyper::upgrade::OnUpgrade;
 
-/// The caller of a request, as established by [`ClientKeys`].
+/// The caller of a request, as established by [`crate::front::client_auth`].
 #[derive(Debug, Clone)]
 pub struct Caller(pub Option<Arc<ClientConfig>>);
 
 /// Marks a socket that came without a key on a channel this replica does not know: it
-/// may be the fleet's (see [`Channels::resolve`]); the notifications layer decides.
+/// may be the fleet's (see [`crate::back::notifications::Channels::resolve`]); the notifications layer decides.
 #[derive(Debug, Clone, Copy)]
 pub struct UnresolvedChannel;
 
 /// Marks a socket that came without a key on a channel this replica made: it acts as the
 /// channel's maker, but its sockets are counted apart from the maker's own (see
-/// [`keyless_sockets_of`]).
+/// [`crate::back::notifications::keyless_sockets_of`]).
 #[derive(Debug, Clone, Copy)]
 pub struct KeylessSocket;
 

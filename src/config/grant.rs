@@ -489,29 +489,7 @@ impl Cx<'_> {
                 .transpose()?,
         };
         // Read once now, so a wrong file or algorithm stops the start, not the first grant.
-        signing_key(&signing).map_err(|why| self.err(&key("private_key_file"), why))?;
+        super::signing_key(&signing).map_err(|why| self.err(&key("private_key_file"), why))?;
         Ok(Some(signing))
     }
-}
-
-/// The signing key in `signing.key_file` (PEM: PKCS#8, or PKCS#1 for RSA, SEC1 for EC), as
-/// the algorithm needs it. The file is read on every call: a rotated key is used by the
-/// next grant.
-pub fn signing_key(signing: &JwtSigning) -> Result<jsonwebtoken::EncodingKey, String> {
-    let pem = std::fs::read(&signing.key_file)
-        .map_err(|e| format!("cannot read {}: {e}", signing.key_file.display()))?;
-    let key = match signing.alg {
-        SigningAlg::RS256 | SigningAlg::PS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
-        SigningAlg::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
-    };
-    key.map_err(|e| {
-        format!(
-            "{} is not a PEM {} private key ({e})",
-            signing.key_file.display(),
-            match signing.alg {
-                SigningAlg::ES256 => "EC (P-256)",
-                _ => "RSA",
-            }
-        )
-    })
 }

@@ -30,6 +30,8 @@ pub mod policy;
 pub mod providers;
 mod raw;
 mod server;
+mod signing;
+pub use signing::signing_key;
 #[cfg(test)]
 mod tests;
 mod upstream;
@@ -43,7 +45,7 @@ pub use client::ClientConfig;
 use error::toml_error;
 pub use error::ConfigError;
 pub use grant::{
-    signing_key, AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
+    AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
 };
 use raw::RawConfig;
 pub use server::{LogFormat, ServerConfig};

@@ -6,7 +6,7 @@
 //! to the upstream's base URL, never to the request's `Host` or authority, so no request
 //! can make the proxy connect anywhere else.
 //!
-//! Policy: a client's `upstreams` list and its `allow` rules (see [`crate::policy`]); rules
+//! Policy: a client's `upstreams` list and its `allow` rules (see [`crate::config::policy`]); rules
 //! match the path as the caller sent it, and only paths in plain form. An upstream whose
 //! `base_url` has a path takes plain paths only, from every caller: `..` must not climb
 //! out of it.

@@ -22,16 +22,18 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
-use crate::call::messages::{PeerAddr, PeerIdentity};
 use crate::http::body::ProxyBody;
+use crate::ingress::connection::{
+    peek_protocol, serve_any, serve_tls, PerConnection, Protocol, ServeHttp1, TlsConnection,
+};
 use crate::ingress::head_timer::ConnectionTimer;
-use crate::ingress::watch::{until_closing, StallGuard, Verdict, Watch, Watched, ANSWER_STALL};
+use crate::ingress::watch::StallGuard;
 
 /// How long a client may take to send a request head, or to finish a TLS handshake:
 /// slow or half-open connections cannot hold a slot for ever.
@@ -65,59 +67,6 @@ impl<S, B> HttpService<B> for S where
         + Send
         + 'static
 {
-}
-
-/// A listener's service as hyper calls it: through `&self`, once per request.
-///
-/// hyper-util's `TowerToHyperService` clones the tower service for every request to get
-/// the `&mut` that `tower::Service::call` needs: for the proxy, a clone of the whole boxed
-/// request path per call. Here the connection owns one copy, and each request borrows it
-/// just for `call` (which is synchronous; the futures it returns run on their own, also
-/// side by side on one HTTP/2 connection). A service that is not ready at once (none of
-/// this proxy's are; each waits inside its call's future) is cloned and driven to
-/// readiness for that request, as the adapter would. The lock is the connection's own,
-/// never contended (a `RefCell` would do, but could panic where a lock cannot).
-///
-/// It also marks POST requests with the caller's address ([`PeerAddr`]): the token
-/// endpoint slows down failed key checks per address. Only POSTs: the mark costs an
-/// allocation, and the usual call is a GET.
-struct PerConnection<S> {
-    service: std::sync::Mutex<S>,
-    peer: IpAddr,
-}
-
-impl<S> PerConnection<S> {
-    fn new(service: S, peer: IpAddr) -> Self {
-        PerConnection {
-            service: std::sync::Mutex::new(service),
-            peer,
-        }
-    }
-}
-
-impl<S, B> hyper::service::Service<Request<B>> for PerConnection<S>
-where
-    S: Service<Request<B>> + Clone,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = futures_util::future::Either<S::Future, tower::util::Oneshot<S, Request<B>>>;
-
-    fn call(&self, mut req: Request<B>) -> Self::Future {
-        use futures_util::future::Either;
-        use std::task::{Context, Poll, Waker};
-        if req.method() == http::Method::POST {
-            req.extensions_mut().insert(PeerAddr(self.peer));
-        }
-        let mut service = self
-            .service
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(())) => Either::Left(service.call(req)),
-            _ => Either::Right(tower::ServiceExt::oneshot(service.clone(), req)),
-        }
-    }
 }
 
 /// How many connections a listener holds at once.
@@ -207,13 +156,6 @@ impl Drop for AddressSlot {
             }
         }
     }
-}
-
-/// The common name of a DER certificate's subject.
-fn common_name(der: &[u8]) -> Option<Arc<str>> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    Some(Arc::from(cn))
 }
 
 pub async fn serve<S>(
@@ -378,217 +320,6 @@ pub async fn serve<S>(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = what, "drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = what, "grace period over; dropping the remaining connections"),
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A plain HTTP/1.1 connection, served until it ends and shut down gracefully once
-    /// `closing` (the listener closing) resolves; holds the listener's drain `watcher`
-    /// until then. (hyper-util's `Watcher::watch` does this for connections without
-    /// upgrades only.) A struct rather than an `async fn`: an `async fn` kept the
-    /// connection twice in its state (as argument and pinned), 1 KiB more per connection.
-    struct ServeHttp1<C, F> {
-        #[pin]
-        conn: C,
-        #[pin]
-        closing: F,
-        shutting_down: bool,
-        // Held, never read: the listener's drain waits until it is dropped.
-        _watcher: hyper_util::server::graceful::Watcher,
-    }
-}
-
-impl<C, F> Future for ServeHttp1<C, F>
-where
-    C: Future<Output = hyper::Result<()>> + GracefulHttp1,
-    F: Future<Output = ()>,
-{
-    type Output = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let mut this = self.project();
-        if !*this.shutting_down && this.closing.poll(cx).is_ready() {
-            *this.shutting_down = true;
-            this.conn.as_mut().shut_down();
-        }
-        this.conn.poll(cx).map_err(Into::into)
-    }
-}
-
-/// hyper's HTTP/1.1 connection with upgrades, as [`ServeHttp1`] shuts it down.
-trait GracefulHttp1 {
-    fn shut_down(self: std::pin::Pin<&mut Self>);
-}
-
-impl<I, S, B> GracefulHttp1 for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn shut_down(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-/// What a plain connection's first bytes say it speaks.
-enum Protocol {
-    Http1,
-    /// The start of the HTTP/2 preface (or too little to tell): left to `auto`.
-    MaybeHttp2,
-}
-
-/// Looks at a plain connection's first bytes without taking them; `None` if it closes,
-/// fails or sends nothing within [`HEADER_READ_TIMEOUT`].
-///
-/// Why peek rather than let `auto` sniff: `auto` reads the first 24 bytes itself and hands
-/// them to hyper's HTTP/1 parser as a separate first read, which makes hyper grow the
-/// connection's read buffer from 8 KiB to 16 KiB for every connection. Peeking leaves the
-/// request whole in the socket: at 1,000 keep-alive connections that is 8 MiB less.
-async fn peek_protocol(stream: &tokio::net::TcpStream) -> Option<Protocol> {
-    let mut first = [0u8; 3];
-    match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => Some(if b"PRI".starts_with(&first[..n]) {
-            Protocol::MaybeHttp2
-        } else {
-            Protocol::Http1
-        }),
-        _ => None,
-    }
-}
-
-/// An accepted connection on an HTTPS listener, before its handshake.
-struct TlsConnection<S> {
-    peer: IpAddr,
-    acceptor: TlsAcceptor,
-    stream: tokio::net::TcpStream,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    service: S,
-}
-
-/// An HTTPS connection: the handshake (bounded by [`HEADER_READ_TIMEOUT`], and abandoned
-/// if the listener closes meanwhile), the client certificate's name for the key check,
-/// then HTTP/1.1 or HTTP/2 by ALPN.
-async fn serve_tls<S>(
-    what: &'static str,
-    TlsConnection {
-        peer,
-        acceptor,
-        stream,
-        builder,
-        service,
-    }: TlsConnection<S>,
-    watcher: hyper_util::server::graceful::Watcher,
-    mut closed: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    S: HttpService<Incoming>,
-{
-    let handshake = tokio::time::timeout(
-        HEADER_READ_TIMEOUT,
-        acceptor.accept(StallGuard::new(stream)),
-    );
-    let finished = tokio::select! {
-        finished = handshake => finished,
-        _ = closed.wait_for(|closing| *closing) => return Ok(()),
-    };
-    let stream = match finished {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(listener = what, error = %e, "TLS handshake failed");
-            return Ok(());
-        }
-        Err(_) => {
-            tracing::debug!(listener = what, "TLS handshake timed out");
-            return Ok(());
-        }
-    };
-    let identity = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(|c| common_name(c.as_ref()))
-        .map(PeerIdentity);
-    let service = service.map_request(move |mut req: Request<Incoming>| {
-        if let Some(id) = &identity {
-            req.extensions_mut().insert(id.clone());
-        }
-        req
-    });
-    serve_any(
-        &builder,
-        TokioIo::new(stream),
-        service,
-        watcher,
-        closed,
-        peer,
-    )
-    .await
-}
-
-/// Serve one connection of either protocol (HTTP/1.1 or HTTP/2, as the client speaks),
-/// closed when idle or stuck (see [`crate::connection_watch`]).
-async fn serve_any<I, S>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: S,
-    watcher: hyper_util::server::graceful::Watcher,
-    closed: tokio::sync::watch::Receiver<bool>,
-    peer: IpAddr,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: HttpService<Incoming>,
-{
-    let watch = Watch::new();
-    let conn = builder
-        .serve_connection_with_upgrades(io, PerConnection::new(Watched::new(service, &watch), peer))
-        .into_owned();
-    serve_closing_when_idle(conn, watcher, closed, watch).await
-}
-
-/// Serve an `auto` connection (HTTP/2 or HTTP/1.1) until it ends, shutting it down
-/// gracefully when the listener closes or when it is idle, and dropping it when an answer
-/// is stuck (see [`crate::connection_watch`]). Holds `watcher` so the listener's drain
-/// waits for it.
-async fn serve_closing_when_idle<C>(
-    conn: C,
-    watcher: hyper_util::server::graceful::Watcher,
-    mut closed: tokio::sync::watch::Receiver<bool>,
-    watch: Arc<Watch>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
-{
-    let _draining_waits_for_this = watcher;
-    tokio::pin!(conn);
-    let mut shutting_down = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => return result,
-            _ = closed.wait_for(|closing| *closing), if !shutting_down => {
-                conn.as_mut().graceful_shutdown();
-                shutting_down = true;
-            }
-            verdict = until_closing(&watch) => match verdict {
-                Verdict::Stuck => {
-                    tracing::debug!("dropping a connection whose caller took nothing of an answer for {ANSWER_STALL:?}");
-                    return Ok(());
-                }
-                _ if !shutting_down => {
-                    tracing::debug!("closing an idle connection");
-                    conn.as_mut().graceful_shutdown();
-                    shutting_down = true;
-                }
-                _ => {}
-            },
-        }
     }
 }
 

@@ -43,7 +43,7 @@ pub const ANSWER_STALL: Duration = Duration::from_secs(10);
 /// How often a connection's serving task looks at its [`Watch`].
 pub const TICK: Duration = Duration::from_secs(2);
 /// Token-endpoint requests read at once on one connection (see
-/// [`crate::call::token_endpoint`]).
+/// [`crate::front::token_endpoint`]).
 pub const TOKEN_READS_PER_CONNECTION: usize = 2;
 
 /// One connection's activity.

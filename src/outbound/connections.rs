@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use futures_util::future::{ready, Either};
 use futures_util::FutureExt as _;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{header, HeaderValue, Request, Response, Uri};
+use http::uri::PathAndQuery;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -29,100 +29,17 @@ use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::Service;
 
+pub use super::lease::Lease;
+pub use super::origin::Origin;
 use crate::http::body::{BoxError, ProxyBody};
 use crate::outbound::egress::{Connector, Egress};
-use crate::outbound::slots::{ConnectionSlots, Slot};
+use crate::outbound::slots::ConnectionSlots;
 
 /// How often idle connections are looked over: one that stayed idle for [`IDLE_TICKS`]
 /// looks (90 to 105 s; hyper-util's pool closed them after 90 s) is closed. Counting looks
 /// rather than reading the clock keeps the clock off every call's path.
 const REAP_EVERY: Duration = Duration::from_secs(15);
 const IDLE_TICKS: u64 = 6;
-
-/// Where an upstream's calls go, worked out once: the scheme and authority to connect to,
-/// the `Host` header HTTP/1.1 calls carry, and the base URL's own path, if any.
-#[derive(Debug)]
-pub struct Origin {
-    scheme: Scheme,
-    authority: Authority,
-    host: HeaderValue,
-    /// The base URL's path without its trailing `/`; empty when it is the root.
-    base_path: String,
-    /// `scheme://authority/`, what the connector is asked for.
-    connect_to: Uri,
-}
-
-impl Origin {
-    /// `None` for a URI without scheme or authority (config validation refuses those).
-    pub fn of(base: &Uri) -> Option<Origin> {
-        let scheme = base.scheme()?.clone();
-        let authority = base.authority()?.clone();
-        // RFC 9110 §7.2: the port goes in Host only when it is not the scheme's default.
-        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-        let host = match authority.port_u16() {
-            Some(port) if port != default_port => HeaderValue::from_str(authority.as_str()),
-            _ => HeaderValue::from_str(authority.host()),
-        }
-        .ok()?;
-        let connect_to = Uri::builder()
-            .scheme(scheme.clone())
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()
-            .ok()?;
-        Some(Origin {
-            base_path: base.path().trim_end_matches('/').to_owned(),
-            scheme,
-            authority,
-            host,
-            connect_to,
-        })
-    }
-
-    /// The path to ask the upstream for: the base URL's path, then the path within the
-    /// upstream (no copy when the base URL is the host's root, the usual case).
-    pub fn path(&self, within: &PathAndQuery) -> Result<PathAndQuery, http::uri::InvalidUri> {
-        if self.base_path.is_empty() {
-            return Ok(within.clone());
-        }
-        let mut joined = String::with_capacity(self.base_path.len() + within.as_str().len());
-        joined.push_str(&self.base_path);
-        joined.push_str(within.as_str());
-        PathAndQuery::from_maybe_shared(bytes::Bytes::from(joined))
-    }
-
-    /// `req` aimed at `path` here over HTTP/1.1: the path as its target, `Host` set.
-    fn aim_http1(&self, req: &mut Request<ProxyBody>, path: &PathAndQuery) {
-        *req.uri_mut() = Uri::from(path.clone());
-        req.headers_mut().insert(header::HOST, self.host.clone());
-    }
-
-    /// `req` aimed at `path` here over HTTP/2: the whole URI (its `:authority`), no `Host`.
-    fn aim_http2(
-        &self,
-        req: &mut Request<ProxyBody>,
-        path: &PathAndQuery,
-    ) -> Result<(), http::Error> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path.clone());
-        *req.uri_mut() = Uri::from_parts(parts)?;
-        req.headers_mut().remove(header::HOST);
-        Ok(())
-    }
-
-    fn same_as(&self, other: &Origin) -> bool {
-        std::ptr::eq(self, other)
-            || (self.scheme == other.scheme && self.authority == other.authority)
-    }
-}
-
-impl std::fmt::Display for Origin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
-    }
-}
 
 /// Why a call could not be sent.
 #[derive(Debug)]
@@ -522,7 +439,7 @@ impl WorkerConnections {
 
     /// An HTTP/1.1 connection whose call has ended goes back on the idle stack, unless
     /// the stack is full or the connection closed.
-    fn put_back(&self, origin: Arc<Origin>, sender: http1::SendRequest<ProxyBody>) {
+    pub(super) fn put_back(&self, origin: Arc<Origin>, sender: http1::SendRequest<ProxyBody>) {
         if sender.is_closed() {
             return;
         }
@@ -557,77 +474,5 @@ impl WorkerConnections {
     }
 }
 
-/// What an answer's body holds while it streams: the connection slot, and the HTTP/1.1
-/// connection the answer arrives on. When the body ends (or is dropped) the connection
-/// goes back to the worker's idle stack, then the slot is freed, so a call waiting for a
-/// slot finds the connection there. A connection whose answer was not read to the end is
-/// closed by hyper and not reused.
-pub struct Lease {
-    sender: Option<http1::SendRequest<ProxyBody>>,
-    origin: Arc<Origin>,
-    home: Arc<WorkerConnections>,
-    _slot: Slot,
-}
-
-impl Lease {
-    pub fn new(
-        home: &Arc<WorkerConnections>,
-        origin: &Arc<Origin>,
-        sender: Option<http1::SendRequest<ProxyBody>>,
-        slot: Slot,
-    ) -> Lease {
-        Lease {
-            sender,
-            origin: Arc::clone(origin),
-            home: Arc::clone(home),
-            _slot: slot,
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.home.put_back(Arc::clone(&self.origin), sender);
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A call's future is kept (inside each queued call) for as long as the call waits,
-    /// so it must stay small: connecting is boxed (see `checkout`).
-    #[test]
-    fn a_call_future_stays_small() {
-        let connections = WorkerConnections::new(Duration::from_secs(1), 1, &Egress::direct());
-        let origin = Arc::new(Origin::of(&Uri::from_static("http://127.0.0.1:9/")).unwrap());
-        let send = Arc::clone(&connections).send(
-            Arc::clone(&origin),
-            PathAndQuery::from_static("/"),
-            Request::new(crate::http::body::empty()),
-        );
-        let size = std::mem::size_of_val(&send);
-        assert!(size < 1024, "{size} bytes");
-    }
-
-    #[test]
-    fn host_carries_only_a_port_that_is_not_the_default() {
-        let host = |uri: &'static str| Origin::of(&Uri::from_static(uri)).unwrap().host;
-        assert_eq!(host("https://api.mypurecloud.com/"), "api.mypurecloud.com");
-        assert_eq!(host("https://api.example.com:443/x"), "api.example.com");
-        assert_eq!(host("http://127.0.0.1:8080/"), "127.0.0.1:8080");
-        assert_eq!(host("http://h:80"), "h");
-    }
-
-    #[test]
-    fn paths_join_the_base_path() {
-        let within = PathAndQuery::from_static("/api/v2/users?a=1");
-        let root = Origin::of(&Uri::from_static("https://api.mypurecloud.com/")).unwrap();
-        assert_eq!(root.path(&within).unwrap(), "/api/v2/users?a=1");
-        let based = Origin::of(&Uri::from_static("http://127.0.0.1:9/base/")).unwrap();
-        assert_eq!(based.path(&within).unwrap(), "/base/api/v2/users?a=1");
-        assert_eq!(based.to_string(), "http://127.0.0.1:9/base");
-    }
-}
+mod tests;

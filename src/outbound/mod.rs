@@ -4,4 +4,6 @@
 
 pub mod connections;
 pub mod egress;
+pub mod lease;
+pub mod origin;
 pub mod slots;

@@ -12,9 +12,8 @@
 //! - `<prefix>:lock:<creds>` — the fleet's single flight: `SET NX PX` with a lease, held by
 //!   whoever is minting, released with a compare-and-delete. A holder that dies only
 //!   delays the others by the lease.
-//!
 //! - `<prefix>:budget:<creds>:<pool index>` — the calls of a token's rate-limit window the
-//!   replicas have reserved (see [`crate::rate_budget`]).
+//!   replicas have reserved (see [`crate::governor`]).
 //!
 //! Redis is one server (`redis_url`) or a master found through Sentinel (`sentinels`,
 //! `master_name`): after a failed command the master is asked of the sentinels again, so
@@ -26,7 +25,10 @@
 //!
 //! [`GrantConfig::cache_key`]: crate::config::GrantConfig::cache_key
 
+mod scripts;
 mod seal;
+
+use scripts::{LEASE, RELEASE};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -45,21 +47,6 @@ use crate::telemetry::metrics::Metrics;
 
 /// How long the cache is left alone after a failed command.
 const COOL_OFF: Duration = Duration::from_secs(5);
-/// Releases the fleet lock only if we still hold it (it may have expired and been taken).
-/// Reserves `ARGV[1]` calls of a token's rate-limit window for replica `ARGV[3]`, in one
-/// atomic command: the fleet's reservations so far in the window, this one included, and
-/// how many replicas reserved some lately. The first reservation of a window sets when it
-/// ends (`ARGV[2]` ms), and keeps the set of replicas for `ARGV[4]` ms more (several
-/// windows: a replica that knows its fleet can fall back to its part of the budget).
-const LEASE: &str = "local n = redis.call('INCRBY', KEYS[1], ARGV[1]) \
-    redis.call('SADD', KEYS[2], ARGV[3]) \
-    if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
-    redis.call('PEXPIRE', KEYS[2], ARGV[4]) end \
-    return {n, redis.call('SCARD', KEYS[2])}";
-
-const RELEASE: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
-
 /// A token as the fleet shares it.
 pub struct SharedToken {
     pub access_token: SecretString,
@@ -510,58 +497,4 @@ impl SharedCache {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cache(key_byte: u8) -> SharedCache {
-        let toml = format!(
-            "[[upstream]]\nname = \"a\"\nprovider = \"oauth2\"\ntoken_url = \"http://127.0.0.1:1/t\"\nbase_url = \"http://127.0.0.1:1\"\nclient_id = \"id\"\nclient_secret = \"s\"\n[cache]\nredis_url = \"redis://127.0.0.1:1\"\nencryption_key = \"{}\"\n",
-            hex::encode([key_byte; 32])
-        );
-        let config = crate::config::Config::from_toml(&toml, "t.toml".as_ref(), &|_| None).unwrap();
-        SharedCache::new(config.cache.as_ref().unwrap(), &Metrics::new()).unwrap()
-    }
-
-    fn token() -> SharedToken {
-        SharedToken {
-            access_token: SecretString::from("the-token-value"),
-            issued_at: SystemTime::now(),
-            lifetime: Duration::from_secs(3600),
-            api_base: Some("https://api.example".into()),
-            generation: 7,
-        }
-    }
-
-    #[tokio::test]
-    async fn sealed_tokens_open_only_with_the_same_key_under_the_same_name() {
-        let (a, other_key) = (cache(1), cache(2));
-        let sealed = a.seal("k1", &token()).unwrap();
-        assert!(!String::from_utf8_lossy(&sealed).contains("the-token-value"));
-        let opened = a.open("k1", &sealed).unwrap();
-        assert_eq!(opened.access_token.expose_secret(), "the-token-value");
-        assert_eq!(opened.lifetime, Duration::from_secs(3600));
-        assert_eq!(opened.api_base.as_deref(), Some("https://api.example"));
-        assert_eq!(opened.generation, 7);
-        assert!(a.open("k2", &sealed).is_none(), "moved to another key");
-        assert!(
-            other_key.open("k1", &sealed).is_none(),
-            "another fleet's key"
-        );
-        let mut tampered = sealed.clone();
-        let last = tampered.len() - 1;
-        tampered[last] ^= 1;
-        assert!(a.open("k1", &tampered).is_none());
-        assert!(a.open("k1", b"tg1short").is_none());
-        assert!(a.open("k1", b"").is_none());
-    }
-
-    #[tokio::test]
-    async fn keys_name_no_credentials() {
-        let a = cache(1);
-        let id = a.credentials_id("https://login.example/oauth/token|client-id|secret-hash");
-        assert_eq!(id.len(), 32);
-        assert!(!a.token_key(&id, 0).contains("client-id"));
-        assert!(a.token_key(&id, 2).starts_with("tokengate:token:"));
-        assert!(a.lock_key(&id).starts_with("tokengate:lock:"));
-    }
-}
+mod tests;

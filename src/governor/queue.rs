@@ -1,0 +1,217 @@
+//! The fair queue: calls waiting for room in the budget, each client's place in it
+//! (start-time fair queueing by `share`), and the state the governor keeps under its lock.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::window::TokenWindow;
+use super::{slice_of, MARGIN};
+
+/// A call waiting for room.
+pub(super) struct Waiter {
+    pub(super) tag: u64,
+    pub(super) start: u64,
+    pub(super) seq: u64,
+    pub(super) client: Arc<str>,
+    pub(super) tx: oneshot::Sender<usize>,
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        (self.tag, self.seq) == (other.tag, other.seq)
+    }
+}
+impl Eq for Waiter {}
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiter {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.tag, self.seq).cmp(&(other.tag, other.seq))
+    }
+}
+
+/// What the governor keeps of one client.
+#[derive(Debug, Default, Clone)]
+pub(super) struct ClientBook {
+    /// The tag of its last call.
+    pub(super) finish: u64,
+    /// The minute of `max_per_minute`: when it started, and the calls in it.
+    pub(super) minute: Option<(Instant, u64)>,
+    /// Calls let through, and calls waiting now (for the status page).
+    pub(super) served: u64,
+}
+
+pub(super) struct State {
+    pub(super) windows: Vec<TokenWindow>,
+    pub(super) waiting: BinaryHeap<Reverse<Waiter>>,
+    /// The start tag of the last call let through.
+    pub(super) virtual_time: u64,
+    pub(super) clients: HashMap<Arc<str>, ClientBook>,
+    pub(super) seq: u64,
+    /// A task is asleep until the next window ends, to let waiting calls through.
+    pub(super) dispatcher: bool,
+    pub(super) next_token: usize,
+    /// The budget is shared with the fleet through Redis (`[cache]`).
+    pub(super) fleet: bool,
+    /// Redis failed a lease: until then, each window gets this replica's part only.
+    pub(super) fleet_down_until: Option<Instant>,
+    /// The last client to ask for a call; until `several_until` (a window after another
+    /// client asked) more than one client counts as calling, and calls are paced.
+    pub(super) last_client: Option<Arc<str>>,
+    pub(super) several_until: Option<Instant>,
+}
+
+pub(super) fn book_finish(st: &State, client: &Arc<str>) -> u64 {
+    st.clients.get(client).map_or(0, |b| b.finish)
+}
+
+impl State {
+    /// How the budget is shared now (see [`TokenWindow::has_room`]).
+    pub(super) fn fleet_mode(&self, now: Instant) -> Option<bool> {
+        self.fleet
+            .then(|| self.fleet_down_until.is_none_or(|until| now >= until))
+    }
+
+    /// A window that needs a lease from the fleet: its index, the slice to reserve (see
+    /// [`slice_of`]) and how long the window has left.
+    pub(super) fn lease_wanted(&mut self, now: Instant) -> Option<(usize, u64, Duration)> {
+        if self.fleet_mode(now) != Some(true) {
+            return None;
+        }
+        self.windows.iter_mut().enumerate().find_map(|(i, w)| {
+            w.roll(now);
+            let allowed = w.allowed.filter(|_| !w.assumed)?;
+            (w.leased == 0 && w.window_has_room()).then(|| {
+                // Calls made on its own while Redis was away are reserved too, so the
+                // fleet's count includes them.
+                let slice = slice_of(allowed) + w.unreserved();
+                let left = w
+                    .ends
+                    .map_or(w.len.unwrap_or(Duration::from_secs(60)) + MARGIN, |e| {
+                        e.saturating_duration_since(now)
+                    });
+                (i, slice, left)
+            })
+        })
+    }
+
+    /// What a lease of `slice` calls for window `index` got: the fleet's reservations
+    /// in the window and its replicas (`None`: Redis could not be used; this replica falls
+    /// back to its part of the budget for a while).
+    pub(super) fn leased(
+        &mut self,
+        index: usize,
+        slice: u64,
+        got: Option<(u64, u64)>,
+        now: Instant,
+    ) {
+        let Some(w) = self.windows.get_mut(index) else {
+            return;
+        };
+        let Some((total, replicas)) = got else {
+            self.fleet_down_until = Some(now + Duration::from_secs(5));
+            w.fallback_from.get_or_insert((w.used, w.own));
+            return;
+        };
+        w.fallback_from = None;
+        w.replicas = replicas.max(1);
+        w.fleet_total = w.fleet_total.max(total);
+        let allowed = w.allowed.unwrap_or(u64::MAX);
+        let granted = slice.min(allowed.saturating_sub(total.saturating_sub(slice)));
+        // The first of them pay for the calls already made without a reservation.
+        let owed = w.unreserved();
+        w.reserved += granted;
+        w.leased += granted.saturating_sub(owed);
+        if granted == 0 {
+            // The fleet has reserved the whole window: none until it ends.
+            w.used = w.used.max(allowed);
+            if w.ends.is_none() {
+                w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
+            }
+        }
+    }
+
+    /// Take one call's room in the next token that has some (round-robin).
+    /// `paced`: a waiting call, held to the pace (see [`TokenWindow::bucket`]).
+    pub(super) fn take_room(&mut self, now: Instant, paced: bool) -> Option<usize> {
+        let n = self.windows.len();
+        let fleet = self.fleet_mode(now);
+        for k in 0..n {
+            let i = (self.next_token + k) % n;
+            let w = &mut self.windows[i];
+            if w.has_room(fleet.filter(|_| !w.assumed), paced) {
+                w.used += 1;
+                w.own += 1;
+                // A reserved call first (also while Redis is down).
+                if fleet.is_some() && w.leased > 0 {
+                    w.leased -= 1;
+                }
+                if w.pace().is_some() {
+                    w.bucket = (w.bucket - 1.0).max(0.0);
+                }
+                match w.ends {
+                    // Until the platform says otherwise, a window as long as the longest
+                    // seen (a minute, if none was).
+                    None => w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN),
+                    Some(e) if now + MARGIN * 2 >= e => {
+                        w.late += 1;
+                        w.late_first.get_or_insert(now);
+                    }
+                    Some(_) => {}
+                }
+                self.next_token = (i + 1) % n;
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    pub(super) fn room_at(&self, now: Instant) -> Instant {
+        let fleet = self.fleet_mode(now);
+        self.windows
+            .iter()
+            .map(|w| {
+                let mut w = w.clone();
+                w.roll(now);
+                // An assumed budget is this replica's own until the platform's is known:
+                // nothing is reserved in the fleet against a window that may not exist.
+                w.room_at(now, fleet.filter(|_| !w.assumed))
+            })
+            .min()
+            .unwrap_or(now)
+    }
+
+    /// Let waiting calls through, smallest tag first, while there is room.
+    pub(super) fn dispatch(&mut self, now: Instant) {
+        for w in &mut self.windows {
+            w.roll(now);
+        }
+        while let Some(Reverse(top)) = self.waiting.peek() {
+            if top.tx.is_closed() {
+                // It gave up (its wait ran out, or its caller went away).
+                self.waiting.pop();
+                continue;
+            }
+            let Some(i) = self.take_room(now, true) else {
+                break;
+            };
+            let Some(Reverse(w)) = self.waiting.pop() else {
+                break;
+            };
+            self.virtual_time = self.virtual_time.max(w.start);
+            if w.tx.send(i).is_err() {
+                self.windows[i].used -= 1;
+            } else if let Some(book) = self.clients.get_mut(&w.client) {
+                book.served += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! One pooled token's window of calls as the governor counts it, and what the platform's
+//! answers and documentation say about it.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName};
+use tokio::time::Instant;
+
+use super::{slice_of, MARGIN};
+use crate::config::RateLimit;
+
+/// One pooled token's window, as the governor counts it, and the pace it spends it at.
+#[derive(Debug, Clone)]
+pub(super) struct TokenWindow {
+    /// Calls allowed per window; `None`: not known (the token is not held back).
+    pub(super) allowed: Option<u64>,
+    /// Calls let through in this window (or counted by the platform, if more).
+    pub(super) used: u64,
+    /// When this window ends; `None`: no call started one yet (the next one does).
+    pub(super) ends: Option<Instant>,
+    /// How long a window lasts, as configured or as the platform's resets tell (the
+    /// longest reset seen); `None`: not known yet.
+    pub(super) len: Option<Duration>,
+    /// Calls that may start now, once calls wait: a backlog is let through at an even
+    /// pace (`allowed / len`, with a burst of a quarter of it), so it cannot spend a
+    /// whole window in its first moment and leave a quiet client nothing. While nobody
+    /// waits, a call with room in the window goes at once (it spends the pace too).
+    pub(super) bucket: f64,
+    pub(super) refilled: Instant,
+    /// With a fleet: calls of this window reserved in Redis and not used yet. A call
+    /// spends one; when none are left, the dispatcher reserves a slice more.
+    pub(super) leased: u64,
+    /// Calls reserved by this replica in this window; the fleet's reservations in it as
+    /// the last lease told; and how many replicas reserved (kept across windows). While
+    /// Redis is down, a replica spends what it reserved, then an equal part of what the
+    /// fleet had not reserved.
+    pub(super) reserved: u64,
+    pub(super) fleet_total: u64,
+    pub(super) replicas: u64,
+    /// Since Redis went down (in this window): the window's count then, and this
+    /// replica's calls then.
+    pub(super) fallback_from: Option<(u64, u64)>,
+    /// Calls that were in flight when this window's count was learned (the platform may
+    /// not have counted them yet): held back from the budget until the platform's count
+    /// shows them, or fewer calls than that are still in flight.
+    pub(super) guard: u64,
+    /// Calls this replica let through in this window.
+    pub(super) own: u64,
+    /// Calls let through in the window's last two seconds (and when the first was): the
+    /// platform's window may already have ended, so they may count in its next one.
+    pub(super) late: u64,
+    pub(super) late_first: Option<Instant>,
+    /// `allowed` and `len` are the provider's documented budget, assumed until the
+    /// platform's first answer says what it is.
+    pub(super) assumed: bool,
+}
+
+impl TokenWindow {
+    /// Calls per second and the burst, when both the budget and the window are known.
+    pub(super) fn pace(&self) -> Option<(f64, f64)> {
+        let (allowed, len) = (self.allowed?, self.len?);
+        if len.is_zero() {
+            return None;
+        }
+        let burst = (allowed as f64 / 4.0).max(1.0);
+        Some((allowed as f64 / len.as_secs_f64(), burst))
+    }
+
+    pub(super) fn refill(&mut self, now: Instant) {
+        if let Some((rate, burst)) = self.pace() {
+            let gained = now.saturating_duration_since(self.refilled).as_secs_f64() * rate;
+            self.bucket = (self.bucket + gained).min(burst);
+        }
+        self.refilled = now;
+    }
+
+    /// Calls this replica made in the window beyond what it reserved (while Redis was
+    /// away).
+    pub(super) fn unreserved(&self) -> u64 {
+        self.own
+            .saturating_sub(self.reserved.saturating_sub(self.leased))
+    }
+
+    pub(super) fn window_has_room(&self) -> bool {
+        self.allowed.is_none_or(|a| self.used + self.guard < a)
+    }
+
+    /// Room for a call now. `fleet`: the budget is shared through Redis and reachable
+    /// (a reserved call is needed); `Some(false)`: shared but Redis is down (this
+    /// replica's part of the budget); `None`: not shared.
+    pub(super) fn has_room(&self, fleet: Option<bool>, paced: bool) -> bool {
+        let share = match fleet {
+            None => true,
+            Some(true) => self.leased > 0,
+            Some(false) => {
+                // What nobody had counted when Redis went down, less what the others may
+                // still hold reserved (a slice each), in equal parts.
+                let (base, own_then) = self.fallback_from.unwrap_or((self.used, self.own));
+                self.leased > 0
+                    || self.allowed.is_none_or(|a| {
+                        let others = (self.replicas.max(1) - 1) * slice_of(a);
+                        let part =
+                            a.saturating_sub(base).saturating_sub(others) / self.replicas.max(1);
+                        self.own.saturating_sub(own_then) < part
+                    })
+            }
+        };
+        share && self.window_has_room() && (!paced || self.pace().is_none() || self.bucket >= 1.0)
+    }
+
+    pub(super) fn roll(&mut self, now: Instant) {
+        if self.ends.is_some_and(|e| e <= now) {
+            // The late calls may have started the platform's next window: count them in
+            // ours, which then ends a window after the first of them.
+            self.used = self.late;
+            self.own = self.late;
+            self.ends = self
+                .late_first
+                .map(|t| t + self.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
+            self.leased = 0;
+            self.reserved = 0;
+            self.fleet_total = 0;
+            self.fallback_from = None;
+            self.guard = 0;
+            self.late = 0;
+            self.late_first = None;
+        }
+        self.refill(now);
+    }
+
+    /// When it next has room (`now` if it has, or if it needs a lease from the fleet).
+    pub(super) fn room_at(&self, now: Instant, fleet: Option<bool>) -> Instant {
+        let part_spent =
+            fleet == Some(false) && !self.has_room(Some(false), false) && self.window_has_room();
+        if self.guard > 0 && self.allowed.is_some_and(|a| self.used < a) && !self.window_has_room()
+        {
+            // Room comes with the answers of the calls in flight (each answer dispatches);
+            // look again soon in any case.
+            return now + Duration::from_millis(20);
+        }
+        if !self.window_has_room() || part_spent {
+            return self.ends.unwrap_or(now);
+        }
+        match self.pace() {
+            Some((rate, _)) if self.bucket < 1.0 => {
+                now + Duration::from_secs_f64((1.0 - self.bucket) / rate)
+            }
+            _ => now,
+        }
+    }
+}
+
+/// The budget a provider documents for a token, held until its answers say otherwise:
+/// Genesys Cloud allows 300 calls a minute per client-credentials token
+/// (`client.credentials.token.rate.per.minute`). CXone documents none.
+pub fn documented_budget(provider: crate::config::providers::Provider) -> Option<RateLimit> {
+    match provider {
+        crate::config::providers::Provider::Genesys => Some(RateLimit {
+            calls: 300,
+            window: Duration::from_secs(60),
+        }),
+        _ => None,
+    }
+}
+
+/// Genesys Cloud's rate-limit headers, as names made once: looked up in every answer, a
+/// name given as text would be parsed and checked again each time.
+pub const RATELIMIT_ALLOWED: HeaderName = HeaderName::from_static("inin-ratelimit-allowed");
+pub const RATELIMIT_COUNT: HeaderName = HeaderName::from_static("inin-ratelimit-count");
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("inin-ratelimit-reset");
+
+/// A header holding a whole number (`inin-ratelimit-*`, `Retry-After` in seconds).
+pub fn header_number(headers: &HeaderMap, name: HeaderName) -> Option<u64> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
