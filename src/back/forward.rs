@@ -26,8 +26,9 @@ use crate::config::WebsocketToken;
 use crate::http::body;
 use crate::http::causes::error_chain;
 use crate::outbound::connections::{
-    h2_cause, never_processed, Answered, Lease, Origin, SendError, WorkerConnections,
+    h2_cause, never_processed, Answered, Origin, SendError, WorkerConnections,
 };
+use crate::outbound::lease::Lease;
 use crate::outbound::slots::{Claimant, Slot};
 use crate::upstream::WorkerUpstream;
 use futures_util::future::Either;

@@ -3,11 +3,13 @@
 //! hyper-util's `auto` builder, closed when idle or stuck (see [`super::watch`]), and shut
 //! down gracefully when its listener closes.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::Request;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -15,9 +17,35 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
-use super::server::{HttpService, HEADER_READ_TIMEOUT};
 use super::watch::{until_closing, StallGuard, Verdict, Watch, Watched, ANSWER_STALL};
 use crate::call::messages::{PeerAddr, PeerIdentity};
+use crate::http::body::ProxyBody;
+
+/// How long a client may take to send a request head, or to finish a TLS handshake:
+/// slow or half-open connections cannot hold a slot for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a listener serves: requests with body `B` in, the proxy's answers out, never an
+/// error (refusals are answers), cloneable per connection, runnable on any worker. One
+/// name for the bound that the proxy's stack, the admin listener and `serve` share.
+pub trait HttpService<B>:
+    Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<
+            Request<B>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
 
 /// A listener's service as hyper calls it: through `&self`, once per request.
 ///

@@ -12,13 +12,11 @@
 //! address, so one client cannot take every slot.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -26,18 +24,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tower::Service;
 
-use crate::http::body::ProxyBody;
 use crate::ingress::connection::{
     peek_protocol, serve_any, serve_tls, PerConnection, Protocol, ServeHttp1, TlsConnection,
 };
+pub use crate::ingress::connection::{HttpService, HEADER_READ_TIMEOUT};
 use crate::ingress::head_timer::ConnectionTimer;
 use crate::ingress::watch::StallGuard;
 
-/// How long a client may take to send a request head, or to finish a TLS handshake:
-/// slow or half-open connections cannot hold a slot for ever.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head accepted (HTTP/1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent requests on one HTTP/2 connection.
@@ -45,29 +39,6 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// HTTP/2 keep-alive: a PING this often, and a peer that does not answer one within the
 /// same time is gone.
 pub const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
-
-/// What a listener serves: requests with body `B` in, the proxy's answers out, never an
-/// error (refusals are answers), cloneable per connection, runnable on any worker. One
-/// name for the bound that the proxy's stack, the admin listener and `serve` share.
-pub trait HttpService<B>:
-    Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible, Future: Send + 'static>
-    + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S, B> HttpService<B> for S where
-    S: Service<
-            Request<B>,
-            Response = Response<ProxyBody>,
-            Error = Infallible,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + 'static
-{
-}
 
 /// How many connections a listener holds at once.
 #[derive(Debug, Clone, Copy)]

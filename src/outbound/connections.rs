@@ -29,7 +29,6 @@ use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::Service;
 
-pub use super::lease::Lease;
 pub use super::origin::Origin;
 use crate::http::body::{BoxError, ProxyBody};
 use crate::outbound::egress::{Connector, Egress};

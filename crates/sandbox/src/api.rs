@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::{json, lock, Body, SandboxOptions, SeenRequest, State};
+use crate::{json, lock, unauthorized, Body, SandboxOptions, SeenRequest, State};
 
 fn correlation_id() -> HeaderValue {
     let mut bytes = [0u8; 16];
@@ -24,13 +24,6 @@ async fn bad_credentials(_s: &State) -> Response<Body> {
     #[cfg(feature = "fixtures")]
     _s.controls.hold_401().await;
     unauthorized("bad.credentials", "Invalid login credentials.")
-}
-
-pub(crate) fn unauthorized(code: &str, message: &str) -> Response<Body> {
-    json(
-        StatusCode::UNAUTHORIZED,
-        serde_json::json!({"message": message, "code": code, "status": 401, "messageParams": {}, "contextId": hex::encode(rand::random::<[u8; 8]>()), "details": [], "errors": []}),
-    )
 }
 
 pub(crate) async fn answer(

@@ -15,8 +15,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use crate::api::unauthorized;
-use crate::{json, Body, Sandbox};
+use crate::{json, unauthorized, Body, Sandbox};
 
 /// What the tests can switch.
 pub(crate) struct Controls {

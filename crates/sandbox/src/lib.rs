@@ -356,6 +356,14 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(bytes.into()).boxed_unsync()
 }
 
+/// A Genesys 401: `code` and `message` in the platform's error document.
+pub(crate) fn unauthorized(code: &str, message: &str) -> Response<Body> {
+    json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({"message": message, "code": code, "status": 401, "messageParams": {}, "contextId": hex::encode(rand::random::<[u8; 8]>()), "details": [], "errors": []}),
+    )
+}
+
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(full(value.to_string()));
     *resp.status_mut() = status;
