@@ -4,6 +4,7 @@
 #
 #   benches/load.sh                 # 3 rounds of 10 s each, 64 connections
 #   ROUNDS=5 DURATION=20 CONNECTIONS=64 benches/load.sh
+#   BASELINE=/path/to/an/older/tokengate benches/load.sh   # and that build beside this one
 #
 # Everything runs on loopback: the upstream is nginx (its own process, 1 worker) answering
 # a small JSON body; in front of it nginx (2 workers, keep-alive upstream, fixed bearer
@@ -139,9 +140,18 @@ CONF
 TOKENGATE_LOG=warn ./target/release/tokengate run -c "$work/proxy.toml" > "$work/tg.out" 2>&1 &
 pids+=($!)
 tokengate_pid=$!
+# Another build of tokengate (BASELINE), same config on its own ports: before and after a
+# change, measured in the same rounds.
+if [ -n "${BASELINE:-}" ]; then
+  bl=$(free_port); bad=$(free_port)
+  sed -e "s/127.0.0.1:$tg/127.0.0.1:$bl/" -e "s/127.0.0.1:$ad/127.0.0.1:$bad/" "$work/proxy.toml" > "$work/baseline.toml"
+  TOKENGATE_LOG=warn "$BASELINE" run -c "$work/baseline.toml" > "$work/bl.out" 2>&1 &
+  pids+=($!)
+  baseline_pid=$!
+fi
 
 auth="Authorization: Bearer $key"
-for port in $up $ng $hp $tg; do
+for port in $up $ng $hp $tg ${bl:-}; do
   for _ in $(seq 100); do curl -sf -H "$auth" "http://127.0.0.1:$port/api/v2/users/me" >/dev/null && break; sleep 0.1; done
 done
 
@@ -197,6 +207,9 @@ declare -A results
 names=(upstream nginx haproxy tokengate)
 ports=($up $ng $hp $tg)
 procs=($upstream_pid $nginx_front $haproxy_pid $tokengate_pid)
+if [ -n "${BASELINE:-}" ]; then
+  names+=(baseline); ports+=("$bl"); procs+=("$baseline_pid")
+fi
 for round in $(seq "$ROUNDS"); do
   for i in "${!names[@]}"; do
     results[${names[$i]}]+="$(run_wrk "${ports[$i]}" "${procs[$i]}")"$'\n'
@@ -206,7 +219,8 @@ done
 
 # 1,000 keep-alive connections on each proxy (two threads of wrk), for the RSS column.
 declare -A wide
-for i in 1 2 3; do
+for i in "${!names[@]}"; do
+  [ "$i" = 0 ] && continue
   wide[${names[$i]}]="$(THREADS=2 run_wrk "${ports[$i]}" "${procs[$i]}" 1000 5)"
 done
 echo "1,000-connection phase done" >&2
@@ -226,6 +240,7 @@ for n in "${names[@]}"; do
     nginx) rss=$(peak_rss_mib "$nginx_front") ;;
     haproxy) rss=$(peak_rss_mib "$haproxy_pid") ;;
     tokengate) rss=$(peak_rss_mib "$tokengate_pid") ;;
+    baseline) rss=$(peak_rss_mib "$baseline_pid") ;;
     *) rss="-" ;;
   esac
   errs=$(awk 'NF {s+=$4} END {print s+0}' <<<"${results[$n]}")
@@ -234,7 +249,7 @@ for n in "${names[@]}"; do
 done
 echo
 echo "With 1,000 keep-alive connections (wrk -t2 -c1000 -d5s, once each): req/s, p99 ms, errors"
-for n in nginx haproxy tokengate; do
+for n in "${names[@]:1}"; do
   read -r rps p50 p99 errs _ <<<"${wide[$n]}"
   printf '  %-10s %10.0f %8.2f %7s\n' "$n" "$rps" "$p99" "$errs"
 done
@@ -250,7 +265,7 @@ done
 # is left of that for tokengate, next to the system time it spends on its sockets.
 chain() { echo "$(col "${results[$1]}" 5) + $(col "${results[$1]}" 6) + $(col "${results[$1]}" 7) + $(col "${results[$1]}" 8)" | bc -l; }
 echo
-for n in nginx haproxy tokengate; do
+for n in "${names[@]:1}"; do
   printf 'CPU per call, whole chain via %-9s %6.1f us (wrk %.1f, proxy %.1f + %.1f, upstream %.1f)\n' "$n" "$(chain "$n")" \
     "$(col "${results[$n]}" 8)" "$(col "${results[$n]}" 5)" "$(col "${results[$n]}" 6)" "$(col "${results[$n]}" 7)"
 done

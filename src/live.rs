@@ -131,7 +131,10 @@ impl Builder {
             .upstreams
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&upstreams);
-        let board = Arc::new(StatusBoard::new(&config));
+        let board = Arc::new(StatusBoard::new(
+            config.upstreams.iter().map(|u| &u.name),
+            &config.clients,
+        ));
         self.sockets
             .configure(config.server.max_websockets, config.server.websocket_idle);
         let parts = crate::stack::Parts {

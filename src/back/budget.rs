@@ -139,3 +139,50 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_client_past_its_max_per_minute_is_answered_here_and_reaches_nothing() {
+        let (_sandbox, upstream, metrics) = crate::upstream::sandboxed_worker_upstream().await;
+        let capped = Arc::new(crate::config::ClientConfig {
+            name: "capped".into(),
+            key_sha256: [0; 32],
+            upstreams: None,
+            allow: None,
+            share: 1,
+            max_per_minute: Some(2),
+        });
+        let reached = Arc::new(AtomicUsize::new(0));
+        let behind = {
+            let reached = Arc::clone(&reached);
+            tower::service_fn(move |_req: ProxyRequest| {
+                reached.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        crate::http::body::empty(),
+                    ))
+                }) as BoxFuture
+            })
+        };
+        let budget = BudgetLayer::of(&upstream, &metrics, &[Arc::clone(&capped)]).layer(behind);
+        let call = || {
+            let mut req = http::Request::get("/api/v2/users/me")
+                .body(crate::http::body::empty())
+                .unwrap();
+            req.extensions_mut()
+                .insert(Caller(Some(Arc::clone(&capped))));
+            budget.clone().oneshot(req)
+        };
+        assert_eq!(call().await.unwrap().status(), 200);
+        assert_eq!(call().await.unwrap().status(), 200);
+        let third = call().await.unwrap();
+        assert_eq!(third.status(), 429);
+        assert!(third.headers().contains_key(http::header::RETRY_AFTER));
+        assert_eq!(reached.load(Ordering::SeqCst), 2);
+    }
+}

@@ -147,3 +147,85 @@ impl ValidateRequest<ProxyBody> for Guard {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use tower::{Layer, ServiceExt};
+
+    /// The guard in front of a service that echoes what reached it: the headers it saw.
+    async fn through_guard(req: ProxyRequest) -> ProxyResponse {
+        let inner = tower::service_fn(|req: ProxyRequest| async move {
+            let mut seen: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
+            seen.sort();
+            Ok::<_, std::convert::Infallible>(http::Response::new(body::full(seen.join(","))))
+        });
+        layer(16).layer(inner).oneshot(req).await.unwrap()
+    }
+
+    async fn text(resp: ProxyResponse) -> String {
+        use http_body_util::BodyExt;
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn refused_requests_never_reach_the_service() {
+        let connect = http::Request::connect("api.example.com:443")
+            .body(body::empty())
+            .unwrap();
+        assert_eq!(through_guard(connect).await.status(), 400);
+        let absolute = http::Request::get("http://elsewhere.example/api")
+            .body(body::empty())
+            .unwrap();
+        assert_eq!(through_guard(absolute).await.status(), 400);
+        let large = http::Request::post("/api/v2/x")
+            .header(header::CONTENT_LENGTH, "17")
+            .body(body::full("x".repeat(17)))
+            .unwrap();
+        assert_eq!(through_guard(large).await.status(), 413);
+    }
+
+    #[tokio::test]
+    async fn forwarding_and_override_headers_go_but_the_callers_key_stays() {
+        let mut req = http::Request::get("/api/v2/users/me")
+            .body(body::empty())
+            .unwrap();
+        let h = req.headers_mut();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-api-key, x-hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-api-key", HeaderValue::from_static("tg_k"));
+        h.insert("x-http-method-override", HeaderValue::from_static("DELETE"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let resp = through_guard(req).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(text(resp).await, "accept,x-api-key");
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_it_declared_is_cut_at_the_limit() {
+        use http_body_util::BodyExt;
+        let inner = tower::service_fn(|req: ProxyRequest| async move {
+            let read = req.into_body().collect().await;
+            let status = if read.is_err() { 413 } else { 200 };
+            let mut resp = http::Response::new(body::empty());
+            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        // Chunked (no Content-Length): the limit applies as the body arrives.
+        let req = http::Request::post("/api/v2/x")
+            .body(body::boxed(http_body_util::StreamBody::new(
+                futures_util::stream::iter(["0123456789", "0123456789"].map(|c| {
+                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(c)))
+                })),
+            )))
+            .unwrap();
+        let resp = layer(16).layer(inner).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 413);
+    }
+}

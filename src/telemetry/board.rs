@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::Config;
+use crate::config::ClientConfig;
 
 pub(crate) const WINDOW_SECS: usize = 60;
 
@@ -156,9 +156,12 @@ pub struct Answered<'a> {
 pub(crate) const ANONYMOUS: &str = "anonymous";
 
 impl StatusBoard {
-    pub fn new(config: &Config) -> StatusBoard {
-        let mut clients: Vec<ClientStats> = config
-            .clients
+    /// Counters for `upstreams` (by name) and `clients` (anonymous callers when none).
+    pub fn new<'a>(
+        upstreams: impl IntoIterator<Item = &'a Arc<str>>,
+        clients: &[Arc<ClientConfig>],
+    ) -> StatusBoard {
+        let mut clients: Vec<ClientStats> = clients
             .iter()
             .map(|c| ClientStats {
                 name: c.name.clone(),
@@ -180,11 +183,10 @@ impl StatusBoard {
         let n = clients.len();
         StatusBoard {
             started: Instant::now(),
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(|u| UpstreamStats {
-                    name: u.name.clone(),
+            upstreams: upstreams
+                .into_iter()
+                .map(|name| UpstreamStats {
+                    name: Arc::clone(name),
                     window: Window::new(),
                     history: (0..n).map(|_| History::new()).collect(),
                     retries_401: AtomicU64::new(0),
