@@ -21,6 +21,7 @@
 //! Each worker has its own set, used only from its thread: the mutex is never contended,
 //! it only makes the set shareable through the upstream.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
@@ -40,19 +41,24 @@ struct State {
     /// first. Every call counts here twice; a hash map made that three SipHash rounds of
     /// the client's name per call.
     held: Vec<(Arc<str>, usize, u32)>,
-    waiting: Vec<Waiter>,
-    /// The clients in `waiting`, each with its number of waiting calls and its weight:
-    /// the shares are worked out from these and `held`, never by walking the line (a
+    /// The calls waiting, in one first-come line per client: a freed slot is handed over
+    /// by looking at each client's first call, never by walking every waiting call (a
     /// thousand callers queued on one worker made that quadratic).
-    waiting_clients: Vec<(Arc<str>, usize, u32)>,
+    lines: Vec<Line>,
     /// Arrival order of waiters, for ties.
     next_seq: u64,
 }
 
+/// One client's waiting calls, in arrival order.
 #[derive(Debug)]
-struct Waiter {
+struct Line {
     client: Arc<str>,
     weight: u32,
+    waiters: VecDeque<Waiter>,
+}
+
+#[derive(Debug)]
+struct Waiter {
     seq: u64,
     hand_over: oneshot::Sender<Slot>,
 }
@@ -106,8 +112,7 @@ impl ConnectionSlots {
     /// The most slots `who` may hold now (see the module's notes).
     fn share_of(&self, state: &State, who: Claimant<'_>) -> usize {
         let weight = who.weight.max(1);
-        let active =
-            state.position(who.client).is_some() || state.waiting_position(who.client).is_some();
+        let active = state.position(who.client).is_some() || state.line_of(who.client).is_some();
         let total = state.active_weight() + if active { 0 } else { u64::from(weight) };
         self.share_for(weight, total)
     }
@@ -135,13 +140,15 @@ impl ConnectionSlots {
             let (hand_over, receiver) = oneshot::channel();
             let seq = state.next_seq;
             state.next_seq += 1;
-            state.note_waiting(who.client, who.weight.max(1));
-            state.waiting.push(Waiter {
-                client: Arc::clone(who.client),
-                weight: who.weight.max(1),
-                seq,
-                hand_over,
-            });
+            let waiter = Waiter { seq, hand_over };
+            match state.line_of(who.client) {
+                Some(i) => state.lines[i].waiters.push_back(waiter),
+                None => state.lines.push(Line {
+                    client: Arc::clone(who.client),
+                    weight: who.weight.max(1),
+                    waiters: VecDeque::from([waiter]),
+                }),
+            }
             receiver
         };
         match receiver.await {
@@ -162,42 +169,46 @@ impl ConnectionSlots {
     fn release(self: &Arc<Self>, client: &Arc<str>) {
         let mut state = self.state();
         state.forget_one(client);
-        // Waiters that gave up are dropped from the line.
-        let gone: Vec<Arc<str>> = state
-            .waiting
-            .iter()
-            .filter(|w| w.hand_over.is_closed())
-            .map(|w| Arc::clone(&w.client))
-            .collect();
-        for client in &gone {
-            state.note_done_waiting(client);
-        }
-        state.waiting.retain(|w| !w.hand_over.is_closed());
         loop {
-            // Fewest held for the weight first (compared without division), then the
-            // earliest.
-            // Every waiter's client is among the active ones: the total is the same for all.
+            // Calls that gave up leave the front of their lines; empty lines go.
+            for line in &mut state.lines {
+                while line
+                    .waiters
+                    .front()
+                    .is_some_and(|w| w.hand_over.is_closed())
+                {
+                    line.waiters.pop_front();
+                }
+            }
+            state.lines.retain(|l| !l.waiters.is_empty());
+            // Every waiting client is among the active ones: the total is the same for
+            // all. Fewest held for the weight first (compared without division), then
+            // the earliest first call.
             let total = state.active_weight();
-            let fairest = (0..state.waiting.len())
+            let fairest = (0..state.lines.len())
                 .filter(|&i| {
-                    let w = &state.waiting[i];
-                    state.held_by(&w.client) < self.share_for(w.weight, total)
+                    let l = &state.lines[i];
+                    state.held_by(&l.client) < self.share_for(l.weight, total)
                 })
                 .min_by(|&a, &b| {
-                    let (wa, wb) = (&state.waiting[a], &state.waiting[b]);
-                    let ha = state.held_by(&wa.client) as u64 * u64::from(wb.weight);
-                    let hb = state.held_by(&wb.client) as u64 * u64::from(wa.weight);
-                    ha.cmp(&hb).then(wa.seq.cmp(&wb.seq))
+                    let (la, lb) = (&state.lines[a], &state.lines[b]);
+                    let ha = state.held_by(&la.client) as u64 * u64::from(lb.weight);
+                    let hb = state.held_by(&lb.client) as u64 * u64::from(la.weight);
+                    let first = |l: &Line| l.waiters.front().map_or(u64::MAX, |w| w.seq);
+                    ha.cmp(&hb).then(first(la).cmp(&first(lb)))
                 });
             let Some(fairest) = fairest else {
                 break;
             };
-            let waiter = state.waiting.swap_remove(fairest);
-            state.note_done_waiting(&waiter.client);
-            state.count_one(&waiter.client, waiter.weight);
+            let line = &mut state.lines[fairest];
+            let Some(waiter) = line.waiters.pop_front() else {
+                break;
+            };
+            let (client, weight) = (Arc::clone(&line.client), line.weight);
+            state.count_one(&client, weight);
             let slot = Slot {
                 slots: Some(Arc::clone(self)),
-                client: Arc::clone(&waiter.client),
+                client: Arc::clone(&client),
             };
             match waiter.hand_over.send(slot) {
                 Ok(()) => return,
@@ -205,7 +216,7 @@ impl ConnectionSlots {
                 // the next waiter.
                 Err(mut slot) => {
                     slot.slots = None;
-                    state.forget_one(&waiter.client);
+                    state.forget_one(&client);
                 }
             }
         }
@@ -226,38 +237,20 @@ impl State {
         self.position(client).map_or(0, |i| self.held[i].1)
     }
 
-    fn waiting_position(&self, client: &Arc<str>) -> Option<usize> {
-        self.waiting_clients
-            .iter()
-            .position(|(c, _, _)| same(c, client))
+    fn line_of(&self, client: &Arc<str>) -> Option<usize> {
+        self.lines.iter().position(|l| same(&l.client, client))
     }
 
     /// The weights of the clients holding or waiting for slots, each once.
     fn active_weight(&self) -> u64 {
         let holding: u64 = self.held.iter().map(|(_, _, w)| u64::from(*w)).sum();
         let only_waiting: u64 = self
-            .waiting_clients
+            .lines
             .iter()
-            .filter(|(c, _, _)| self.position(c).is_none())
-            .map(|(_, _, w)| u64::from(*w))
+            .filter(|l| self.position(&l.client).is_none())
+            .map(|l| u64::from(l.weight))
             .sum();
         holding + only_waiting
-    }
-
-    fn note_waiting(&mut self, client: &Arc<str>, weight: u32) {
-        match self.waiting_position(client) {
-            Some(i) => self.waiting_clients[i].1 += 1,
-            None => self.waiting_clients.push((Arc::clone(client), 1, weight)),
-        }
-    }
-
-    fn note_done_waiting(&mut self, client: &Arc<str>) {
-        if let Some(i) = self.waiting_position(client) {
-            self.waiting_clients[i].1 -= 1;
-            if self.waiting_clients[i].1 == 0 {
-                self.waiting_clients.swap_remove(i);
-            }
-        }
     }
 
     fn count_one(&mut self, client: &Arc<str>, weight: u32) {
