@@ -16,7 +16,7 @@
 //! through once and are not retried.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -33,7 +33,7 @@ use crate::call::messages::ReplaceToken;
 use crate::call::outcome::{Outcome, RetryReason, TokenId};
 use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::config::UpstreamConfig;
-use crate::http::body::{self, BoxError, ProxyBody};
+use crate::http::body::{self, BoxError, ByteBudget, ProxyBody, Reserved};
 use crate::telemetry::metrics::Metrics;
 
 /// How many times a call is sent again after its pooled connection closed under it.
@@ -130,34 +130,7 @@ enum Kept {
 /// 200 MB.
 pub const RETRY_BUDGET_BYTES: usize = 8 * 1024 * 1024;
 
-static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
-
-/// Bytes counted against [`RETRY_BUDGET_BYTES`]; given back when dropped.
-#[derive(Default)]
-struct Reserved(usize);
-
-impl Reserved {
-    /// Count `n` more bytes, if the budget has room for them.
-    fn grow(&mut self, n: usize) -> bool {
-        let fits = KEPT_BYTES
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
-                kept.checked_add(n).filter(|k| *k <= RETRY_BUDGET_BYTES)
-            })
-            .is_ok();
-        if fits {
-            self.0 += n;
-        }
-        fits
-    }
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        if self.0 > 0 {
-            KEPT_BYTES.fetch_sub(self.0, Ordering::AcqRel);
-        }
-    }
-}
+static KEPT_BYTES: ByteBudget = ByteBudget::new(RETRY_BUDGET_BYTES);
 
 /// Read `body` into memory if it is at most `limit` bytes; otherwise give back a body that
 /// streams what was read so far followed by the rest.
@@ -176,7 +149,7 @@ async fn keep_body(
     // not fit, the body streams untouched.
     let mut reserved = Reserved::default();
     if let Some(len) = declared {
-        if !reserved.grow(len as usize) {
+        if !reserved.grow(&KEPT_BYTES, len as usize) {
             return Ok(Kept::Streaming(body));
         }
     }
@@ -192,7 +165,8 @@ async fn keep_body(
         };
         let total = kept.len() + data.len();
         let fits = total <= limit
-            && (declared.is_some_and(|len| total as u64 <= len) || reserved.grow(data.len()));
+            && (declared.is_some_and(|len| total as u64 <= len)
+                || reserved.grow(&KEPT_BYTES, data.len()));
         if !fits {
             let read = [kept.freeze(), data].map(|b| Ok(http_body::Frame::data(b)));
             let rest = BodyStream::new(body);

@@ -3,9 +3,9 @@
 //!
 //! | on | message | written by | read by |
 //! |---|---|---|---|
-//! | request | [`PeerIdentity`]: the client certificate's common name | `server` (HTTPS with `client_ca`) | `client_auth` |
-//! | request | [`PeerAddr`]: the caller's address (POSTs only) | `server` | `token_endpoint` (failed key checks per address) |
-//! | request | [`OnConnection`]: the connection's watch | `connection_watch` (HTTP/2 and HTTPS connections) | `token_endpoint` (token forms per connection) |
+//! | request | [`PeerIdentity`]: the client certificate's common name | `ingress::server` (HTTPS with `client_ca`) | `client_auth` |
+//! | request | [`PeerAddr`]: the caller's address (POSTs only) | `ingress::server` | `token_endpoint` (failed key checks per address) |
+//! | request | [`OnConnection`]: the token forms being read on the connection | `ingress::watch` (POSTs on HTTP/2 and HTTPS connections) | `token_endpoint` (token forms per connection) |
 //! | request | [`Caller`]: the client, or anonymous | `client_auth`; `retry` and `bearer` on the copies they send | `route`, `budget`, `bearer`, `retry`, `forward`, `notifications` |
 //! | request | [`UnresolvedChannel`]: a keyless socket on a channel another replica made | `client_auth` | `route`, `notifications` |
 //! | request | [`KeylessSocket`]: a keyless socket on a channel this replica made | `client_auth` | `notifications` |
@@ -92,8 +92,8 @@ impl Drop for TokenForm {
     }
 }
 
-/// The connection a request came on: its token-endpoint forms (set on every request of
-/// an HTTP/2 or HTTPS connection).
+/// The connection a request came on: its token-endpoint forms (set on POSTs on HTTP/2 and
+/// HTTPS connections).
 #[derive(Debug, Clone)]
 pub struct OnConnection(pub Arc<TokenForms>);
 

@@ -24,7 +24,7 @@ use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::config::ClientConfig;
 use crate::front::client_auth::identify;
 use crate::front::session::Sessions;
-use crate::http::body;
+use crate::http::body::{self, ByteBudget, Reserved};
 use crate::http::codes::ErrorCode;
 
 /// Token requests are a few dozen bytes.
@@ -37,30 +37,7 @@ const MAX_FORM_BYTES: usize = 16 * 1024;
 pub const PRE_AUTH_BUDGET_BYTES: usize = 8 * 1024 * 1024;
 
 /// Bytes of forms held before authentication, process-wide.
-static PRE_AUTH_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Bytes counted against [`PRE_AUTH_BUDGET_BYTES`]; given back when dropped.
-#[derive(Default)]
-struct PreAuthBytes(usize);
-
-impl PreAuthBytes {
-    fn grow(&mut self, n: usize) -> bool {
-        use std::sync::atomic::Ordering;
-        let took = PRE_AUTH_HELD.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-            held.checked_add(n).filter(|h| *h <= PRE_AUTH_BUDGET_BYTES)
-        });
-        if took.is_ok() {
-            self.0 += n;
-        }
-        took.is_ok()
-    }
-}
-
-impl Drop for PreAuthBytes {
-    fn drop(&mut self) {
-        PRE_AUTH_HELD.fetch_sub(self.0, std::sync::atomic::Ordering::Relaxed);
-    }
-}
+static PRE_AUTH_HELD: ByteBudget = ByteBudget::new(PRE_AUTH_BUDGET_BYTES);
 
 /// Failed key checks an address may make at once...
 const GUESSES_AT_ONCE: f64 = 10.0;
@@ -79,7 +56,7 @@ static GUESSES: std::sync::LazyLock<
 
 /// The allowance of `peer` now, topped up for the time since it was last worked out.
 fn guesses_left(
-    table: &mut std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>,
+    table: &std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>,
     peer: std::net::IpAddr,
 ) -> f64 {
     let now = std::time::Instant::now();
@@ -93,8 +70,8 @@ fn may_guess(peer: Option<std::net::IpAddr>) -> bool {
     let Some(peer) = peer else {
         return true;
     };
-    let mut table = GUESSES.lock().unwrap_or_else(|p| p.into_inner());
-    guesses_left(&mut table, peer) >= 1.0
+    let table = GUESSES.lock().unwrap_or_else(|p| p.into_inner());
+    guesses_left(&table, peer) >= 1.0
 }
 
 /// `peer`'s key check failed: one less.
@@ -111,7 +88,7 @@ fn guessed_wrong(peer: Option<std::net::IpAddr>) {
             return;
         }
     }
-    let left = guesses_left(&mut table, peer) - 1.0;
+    let left = guesses_left(&table, peer) - 1.0;
     table.insert(peer, (left.max(0.0), std::time::Instant::now()));
 }
 
@@ -131,10 +108,10 @@ fn slow_down() -> ProxyResponse {
 /// process's [`PRE_AUTH_BUDGET_BYTES`]: `Err` with the answer when it cannot be.
 async fn read_unauthenticated_form(
     body: crate::http::body::ProxyBody,
-) -> Result<(bytes::Bytes, PreAuthBytes), ProxyResponse> {
+) -> Result<(bytes::Bytes, Reserved), ProxyResponse> {
     use http_body_util::BodyExt as _;
     let mut body = body;
-    let mut held = PreAuthBytes::default();
+    let mut held = Reserved::default();
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
@@ -144,7 +121,7 @@ async fn read_unauthenticated_form(
             if out.len() + data.len() > MAX_FORM_BYTES {
                 return Err(unreadable_form());
             }
-            if !held.grow(data.len()) {
+            if !held.grow(&PRE_AUTH_HELD, data.len()) {
                 return Err(busy("too many token requests are being read; try again"));
             }
             out.extend_from_slice(&data);
@@ -387,127 +364,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use base64::Engine as _;
-    use sha2::{Digest, Sha256};
-    use tower::ServiceExt;
-
-    const KEY: &str = "tg_unit-test-key";
-
-    fn endpoint() -> TokenEndpoint<
-        impl Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future: Send> + Clone,
-    > {
-        let client = Arc::new(ClientConfig {
-            name: "job".into(),
-            key_sha256: Sha256::digest(KEY.as_bytes()).into(),
-            upstreams: None,
-            allow: None,
-            share: 1,
-            max_per_minute: None,
-        });
-        // Whatever is not a token request reaches the service behind: a 299 says so.
-        let behind = tower::service_fn(|_req: ProxyRequest| async {
-            let mut resp = http::Response::new(body::empty());
-            *resp.status_mut() = StatusCode::from_u16(299).unwrap();
-            Ok::<_, Infallible>(resp)
-        });
-        TokenEndpointLayer::answering_at(
-            &["/oauth/token".to_string()],
-            &[client],
-            Arc::new(Sessions::new()),
-            Duration::from_secs(60),
-        )
-        .layer(behind)
-    }
-
-    fn token_request(basic: Option<(&str, &str)>, form: &str, peer: [u8; 4]) -> ProxyRequest {
-        let mut req = http::Request::post("/oauth/token")
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
-        if let Some((id, secret)) = basic {
-            let pair = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
-            req = req.header(header::AUTHORIZATION, format!("Basic {pair}"));
-        }
-        let mut req = req.body(body::full(form.to_string())).unwrap();
-        req.extensions_mut()
-            .insert(PeerAddr(std::net::IpAddr::from(peer)));
-        req
-    }
-
-    async fn json_of(resp: ProxyResponse) -> serde_json::Value {
-        use http_body_util::BodyExt;
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        serde_json::from_slice(&bytes).unwrap()
-    }
-
-    #[tokio::test]
-    async fn a_client_gets_a_session_token_and_others_an_oauth_error() {
-        let form = "grant_type=client_credentials";
-        let ok = endpoint()
-            .oneshot(token_request(Some(("job", KEY)), form, [10, 1, 0, 1]))
-            .await
-            .unwrap();
-        assert_eq!(ok.status(), 200);
-        let body = json_of(ok).await;
-        assert_eq!(body["token_type"], "bearer");
-        assert!(Sessions::is_session(
-            body["access_token"].as_str().unwrap().as_bytes()
-        ));
-        // The form's credentials do as well (client_secret_post).
-        let post = format!("{form}&client_id=job&client_secret={KEY}");
-        let ok = endpoint()
-            .oneshot(token_request(None, &post, [10, 1, 0, 2]))
-            .await
-            .unwrap();
-        assert_eq!(ok.status(), 200);
-        let wrong = endpoint()
-            .oneshot(token_request(
-                Some(("job", "tg_wrong")),
-                form,
-                [10, 1, 0, 3],
-            ))
-            .await
-            .unwrap();
-        assert_eq!(wrong.status(), 401);
-        assert_eq!(json_of(wrong).await["error"], "invalid_client");
-        let grant = endpoint()
-            .oneshot(token_request(
-                Some(("job", KEY)),
-                "grant_type=password",
-                [10, 1, 0, 4],
-            ))
-            .await
-            .unwrap();
-        assert_eq!(json_of(grant).await["error"], "unsupported_grant_type");
-        // Other paths pass through.
-        let other = http::Request::get("/api/v2/users/me")
-            .body(body::empty())
-            .unwrap();
-        assert_eq!(endpoint().oneshot(other).await.unwrap().status(), 299);
-    }
-
-    #[tokio::test]
-    async fn an_address_that_guessed_wrong_ten_times_is_told_to_slow_down() {
-        let form = "grant_type=client_credentials";
-        let peer = [10, 2, 0, 1];
-        for _ in 0..10 {
-            let r = endpoint()
-                .oneshot(token_request(Some(("job", "tg_guess")), form, peer))
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 401);
-        }
-        let slowed = endpoint()
-            .oneshot(token_request(Some(("job", KEY)), form, peer))
-            .await
-            .unwrap();
-        assert_eq!(slowed.status(), 429);
-        assert_eq!(json_of(slowed).await["error"], "slow_down");
-        // Another address is not.
-        let other = endpoint()
-            .oneshot(token_request(Some(("job", KEY)), form, [10, 2, 0, 2]))
-            .await
-            .unwrap();
-        assert_eq!(other.status(), 200);
-    }
-}
+mod tests;

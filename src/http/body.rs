@@ -43,6 +43,57 @@ pub async fn read_small(mut body: ProxyBody, limit: usize) -> Option<Bytes> {
     Some(out.into())
 }
 
+/// A process-wide budget of bytes held in memory (request bodies kept for retries, token
+/// forms read before their sender is known): past it, the holder does without.
+pub struct ByteBudget {
+    held: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl ByteBudget {
+    pub const fn new(limit: usize) -> ByteBudget {
+        ByteBudget {
+            held: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        }
+    }
+}
+
+/// Bytes counted against a [`ByteBudget`]; given back when dropped.
+#[derive(Default)]
+pub struct Reserved {
+    budget: Option<&'static ByteBudget>,
+    bytes: usize,
+}
+
+impl Reserved {
+    /// Count `n` more bytes against `budget`, if it has room for them.
+    pub fn grow(&mut self, budget: &'static ByteBudget, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let fits = budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|h| *h <= budget.limit)
+            })
+            .is_ok();
+        if fits {
+            self.budget = Some(budget);
+            self.bytes += n;
+        }
+        fits
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some(budget) = self.budget {
+            budget
+                .held
+                .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
 /// Answers whose body is already here when their head arrives, up to this size, are read
 /// whole before they are passed on (see [`settle_answer`]).
 pub const SETTLED_ANSWER_BYTES: usize = 64 * 1024;

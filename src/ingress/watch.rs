@@ -168,8 +168,11 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         self.watch.in_flight.fetch_add(1, Ordering::Relaxed);
         let held = InFlight(Arc::clone(&self.watch));
-        req.extensions_mut()
-            .insert(OnConnection(Arc::clone(&self.watch.token_forms)));
+        // Only POSTs can be token requests; the mark costs an allocation.
+        if req.method() == http::Method::POST {
+            req.extensions_mut()
+                .insert(OnConnection(Arc::clone(&self.watch.token_forms)));
+        }
         WatchedCall {
             call: self.inner.call(req),
             held: Some(held),
