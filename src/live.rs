@@ -78,7 +78,10 @@ impl Builder {
         let tokens = TokenCache::default();
         Builder {
             workers,
-            channels: crate::back::notifications::Channels::new(tokens.shared_handle()),
+            channels: crate::back::notifications::Channels::new(
+                tokens.shared_handle(),
+                metrics.clone(),
+            ),
             tokens,
             sessions: Arc::new(Sessions::new()),
             sockets: crate::back::websocket::Sockets::new(metrics.clone()),

@@ -135,14 +135,7 @@ pub fn upstream_service(
         .as_ref()
         .and_then(Origin::of)
         .map(|streaming| {
-            NotificationsLayer::new(
-                upstream,
-                Arc::new(streaming),
-                config.server.public_url.clone(),
-                config.server.tls.is_some(),
-                channels,
-                sockets,
-            )
+            NotificationsLayer::new(upstream, Arc::new(streaming), config, channels, sockets)
         });
     ServiceBuilder::new()
         // Genesys notification channels: `connectUri` rewritten to the proxy, and the

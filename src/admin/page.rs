@@ -112,6 +112,7 @@ pub fn status_json(
                 "throttled_429": stats.map_or(0, |s| s.throttled_429.load(Ordering::Relaxed)),
                 "websockets_open": sockets_of(Some(u.name()), None),
                 "channels_live": channels_of(Some(u.name()), None),
+                "notification_channels": u.config.notification_channels,
                 "rate_budget": u.budget.budget().map(|b| json!({
                     "allowed": b.allowed,
                     "used": b.used,
@@ -153,6 +154,14 @@ pub fn status_json(
                 "forbidden": c.forbidden.load(Ordering::Relaxed),
                 "websockets_open": sockets_of(None, Some(&c.name)),
                 "channels_live": channels_of(None, Some(&c.name)),
+                // Live channels on each upstream that has any.
+                "channels": upstreams
+                    .iter()
+                    .filter_map(|u| {
+                        let live = channels_of(Some(u.name()), Some(&c.name));
+                        (live > 0).then(|| json!({"upstream": u.name().as_ref(), "live": live}))
+                    })
+                    .collect::<Vec<_>>(),
             })
         })
         .collect();

@@ -156,6 +156,7 @@ mod tests {
             allow: None,
             share: 1,
             max_per_minute: Some(2),
+            max_channels: None,
         });
         let reached = Arc::new(AtomicUsize::new(0));
         let behind = {

@@ -17,6 +17,7 @@ use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderName, Version};
 use tower::Service;
 
+use crate::back::channels::SocketMark;
 use crate::back::websocket::{self, Sockets};
 use crate::call::error::{body_error_or, ProxyError};
 use crate::call::messages::Caller;
@@ -170,6 +171,7 @@ pub(crate) async fn handshake(
     origin: Arc<Origin>,
     path: PathAndQuery,
     caller: Arc<str>,
+    channel: Option<SocketMark>,
     mut req: ProxyRequest,
 ) -> Result<crate::call::ProxyResponse, Infallible> {
     // hyper gives every HTTP/1.1 request that asks to upgrade a way to take over its
@@ -178,9 +180,12 @@ pub(crate) async fn handshake(
         let e = ProxyError::BadRequest("this connection cannot be upgraded to a WebSocket");
         return Ok(e.into_response());
     };
-    let Some(ticket) = sockets.admit(upstream.name(), &caller) else {
+    let Some(mut ticket) = sockets.admit(upstream.name(), &caller) else {
         return Ok(ProxyError::TooManyWebsockets(sockets.max_per_client()).into_response());
     };
+    if let Some(channel) = channel {
+        ticket.hold(channel);
+    }
     let path = match &upstream.config.websocket_token {
         WebsocketToken::Query(name) if req.headers().contains_key(http::header::AUTHORIZATION) => {
             match websocket::token_into_query(&path, name, req.headers_mut()) {
@@ -257,7 +262,9 @@ impl Service<ProxyRequest> for Forward {
         };
         if websocket::is_handshake(req.method(), req.version(), req.headers()) {
             let sockets = Arc::clone(&self.sockets);
-            return Box::pin(handshake(upstream, sockets, origin, path, caller, req));
+            return Box::pin(handshake(
+                upstream, sockets, origin, path, caller, None, req,
+            ));
         }
         let connections = Arc::clone(upstream.connections());
         let timeout = upstream.config.timeout;

@@ -3,6 +3,7 @@
 
 pub mod bearer;
 pub mod budget;
+pub mod channels;
 pub mod deadline;
 pub mod forward;
 pub mod notifications;

@@ -15,57 +15,31 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Method, Uri};
 use tower::{Layer, Service};
 
+pub use crate::back::channels::{Channel, Channels};
+use crate::back::channels::{Claim, CHANNEL_LIFE};
 use crate::back::websocket::{self, Sockets};
 use crate::call::error::ProxyError;
 use crate::call::messages::Caller;
 use crate::call::messages::{KeylessSocket, UnresolvedChannel};
 use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
+use crate::config::Config;
 use crate::http::body;
 use crate::outbound::connections::Origin;
-use crate::token::shared::SharedCache;
 use crate::upstream::WorkerUpstream;
-use arc_swap::ArcSwapOption;
 
 /// Where apps make and list channels (within the upstream).
 const CHANNELS: &str = "/api/v2/notifications/channels";
-/// Channels live 24 h on the platform; the proxy forgets them after that.
-const CHANNEL_LIFE: Duration = Duration::from_secs(24 * 3600);
 /// The largest channel answer the proxy rewrites (a list of a few hundred channels).
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
-
-/// A channel made through the proxy.
-#[derive(Debug, Clone)]
-pub struct Channel {
-    pub upstream: Arc<str>,
-    /// The client that made it; `None` for an anonymous caller.
-    pub client: Option<Arc<str>>,
-    made: Instant,
-}
-
-/// The channels made through this proxy, by the socket path it handed out
-/// (`<prefix>/channels/<id>`). One for the process: a reload keeps them. With `[cache]`
-/// the fleet shares them through Redis (sealed like tokens, under a hash of the path), so
-/// a socket may land on another replica than the one that made its channel.
-#[derive(Default)]
-pub struct Channels {
-    by_path: Mutex<HashMap<String, Channel>>,
-    fleet: Arc<ArcSwapOption<SharedCache>>,
-}
-
-impl std::fmt::Debug for Channels {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Channels").finish_non_exhaustive()
-    }
-}
 
 /// A channel as the fleet stores it.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -83,85 +57,44 @@ fn fleet_name(path: &str) -> String {
     format!("channel:{}", hex::encode(&digest[..16]))
 }
 
-impl Channels {
-    /// `fleet`: the fleet's Redis, when `[cache]` is configured (it may change on reload).
-    pub fn new(fleet: Arc<ArcSwapOption<SharedCache>>) -> Arc<Channels> {
-        Arc::new(Channels {
-            by_path: Mutex::default(),
-            fleet,
-        })
-    }
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
-    /// Whether channels made by other replicas can be looked up.
-    pub fn shared(&self) -> bool {
-        self.fleet.load().is_some()
+/// The channel whose socket path is `path`: this replica's, else the fleet's.
+pub async fn resolve(channels: &Channels, path: &str) -> Option<Channel> {
+    if let Some(channel) = channels.socket(path) {
+        return Some(channel);
     }
+    let fleet = channels.fleet.load_full()?;
+    let plain = fleet.get_sealed(&fleet_name(path)).await.ok()??;
+    let stored: Stored = serde_json::from_slice(&plain).ok()?;
+    let age = Duration::from_secs(now_unix().saturating_sub(stored.made_unix));
+    let channel = Channel::made_ago(
+        Arc::from(stored.upstream),
+        stored.client.map(Arc::from),
+        age,
+    )?;
+    channels.learned(path, channel.clone());
+    Some(channel)
+}
 
-    /// The channel whose socket path is `path`: this replica's, else the fleet's.
-    pub async fn resolve(&self, path: &str) -> Option<Channel> {
-        if let Some(channel) = self.socket(path) {
-            return Some(channel);
-        }
-        let fleet = self.fleet.load_full()?;
-        let plain = fleet.get_sealed(&fleet_name(path)).await.ok()??;
-        let stored: Stored = serde_json::from_slice(&plain).ok()?;
-        let now_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_secs();
-        let age = Duration::from_secs(now_unix.saturating_sub(stored.made_unix));
-        let channel = Channel {
-            upstream: Arc::from(stored.upstream),
-            client: stored.client.map(Arc::from),
-            made: Instant::now().checked_sub(age)?,
-        };
-        self.by_path
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path.to_string(), channel.clone());
-        Some(channel)
-    }
-
-    /// The channel whose socket path (as the proxy handed it out) is `path`.
-    pub fn socket(&self, path: &str) -> Option<Channel> {
-        let by_path = self.by_path.lock().unwrap_or_else(|p| p.into_inner());
-        by_path
-            .get(path)
-            .filter(|c| c.made.elapsed() < CHANNEL_LIFE)
-            .cloned()
-    }
-
-    /// Remember a channel made here, and tell the fleet (before the app is answered, so
-    /// its socket finds the channel on any replica).
-    async fn remember(&self, path: String, channel: Channel) {
-        if let Some(fleet) = self.fleet.load_full() {
-            let stored = Stored {
-                upstream: channel.upstream.to_string(),
-                client: channel.client.as_deref().map(str::to_owned),
-                made_unix: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-            };
-            if let Ok(plain) = serde_json::to_vec(&stored) {
-                // Redis down: the channel works on this replica only.
-                let _ = fleet
-                    .put_sealed(&fleet_name(&path), &plain, CHANNEL_LIFE)
-                    .await;
-            }
-        }
-        let mut by_path = self.by_path.lock().unwrap_or_else(|p| p.into_inner());
-        by_path.retain(|_, c| c.made.elapsed() < CHANNEL_LIFE);
-        by_path.insert(path, channel);
-    }
-
-    /// Live channels by (upstream, client), for the status page.
-    pub fn snapshot(&self) -> Vec<(Arc<str>, Option<Arc<str>>)> {
-        let by_path = self.by_path.lock().unwrap_or_else(|p| p.into_inner());
-        by_path
-            .values()
-            .filter(|c| c.made.elapsed() < CHANNEL_LIFE)
-            .map(|c| (Arc::clone(&c.upstream), c.client.clone()))
-            .collect()
+/// Tell the fleet of a channel made here (Redis down: it works on this replica only).
+pub(super) async fn tell_fleet(channels: &Channels, path: &str, channel: &Channel) {
+    let Some(fleet) = channels.fleet.load_full() else {
+        return;
+    };
+    let stored = Stored {
+        upstream: channel.upstream.to_string(),
+        client: channel.client.as_deref().map(str::to_owned),
+        made_unix: now_unix(),
+    };
+    if let Ok(plain) = serde_json::to_vec(&stored) {
+        let _ = fleet
+            .put_sealed(&fleet_name(path), &plain, CHANNEL_LIFE)
+            .await;
     }
 }
 
@@ -188,24 +121,34 @@ pub struct NotificationsLayer {
     tls: bool,
     channels: Arc<Channels>,
     sockets: Arc<Sockets>,
+    /// The channels each client may hold here (see [`Config::channel_share`]).
+    shares: Arc<HashMap<Arc<str>, u32>>,
 }
 
 impl NotificationsLayer {
     pub fn new(
         upstream: &WorkerUpstream,
         streaming: Arc<Origin>,
-        public_url: Option<Uri>,
-        tls: bool,
+        config: &Config,
         channels: &Arc<Channels>,
         sockets: &Arc<Sockets>,
     ) -> NotificationsLayer {
+        let shares = config
+            .clients
+            .iter()
+            .filter_map(|c| {
+                let share = config.channel_share(&upstream.config, c)?;
+                Some((Arc::clone(&c.name), share))
+            })
+            .collect();
         NotificationsLayer {
             upstream: upstream.clone(),
             streaming,
-            public_url,
-            tls,
+            public_url: config.server.public_url.clone(),
+            tls: config.server.tls.is_some(),
             channels: Arc::clone(channels),
             sockets: Arc::clone(sockets),
+            shares: Arc::new(shares),
         }
     }
 }
@@ -257,12 +200,30 @@ where
         let base = config.socket_base(&req);
         let caller = caller_name(&req);
         let listing = req.method() == Method::GET;
+        let claim = if listing {
+            None
+        } else {
+            // Counted before it reaches the platform, which would evict another app's
+            // channel to make room for it.
+            let share = caller.as_ref().and_then(|c| config.shares.get(c).copied());
+            let total = config.upstream.config.notification_channels;
+            match config
+                .channels
+                .claim(config.upstream.name(), caller.as_ref(), share, total)
+            {
+                Ok(claim) => Some(claim),
+                Err(refused) => {
+                    tracing::info!(upstream = %config.upstream.name(), client = caller.as_deref().unwrap_or(""), "{refused}");
+                    return Either::Right(Box::pin(async move { Ok(refused.into_response()) }));
+                }
+            }
+        };
         // Boxed here, outside the async block: rustc cannot prove a generic future `Send`
         // inside one (rust-lang/rust#110338).
         let answer: BoxFuture = Box::pin(self.inner.call(req));
         Either::Right(Box::pin(async move {
             let resp = answer.await?;
-            Ok(rewrite_channels(&config, resp, base, caller, listing).await)
+            Ok(rewrite_channels(&config, resp, base, caller, claim).await)
         }))
     }
 }
@@ -320,8 +281,9 @@ async fn rewrite_channels(
     resp: ProxyResponse,
     (base, key_base): (String, String),
     caller: Option<Arc<str>>,
-    listing: bool,
+    claim: Option<Claim>,
 ) -> ProxyResponse {
+    let listing = claim.is_none();
     if !resp.status().is_success() {
         return resp;
     }
@@ -346,8 +308,8 @@ async fn rewrite_channels(
     let Some((body, made)) = rewritten else {
         return http::Response::from_parts(head, body::full(bytes));
     };
-    if let Some((path, channel)) = made {
-        config.channels.remember(path, channel).await;
+    if let (Some((path, channel)), Some(claim)) = (made, claim) {
+        config.channels.made(claim, path, channel).await;
     }
     head.headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -374,11 +336,8 @@ impl Rewrite<'_> {
             entities.retain_mut(|channel| self.listed(channel));
         } else {
             let path = self.point_at_proxy(&mut answer)?;
-            let channel = Channel {
-                upstream: Arc::clone(self.config.upstream.name()),
-                client: self.caller.clone(),
-                made: Instant::now(),
-            };
+            let channel =
+                Channel::new(Arc::clone(self.config.upstream.name()), self.caller.clone());
             made = Some((path, channel));
         }
         Some((Bytes::from(answer.to_string()), made))
@@ -419,11 +378,8 @@ async fn socket(
     mut req: ProxyRequest,
 ) -> Result<ProxyResponse, Infallible> {
     let within = req.uri().path().to_string();
-    let Some(channel) = config
-        .channels
-        .resolve(&format!("{}{within}", config.prefix()))
-        .await
-    else {
+    let channel_path = format!("{}{within}", config.prefix());
+    let Some(channel) = resolve(&config.channels, &channel_path).await else {
         return Ok(ProxyError::NoRoute.into_response());
     };
     // A bare socket on a channel another replica made: it acts as the channel's maker.
@@ -459,15 +415,23 @@ async fn socket(
     } else {
         caller
     };
-    crate::back::forward::handshake(
+    let open = config.channels.socket_opened(&channel_path);
+    let answer = crate::back::forward::handshake(
         config.upstream.clone(),
         Arc::clone(&config.sockets),
         Arc::clone(&config.streaming),
         path,
         counted_as,
+        Some(open),
         req,
     )
-    .await
+    .await;
+    if matches!(&answer, Ok(resp) if resp.status() == http::StatusCode::NOT_FOUND) {
+        // The streaming host no longer knows the channel (expired, or evicted by a
+        // channel made elsewhere): it frees its place.
+        config.channels.gone(&channel_path);
+    }
+    answer
 }
 
 #[cfg(test)]

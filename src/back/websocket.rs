@@ -22,6 +22,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::back::channels::SocketMark;
 use crate::telemetry::metrics::Metrics;
 
 /// Is this the opening handshake of a WebSocket: an HTTP/1.1 `GET` asking to upgrade to
@@ -151,6 +152,7 @@ impl Sockets {
             book: Arc::clone(self),
             upstream: Arc::clone(upstream),
             client: Arc::clone(client),
+            channel: None,
         })
     }
 
@@ -169,6 +171,15 @@ pub struct Ticket {
     book: Arc<Sockets>,
     upstream: Arc<str>,
     client: Arc<str>,
+    /// The notification channel the socket is open on: marked open while the socket is.
+    channel: Option<SocketMark>,
+}
+
+impl Ticket {
+    /// Keep the notification channel marked as having a socket while this one lives.
+    pub fn hold(&mut self, channel: SocketMark) {
+        self.channel = Some(channel);
+    }
 }
 
 impl Drop for Ticket {

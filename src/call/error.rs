@@ -62,6 +62,11 @@ pub enum ProxyError {
     /// The client holds `max_websockets` sockets already.
     #[error("this client has {0} WebSockets open, its limit (max_websockets); close one first")]
     TooManyWebsockets(usize),
+    /// The client holds its share of the upstream's notification channels (or the
+    /// upstream's channels are all held and none of the client's can give way): a new
+    /// one would make the platform evict another app's channel.
+    #[error("{0}")]
+    TooManyChannels(String),
 }
 
 impl ProxyError {
@@ -80,7 +85,9 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::TooManyWebsockets(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::TooManyWebsockets(_) | ProxyError::TooManyChannels(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -101,6 +108,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => ErrorCode::UpstreamTimeout,
             ProxyError::UpstreamBusy { .. } => ErrorCode::UpstreamBusy,
             ProxyError::TooManyWebsockets(_) => ErrorCode::TooManyWebsockets,
+            ProxyError::TooManyChannels(_) => ErrorCode::TooManyChannels,
             ProxyError::RateLimited { .. } => ErrorCode::RateLimited,
         }
     }

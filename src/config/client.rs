@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::raw::RawClient;
 use super::upstream::UpstreamConfig;
+use super::Config;
 use super::{ConfigError, Cx};
 use crate::config::policy::AllowRule;
 
@@ -21,6 +22,9 @@ pub struct ClientConfig {
     pub share: u32,
     /// The most calls it may make in a minute, to each upstream (`None`: no cap).
     pub max_per_minute: Option<u64>,
+    /// `max_channels`: the notification channels it may hold on each upstream (`None`: an
+    /// equal part of the upstream's `notification_channels` among its clients).
+    pub max_channels: Option<u32>,
 }
 
 impl Cx<'_> {
@@ -71,6 +75,12 @@ impl Cx<'_> {
                 "must be at least 1 (leave it out for no cap)",
             ));
         }
+        if raw.max_channels == Some(0) {
+            return Err(self.err(
+                &key("max_channels"),
+                "must be at least 1 (leave it out for an equal part of the upstream's channels)",
+            ));
+        }
         Ok(ClientConfig {
             name: Arc::from(raw.name.as_str()),
             key_sha256,
@@ -78,6 +88,35 @@ impl Cx<'_> {
             allow,
             share,
             max_per_minute: raw.max_per_minute,
+            max_channels: raw.max_channels,
         })
+    }
+}
+
+impl ClientConfig {
+    /// Whether it may call upstream `name`.
+    pub fn may_use(&self, name: &str) -> bool {
+        self.upstreams
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n.as_ref() == name))
+    }
+}
+
+impl Config {
+    /// The notification channels `client` may hold on `upstream`: its `max_channels`, else
+    /// an equal part of the upstream's channels among the clients allowed there (at least
+    /// one). `None`: the upstream's channels are not counted.
+    pub fn channel_share(&self, upstream: &UpstreamConfig, client: &ClientConfig) -> Option<u32> {
+        let total = upstream.notification_channels?;
+        if let Some(max) = client.max_channels {
+            return Some(max);
+        }
+        let sharing = self
+            .clients
+            .iter()
+            .filter(|c| c.may_use(&upstream.name))
+            .count()
+            .max(1) as u32;
+        Some((total / sharing).max(1))
     }
 }

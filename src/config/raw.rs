@@ -102,6 +102,17 @@ pub(super) struct RawUpstream {
     pub(super) mtls_upstream: Option<bool>,
     pub(super) rate_limit: Option<String>,
     pub(super) rate_limit_max_wait_secs: Option<f64>,
+    pub(super) notification_channels: Option<u32>,
+    #[serde(default)]
+    pub(super) route_limit: Vec<RawRouteLimit>,
+}
+
+/// `[[upstream.route_limit]]`: a platform limit below the token's on some routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouteLimit {
+    pub(super) route: String,
+    pub(super) rate: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +124,7 @@ pub(super) struct RawClient {
     pub(super) allow: Option<Vec<String>>,
     pub(super) share: Option<u32>,
     pub(super) max_per_minute: Option<u64>,
+    pub(super) max_channels: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

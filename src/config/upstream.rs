@@ -8,6 +8,7 @@ use http::Uri;
 use super::grant::GrantConfig;
 use super::raw::RawUpstream;
 use super::{ConfigError, Cx};
+use crate::config::policy::AllowRule;
 use crate::config::providers::{self, GenesysRegion, Provider};
 
 /// One API platform the proxy forwards to, and how it gets tokens for it.
@@ -56,7 +57,22 @@ pub struct UpstreamConfig {
     /// `introspection_url` (RFC 7662, `provider = "oauth2"`): asked whether a token the
     /// API answered with 401 is still active, before it is replaced.
     pub introspection_url: Option<String>,
+    /// `notification_channels`: the platform's channels per OAuth client, shared by every
+    /// client of this upstream (genesys: 20; `None`: channels are not counted).
+    pub notification_channels: Option<u32>,
+    /// `[[upstream.route_limit]]`: routes the platform limits below the token's budget.
+    pub route_limits: Vec<RouteLimit>,
     pub grant: GrantConfig,
+}
+
+/// A route with a limit of its own below the token's (`[[upstream.route_limit]]`), such
+/// as Genesys' 100 a minute on `PUT /api/v2/architect/ivrs/{id}`.
+#[derive(Debug, Clone)]
+pub struct RouteLimit {
+    /// The rule as written, for logs and the status page.
+    pub route: Arc<str>,
+    pub rule: AllowRule,
+    pub rate: RateLimit,
 }
 
 /// A rate budget: `calls` per `window`.
@@ -206,6 +222,29 @@ impl Cx<'_> {
             (None, Some(r)) => Some(self.base_url(&key("streaming_url"), &r.streaming_url())?),
             (None, None) => None,
         };
+        let notification_channels = match (raw.notification_channels, provider) {
+            (Some(0), _) => {
+                return Err(self.err(
+                    &key("notification_channels"),
+                    "must be at least 1 (the platform's channels per OAuth client)",
+                ))
+            }
+            (Some(n), _) => Some(n),
+            // Genesys Cloud: 20 channels per user and OAuth client.
+            (None, Provider::Genesys) if streaming_url.is_some() => Some(20),
+            (None, _) => None,
+        };
+        let mut route_limits = Vec::new();
+        for (i, r) in std::mem::take(&mut raw.route_limit).into_iter().enumerate() {
+            let at = |k: &str| key(&format!("route_limit[{i}].{k}"));
+            let rule = AllowRule::parse(&r.route).map_err(|e| self.err(&at("route"), e))?;
+            let rate = self.rate_limit(&at("rate"), &r.rate)?;
+            route_limits.push(RouteLimit {
+                route: Arc::from(r.route.trim()),
+                rule,
+                rate,
+            });
+        }
         let websocket_token = match raw.websocket_token.as_deref() {
             None | Some("header") => WebsocketToken::Header,
             Some(other) => match other.strip_prefix("query:") {
@@ -261,6 +300,8 @@ impl Cx<'_> {
                 30.0,
             )?,
             streaming_url,
+            notification_channels,
+            route_limits,
             introspection_url,
             websocket_token,
             rate_limit: raw

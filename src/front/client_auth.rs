@@ -252,6 +252,7 @@ mod tests {
             allow: None,
             share: 1,
             max_per_minute: None,
+            max_channels: None,
         })
     }
 

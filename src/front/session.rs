@@ -164,6 +164,7 @@ mod tests {
             allow: None,
             share: 1,
             max_per_minute: None,
+            max_channels: None,
         })
     }
 

@@ -17,6 +17,7 @@ pub enum ErrorCode {
     UpstreamTimeout,
     UpstreamBusy,
     TooManyWebsockets,
+    TooManyChannels,
     RateLimited,
     /// A cross-site preflight refused in anonymous mode (`client_auth`).
     PreflightRefused,
@@ -43,6 +44,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::UpstreamBusy => "upstream_busy",
             ErrorCode::TooManyWebsockets => "too_many_websockets",
+            ErrorCode::TooManyChannels => "too_many_channels",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::PreflightRefused => "preflight_refused",
             ErrorCode::InvalidClient => "invalid_client",

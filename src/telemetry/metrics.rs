@@ -72,6 +72,7 @@ struct Inner {
     retries: Family<RetryLabels, Counter>,
     shared_cache_up: Family<RedisLabels, Gauge>,
     websockets_open: Family<SocketLabels, Gauge>,
+    channels_open: Family<SocketLabels, Gauge>,
     websocket_bytes: Family<DirectionLabels, Counter>,
     rate_budget_remaining: Family<UpstreamLabels, Gauge>,
     rate_limited: Family<RateLimitedLabels, Counter>,
@@ -102,6 +103,7 @@ impl Metrics {
         let retries = Family::<RetryLabels, Counter>::default();
         let shared_cache_up = Family::<RedisLabels, Gauge>::default();
         let websockets_open = Family::<SocketLabels, Gauge>::default();
+        let channels_open = Family::<SocketLabels, Gauge>::default();
         let websocket_bytes = Family::<DirectionLabels, Counter>::default();
         let rate_budget_remaining = Family::<UpstreamLabels, Gauge>::default();
         let rate_limited = Family::<RateLimitedLabels, Counter>::default();
@@ -138,6 +140,11 @@ impl Metrics {
             websockets_open.clone(),
         );
         registry.register(
+            "tokengate_channels_open",
+            "Notification channels made through the proxy and alive, by upstream and client (empty for anonymous callers)",
+            channels_open.clone(),
+        );
+        registry.register(
             "tokengate_websocket_bytes",
             "Bytes relayed on WebSockets, counted when each socket ends: up (caller to upstream) and down",
             websocket_bytes.clone(),
@@ -169,6 +176,7 @@ impl Metrics {
                 retries,
                 shared_cache_up,
                 websockets_open,
+                channels_open,
                 websocket_bytes,
                 unrouted: OnceLock::new(),
             }),
@@ -222,6 +230,17 @@ impl Metrics {
 
     pub fn websocket_closed(&self, upstream: &str, client: &str) {
         self.socket_gauge(upstream, client).dec();
+    }
+
+    /// The live notification channels `client` holds on `upstream`.
+    pub fn channels_open(&self, upstream: &str, client: &str, open: usize) {
+        self.inner
+            .channels_open
+            .get_or_create(&SocketLabels {
+                upstream: upstream.to_string(),
+                client: client.to_string(),
+            })
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
     }
 
     /// `direction`: `up` (caller to upstream) or `down`.

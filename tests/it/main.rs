@@ -8,6 +8,7 @@ mod support;
 
 mod api_host_connections;
 mod attacks;
+mod channels;
 
 mod check;
 mod cli;

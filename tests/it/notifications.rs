@@ -247,8 +247,20 @@ async fn fifty_sockets_for_thirty_seconds_lose_no_heartbeat_and_pass_close_codes
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
     const SOCKETS: usize = 50;
-    let sandbox = sandbox_with_heartbeat(Duration::from_secs(1)).await;
-    let proxy = Proxy::start(&notifications_config(&sandbox, "/"));
+    // Fifty channels: past the platform's 20 per OAuth client, set higher on both sides.
+    let sandbox = Sandbox::start(SandboxOptions {
+        heartbeat: Duration::from_secs(1),
+        channels_per_client: SOCKETS,
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let config = notifications_config(&sandbox, "/").replace(
+        "streaming_url =",
+        &format!("notification_channels = {SOCKETS}\nstreaming_url ="),
+    );
+    let config = config.replacen("\n[[client]]\n", &format!("\n[[client]]\nmax_channels = {SOCKETS}\n"), 1);
+    let proxy = Proxy::start(&config);
     let mut sockets = Vec::new();
     for _ in 0..SOCKETS {
         let channel: serde_json::Value = call_json(

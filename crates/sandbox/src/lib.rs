@@ -81,6 +81,8 @@ pub struct SandboxOptions {
     pub limit_window: Duration,
     /// How often the streaming host sends each socket a heartbeat (Genesys: 30 s).
     pub heartbeat: Duration,
+    /// Notification channels the OAuth client may hold (Genesys: 20).
+    pub channels_per_client: usize,
 }
 
 impl Default for SandboxOptions {
@@ -101,6 +103,7 @@ impl Default for SandboxOptions {
             per_token_limit: None,
             limit_window: Duration::from_secs(60),
             heartbeat: Duration::from_secs(30),
+            channels_per_client: streaming::CHANNELS_PER_CLIENT,
         }
     }
 }
@@ -190,6 +193,10 @@ impl Sandbox {
             .notifications
             .url
             .set(format!("ws://{streaming_addr}"));
+        state
+            .notifications
+            .limit
+            .store(options.channels_per_client, Ordering::SeqCst);
         let streaming = streaming::serve(
             streaming,
             Arc::clone(&state.notifications),
@@ -253,6 +260,16 @@ impl Sandbox {
     /// Heartbeats the streaming host has sent so far, on every socket.
     pub fn heartbeats_sent(&self) -> u64 {
         self.state.notifications.heartbeats.load(Ordering::SeqCst)
+    }
+
+    /// Channels the platform removed to make room for newer ones (the 20-channel rule).
+    pub fn channels_evicted(&self) -> u64 {
+        self.state.notifications.evicted.load(Ordering::SeqCst)
+    }
+
+    /// Channels the platform holds now.
+    pub fn channels_held(&self) -> usize {
+        lock(&self.state.notifications.channels).len()
     }
 
     /// The request target of every socket that reached the streaming host.

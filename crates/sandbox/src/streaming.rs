@@ -10,7 +10,11 @@
 //!   (the channel id is the credential; an unknown one gets 404), sends a heartbeat
 //!   (`channel.metadata`, `"WebSocket Heartbeat"`) every `heartbeat` (30 s on the platform),
 //!   answers a `{"message": "ping"}` text frame with a `pong`, and sends the events of the
-//!   subscribed topics as `{"topicName", "eventBody"}`.
+//!   subscribed topics as `{"topicName", "eventBody"}`;
+//! - an OAuth client holds at most 20 channels: a 21st silently removes the oldest channel
+//!   with no socket open (developer forum, "notification channel limit"); with a socket
+//!   on every one, the 21st is refused (400; the forum does not say what the platform
+//!   does then). `HEAD /api/v2/notifications/channels/{id}` says whether one exists.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,11 +32,16 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{json, lock, Body, State};
 
-/// One channel: its topics and the sockets open on it.
+/// Channels per user and OAuth client on the platform (every channel here is the one
+/// client's), the default of [`crate::SandboxOptions::channels_per_client`].
+pub const CHANNELS_PER_CLIENT: usize = 20;
+
+/// One channel: its topics, the sockets open on it, and its place in the order made.
 #[derive(Default)]
 pub(crate) struct Channel {
     topics: Vec<String>,
     sockets: Vec<mpsc::UnboundedSender<String>>,
+    made: u64,
 }
 
 /// The notification service's state, shared by the API host and the streaming host.
@@ -45,6 +54,11 @@ pub(crate) struct Notifications {
     pub(crate) url: std::sync::OnceLock<String>,
     /// Heartbeats written to sockets so far.
     pub(crate) heartbeats: std::sync::atomic::AtomicU64,
+    /// Channels made so far (the order of the next), and removed for a newer one.
+    pub(crate) made: std::sync::atomic::AtomicU64,
+    pub(crate) evicted: std::sync::atomic::AtomicU64,
+    /// Channels the OAuth client may hold (see [`CHANNELS_PER_CLIENT`]).
+    pub(crate) limit: std::sync::atomic::AtomicUsize,
 }
 
 /// `connectUri`, `id` and `expires` of a channel.
@@ -69,9 +83,44 @@ pub(crate) async fn answer(
     };
     match (req.method().clone(), rest) {
         (Method::POST, "") => {
+            use std::sync::atomic::Ordering;
             let id = format!("streaming-0-{}", hex::encode(rand::random::<[u8; 12]>()));
-            lock(&n.channels).insert(id.clone(), Channel::default());
+            let mut channels = lock(&n.channels);
+            if channels.len() >= n.limit.load(Ordering::SeqCst) {
+                let oldest_idle = channels
+                    .iter_mut()
+                    .filter_map(|(id, c)| {
+                        c.sockets.retain(|s| !s.is_closed());
+                        c.sockets.is_empty().then_some((c.made, id.clone()))
+                    })
+                    .min();
+                let Some((_, evicted)) = oldest_idle else {
+                    return Ok(json(
+                        StatusCode::BAD_REQUEST,
+                        serde_json::json!({"message": "channel limit reached", "code": "bad.request", "status": 400}),
+                    ));
+                };
+                channels.remove(&evicted);
+                n.evicted.fetch_add(1, Ordering::SeqCst);
+            }
+            let made = n.made.fetch_add(1, Ordering::SeqCst);
+            channels.insert(
+                id.clone(),
+                Channel {
+                    made,
+                    ..Channel::default()
+                },
+            );
+            drop(channels);
             Ok(json(StatusCode::OK, channel_json(n, &id)))
+        }
+        (Method::HEAD, id) if id.len() > 1 && !id[1..].contains('/') => {
+            let status = if lock(&n.channels).contains_key(&id[1..]) {
+                StatusCode::OK
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            Ok(json(status, serde_json::json!({})))
         }
         (Method::GET, "") => {
             let ids: Vec<String> = lock(&n.channels).keys().cloned().collect();
