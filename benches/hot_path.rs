@@ -83,7 +83,7 @@ fn whole_stack(c: &mut Criterion) {
             board: &board,
             sessions: &sessions,
             sockets: &sockets,
-            channels: &tokengate::back::notifications::Channels::new(Default::default()),
+            channels: &tokengate::back::notifications::Channels::new(Default::default(), metrics.clone()),
         };
         tokengate::stack::request_path(&parts, 0)
     });
