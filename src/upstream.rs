@@ -17,7 +17,8 @@ use http::HeaderMap;
 
 use crate::config::UpstreamConfig;
 use crate::governor::{
-    header_number, FleetBudget, Governor, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET,
+    header_number, FleetBudget, Governor, RouteBudgets, RATELIMIT_ALLOWED, RATELIMIT_COUNT,
+    RATELIMIT_RESET,
 };
 use crate::outbound::connections::{Origin, WorkerConnections};
 use crate::telemetry::metrics::UpstreamMetrics;
@@ -36,6 +37,8 @@ pub struct Upstream {
     pub metrics: UpstreamMetrics,
     /// The tokens' rate budget and the clients' fair shares of it.
     pub budget: Arc<Governor>,
+    /// Routes with a limit of their own below the token's (`[[upstream.route_limit]]`).
+    pub route_budgets: RouteBudgets,
     /// `base_url` has a path of its own: every caller's path must then be plain, or `..`
     /// would climb out of it (see [`crate::config::policy::is_plain_path`]).
     pub plain_paths_only: bool,
@@ -91,6 +94,7 @@ impl Upstream {
             .is_some_and(|b| !b.path().trim_matches('/').is_empty());
         Upstream {
             plain_paths_only,
+            route_budgets: RouteBudgets::for_upstream(&config, previous.map(|p| &p.route_budgets)),
             budget: kept.budget,
             config,
             tokens,

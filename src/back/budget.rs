@@ -82,7 +82,12 @@ where
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
-        if !self.capped && !self.upstream.budget.is_active() {
+        let route = self
+            .upstream
+            .route_budgets
+            .matching(req.method(), req.uri().path())
+            .cloned();
+        if !self.capped && !self.upstream.budget.is_active() && route.is_none() {
             // No budget known, no client with a cap: nothing to hold, nothing to count.
             return self.inner.call(req);
         }
@@ -91,7 +96,7 @@ where
             _ => None,
         };
         let cap = caller.and_then(|c| c.max_per_minute);
-        if !self.upstream.budget.is_active() && cap.is_none() {
+        if !self.upstream.budget.is_active() && cap.is_none() && route.is_none() {
             // No budget known, no cap: nothing to hold, nothing to count.
             return self.inner.call(req);
         }
@@ -105,7 +110,37 @@ where
                 .map_or_else(|| Arc::from(ANONYMOUS), |c| Arc::clone(&c.name));
             let share = client.as_ref().map_or(1, |c| c.share);
             let asked = tokio::time::Instant::now();
-            match upstream.budget.admit(&name, share, cap).await {
+            // The route's own limit first: a call it holds back spends no token budget.
+            let routed = match &route {
+                Some(route) => route
+                    .governor
+                    .admit(&name, share, None)
+                    .await
+                    .map_err(|refusal| match refusal {
+                        Refusal::Budget(after) | Refusal::ClientCap(after) => (after, format!(
+                            "the limit of route \"{}\" on upstream \"{}\" ({}/{}s, route_limit) has no room for this call within rate_limit_max_wait_secs; the platform's budget was not spent",
+                            route.limit.route,
+                            upstream.name(),
+                            route.limit.rate.calls,
+                            route.limit.rate.window.as_secs(),
+                        )),
+                    }),
+                None => Ok(None),
+            };
+            let admitted = match routed {
+                Ok(_) => upstream.budget.admit(&name, share, cap).await.map_err(|refusal| match refusal {
+                    Refusal::Budget(after) => (after, format!(
+                        "the rate budget of upstream \"{}\" has no room for this call within rate_limit_max_wait_secs; the platform's budget was not spent",
+                        upstream.name()
+                    )),
+                    Refusal::ClientCap(after) => (after, format!(
+                        "this client made its max_per_minute calls to upstream \"{}\" this minute",
+                        upstream.name()
+                    )),
+                }),
+                Err(refused) => Err(refused),
+            };
+            match admitted {
                 Ok(index) => {
                     let waited = asked.elapsed();
                     if !waited.is_zero() {
@@ -115,18 +150,8 @@ where
                         req.extensions_mut().insert(Admitted(i));
                     }
                 }
-                Err(refusal) => {
+                Err((retry_after, message)) => {
                     metrics.rate_limited(upstream.name(), &name, "proxy");
-                    let (retry_after, message) = match refusal {
-                        Refusal::Budget(after) => (after, format!(
-                            "the rate budget of upstream \"{}\" has no room for this call within rate_limit_max_wait_secs; the platform's budget was not spent",
-                            upstream.name()
-                        )),
-                        Refusal::ClientCap(after) => (after, format!(
-                            "this client made its max_per_minute calls to upstream \"{}\" this minute",
-                            upstream.name()
-                        )),
-                    };
                     return Ok(ProxyError::RateLimited {
                         retry_after,
                         message,

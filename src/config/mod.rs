@@ -49,7 +49,7 @@ pub use grant::{
 };
 use raw::RawConfig;
 pub use server::{LogFormat, ServerConfig};
-pub use upstream::{RateLimit, UpstreamConfig, WebsocketToken};
+pub use upstream::{RateLimit, RouteLimit, UpstreamConfig, WebsocketToken};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]

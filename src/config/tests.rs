@@ -383,6 +383,47 @@ fn rate_limits_and_shares_are_read_and_checked() {
 }
 
 #[test]
+fn route_limits_and_channel_shares_are_read_and_checked() {
+    let routed = |route: &str, rate: &str| {
+        load(&format!(
+            "{GENESYS}\n[[upstream.route_limit]]\nroute = \"{route}\"\nrate = \"{rate}\"\n"
+        ))
+    };
+    let c = routed("PUT /api/v2/architect/ivrs/*", "100/min").unwrap();
+    let r = &c.upstreams[0].route_limits[0];
+    assert_eq!((r.rate.calls, r.rate.window.as_secs()), (100, 60));
+    assert!(r
+        .rule
+        .allows(&http::Method::PUT, "/api/v2/architect/ivrs/42"));
+    assert!(!r
+        .rule
+        .allows(&http::Method::GET, "/api/v2/architect/ivrs/42"));
+    let e = routed("PUT /api/v2/x", "100/fortnight")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("route_limit[0].rate"), "{e}");
+    let e = routed("PUT", "100/min").unwrap_err().to_string();
+    assert!(e.contains("route_limit[0].route"), "{e}");
+
+    // Genesys holds 20 channels per OAuth client; by default the clients split them.
+    let c = load(&format!(
+        "{GENESYS}\n[[client]]\nname = \"a\"\nkey_sha256 = \"{}\"\n[[client]]\nname = \"b\"\nkey_sha256 = \"{}\"\nmax_channels = 3\n[[client]]\nname = \"c\"\nkey_sha256 = \"{}\"\n",
+        "ab".repeat(32),
+        "cd".repeat(32),
+        "ef".repeat(32)
+    ))
+    .unwrap();
+    let u = &c.upstreams[0];
+    assert_eq!(u.notification_channels, Some(20));
+    let shares: Vec<_> = c.clients.iter().map(|k| c.channel_share(u, k)).collect();
+    assert_eq!(shares, [Some(6), Some(3), Some(6)]);
+    let e = load(&GENESYS.replace("client_id", "notification_channels = 0\nclient_id"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("notification_channels"), "{e}");
+}
+
+#[test]
 fn cache_takes_sentinels_with_a_master_name_instead_of_a_url() {
     let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
     let cache = |lines: &str| {

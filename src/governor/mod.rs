@@ -28,9 +28,11 @@ use crate::config::{RateLimit, UpstreamConfig};
 use crate::token::shared::SharedCache;
 
 mod queue;
+mod routes;
 mod window;
 
 use queue::{book_finish, State, Waiter};
+pub use routes::{RouteBudget, RouteBudgets};
 use window::TokenWindow;
 pub use window::{
     documented_budget, header_number, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET,

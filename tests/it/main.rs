@@ -25,5 +25,6 @@ mod replicas;
 mod resilience;
 mod revocation;
 mod security;
+mod shared_limits;
 mod status_page;
 mod websockets;

@@ -259,7 +259,11 @@ async fn fifty_sockets_for_thirty_seconds_lose_no_heartbeat_and_pass_close_codes
         "streaming_url =",
         &format!("notification_channels = {SOCKETS}\nstreaming_url ="),
     );
-    let config = config.replacen("\n[[client]]\n", &format!("\n[[client]]\nmax_channels = {SOCKETS}\n"), 1);
+    let config = config.replacen(
+        "\n[[client]]\n",
+        &format!("\n[[client]]\nmax_channels = {SOCKETS}\n"),
+        1,
+    );
     let proxy = Proxy::start(&config);
     let mut sockets = Vec::new();
     for _ in 0..SOCKETS {

@@ -106,6 +106,44 @@ fn rate_limited(
     Err(resp)
 }
 
+/// Count a call against the `route_limit` when it is on that route: the 429 to answer when
+/// the route's window is spent (the platform's uniform 429, `Retry-After` always).
+#[allow(clippy::result_large_err)] // one answer, made once per call
+fn route_limited(
+    o: &SandboxOptions,
+    s: &State,
+    req: &Request<Incoming>,
+) -> Result<(), Response<Body>> {
+    let Some((route, allowed)) = &o.route_limit else {
+        return Ok(());
+    };
+    if !format!("{} {}", req.method(), req.uri().path()).starts_with(route.as_str()) {
+        return Ok(());
+    }
+    let now = Instant::now();
+    let (count, reset) = {
+        let mut usage = lock(&s.route_usage);
+        let entry = usage.get_or_insert((now, 0));
+        if now.duration_since(entry.0) >= o.limit_window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        let left = o.limit_window.saturating_sub(now.duration_since(entry.0));
+        (entry.1, left.as_secs_f64().ceil().max(1.0) as u64)
+    };
+    if count <= *allowed {
+        return Ok(());
+    }
+    s.throttled.fetch_add(1, Ordering::SeqCst);
+    let mut resp = json(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::json!({"message": "Rate limit exceeded the maximum for this resource", "code": "too.many.requests.retry.after", "status": 429}),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(reset));
+    Err(resp)
+}
+
 async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Response<Body> {
     let token = req
         .headers()
@@ -134,6 +172,9 @@ async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Re
         Ok(standing) => standing,
         Err(resp) => return resp,
     };
+    if let Err(resp) = route_limited(o, s, &req) {
+        return resp;
+    }
     let mut resp = match token_itself(o, s, &token, &req) {
         Some(resp) => resp,
         None => served(s, req).await,

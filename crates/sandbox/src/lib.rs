@@ -79,6 +79,10 @@ pub struct SandboxOptions {
     /// Genesys-like API rate limit: calls allowed per token per `limit_window`.
     pub per_token_limit: Option<u64>,
     pub limit_window: Duration,
+    /// A resource limit below the token's (Genesys: 100 a minute on
+    /// `PUT /api/v2/architect/ivrs/{id}`): calls whose `METHOD /path` starts with the
+    /// text, allowed per `limit_window` over the whole org.
+    pub route_limit: Option<(String, u64)>,
     /// How often the streaming host sends each socket a heartbeat (Genesys: 30 s).
     pub heartbeat: Duration,
     /// Notification channels the OAuth client may hold (Genesys: 20).
@@ -101,6 +105,7 @@ impl Default for SandboxOptions {
             access_key_secret: "sandbox-access-key-secret".into(),
             tenant_id: "11eb0a6e-0000-4000-8000-00000000cafe".into(),
             per_token_limit: None,
+            route_limit: None,
             limit_window: Duration::from_secs(60),
             heartbeat: Duration::from_secs(30),
             channels_per_client: streaming::CHANNELS_PER_CLIENT,
@@ -145,6 +150,8 @@ struct State {
     seen: Mutex<Vec<SeenRequest>>,
     /// Per token: when its rate-limit window started, and the calls in it.
     usage: Mutex<HashMap<String, (Instant, u64)>>,
+    /// The `route_limit`'s window: when it started, and the calls in it.
+    route_usage: Mutex<Option<(Instant, u64)>>,
     /// Notification channels, shared with the streaming host.
     notifications: Arc<streaming::Notifications>,
     /// The client secret the login host accepts now, once a test has rotated it
