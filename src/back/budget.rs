@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tower::{Layer, Service};
 
 use crate::call::error::ProxyError;
@@ -65,6 +66,25 @@ pub struct Budget<S> {
 }
 
 const ANONYMOUS: &str = "";
+
+/// Kong's names for a client's own share of the budget, beside the platform's headers
+/// (which describe the whole pooled token).
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// Tell the caller its share of the upstream's budget as it stands after its call (see
+/// [`crate::governor::ShareNow`]), once a budget is known.
+fn tell_share(upstream: &WorkerUpstream, client: &Arc<str>, headers: &mut HeaderMap) {
+    let Some(share) = upstream.budget.share_of(client) else {
+        return;
+    };
+    // Whole seconds, rounded up: the window has ended when the caller looks again.
+    let reset = share.reset.as_secs() + u64::from(share.reset.subsec_nanos() > 0);
+    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(share.limit));
+    headers.insert(RATELIMIT_REMAINING, HeaderValue::from(share.remaining));
+    headers.insert(RATELIMIT_RESET, HeaderValue::from(reset));
+}
 
 impl<S> Service<ProxyRequest> for Budget<S>
 where
@@ -152,15 +172,19 @@ where
                 }
                 Err((retry_after, message)) => {
                     metrics.rate_limited(upstream.name(), &name, "proxy");
-                    return Ok(ProxyError::RateLimited {
+                    let mut refused = ProxyError::RateLimited {
                         retry_after,
                         message,
                     }
-                    .into_response());
+                    .into_response();
+                    tell_share(&upstream, &name, refused.headers_mut());
+                    return Ok(refused);
                 }
             }
             // The platform's own 429s are counted by the observe layer, for every call.
-            inner.call(req).await
+            let mut answer = inner.call(req).await?;
+            tell_share(&upstream, &name, answer.headers_mut());
+            Ok(answer)
         })
     }
 }

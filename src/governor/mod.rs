@@ -29,10 +29,12 @@ use crate::token::shared::SharedCache;
 
 mod queue;
 mod routes;
+mod shares;
 mod window;
 
 use queue::{book_finish, State, Waiter};
 pub use routes::{RouteBudget, RouteBudgets};
+pub use shares::ShareNow;
 use window::TokenWindow;
 pub use window::{
     documented_budget, header_number, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET,
@@ -64,6 +66,8 @@ pub struct Governor {
     state: Mutex<State>,
     /// Itself, for the dispatcher task it spawns (which must not keep it alive).
     me: Weak<Governor>,
+    /// Wakes the dispatcher before its time (see [`Governor::arm`]).
+    nudge: Arc<tokio::sync::Notify>,
     fleet: Option<FleetBudget>,
 }
 
@@ -171,6 +175,7 @@ impl Governor {
             late: 0,
             late_first: None,
             assumed: false,
+            generation: 0,
         };
         Arc::new_cyclic(|me| Governor {
             max_wait,
@@ -183,6 +188,7 @@ impl Governor {
                 clients: HashMap::new(),
                 seq: 0,
                 dispatcher: false,
+                wake_at: None,
                 next_token: 0,
                 fleet: false,
                 fleet_down_until: None,
@@ -190,6 +196,7 @@ impl Governor {
                 several_until: None,
             }),
             me: me.clone(),
+            nudge: Arc::new(tokio::sync::Notify::new()),
             fleet,
         })
     }
@@ -226,6 +233,8 @@ impl Governor {
             st.fleet = fleet;
             let active = self.is_active();
             let book = st.clients.entry(Arc::clone(client)).or_default();
+            book.share = share.max(1);
+            book.last_asked = Some(now);
             if let Some(cap) = cap {
                 let minute = Duration::from_secs(60);
                 let (started, calls) = match book.minute {
@@ -259,7 +268,7 @@ impl Governor {
             }
             let several = st.several_until.is_some_and(|until| now < until);
             if st.waiting.is_empty() {
-                if let Some(i) = st.take_room(now, several) {
+                if let Some(i) = st.take_room(now, several, client) {
                     st.virtual_time = start;
                     let book = st.clients.entry(Arc::clone(client)).or_default();
                     book.finish = tag;
@@ -267,7 +276,7 @@ impl Governor {
                     return Ok(Some(i));
                 }
             }
-            let room_at = st.room_at(now);
+            let room_at = st.room_at_for(client, now);
             // An assumed budget is not refused against: the first answer brings the real
             // one (or none), and waiting calls are looked at again then.
             let assumed = st.windows.iter().any(|w| w.assumed);
@@ -297,7 +306,7 @@ impl Governor {
             Ok(Ok(index)) => Ok(Some(index)),
             _ => {
                 let now = Instant::now();
-                let room_at = self.lock().room_at(now);
+                let room_at = self.lock().room_at_for(client, now);
                 Err(Refusal::Budget(
                     room_at
                         .saturating_duration_since(now)
@@ -307,17 +316,35 @@ impl Governor {
         }
     }
 
-    /// Start the task that lets waiting calls through when room comes, if none is asleep.
+    /// Start the task that lets waiting calls through when room comes, if none is asleep;
+    /// wake the one asleep if this call has room before it meant to look again (a call
+    /// within its share, behind calls that spent theirs and wait for the window's end).
     fn arm(&self, st: &mut State, first_wake: Instant) {
         if st.dispatcher {
+            if st.wake_at.is_some_and(|at| first_wake < at) {
+                st.wake_at = Some(first_wake);
+                self.nudge.notify_one();
+            }
             return;
         }
         st.dispatcher = true;
+        st.wake_at = Some(first_wake);
         let me = self.me.clone();
+        let nudge = Arc::clone(&self.nudge);
         tokio::spawn(async move {
             let mut wake = first_wake;
             loop {
-                tokio::time::sleep_until(wake).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake) => {}
+                    () = nudge.notified() => {
+                        let Some(governor) = me.upgrade() else { return };
+                        let at = governor.lock().wake_at;
+                        if let Some(at) = at.filter(|at| *at > Instant::now()) {
+                            wake = at;
+                            continue;
+                        }
+                    }
+                }
                 let Some(governor) = me.upgrade() else { return };
                 // Reserve more of the fleet's budget first, if a window ran out of it
                 // (outside the lock: a round trip to Redis).
@@ -331,11 +358,13 @@ impl Governor {
                 st.dispatch(now);
                 if st.waiting.is_empty() {
                     st.dispatcher = false;
+                    st.wake_at = None;
                     return;
                 }
                 // Room comes again at the next window's end (or at once, if a window
                 // started by these calls has room left: it has none, or they'd be gone).
-                wake = st.room_at(now).max(now + Duration::from_millis(1));
+                wake = st.next_wake(now).max(now + Duration::from_millis(1));
+                st.wake_at = Some(wake);
             }
         });
     }

@@ -47,6 +47,12 @@ pub(super) struct ClientBook {
     pub(super) minute: Option<(Instant, u64)>,
     /// Calls let through, and calls waiting now (for the status page).
     pub(super) served: u64,
+    /// Its weight, and when it last asked for a call: clients that asked within a window
+    /// share the budget (see [`super::shares`]).
+    pub(super) share: u32,
+    pub(super) last_asked: Option<Instant>,
+    /// Calls let through in each pooled token's window: (the window's generation, calls).
+    pub(super) spent: Vec<(u64, u64)>,
 }
 
 pub(super) struct State {
@@ -58,6 +64,8 @@ pub(super) struct State {
     pub(super) seq: u64,
     /// A task is asleep until the next window ends, to let waiting calls through.
     pub(super) dispatcher: bool,
+    /// When that task means to look next.
+    pub(super) wake_at: Option<Instant>,
     pub(super) next_token: usize,
     /// The budget is shared with the fleet through Redis (`[cache]`).
     pub(super) fleet: bool,
@@ -141,12 +149,24 @@ impl State {
 
     /// Take one call's room in the next token that has some (round-robin).
     /// `paced`: a waiting call, held to the pace (see [`TokenWindow::bucket`]).
-    pub(super) fn take_room(&mut self, now: Instant, paced: bool) -> Option<usize> {
+    pub(super) fn take_room(
+        &mut self,
+        now: Instant,
+        paced: bool,
+        client: &Arc<str>,
+    ) -> Option<usize> {
         let n = self.windows.len();
         let fleet = self.fleet_mode(now);
+        let sharing = self.sharing(client, now);
         for k in 0..n {
             let i = (self.next_token + k) % n;
+            if self.past_share(client, i, sharing) {
+                continue;
+            }
             let w = &mut self.windows[i];
+            // While clients share the budget, each one's cap keeps a burst from taking the
+            // others' part; the pace still holds an assumed budget until the first answer.
+            let paced = paced && (sharing.is_none() || w.assumed);
             if w.has_room(fleet.filter(|_| !w.assumed), paced) {
                 w.used += 1;
                 w.own += 1;
@@ -168,6 +188,7 @@ impl State {
                     Some(_) => {}
                 }
                 self.next_token = (i + 1) % n;
+                self.spend(client, i);
                 return Some(i);
             }
         }
@@ -189,18 +210,28 @@ impl State {
             .unwrap_or(now)
     }
 
-    /// Let waiting calls through, smallest tag first, while there is room.
+    /// Let waiting calls through, smallest tag first, while there is room. A call whose
+    /// client has spent its share of every window steps aside for the others' (it goes
+    /// back in line, and waits for a window to end).
     pub(super) fn dispatch(&mut self, now: Instant) {
         for w in &mut self.windows {
             w.roll(now);
         }
+        let mut aside = Vec::new();
         while let Some(Reverse(top)) = self.waiting.peek() {
             if top.tx.is_closed() {
                 // It gave up (its wait ran out, or its caller went away).
                 self.waiting.pop();
                 continue;
             }
-            let Some(i) = self.take_room(now, true) else {
+            let client = Arc::clone(&top.client);
+            let Some(i) = self.take_room(now, true, &client) else {
+                if self.share_spent(&client, now) {
+                    if let Some(held) = self.waiting.pop() {
+                        aside.push(held);
+                    }
+                    continue;
+                }
                 break;
             };
             let Some(Reverse(w)) = self.waiting.pop() else {
@@ -209,9 +240,11 @@ impl State {
             self.virtual_time = self.virtual_time.max(w.start);
             if w.tx.send(i).is_err() {
                 self.windows[i].used -= 1;
+                self.unspend(&w.client, i);
             } else if let Some(book) = self.clients.get_mut(&w.client) {
                 book.served += 1;
             }
         }
+        self.waiting.extend(aside);
     }
 }

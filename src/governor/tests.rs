@@ -192,3 +192,49 @@ async fn a_pool_multiplies_the_budget() {
     assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
     assert_eq!(Instant::now() - started, Duration::from_secs(11));
 }
+
+#[tokio::test(start_paused = true)]
+async fn clients_calling_together_each_hold_their_share_and_are_told_it() {
+    // 40 calls per 10 s; shares 3 and 1: 30 and 10 while both call.
+    let g = Governor::with(limit(40, 10), Duration::ZERO, 1, None);
+    let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+    // Alone, a client may spend the whole budget, and is told so.
+    assert_eq!(g.admit(&a, 3, None).await, Ok(Some(0)));
+    let alone = g.share_of(&a).unwrap();
+    assert_eq!((alone.limit, alone.remaining), (40, 39));
+    assert_eq!(g.admit(&b, 1, None).await, Ok(Some(0)));
+    let b_share = g.share_of(&b).unwrap();
+    assert_eq!((b_share.limit, b_share.remaining), (10, 9));
+    let a_share = g.share_of(&a).unwrap();
+    assert_eq!((a_share.limit, a_share.remaining), (30, 29));
+    for _ in 0..29 {
+        assert_eq!(g.admit(&a, 3, None).await, Ok(Some(0)));
+    }
+    // Its share spent, a waits for the window (refused here: no wait allowed), though
+    // the budget has room for b's part.
+    assert!(matches!(
+        g.admit(&a, 3, None).await,
+        Err(Refusal::Budget(_))
+    ));
+    assert_eq!(g.share_of(&a).unwrap().remaining, 0);
+    for _ in 0..9 {
+        assert_eq!(g.admit(&b, 1, None).await, Ok(Some(0)));
+    }
+    assert!(matches!(
+        g.admit(&b, 1, None).await,
+        Err(Refusal::Budget(_))
+    ));
+    // The window (10 s and the margin) ends: both shares come back whole.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(g.admit(&a, 3, None).await, Ok(Some(0)));
+    // a asked within the window's length: b's is still a share of four.
+    assert_eq!(g.admit(&b, 1, None).await, Ok(Some(0)));
+    let b_share = g.share_of(&b).unwrap();
+    assert_eq!((b_share.limit, b_share.remaining), (10, 9));
+    assert_eq!(b_share.reset, Duration::from_secs(11));
+    // A window's length after a's last call, b is alone again: the whole budget, less
+    // the two calls of the window (a's and its own).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let alone = g.share_of(&b).unwrap();
+    assert_eq!((alone.limit, alone.remaining), (40, 38));
+}

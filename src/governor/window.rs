@@ -53,6 +53,8 @@ pub(super) struct TokenWindow {
     /// `allowed` and `len` are the provider's documented budget, assumed until the
     /// platform's first answer says what it is.
     pub(super) assumed: bool,
+    /// Counts the windows: a client's calls in a window are kept with its generation.
+    pub(super) generation: u64,
 }
 
 impl TokenWindow {
@@ -124,6 +126,7 @@ impl TokenWindow {
             self.guard = 0;
             self.late = 0;
             self.late_first = None;
+            self.generation += 1;
         }
         self.refill(now);
     }

@@ -62,3 +62,81 @@ async fn a_route_limit_holds_its_route_and_leaves_the_token_budget_to_the_others
     assert_eq!(count(&users, 200, ""), 40, "{users:?}");
     assert_eq!(sandbox.throttled(), 0);
 }
+
+const KEY_B: &str = "tg_second-client-key-abcdefghijklmnopqrstuvwxyz";
+
+/// The usual client and a second one, `b`, both of share 1, on `sandbox`.
+fn two_clients(sandbox: &Sandbox, upstream_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}{upstream_extra}\n{}\n[[client]]\nname = \"b\"\nkey_sha256 = \"{}\"\n",
+        upstream_toml(sandbox, "genesys", "/"),
+        client_toml("reporting-job", ""),
+        tokengate::front::keys::hash_key(KEY_B),
+    )
+}
+
+/// One call with `key`: its status and its `RateLimit-Limit`, `-Remaining`, `-Reset`.
+async fn call_as(proxy: &Proxy, key: &str) -> (u16, Option<u64>, Option<u64>, Option<u64>) {
+    let r = client()
+        .get(proxy.url("/api/v2/users/me"))
+        .header("X-Api-Key", key)
+        .send()
+        .await
+        .unwrap();
+    let number = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
+    (
+        r.status().as_u16(),
+        number("ratelimit-limit"),
+        number("ratelimit-remaining"),
+        number("ratelimit-reset"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_app_is_told_its_share_and_the_governor_holds_it_to_exactly_that() {
+    // 20 calls per 4 s window, learned from the platform's headers; two clients of
+    // share 1: each may make 10 a window while both call.
+    let sandbox = limited_sandbox(20, 4, None).await;
+    let proxy = Proxy::start(&two_clients(&sandbox, "rate_limit_max_wait_secs = 0"));
+    assert_eq!(call_as(&proxy, KEY_B).await.0, 200);
+
+    // Its remainder falls with its own calls, and spending exactly that is served.
+    let (status, limit, remaining, _) = call_as(&proxy, CLIENT_KEY).await;
+    assert_eq!((status, limit), (200, Some(10)));
+    let mut remaining = remaining.unwrap();
+    assert_eq!(remaining, 9);
+    while remaining > 0 {
+        let (status, limit, now, _) = call_as(&proxy, CLIENT_KEY).await;
+        assert_eq!((status, limit), (200, Some(10)));
+        assert_eq!(now, Some(remaining - 1));
+        remaining -= 1;
+    }
+    // The next call is not: the proxy answers 429 itself (no wait configured).
+    let (status, _, remaining, reset) = call_as(&proxy, CLIENT_KEY).await;
+    assert_eq!((status, remaining), (429, Some(0)));
+    let reset = Duration::from_secs(reset.unwrap());
+    assert!(reset <= Duration::from_secs(6), "{reset:?}");
+
+    // With the window, the share comes back whole (b keeps calling, so it is still a
+    // share of two).
+    let asked = std::time::Instant::now();
+    let fresh = wait_for_async(Duration::from_secs(10), || async {
+        call_as(&proxy, KEY_B).await;
+        let (status, limit, remaining, _) = call_as(&proxy, CLIENT_KEY).await;
+        (status == 200).then_some((limit, remaining))
+    })
+    .await
+    .expect("the share comes back with the window");
+    assert_eq!(fresh, (Some(10), Some(9)));
+    assert!(
+        asked.elapsed() <= reset + Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(sandbox.throttled(), 0);
+}
