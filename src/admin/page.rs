@@ -102,6 +102,8 @@ pub fn status_json(
                 "token": {
                     "state": snap.state,
                     "expires_in_secs": secs(snap.expires_in),
+                    // The org's idle token timeout, once the platform told it.
+                    "idle_timeout_secs": snap.idle_timeout.map(|d| d.as_secs()),
                     "age_secs": secs(snap.age),
                     "pool_size": u.tokens.len(),
                 },

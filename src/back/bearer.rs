@@ -187,11 +187,15 @@ where
                     (i, source.token().await)
                 }
             };
-            let (generation, header) = match token {
-                Ok(t) => (t.generation, t.header().clone()),
+            let token = match token {
+                Ok(t) => t,
                 Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
             };
-            req.headers_mut().insert(header::AUTHORIZATION, header);
+            let generation = token.generation;
+            let caller = req.extensions().get::<Caller>().cloned();
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, token.header().clone());
+            token.touch(tokio::time::Instant::now());
             let mut resp = inner.call(req).await?;
             if !Outcome::made_by_proxy(&resp) {
                 let status = resp.status().as_u16();
@@ -203,6 +207,22 @@ where
                     pool_index,
                     generation,
                 });
+                if upstream.config.provider == Provider::Genesys
+                    && !upstream.plain_paths_only
+                    && resp.status().is_success()
+                    && token.ask_idle_timeout()
+                {
+                    // A call in the token's budget: asked only when the budget has room
+                    // for it now, else with the token's next answer.
+                    if !upstream.budget.take_own(pool_index) {
+                        token.ask_idle_timeout_later();
+                        return Ok(resp);
+                    }
+                    if let Some(question) = super::idle::question(&token, caller) {
+                        let answer = inner.call(question);
+                        tokio::spawn(super::idle::learn(upstream, answer, pool_index));
+                    }
+                }
             }
             Ok(resp)
         })

@@ -6,6 +6,7 @@ pub mod budget;
 pub mod channels;
 pub mod deadline;
 pub mod forward;
+pub mod idle;
 pub mod notifications;
 pub mod retry;
 pub mod websocket;

@@ -476,6 +476,31 @@ impl Governor {
         }
     }
 
+    /// Take room for a call of the proxy's own with pooled token `index` (the idle
+    /// timeout's question), now or never: it counts in the window like any call, but is
+    /// no client's (it takes no client's share, and makes no client share). `false`: no
+    /// room now.
+    pub fn take_own(&self, index: usize) -> bool {
+        if !self.is_active() {
+            return true;
+        }
+        let now = Instant::now();
+        let mut st = self.lock();
+        if !st.waiting.is_empty() {
+            return false;
+        }
+        let fleet = st.fleet_mode(now);
+        let Some(w) = st.windows.get_mut(index) else {
+            return false;
+        };
+        w.roll(now);
+        if w.assumed || !w.has_room(fleet, false) {
+            return false;
+        }
+        w.count_call(now, fleet);
+        true
+    }
+
     /// The budget over the pool's tokens, once known.
     pub fn budget(&self) -> Option<Budget> {
         if !self.is_active() {

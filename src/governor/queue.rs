@@ -168,25 +168,7 @@ impl State {
             // others' part; the pace still holds an assumed budget until the first answer.
             let paced = paced && (sharing.is_none() || w.assumed);
             if w.has_room(fleet.filter(|_| !w.assumed), paced) {
-                w.used += 1;
-                w.own += 1;
-                // A reserved call first (also while Redis is down).
-                if fleet.is_some() && w.leased > 0 {
-                    w.leased -= 1;
-                }
-                if w.pace().is_some() {
-                    w.bucket = (w.bucket - 1.0).max(0.0);
-                }
-                match w.ends {
-                    // Until the platform says otherwise, a window as long as the longest
-                    // seen (a minute, if none was).
-                    None => w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN),
-                    Some(e) if now + MARGIN * 2 >= e => {
-                        w.late += 1;
-                        w.late_first.get_or_insert(now);
-                    }
-                    Some(_) => {}
-                }
+                w.count_call(now, fleet);
                 self.next_token = (i + 1) % n;
                 self.spend(client, i);
                 return Some(i);

@@ -110,6 +110,30 @@ impl TokenWindow {
         share && self.window_has_room() && (!paced || self.pace().is_none() || self.bucket >= 1.0)
     }
 
+    /// Count a call let through now (`fleet`: see [`Self::has_room`]).
+    pub(super) fn count_call(&mut self, now: Instant, fleet: Option<bool>) {
+        self.used += 1;
+        self.own += 1;
+        // A reserved call first (also while Redis is down).
+        if fleet.is_some() && self.leased > 0 {
+            self.leased -= 1;
+        }
+        if self.pace().is_some() {
+            self.bucket = (self.bucket - 1.0).max(0.0);
+        }
+        match self.ends {
+            // Until the platform says otherwise, a window as long as the longest seen (a
+            // minute, if none was).
+            None => self.ends = Some(now + self.len.unwrap_or(Duration::from_secs(60)) + MARGIN),
+            // Late in the window: the platform's may have ended, and count it in its next.
+            Some(e) if now + MARGIN * 2 >= e => {
+                self.late += 1;
+                self.late_first.get_or_insert(now);
+            }
+            Some(_) => {}
+        }
+    }
+
     pub(super) fn roll(&mut self, now: Instant) {
         if self.ends.is_some_and(|e| e <= now) {
             // The late calls may have started the platform's next window: count them in

@@ -23,6 +23,7 @@ mod source;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -41,6 +42,13 @@ pub struct Token {
     pub obtained: Instant,
     pub refresh_at: Instant,
     pub usable_until: Instant,
+    /// The org's idle timeout (Genesys `GET /api/v2/tokens/timeout`) in ms, 0 for none:
+    /// a token no call used for that long is dead on the platform.
+    idle_ms: AtomicU64,
+    /// When a call last used it, in ms after `obtained`.
+    used_ms: AtomicU64,
+    /// The idle timeout was asked for with this token (once per token).
+    idle_asked: AtomicBool,
 }
 
 impl std::fmt::Debug for Token {
@@ -59,7 +67,44 @@ impl Token {
     }
 
     pub fn is_usable(&self, now: Instant) -> bool {
-        now < self.usable_until
+        now < self.usable_until && now < self.idles_at()
+    }
+
+    /// When it idles on the platform, with a margin (a tenth, at most 30 s): the next call
+    /// then takes a fresh token rather than pay a 401 and a retry. Far off without an
+    /// idle timeout.
+    pub fn idles_at(&self) -> Instant {
+        let idle = self.idle_ms.load(Ordering::Relaxed);
+        if idle == 0 {
+            return self.usable_until;
+        }
+        let margin = (idle / 10).min(30_000);
+        self.obtained + Duration::from_millis(self.used_ms.load(Ordering::Relaxed) + idle - margin)
+    }
+
+    /// A call used it now: its idle clock starts again.
+    pub fn touch(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.obtained).as_millis();
+        self.used_ms
+            .fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Hold it to the org's idle timeout (`None`: none).
+    pub fn set_idle_timeout(&self, idle: Option<Duration>) {
+        let ms = idle.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.idle_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The idle timeout could not be asked now: ask with the next answer.
+    pub fn ask_idle_timeout_later(&self) {
+        self.idle_asked.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the idle timeout is still to be asked with this token (true once).
+    pub fn ask_idle_timeout(&self) -> bool {
+        !self.idle_asked.swap(true, Ordering::Relaxed)
     }
 
     fn due_for_refresh(&self, now: Instant) -> bool {
@@ -78,6 +123,9 @@ impl Token {
             obtained: sent,
             refresh_at: usable_until - lead,
             usable_until,
+            idle_ms: AtomicU64::new(0),
+            used_ms: AtomicU64::new(0),
+            idle_asked: AtomicBool::new(false),
         }
     }
 }

@@ -65,6 +65,8 @@ pub struct TokenSource {
     grants_ok: AtomicU64,
     grants_failed: AtomicU64,
     last_failure: Mutex<Option<Failure>>,
+    /// The org's idle timeout as last learned, in ms (0: none): new tokens are held to it.
+    idle_ms: AtomicU64,
 }
 
 /// The last failed grant, for the status page.
@@ -87,6 +89,8 @@ pub struct TokenSnapshot {
     pub last_failure: Option<Failure>,
     /// `current` or `next` (`client_secret_next`), for methods that send a secret.
     pub secret_in_use: Option<&'static str>,
+    /// The org's idle token timeout, once the platform told it.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -120,7 +124,18 @@ impl TokenSource {
             grants_ok: AtomicU64::new(0),
             grants_failed: AtomicU64::new(0),
             last_failure: Mutex::new(None),
+            idle_ms: AtomicU64::new(0),
         })
+    }
+
+    /// The org's idle timeout, as the platform told it with token `generation`: that
+    /// token and every later one are held to it (see [`Token::idles_at`]).
+    pub fn learned_idle_timeout(&self, idle: Option<Duration>) {
+        let ms = idle.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.idle_ms.store(ms, Ordering::Relaxed);
+        if let Some(t) = self.current.load_full() {
+            t.set_idle_timeout(idle);
+        }
     }
 
     /// The token to attach to a request. Waits only when no usable token exists.
@@ -189,6 +204,10 @@ impl TokenSource {
             grants_failed: self.grants_failed.load(Ordering::Relaxed),
             last_failure,
             secret_in_use: self.granter.secret_in_use().map(|s| s.name()),
+            idle_timeout: match self.idle_ms.load(Ordering::Relaxed) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
         }
     }
 
@@ -214,7 +233,8 @@ impl TokenSource {
                 match (self.usable(), backoff.active(now)) {
                     (None, Some(_)) => now + backoff.wait_without_token(now).unwrap_or_default(),
                     (_, Some(wait)) => now + wait,
-                    (Some(t), None) => t.refresh_at,
+                    // Before it idles too: the first call after a quiet hour must not pay.
+                    (Some(t), None) => t.refresh_at.min(t.idles_at()),
                     (None, None) => now,
                 }
             };
@@ -385,7 +405,10 @@ impl TokenSource {
         };
         header.set_sensitive(true);
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Arc::new(Token::new(header, generation, sent, lifetime)))
+        let token = Token::new(header, generation, sent, lifetime);
+        let idle = self.idle_ms.load(Ordering::Relaxed);
+        token.set_idle_timeout((idle > 0).then(|| Duration::from_millis(idle)));
+        Ok(Arc::new(token))
     }
 
     /// Looks for a token in the fleet's cache; while another replica holds the fleet lock,

@@ -122,6 +122,7 @@ async fn warmed(proxy: &Proxy, sandbox: &Sandbox) -> reqwest::Client {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(sandbox.grants(), 1);
+    idle_question_asked(sandbox).await;
     client
 }
 

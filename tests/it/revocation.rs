@@ -21,6 +21,9 @@ async fn warmed(sandbox: &Sandbox, config: &str) -> (Proxy, reqwest::Client) {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(sandbox.grants(), 1);
+    if config.contains("provider = \"genesys\"") {
+        idle_question_asked(sandbox).await;
+    }
     (proxy, client)
 }
 

@@ -140,3 +140,55 @@ async fn each_app_is_told_its_share_and_the_governor_holds_it_to_exactly_that() 
     );
     assert_eq!(sandbox.throttled(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_idled_is_replaced_before_a_call_and_check_leaves_the_idle_clock_alone() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        idle_timeout: Some(Duration::from_secs(5)),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let config = standard_config(&sandbox, "");
+    let proxy = Proxy::start(&config);
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    // The proxy asks the platform for the org's idle timeout with its new token.
+    let learned = wait_for_async(Duration::from_secs(10), || async {
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_text(&proxy, "/status.json").await).ok()?;
+        status["upstreams"][0]["token"]["idle_timeout_secs"].as_u64()
+    })
+    .await;
+    assert_eq!(learned, Some(5));
+
+    // `check` asks about its token with preserveIdleTTL=true: no idle clock starts again.
+    let resets = sandbox.idle_resets();
+    let (_dir, path) = write_config(&config);
+    let out = tokio::task::spawn_blocking(move || {
+        binary()
+            .args(["check", "-c", path.to_str().unwrap()])
+            .env("SANDBOX_SECRET", CLIENT_SECRET)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(sandbox.idle_resets(), resets);
+
+    // A quiet spell past the timeout: the first token idles out on the platform...
+    let idled = wait_for(Duration::from_secs(15), || {
+        (sandbox.idled_tokens() >= 1).then_some(())
+    })
+    .await;
+    assert!(idled.is_some());
+    // ...and the next call goes with a fresh token: the platform sees no idled one.
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    assert_eq!(sandbox.idled_calls(), 0);
+    assert!(sandbox.grants() >= 3, "the proxy's two and check's one");
+}

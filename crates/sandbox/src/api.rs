@@ -168,6 +168,29 @@ async fn api_answer(o: &SandboxOptions, s: &State, req: Request<Incoming>) -> Re
         }
         Some(_) => {}
     }
+    if let Some(idle) = o.idle_timeout {
+        let now = Instant::now();
+        let mut last_use = lock(&s.last_use);
+        let used = last_use.entry(token.clone()).or_insert(now);
+        if now.duration_since(*used) >= idle {
+            drop(last_use);
+            s.idled_calls.fetch_add(1, Ordering::SeqCst);
+            return unauthorized(
+                "credentials.expired",
+                "The authentication token has expired.",
+            );
+        }
+        let preserves = req.method() == Method::GET
+            && req.uri().path() == "/api/v2/tokens/me"
+            && req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "preserveIdleTTL=true"));
+        if !preserves {
+            *used = now;
+            s.idle_resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
     let standing = match rate_limited(o, s, &token) {
         Ok(standing) => standing,
         Err(resp) => return resp,
@@ -193,6 +216,16 @@ fn token_itself(
     token: &str,
     req: &Request<Incoming>,
 ) -> Option<Response<Body>> {
+    if req.uri().path() == "/api/v2/tokens/timeout" && req.method() == Method::GET {
+        s.idle_questions.fetch_add(1, Ordering::SeqCst);
+        return Some(json(
+            StatusCode::OK,
+            serde_json::json!({
+                "idleTokenTimeoutSeconds": o.idle_timeout.map_or(0, |d| d.as_secs()),
+                "enableIdleTokenTimeout": o.idle_timeout.is_some(),
+            }),
+        ));
+    }
     if req.uri().path() != "/api/v2/tokens/me" {
         return None;
     }

@@ -83,6 +83,10 @@ pub struct SandboxOptions {
     /// `PUT /api/v2/architect/ivrs/{id}`): calls whose `METHOD /path` starts with the
     /// text, allowed per `limit_window` over the whole org.
     pub route_limit: Option<(String, u64)>,
+    /// The org's idle token timeout (`GET /api/v2/tokens/timeout`; the platform allows 5 min
+    /// to 8 h): a token unused this long is dead. Any call resets its clock except
+    /// `GET /api/v2/tokens/me?preserveIdleTTL=true`.
+    pub idle_timeout: Option<Duration>,
     /// How often the streaming host sends each socket a heartbeat (Genesys: 30 s).
     pub heartbeat: Duration,
     /// Notification channels the OAuth client may hold (Genesys: 20).
@@ -106,6 +110,7 @@ impl Default for SandboxOptions {
             tenant_id: "11eb0a6e-0000-4000-8000-00000000cafe".into(),
             per_token_limit: None,
             route_limit: None,
+            idle_timeout: None,
             limit_window: Duration::from_secs(60),
             heartbeat: Duration::from_secs(30),
             channels_per_client: streaming::CHANNELS_PER_CLIENT,
@@ -150,6 +155,15 @@ struct State {
     seen: Mutex<Vec<SeenRequest>>,
     /// Per token: when its rate-limit window started, and the calls in it.
     usage: Mutex<HashMap<String, (Instant, u64)>>,
+    /// Per token: when a call last used it (for `idle_timeout`), and calls refused
+    /// because their token had idled.
+    last_use: Mutex<HashMap<String, Instant>>,
+    idled_calls: AtomicU64,
+    /// Calls that started a token's idle clock again (all but
+    /// `GET /api/v2/tokens/me?preserveIdleTTL=true`).
+    idle_resets: AtomicU64,
+    /// `GET /api/v2/tokens/timeout` questions answered.
+    idle_questions: AtomicU64,
     /// The `route_limit`'s window: when it started, and the calls in it.
     route_usage: Mutex<Option<(Instant, u64)>>,
     /// Notification channels, shared with the streaming host.
@@ -267,6 +281,33 @@ impl Sandbox {
     /// Heartbeats the streaming host has sent so far, on every socket.
     pub fn heartbeats_sent(&self) -> u64 {
         self.state.notifications.heartbeats.load(Ordering::SeqCst)
+    }
+
+    /// Calls that came with a token past the idle timeout (answered 401).
+    pub fn idled_calls(&self) -> u64 {
+        self.state.idled_calls.load(Ordering::SeqCst)
+    }
+
+    /// `GET /api/v2/tokens/timeout` questions answered (the proxy asks once per token).
+    pub fn idle_questions(&self) -> u64 {
+        self.state.idle_questions.load(Ordering::SeqCst)
+    }
+
+    /// Calls that started a token's idle clock again.
+    pub fn idle_resets(&self) -> u64 {
+        self.state.idle_resets.load(Ordering::SeqCst)
+    }
+
+    /// Tokens issued and not revoked that have idled out (with `idle_timeout`).
+    pub fn idled_tokens(&self) -> usize {
+        let Some(idle) = self.options.idle_timeout else {
+            return 0;
+        };
+        let now = Instant::now();
+        lock(&self.state.last_use)
+            .values()
+            .filter(|used| now.duration_since(**used) >= idle)
+            .count()
     }
 
     /// Channels the platform removed to make room for newer ones (the 20-channel rule).

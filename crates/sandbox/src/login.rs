@@ -231,6 +231,7 @@ async fn grant(
     }
     let token = random_token();
     lock(&s.tokens).insert(token.clone(), Instant::now() + o.token_lifetime);
+    lock(&s.last_use).insert(token.clone(), Instant::now());
     s.grants.fetch_add(1, Ordering::SeqCst);
     let expires_in = o.token_lifetime.as_secs().max(1);
     let answer = match o.flavor {

@@ -293,6 +293,17 @@ pub fn wait_until<T>(limit: Duration, mut cond: impl FnMut() -> Option<T>) -> Op
     }
 }
 
+/// After a Genesys upstream's first call: wait until the proxy's own question for the
+/// org's idle timeout (asked once per token, off the call's path) has reached the sandbox,
+/// so a test that revokes or counts next sees only its own calls.
+pub async fn idle_question_asked(sandbox: &Sandbox) {
+    let asked = wait_for(Duration::from_secs(10), || {
+        (sandbox.idle_questions() >= 1).then_some(())
+    })
+    .await;
+    assert!(asked.is_some(), "the proxy asked for the idle timeout");
+}
+
 /// The async twin of [`wait_until`].
 pub async fn wait_for<T>(limit: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
