@@ -59,8 +59,11 @@ impl Cx<'_> {
             None => None,
             Some(rules) => {
                 let mut out = Vec::new();
-                for r in rules {
-                    out.push(AllowRule::parse(&r).map_err(|e| self.err(&key("allow"), e))?);
+                for (i, r) in rules.iter().enumerate() {
+                    out.push(
+                        AllowRule::parse(r)
+                            .map_err(|e| self.err(&key(&format!("allow[{i}]")), e))?,
+                    );
                 }
                 Some(out)
             }

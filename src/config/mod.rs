@@ -84,6 +84,30 @@ impl Config {
         // toml's own error names the line, column and key (unknown keys included).
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::new(file, toml_error(text, &e)))?;
+        // Every variable that is not set, in one error: not one per start.
+        if let Ok(table) = text.parse::<toml::Table>() {
+            let missing = values::missing_variables(&table, env);
+            if let [(name, key)] = missing.as_slice() {
+                return Err(ConfigError::new(
+                    file,
+                    format!("{key}: environment variable {name} is not set"),
+                ));
+            }
+            if !missing.is_empty() {
+                let list: Vec<String> = missing
+                    .iter()
+                    .map(|(name, key)| format!("{name} ({key})"))
+                    .collect();
+                return Err(ConfigError::new(
+                    file,
+                    format!(
+                        "{} environment variables are not set: {}",
+                        missing.len(),
+                        list.join(", ")
+                    ),
+                ));
+            }
+        }
         let cx = Cx { file, env };
         cx.build(raw)
     }

@@ -37,16 +37,42 @@ impl AllowRule {
         let (method, path) = rule.trim().split_once(' ').ok_or_else(|| {
             format!("\"{rule}\" must be METHOD /path, such as \"GET /api/v2/users/**\"")
         })?;
+        const METHODS: [&str; 8] = [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
+        ];
         let method = match method {
             "*" => None,
-            m => Some(
+            m if METHODS.contains(&m) => Some(
                 Method::from_bytes(m.as_bytes())
                     .map_err(|_| format!("\"{m}\" in \"{rule}\" is not an HTTP method"))?,
             ),
+            // Methods are case-sensitive: "get" would never match a GET.
+            m if METHODS.contains(&m.to_ascii_uppercase().as_str()) => {
+                return Err(format!(
+                    "\"{m}\" in \"{rule}\" never matches: methods are upper-case (\"{}\")",
+                    m.to_ascii_uppercase()
+                ))
+            }
+            m => {
+                return Err(format!(
+                    "\"{m}\" in \"{rule}\" is not a method a rule can name: {} or *",
+                    METHODS.join(", ")
+                ))
+            }
         };
         let path = path.trim();
         if !path.starts_with('/') {
             return Err(format!("the path in \"{rule}\" must start with '/'"));
+        }
+        if path.contains(['{', '}']) {
+            return Err(format!(
+                "\"{rule}\" never matches: a path parameter such as {{id}} is written * (one segment)"
+            ));
+        }
+        if path.contains(['?', '#']) {
+            return Err(format!(
+                "\"{rule}\" never matches: rules match the path only; leave out the query (? …) and fragment (# …)"
+            ));
         }
         let segments: Vec<Segment> = path[1..]
             .split('/')

@@ -62,6 +62,46 @@ fn missing_variable_is_named_and_no_secret_is_printed() {
 }
 
 #[test]
+fn every_missing_variable_is_named_in_one_error() {
+    let text = format!(
+        "[server]\npublic_url = \"${{PUBLIC}}\"\n{}\n[cache]\nredis_url = \"${{R_URL}}\"\nencryption_key = \"${{R_KEY}}\"\n",
+        GENESYS
+            .replace("${ID}", "${A_ID}")
+            .replace("client_id", "scope = \"${A_SCOPE} x $$ ${A_SCOPE}\"\ntoken_params = { audience = \"${A_AUD}\" }\nclient_id")
+    );
+    let err = load(&text).unwrap_err().to_string();
+    assert!(err.contains("6 environment variables are not set"), "{err}");
+    for (name, key) in [
+        ("A_ID", "upstream \"genesys\".client_id"),
+        ("A_SCOPE", "upstream \"genesys\".scope"),
+        ("A_AUD", "upstream \"genesys\".token_params.audience"),
+        ("R_URL", "cache.redis_url"),
+        ("R_KEY", "cache.encryption_key"),
+        ("PUBLIC", "server.public_url"),
+    ] {
+        assert!(err.contains(&format!("{name} ({key})")), "{name}: {err}");
+    }
+}
+
+#[test]
+fn allow_rules_that_could_never_match_are_refused_naming_the_rule() {
+    for (rule, says) in [
+        ("get /api/v2/users/**", "upper-case"),
+        ("GETT /api/v2/users", "not a method"),
+        ("GET /api/v2/routing/queues/{queueId}", "written *"),
+        ("GET /api/v2/groups/**?x=1", "leave out the query"),
+    ] {
+        let text = format!(
+            "{GENESYS}\n[[client]]\nname = \"c\"\nkey_sha256 = \"{}\"\nallow = [\"GET /ok\", \"{rule}\"]\n",
+            "ab".repeat(32)
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("client \"c\".allow[1]"), "{err}");
+        assert!(err.contains(rule) && err.contains(says), "{err}");
+    }
+}
+
+#[test]
 fn unknown_region_lists_the_valid_ones() {
     let err = load(&GENESYS.replace("eu_west_1", "us-east-9"))
         .unwrap_err()

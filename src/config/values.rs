@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::Uri;
 use secrecy::SecretString;
 
-use super::{ConfigError, Cx};
+use super::{ConfigError, Cx, Env};
 
 impl Cx<'_> {
     /// Replace `${NAME}` with the environment variable `NAME`; `$$` is a literal `$`.
@@ -165,4 +165,58 @@ impl Cx<'_> {
             trimmed.into()
         })
     }
+}
+
+/// The `${NAME}` references in `table`'s strings whose variable `env` does not have, with
+/// the key each is in (`upstream[0].client_secret`), in the file's order.
+pub(super) fn missing_variables(table: &toml::Table, env: Env<'_>) -> Vec<(String, String)> {
+    fn walk(value: &toml::Value, key: &str, env: Env<'_>, out: &mut Vec<(String, String)>) {
+        match value {
+            toml::Value::String(s) => {
+                let mut rest = s.as_str();
+                while let Some(pos) = rest.find('$') {
+                    rest = &rest[pos..];
+                    if let Some(after) = rest.strip_prefix("$$") {
+                        rest = after;
+                    } else if let Some(after) = rest.strip_prefix("${") {
+                        let Some(end) = after.find('}') else { return };
+                        let name = &after[..end];
+                        let valid = !name.is_empty()
+                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                        if valid && env(name).is_none() && !out.iter().any(|(n, _)| n == name) {
+                            out.push((name.to_string(), key.to_string()));
+                        }
+                        rest = &after[end + 1..];
+                    } else {
+                        rest = &rest[1..];
+                    }
+                }
+            }
+            toml::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    // `[[upstream]]` and `[[client]]` tables by name, as the other errors.
+                    let name = v.get("name").and_then(|n| n.as_str());
+                    let key = match name {
+                        Some(name) => format!("{key} \"{name}\""),
+                        None => format!("{key}[{i}]"),
+                    };
+                    walk(v, &key, env, out);
+                }
+            }
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    walk(v, &key, env, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&toml::Value::Table(table.clone()), "", env, &mut out);
+    out
 }
