@@ -16,6 +16,7 @@
 //! - refreshed in the background from `min(L/4, 5 min)` before that.
 mod backoff;
 mod cache;
+mod failure_log;
 pub mod grant;
 pub mod rejection;
 pub mod shared;

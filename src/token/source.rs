@@ -12,11 +12,15 @@ use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
 use super::backoff::{Backoff, Want, FOREIGN_LOCK_WAIT};
+use super::failure_log::FailureLog;
+
+mod snapshot;
 use super::grant::{GrantError, Granter};
 use super::rejection::{Check, Rejection};
 use super::shared::{FleetLock, SharedCache, SharedToken};
 use super::{Token, TokenError};
 use crate::telemetry::metrics::Metrics;
+pub use snapshot::{Failure, TokenSnapshot};
 
 /// Where a token source stands in the fleet's cache (the default: in no fleet).
 #[derive(Default)]
@@ -67,30 +71,8 @@ pub struct TokenSource {
     last_failure: Mutex<Option<Failure>>,
     /// The org's idle timeout as last learned, in ms (0: none): new tokens are held to it.
     idle_ms: AtomicU64,
-}
-
-/// The last failed grant, for the status page.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub at: std::time::SystemTime,
-    pub error: GrantError,
-}
-
-/// A token source's state as an operator sees it. Nothing secret.
-#[derive(Debug, Clone)]
-pub struct TokenSnapshot {
-    /// `valid`, `refreshing` (a grant is in flight), `failing` (no usable token and the
-    /// last grant failed) or `none` (nothing obtained yet).
-    pub state: &'static str,
-    pub expires_in: Option<Duration>,
-    pub age: Option<Duration>,
-    pub grants_ok: u64,
-    pub grants_failed: u64,
-    pub last_failure: Option<Failure>,
-    /// `current` or `next` (`client_secret_next`), for methods that send a secret.
-    pub secret_in_use: Option<&'static str>,
-    /// The org's idle token timeout, once the platform told it.
-    pub idle_timeout: Option<Duration>,
+    /// What the log said of failing grants.
+    failure_log: Mutex<FailureLog>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -124,6 +106,7 @@ impl TokenSource {
             grants_ok: AtomicU64::new(0),
             grants_failed: AtomicU64::new(0),
             last_failure: Mutex::new(None),
+            failure_log: Mutex::default(),
             idle_ms: AtomicU64::new(0),
         })
     }
@@ -178,37 +161,6 @@ impl TokenSource {
             }
         }
         Rejection::Replaced(Box::pin(self.obtain_with(backoff, Want::Replacing(rejected))).await)
-    }
-
-    /// The state of this source, for the status page.
-    pub fn snapshot(&self) -> TokenSnapshot {
-        let now = Instant::now();
-        let usable = self.usable();
-        let minting = self.minting.try_lock().is_err() || self.refreshing.load(Ordering::Relaxed);
-        let last_failure = self
-            .last_failure
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
-        let state = match (&usable, minting, &last_failure) {
-            (_, true, _) => "refreshing",
-            (Some(_), false, _) => "valid",
-            (None, false, Some(_)) => "failing",
-            (None, false, None) => "none",
-        };
-        TokenSnapshot {
-            state,
-            expires_in: usable.as_ref().map(|t| t.usable_until - now),
-            age: usable.as_ref().map(|t| now - t.obtained),
-            grants_ok: self.grants_ok.load(Ordering::Relaxed),
-            grants_failed: self.grants_failed.load(Ordering::Relaxed),
-            last_failure,
-            secret_in_use: self.granter.secret_in_use().map(|s| s.name()),
-            idle_timeout: match self.idle_ms.load(Ordering::Relaxed) {
-                0 => None,
-                ms => Some(Duration::from_millis(ms)),
-            },
-        }
     }
 
     /// The API host the last grant's discovery found, if any.
@@ -350,12 +302,19 @@ impl TokenSource {
                 backoff.succeeded();
                 self.metrics.grant(&self.upstream, "ok");
                 self.grants_ok.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    upstream = %self.upstream,
-                    generation = token.generation,
-                    expires_in_secs = granted.expires_in.as_secs(),
-                    "token granted"
-                );
+                let recovered = self
+                    .failure_log
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .recovered(&self.upstream);
+                if !recovered {
+                    tracing::info!(
+                        upstream = %self.upstream,
+                        generation = token.generation,
+                        expires_in_secs = granted.expires_in.as_secs(),
+                        "token granted"
+                    );
+                }
                 Ok(token)
             }
             Err(cause) => {
@@ -373,12 +332,10 @@ impl TokenSource {
                 });
                 backoff.record(cause.clone(), Instant::now());
                 let retry_after = backoff.wait_without_token(Instant::now());
-                tracing::warn!(
-                    upstream = %self.upstream,
-                    error = %cause,
-                    retry_in_secs = retry_after.map(|d| d.as_secs_f32()),
-                    "token grant failed"
-                );
+                self.failure_log
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .failed(&self.upstream, &cause, retry_after);
                 match fallback {
                     Some(t) => Ok(t),
                     None => Err(TokenError { cause, retry_after }),

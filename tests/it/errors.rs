@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -326,4 +327,30 @@ async fn connect_and_absolute_form_targets_never_reach_another_host() {
     );
     assert_eq!(sandbox.seen().len(), 1);
     assert!(bait.accept().is_err(), "the bait port saw a connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_endpoint_that_stays_down_is_logged_when_it_fails_not_at_every_attempt() {
+    let sandbox = sandbox().await;
+    let closed = closed_addr();
+    let config = standard_config(&sandbox, "").replace(
+        &sandbox.token_url(),
+        &format!("http://{closed}/oauth/token"),
+    );
+    let proxy = Proxy::start(&config);
+    // Callers keep coming while the proxy probes the endpoint about once a second: wait
+    // for fifteen attempts (the debug log has each).
+    let attempts = |text: &str| text.matches("token grant failed").count();
+    let probed = wait_for_async(Duration::from_secs(40), || async {
+        let _ = get_with_key(&proxy, "/api/v2/users/me").await;
+        (attempts(&proxy.output.text()) >= 15).then_some(())
+    })
+    .await;
+    assert!(probed.is_some(), "{}", proxy.output.text());
+    let text = proxy.output.text();
+    let warnings = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("token grant"))
+        .count();
+    assert_eq!(warnings, 1, "{text}");
 }
