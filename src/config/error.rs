@@ -58,8 +58,28 @@ pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> String {
     if !bare.is_empty() && message.contains(&quoted) {
         message = message.replace(&quoted, "\"…\"");
     }
+    if let Some(near) = nearest_expected(e.message()) {
+        message.push_str(&format!(" (did you mean `{near}`?)"));
+    }
     match key {
         Some(key) => format!("line {line_no}, column {column}, key `{key}`: {message}"),
         None => format!("line {line_no}, column {column}: {message}"),
     }
+}
+
+/// For serde's "unknown field `regoin`, expected one of `name`, `region`, …" (and "unknown
+/// variant"), the expected name nearest to the unknown one, if one is near.
+fn nearest_expected(message: &str) -> Option<&str> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (unknown, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| (strsim::levenshtein(unknown, name), name))
+        .filter(|(d, name)| *d <= 2.max(name.len() / 4))
+        .min()
+        .map(|(_, name)| name)
 }

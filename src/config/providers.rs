@@ -129,10 +129,37 @@ pub const GENESYS_REGIONS: [GenesysRegion; 18] = [
     },
 ];
 
-/// Look a region up by its SDK name; Terraform's hyphenated spelling (`us-east-1`) works too.
+/// Look a region up by its SDK name; Terraform's hyphenated spelling (`us-east-1`) works
+/// too, and so does its domain as the admin UI or a URL shows it (`mypurecloud.de`,
+/// `api.mypurecloud.de`, `https://login.mypurecloud.de/`).
 pub fn genesys_region(name: &str) -> Option<GenesysRegion> {
+    let wanted = name.trim().to_ascii_lowercase();
+    let host = wanted
+        .split_once("://")
+        .map_or(wanted.as_str(), |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let domain = ["api.", "login.", "apps.", "streaming."]
+        .iter()
+        .find_map(|label| host.strip_prefix(label))
+        .unwrap_or(host);
+    let by_name = wanted.replace('-', "_");
+    GENESYS_REGIONS
+        .iter()
+        .copied()
+        .find(|r| r.name == by_name || r.domain == domain)
+}
+
+/// The region name nearest to a misspelt one, if one is near.
+pub fn nearest_genesys_region(name: &str) -> Option<&'static str> {
     let wanted = name.trim().to_ascii_lowercase().replace('-', "_");
-    GENESYS_REGIONS.iter().copied().find(|r| r.name == wanted)
+    GENESYS_REGIONS
+        .iter()
+        .map(|r| (strsim::levenshtein(&wanted, r.name), r.name))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, n)| n)
 }
 
 pub fn genesys_region_names() -> Vec<&'static str> {
@@ -166,5 +193,28 @@ mod tests {
             "edee1.eusc-pure.cloud"
         );
         assert!(genesys_region("us_east_9").is_none());
+    }
+
+    #[test]
+    fn a_domain_names_its_region_and_a_typo_is_given_the_nearest() {
+        for given in [
+            "mypurecloud.de",
+            "api.mypurecloud.de",
+            "https://login.mypurecloud.de/",
+        ] {
+            assert_eq!(
+                genesys_region(given).map(|r| r.name),
+                Some("eu_central_1"),
+                "{given}"
+            );
+        }
+        assert_eq!(
+            genesys_region("usw2.pure.cloud").map(|r| r.name),
+            Some("us_west_2")
+        );
+        assert!(genesys_region("example.com").is_none());
+        assert_eq!(nearest_genesys_region("us_east_9"), Some("us_east_1"));
+        assert_eq!(nearest_genesys_region("eu-wset-1"), Some("eu_west_1"));
+        assert_eq!(nearest_genesys_region("mars"), None);
     }
 }

@@ -102,6 +102,20 @@ fn allow_rules_that_could_never_match_are_refused_naming_the_rule() {
 }
 
 #[test]
+fn a_misspelt_key_or_region_gets_the_nearest_name() {
+    let err = load(&GENESYS.replace("region", "regoin"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did you mean `region`?"), "{err}");
+    let err = load(&GENESYS.replace("eu_west_1", "eu_wset_1"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did you mean \"eu_west_1\"?"), "{err}");
+    let c = load(&GENESYS.replace("eu_west_1", "mypurecloud.ie")).unwrap();
+    assert_eq!(c.upstreams[0].region.map(|r| r.name), Some("eu_west_1"));
+}
+
+#[test]
 fn unknown_region_lists_the_valid_ones() {
     let err = load(&GENESYS.replace("eu_west_1", "us-east-9"))
         .unwrap_err()

@@ -155,10 +155,13 @@ impl Cx<'_> {
                     )
                 })?;
                 let r = providers::genesys_region(region).ok_or_else(|| {
+                    let hint = providers::nearest_genesys_region(region)
+                        .map(|n| format!("did you mean \"{n}\"? "))
+                        .unwrap_or_default();
                     self.err(
                         &key("region"),
                         format!(
-                            "unknown Genesys Cloud region \"{region}\"; one of: {}",
+                            "unknown Genesys Cloud region \"{region}\"; {hint}one of: {} (or the region's domain, such as mypurecloud.de)",
                             providers::genesys_region_names().join(", ")
                         ),
                     )
