@@ -12,32 +12,58 @@ use tokengate::config::{Config, LogFormat};
 #[command(
     name = "tokengate",
     version,
-    about = "An authenticating reverse proxy for the Genesys Cloud and NICE CXone APIs"
+    about = "An authenticating reverse proxy for the Genesys Cloud and NICE CXone APIs",
+    after_help = "Without a command, tokengate serves (as `run`). Logs go to stderr; TOKENGATE_LOG sets the level."
 )]
 struct Cli {
     /// The config file (default: $TOKENGATE_CONFIG, else ./proxy.toml).
-    #[arg(short, long, global = true, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+/// Where `run` and `check` read their config.
+#[derive(clap::Args)]
+struct ConfigFile {
+    /// The config file (default: $TOKENGATE_CONFIG, else ./proxy.toml).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Serve (the default).
-    Run,
+    /// Serve (the default). SIGHUP reloads the config; SIGINT or SIGTERM stops, letting
+    /// requests in flight finish.
+    #[command(
+        after_help = "Exit status: 0 after SIGINT/SIGTERM; 1 when it cannot serve (a port in use, no runtime); 2 on a config error."
+    )]
+    Run {
+        #[command(flatten)]
+        file: ConfigFile,
+    },
     /// Validate the config, then try one real token grant per upstream and explain failures.
+    #[command(
+        after_help = "Exit status: 0 when every upstream's grant works; 1 when one fails; 2 on a config error."
+    )]
     Check {
+        #[command(flatten)]
+        file: ConfigFile,
         /// One JSON object per upstream, one per line.
         #[arg(long)]
         json: bool,
     },
-    /// A built-in Genesys-like sandbox with the proxy in front of it; no credentials needed.
+    /// A built-in Genesys-like sandbox with the proxy in front of it; no credentials and
+    /// no config needed.
+    #[command(
+        after_help = "Exit status: 0 after Ctrl-C; 1 when it cannot start (the port in use)."
+    )]
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
-    /// Client keys.
+    /// Client keys (no config needed).
+    #[command(after_help = "Exit status: 0; 1 when no key can be read (key hash).")]
     Key {
         #[command(subcommand)]
         action: KeyAction,
@@ -53,8 +79,12 @@ enum KeyAction {
 }
 
 fn config_path(cli: &Cli) -> PathBuf {
-    cli.config
-        .clone()
+    let given = match &cli.command {
+        Some(Command::Run { file } | Command::Check { file, .. }) => file.config.clone(),
+        _ => None,
+    };
+    given
+        .or_else(|| cli.config.clone())
         .or_else(|| std::env::var_os("TOKENGATE_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("proxy.toml"))
 }
@@ -137,8 +167,8 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match &cli.command {
-            None | Some(Command::Run) => serve(&cli).await,
-            Some(Command::Check { json }) => check(&cli, *json).await,
+            None | Some(Command::Run { .. }) => serve(&cli).await,
+            Some(Command::Check { json, .. }) => check(&cli, *json).await,
             Some(Command::Demo { listen }) => {
                 match tokengate::cli::demo::run(*listen, shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,

@@ -50,6 +50,7 @@ client_secret = "${{SANDBOX_CLIENT_SECRET}}"
     println!("  login host  http://{}/oauth/token", sandbox.login_addr);
     println!("  API host    http://{api}");
     if let Some(admin) = running.admin_addr {
+        println!("  status page http://{admin}/   (open it in a browser)");
         println!("  admin       http://{admin}/metrics  /readyz  /healthz");
     }
     println!();

@@ -265,3 +265,47 @@ async fn a_second_proxy_on_a_port_in_use_exits_1_instead_of_sharing_it() {
     // The first one still serves.
     assert_eq!(get_with_key(&first, "/api/v2/users/me").await.status(), 200);
 }
+
+#[test]
+fn every_command_says_its_exit_codes_and_offers_only_the_options_it_takes() {
+    for (command, codes) in [
+        (&["run"][..], "2 on a config error"),
+        (&["check"][..], "1 when one fails"),
+        (&["demo"][..], "0 after Ctrl-C"),
+        (&["key"][..], "Exit status: 0"),
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let (code, out, _) = run(&args, &[]);
+        assert_eq!(code, Some(0));
+        assert!(out.contains("Exit status:") && out.contains(codes), "{out}");
+        let takes_config = matches!(command[0], "run" | "check");
+        assert_eq!(out.contains("--config"), takes_config, "{command:?}: {out}");
+    }
+}
+
+#[test]
+fn the_demo_prints_the_status_pages_address() {
+    let mut child = binary()
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("Ctrl-C stops the demo") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
+            break;
+        }
+        printed.push_str(&line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let page = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("status page "))
+        .unwrap_or_else(|| panic!("{printed}"));
+    assert!(page.starts_with("http://127.0.0.1:"), "{page}");
+}
