@@ -1,12 +1,13 @@
 //! The admin listener: liveness, readiness and metrics for the operator's tooling.
 //!
 //! - `GET /healthz`: 200 while the process serves.
-//! - `GET /readyz`: 200 when every upstream holds a usable token, else 503 and the list of
-//!   those that do not.
+//! - `GET /readyz`: 200 when every upstream holds a usable token (`[server] ready = "any"`:
+//!   when one does), else 503; the list of those that do not either way.
+//!   `GET /readyz/<upstream>`: the same for one upstream.
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /`: the operator's status page; `GET /status.json`: the same data as JSON.
 //!
-//! With `admin_key_sha256` set, everything but `/healthz` and `/readyz` wants the admin key:
+//! With `admin_key_sha256` set, everything but `/healthz` and `/readyz…` wants the admin key:
 //! `Authorization: Bearer <key>`, or as the password of Basic credentials (so a browser
 //! can ask for it).
 
@@ -17,7 +18,7 @@ use std::convert::Infallible;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::config::Config;
+use crate::config::{Config, Readiness};
 use crate::http::body::ProxyBody;
 use crate::live::Live;
 use crate::telemetry::metrics::Metrics;
@@ -51,13 +52,29 @@ impl Admin {
                     .filter(|u| u.tokens.iter().any(|t| t.usable().is_none()))
                     .map(|u| u.name().as_ref())
                     .collect();
-                let status = if failing.is_empty() {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
+                let ready = match now.config.server.ready {
+                    Readiness::All => failing.is_empty(),
+                    Readiness::Any => failing.len() < now.upstreams.len(),
                 };
-                let body = serde_json::json!({ "ready": failing.is_empty(), "failing": failing });
-                text(status, "application/json", body.to_string())
+                readiness(ready, &failing)
+            }
+            path if path.starts_with("/readyz/") => {
+                let name = &path["/readyz/".len()..];
+                let Some(u) = now.upstreams.iter().find(|u| u.name().as_ref() == name) else {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        "no upstream has that name\n".into(),
+                    );
+                };
+                let failing: Vec<&str> = u
+                    .tokens
+                    .iter()
+                    .any(|t| t.usable().is_none())
+                    .then_some(name)
+                    .into_iter()
+                    .collect();
+                readiness(failing.is_empty(), &failing)
             }
             _ if !authorized(&now.config, req) => {
                 let mut resp = text(
@@ -147,3 +164,14 @@ impl Admin {
 }
 
 use crate::http::answers::text;
+
+/// A readiness answer: 200 or 503, `{"ready", "failing": [upstreams without a token]}`.
+fn readiness(ready: bool, failing: &[&str]) -> Response<ProxyBody> {
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({ "ready": ready, "failing": failing });
+    text(status, "application/json", body.to_string())
+}

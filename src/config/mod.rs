@@ -48,7 +48,7 @@ pub use grant::{
     AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
 };
 use raw::RawConfig;
-pub use server::{LogFormat, ServerConfig};
+pub use server::{LogFormat, Readiness, ServerConfig};
 pub use upstream::{RateLimit, RouteLimit, UpstreamConfig, WebsocketToken};
 
 /// A validated configuration.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{AuthMethod, BasicEncoding, LogFormat, SigningAlg};
+use super::{AuthMethod, BasicEncoding, LogFormat, Readiness, SigningAlg};
 use crate::config::providers::Provider;
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +49,7 @@ pub(super) struct RawServer {
     pub(super) max_body_bytes: Option<u64>,
     pub(super) retry_body_bytes: Option<u64>,
     pub(super) prefetch_tokens: Option<bool>,
+    pub(super) ready: Option<Readiness>,
     pub(super) shutdown_grace_secs: Option<f64>,
     pub(super) session_lifetime_secs: Option<f64>,
     pub(super) max_websockets: Option<usize>,

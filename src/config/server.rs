@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub retry_body_bytes: usize,
     /// Obtain every upstream's token at start and keep it fresh in the background.
     pub prefetch_tokens: bool,
+    /// When `/readyz` answers 200: every upstream holds a usable token, or any does.
+    pub ready: Readiness,
     /// How long in-flight requests may take to finish after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
     /// Lifetime of the session tokens the proxy's own token endpoint issues.
@@ -119,6 +121,7 @@ impl Cx<'_> {
             max_body_bytes: raw.max_body_bytes.unwrap_or(32 * 1024 * 1024),
             retry_body_bytes,
             prefetch_tokens: raw.prefetch_tokens.unwrap_or(true),
+            ready: raw.ready.unwrap_or_default(),
             session_lifetime: self.secs(
                 "server.session_lifetime_secs",
                 raw.session_lifetime_secs,
@@ -206,4 +209,15 @@ impl Cx<'_> {
 /// How many workers to run when the config does not say: one per core the process may use.
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `[server] ready`: what `/readyz` waits for. `"all"` (the default): every upstream holds
+/// a usable token. `"any"`: at least one does — so one upstream's bad credentials do not
+/// take the others' traffic out of a load balancer; `/readyz/<upstream>` answers for one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    #[default]
+    All,
+    Any,
 }

@@ -298,3 +298,53 @@ async fn bursts_of_calls_never_leave_more_than_max_connections_open_to_the_api_h
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_any_keeps_the_proxy_ready_while_one_upstreams_grant_fails() {
+    let sandbox = sandbox().await;
+    let failing = upstream_toml(&sandbox, "cxone-like", "/other").replace(
+        &sandbox.token_url(),
+        &format!("http://{}/oauth/token", closed_addr()),
+    );
+    let config = |ready: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{ready}\n{}{failing}{}",
+            upstream_toml(&sandbox, "genesys", "/"),
+            client_toml("reporting-job", "")
+        )
+    };
+    let status = |proxy: &Proxy, path: &str| {
+        let url = proxy.admin_url(path);
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    };
+    // The default: every upstream must hold a token.
+    let all = Proxy::start(&config(""));
+    let good = wait_for_async(Duration::from_secs(20), || async {
+        (status(&all, "/readyz/genesys").await == 200).then_some(())
+    })
+    .await;
+    assert!(good.is_some());
+    assert_eq!(status(&all, "/readyz").await, 503);
+    assert_eq!(status(&all, "/readyz/cxone-like").await, 503);
+    assert_eq!(status(&all, "/readyz/nowhere").await, 404);
+    drop(all);
+
+    // ready = "any": one good upstream keeps the proxy in the load balancer.
+    let any = Proxy::start(&config("ready = \"any\""));
+    let ready = wait_for_async(Duration::from_secs(20), || async {
+        (status(&any, "/readyz").await == 200).then_some(())
+    })
+    .await;
+    assert!(ready.is_some());
+    let body: serde_json::Value = client()
+        .get(any.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["failing"], serde_json::json!(["cxone-like"]));
+    assert_eq!(status(&any, "/readyz/cxone-like").await, 503);
+    assert_eq!(status(&any, "/readyz/genesys").await, 200);
+}
