@@ -10,6 +10,7 @@
 # - Debian's chromium, which renders the operator's status page;
 # - Debian's redis-server, which the replica tests start on free ports;
 # - Debian's tinyproxy, the corporate egress proxy of the enterprise tests;
+# - systemd's systemd-analyze, which rates the hardening of deploy/tokengate.service;
 # - Debian's nginx-light, an HTTPS API host (HTTP/2 and HTTP/1.1) that ends connections
 #   on its own schedule.
 # OS packages are installed with apt-get when we are root; otherwise the script says what
@@ -77,6 +78,16 @@ if [ -z "${TOKENGATE_NGINX:-}" ] && ! command -v nginx >/dev/null; then
     apt-get install -y nginx-light >/dev/null || { apt-get update >/dev/null && apt-get install -y nginx-light >/dev/null; }
   else
     echo "scripts/test.sh: nginx is needed for the API host connection tests; install it (Debian: apt-get install nginx-light)" >&2
+    exit 1
+  fi
+fi
+
+if ! command -v systemd-analyze >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "scripts/test.sh: installing systemd (systemd-analyze, for the unit file test)"
+    apt-get install -y systemd >/dev/null || { apt-get update >/dev/null && apt-get install -y systemd >/dev/null; }
+  else
+    echo "scripts/test.sh: systemd-analyze is needed for the unit file test; install it (Debian: apt-get install systemd)" >&2
     exit 1
   fi
 fi

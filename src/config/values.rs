@@ -88,7 +88,11 @@ impl Cx<'_> {
         })
     }
 
+    /// A key's SHA-256 as 64 lowercase hex digits; `${VAR}` allowed (a Kubernetes Secret
+    /// may hold it).
     pub(super) fn sha256_hex(&self, key: &str, s: &str) -> Result<[u8; 32], ConfigError> {
+        let s = self.interpolate(key, s)?;
+        let s = s.as_str();
         let bytes = hex::decode(s)
             .ok()
             .filter(|b| b.len() == 32 && s.len() == 64);

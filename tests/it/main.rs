@@ -13,6 +13,7 @@ mod channels;
 mod check;
 mod cli;
 mod cxone;
+mod deploy;
 mod enterprise;
 mod errors;
 mod fuzz;
