@@ -58,6 +58,18 @@ pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> String {
     if !bare.is_empty() && message.contains(&quoted) {
         message = message.replace(&quoted, "\"…\"");
     }
+    // `listen = 127.0.0.1:8088`: toml says only what it expected after `127.0`.
+    let unquoted = value.trim();
+    let starts_plain = unquoted
+        .chars()
+        .next()
+        .is_some_and(|c| !matches!(c, '"' | '\'' | '[' | '{'));
+    let is_plain_value = unquoted.parse::<f64>().is_ok()
+        || matches!(unquoted, "true" | "false")
+        || unquoted.starts_with('#');
+    if let (Some(key), true, false) = (key, starts_plain, is_plain_value) {
+        message.push_str(&format!(" (a text value goes in quotes: {key} = \"…\")"));
+    }
     if let Some(near) = nearest_expected(e.message()) {
         message.push_str(&format!(" (did you mean `{near}`?)"));
     }

@@ -116,6 +116,22 @@ fn a_misspelt_key_or_region_gets_the_nearest_name() {
 }
 
 #[test]
+fn an_unquoted_text_value_is_told_to_go_in_quotes() {
+    let err = load(&format!("[server]\nlisten = 127.0.0.1:8088\n{GENESYS}"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("line 2") && err.contains("listen = \"…\""),
+        "{err}"
+    );
+    // A secret typed without quotes is not printed.
+    let err = load(&GENESYS.replace("\"${SECRET}\"", "s3cr3t-Value!"))
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("s3cr3t"), "{err}");
+}
+
+#[test]
 fn unknown_region_lists_the_valid_ones() {
     let err = load(&GENESYS.replace("eu_west_1", "us-east-9"))
         .unwrap_err()
