@@ -328,6 +328,7 @@ pub fn status_html(doc: &Value) -> String {
     let mut rows = String::new();
     let mut failures = String::new();
     let mut charts = String::new();
+    let mut quiet: Vec<String> = Vec::new();
     let empty = Vec::new();
     for u in doc["upstreams"].as_array().unwrap_or(&empty) {
         let name = esc(&text(&u["name"]));
@@ -372,7 +373,19 @@ pub fn status_html(doc: &Value) -> String {
             retries = text(&u["retries_401"]),
             throttled = text(&u["throttled_429"]),
         ));
-        charts.push_str(&rate_chart(u));
+        // An upstream nobody called in ten minutes gets a line, not an empty chart.
+        let called = u["calls_per_10s"]["clients"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["counts"]
+                    .as_array()
+                    .is_some_and(|n| n.iter().any(|v| v.as_f64().unwrap_or(0.0) > 0.0))
+            })
+        });
+        if called {
+            charts.push_str(&rate_chart(u));
+        } else {
+            quiet.push(name.clone());
+        }
         if let Some(f) = u["last_failure"].as_object() {
             failures.push_str(&format!(
                 "<li id=\"failure-{name}\"><strong>{name}</strong>: <code class=\"grant-error\">{grant_error}</code> \
@@ -401,9 +414,18 @@ pub fn status_html(doc: &Value) -> String {
             text(&c["channels_live"]),
         ));
     }
-    if failures.is_empty() {
-        failures.push_str("<li>none</li>");
+    if !quiet.is_empty() {
+        charts.push_str(&format!(
+            "<p class=\"quiet\" id=\"quiet-upstreams\">no calls in the last 10 minutes: {}</p>",
+            quiet.join(", ")
+        ));
     }
+    // The failures come first on the page: they are what an operator opens it for.
+    let failures = if failures.is_empty() {
+        String::new()
+    } else {
+        format!("<h2>Last grant failures</h2>\n<ul class=\"failures\" id=\"failures\">\n{failures}</ul>")
+    };
     let shared = match doc["shared_cache"].as_object() {
         None => String::new(),
         Some(c) => format!(
@@ -426,8 +448,11 @@ body{{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5rem
 h1{{font-size:1.3rem;margin:0}} h2{{font-size:1.05rem;margin:1.4rem 0 .5rem}}
 header p{{margin:.2rem 0;color:#5b6472}}
 table{{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}}
-th,td{{padding:.4rem .7rem;border-bottom:1px solid #e3e6ea;text-align:left;white-space:nowrap}}
-thead th{{background:#eef1f4;font-weight:600}}
+table{{max-width:100%}}
+th,td{{padding:.35rem .55rem;border-bottom:1px solid #e3e6ea;text-align:left;white-space:nowrap}}
+thead th{{background:#eef1f4;font-weight:600;white-space:normal;vertical-align:bottom}}
+td small.auth{{white-space:normal;display:inline-block;max-width:14rem}}
+p.quiet{{color:#5b6472}}
 .badge{{padding:.1rem .5rem;border-radius:.7rem;font-weight:600;font-size:.85em}}
 .valid{{background:#d8f3dc;color:#1b5e20}} .refreshing{{background:#fff3bf;color:#7a5b00}}
 .failing{{background:#ffd6d6;color:#8b0000}} .none{{background:#e9ecef;color:#495057}}
@@ -442,15 +467,13 @@ figure.chart figcaption{{font-weight:600;margin-bottom:.3rem}}
 <header><h1>tokengate</h1>
 <p>version {version} · listening on {listen} · up {uptime} · this page reloads every {REFRESH_SECS} s · <a href="status.json">status.json</a> · <a href="metrics">metrics</a></p>
 {shared}</header>
+{failures}
 <h2>Upstreams</h2>
 <table id="upstreams"><thead><tr><th>upstream</th><th>provider</th><th>region / host</th><th>token</th><th>expires in</th><th>token age</th><th>pool</th><th>grants ok / failed</th><th>last minute: requests / errors</th><th>401 retries</th><th>429s</th></tr></thead>
 <tbody>
 {rows}</tbody></table>
 <h2>Rate budget: calls per 10 s, last 10 minutes</h2>
 {charts}
-<h2>Last grant failures</h2>
-<ul class="failures" id="failures">
-{failures}</ul>
 <h2>Clients</h2>
 <table id="clients"><thead><tr><th>client</th><th>share</th><th>max per minute</th><th>calls sent, last 10 min</th><th>requests</th><th>403s</th><th>WebSockets open</th><th>notification channels</th></tr></thead>
 <tbody>

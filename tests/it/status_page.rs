@@ -196,11 +196,19 @@ async fn the_status_page_renders_in_a_browser() {
         .find("id=\"failure-bad\"")
         .expect("the failing upstream's last failure");
     assert!(dom[failure..].contains("invalid_client"));
+    // At 1280 px the failures come first, and an upstream nobody called has a line, not
+    // an empty chart.
+    assert!(failure < dom.find("id=\"upstreams\"").unwrap());
+    assert!(dom.contains("id=\"chart-genesys\"") && !dom.contains("id=\"chart-bad\""));
+    assert!(
+        dom.contains("no calls in the last 10 minutes: bad"),
+        "{dom}"
+    );
     for s in secrets(&sandbox) {
         assert!(!dom.contains(&s));
     }
 
-    screenshot(profile.path(), &url, "status-page.png", "1440,560").await;
+    screenshot(profile.path(), &url, "status-page.png", "1280,900").await;
 }
 
 /// Screenshot `url` in headless Chromium at `size` into the target's tmp folder as `name`;
