@@ -40,7 +40,27 @@ fn config_errors_exit_2_and_name_the_file_and_key() {
             "allow_anonymous",
         ),
     ];
+    let good = "[[upstream]]\nname = \"g\"\nprovider = \"genesys\"\nregion = \"us_east_1\"\nclient_id = \"a\"\nclient_secret = \"x\"\n";
+    let rules: Vec<(String, &str)> = [
+        "get /api/v2/users/**",
+        "GETT /api/v2/users",
+        "GET /api/v2/routing/queues/{queueId}",
+        "GET /api/v2/groups/**?x=1",
+    ]
+    .iter()
+    .map(|rule| {
+        (
+            format!(
+                "{good}[[client]]\nname = \"c\"\nkey_sha256 = \"{}\"\nallow = [\"{rule}\"]\n",
+                "ab".repeat(32)
+            ),
+            *rule,
+        )
+    })
+    .collect();
+    let cases = cases.iter().map(|(t, e)| (t.to_string(), *e)).chain(rules);
     for (text, expected) in cases {
+        let text = text.as_str();
         let (_dir, path) = write_config(text);
         let (code, _out, err) = run(&["run", "-c", path.to_str().unwrap()], &[]);
         assert_eq!(code, Some(2), "{err}");
