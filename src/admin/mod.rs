@@ -11,6 +11,7 @@
 //! `Authorization: Bearer <key>`, or as the password of Basic credentials (so a browser
 //! can ask for it).
 
+mod chart;
 pub mod page;
 
 use std::convert::Infallible;

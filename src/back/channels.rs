@@ -126,7 +126,7 @@ impl Book {
 /// land on another replica than the one that made its channel.
 pub struct Channels {
     book: Mutex<Book>,
-    pub(super) fleet: Arc<ArcSwapOption<SharedCache>>,
+    fleet: Arc<ArcSwapOption<SharedCache>>,
     metrics: Metrics,
 }
 
@@ -243,7 +243,7 @@ impl Channels {
     /// app is answered, so its socket finds the channel on any replica); forget the
     /// channel the platform evicted to make room, if one had to give way.
     pub async fn made(&self, claim: Claim, path: String, channel: Channel) {
-        super::notifications::tell_fleet(self, &path, &channel).await;
+        tell_fleet(self, &path, &channel).await;
         let upstream = Arc::clone(&channel.upstream);
         let client = channel.client.clone();
         {
@@ -259,7 +259,7 @@ impl Channels {
     }
 
     /// A channel another replica made, learned from the fleet.
-    pub(super) fn learned(&self, path: &str, channel: Channel) {
+    fn learned(&self, path: &str, channel: Channel) {
         self.lock().by_path.insert(path.to_string(), channel);
     }
 
@@ -314,5 +314,64 @@ impl Channels {
             self.metrics
                 .channels_open(&u, c.as_deref().unwrap_or(""), n);
         }
+    }
+}
+
+// === The fleet's channels (with `[cache]`) ===
+
+/// A channel as the fleet stores it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    upstream: String,
+    client: Option<String>,
+    made_unix: u64,
+}
+
+/// The Redis name of a channel's entry: a hash, so Redis never sees a channel id (the
+/// socket's credential).
+fn fleet_name(path: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(path.as_bytes());
+    format!("channel:{}", hex::encode(&digest[..16]))
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The channel whose socket path is `path`: this replica's, else the fleet's.
+pub async fn resolve(channels: &Channels, path: &str) -> Option<Channel> {
+    if let Some(channel) = channels.socket(path) {
+        return Some(channel);
+    }
+    let fleet = channels.fleet.load_full()?;
+    let plain = fleet.get_sealed(&fleet_name(path)).await.ok()??;
+    let stored: Stored = serde_json::from_slice(&plain).ok()?;
+    let age = Duration::from_secs(now_unix().saturating_sub(stored.made_unix));
+    let channel = Channel::made_ago(
+        Arc::from(stored.upstream),
+        stored.client.map(Arc::from),
+        age,
+    )?;
+    channels.learned(path, channel.clone());
+    Some(channel)
+}
+
+/// Tell the fleet of a channel made here (Redis down: it works on this replica only).
+async fn tell_fleet(channels: &Channels, path: &str, channel: &Channel) {
+    let Some(fleet) = channels.fleet.load_full() else {
+        return;
+    };
+    let stored = Stored {
+        upstream: channel.upstream.to_string(),
+        client: channel.client.as_deref().map(str::to_owned),
+        made_unix: now_unix(),
+    };
+    if let Ok(plain) = serde_json::to_vec(&stored) {
+        let _ = fleet
+            .put_sealed(&fleet_name(path), &plain, CHANNEL_LIFE)
+            .await;
     }
 }

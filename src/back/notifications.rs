@@ -17,15 +17,14 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Method, Uri};
 use tower::{Layer, Service};
 
+use crate::back::channels::{resolve, Claim};
 pub use crate::back::channels::{Channel, Channels};
-use crate::back::channels::{Claim, CHANNEL_LIFE};
 use crate::back::websocket::{self, Sockets};
 use crate::call::error::ProxyError;
 use crate::call::messages::Caller;
@@ -40,63 +39,6 @@ use crate::upstream::WorkerUpstream;
 const CHANNELS: &str = "/api/v2/notifications/channels";
 /// The largest channel answer the proxy rewrites (a list of a few hundred channels).
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
-
-/// A channel as the fleet stores it.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Stored {
-    upstream: String,
-    client: Option<String>,
-    made_unix: u64,
-}
-
-/// The Redis name of a channel's entry: a hash, so Redis never sees a channel id (the
-/// socket's credential).
-fn fleet_name(path: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(path.as_bytes());
-    format!("channel:{}", hex::encode(&digest[..16]))
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// The channel whose socket path is `path`: this replica's, else the fleet's.
-pub async fn resolve(channels: &Channels, path: &str) -> Option<Channel> {
-    if let Some(channel) = channels.socket(path) {
-        return Some(channel);
-    }
-    let fleet = channels.fleet.load_full()?;
-    let plain = fleet.get_sealed(&fleet_name(path)).await.ok()??;
-    let stored: Stored = serde_json::from_slice(&plain).ok()?;
-    let age = Duration::from_secs(now_unix().saturating_sub(stored.made_unix));
-    let channel = Channel::made_ago(
-        Arc::from(stored.upstream),
-        stored.client.map(Arc::from),
-        age,
-    )?;
-    channels.learned(path, channel.clone());
-    Some(channel)
-}
-
-/// Tell the fleet of a channel made here (Redis down: it works on this replica only).
-pub(super) async fn tell_fleet(channels: &Channels, path: &str, channel: &Channel) {
-    let Some(fleet) = channels.fleet.load_full() else {
-        return;
-    };
-    let stored = Stored {
-        upstream: channel.upstream.to_string(),
-        client: channel.client.as_deref().map(str::to_owned),
-        made_unix: now_unix(),
-    };
-    if let Ok(plain) = serde_json::to_vec(&stored) {
-        let _ = fleet
-            .put_sealed(&fleet_name(path), &plain, CHANNEL_LIFE)
-            .await;
-    }
-}
 
 /// The name a client's keyless channel sockets are counted under for `max_websockets`:
 /// apart from its own, so sockets anyone holding a channel id opens cannot use up the

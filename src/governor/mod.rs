@@ -15,7 +15,7 @@
 //! backlog. Until a budget is known, calls pass without taking the lock.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -32,9 +32,11 @@ mod routes;
 mod shares;
 mod window;
 
+pub use queue::Refusal;
 use queue::{book_finish, State, Waiter};
 pub use routes::{RouteBudget, RouteBudgets};
 pub use shares::ShareNow;
+pub use window::Budget;
 use window::TokenWindow;
 pub use window::{
     documented_budget, header_number, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET,
@@ -46,15 +48,6 @@ const STEP: u64 = 1_000_000;
 /// Added to the end of a window the platform reports: its reset is in whole seconds, so
 /// the real end may be up to a second later than it says.
 const MARGIN: Duration = Duration::from_secs(1);
-
-/// Why a call was not let through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The budget has no room within the longest wait; room comes after this long.
-    Budget(Duration),
-    /// The client made `max_per_minute` calls this minute; the minute ends after this long.
-    ClientCap(Duration),
-}
 
 /// One upstream's rate governor (see the module's documentation).
 pub struct Governor {
@@ -85,17 +78,6 @@ impl std::fmt::Debug for Governor {
             .field("active", &self.active.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
-}
-
-/// A budget as it stands, for the status page, metrics and `check`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
-    /// Calls allowed per window, over the pool's tokens.
-    pub allowed: u64,
-    pub used: u64,
-    pub window: Duration,
-    /// Calls waiting for room now.
-    pub waiting: usize,
 }
 
 impl Governor {
@@ -158,43 +140,12 @@ impl Governor {
         tokens: usize,
         fleet: Option<FleetBudget>,
     ) -> Arc<Governor> {
-        let window = TokenWindow {
-            allowed: limit.map(|l| l.calls),
-            used: 0,
-            ends: None,
-            len: limit.map(|l| l.window),
-            bucket: limit.map_or(1.0, |l| (l.calls as f64 / 4.0).max(1.0)),
-            refilled: Instant::now(),
-            leased: 0,
-            reserved: 0,
-            fleet_total: 0,
-            replicas: 1,
-            fallback_from: None,
-            guard: 0,
-            own: 0,
-            late: 0,
-            late_first: None,
-            assumed: false,
-            generation: 0,
-        };
+        let window = TokenWindow::new(limit);
         Arc::new_cyclic(|me| Governor {
             max_wait,
             active: AtomicBool::new(limit.is_some()),
             assuming: AtomicBool::new(false),
-            state: Mutex::new(State {
-                windows: vec![window; tokens.max(1)],
-                waiting: BinaryHeap::new(),
-                virtual_time: 0,
-                clients: HashMap::new(),
-                seq: 0,
-                dispatcher: false,
-                wake_at: None,
-                next_token: 0,
-                fleet: false,
-                fleet_down_until: None,
-                last_client: None,
-                several_until: None,
-            }),
+            state: Mutex::new(State::new(vec![window; tokens.max(1)])),
             me: me.clone(),
             nudge: Arc::new(tokio::sync::Notify::new()),
             fleet,
@@ -499,6 +450,15 @@ impl Governor {
         }
         w.count_call(now, fleet);
         true
+    }
+
+    /// The share of `client` as it stands now (see [`ShareNow`]), for its answers'
+    /// `RateLimit-*` headers; `None` while no budget is known.
+    pub fn share_of(&self, client: &Arc<str>) -> Option<ShareNow> {
+        if !self.is_active() {
+            return None;
+        }
+        self.lock().share_now(client, Instant::now())
     }
 
     /// The budget over the pool's tokens, once known.

@@ -77,6 +77,26 @@ pub(super) struct State {
     pub(super) several_until: Option<Instant>,
 }
 
+impl State {
+    /// A queue with nobody waiting, over these windows.
+    pub(super) fn new(windows: Vec<TokenWindow>) -> State {
+        State {
+            windows,
+            waiting: BinaryHeap::new(),
+            virtual_time: 0,
+            clients: HashMap::new(),
+            seq: 0,
+            dispatcher: false,
+            wake_at: None,
+            next_token: 0,
+            fleet: false,
+            fleet_down_until: None,
+            last_client: None,
+            several_until: None,
+        }
+    }
+}
+
 pub(super) fn book_finish(st: &State, client: &Arc<str>) -> u64 {
     st.clients.get(client).map_or(0, |b| b.finish)
 }
@@ -229,4 +249,13 @@ impl State {
         }
         self.waiting.extend(aside);
     }
+}
+
+/// Why a call was not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The budget has no room within the longest wait; room comes after this long.
+    Budget(Duration),
+    /// The client made `max_per_minute` calls this minute; the minute ends after this long.
+    ClientCap(Duration),
 }

@@ -17,7 +17,6 @@ use tokio::time::Instant;
 
 use super::queue::State;
 use super::window::TokenWindow;
-use super::Governor;
 
 /// A client's share of the budget now, as its answers tell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +144,7 @@ impl State {
 
     /// `client`'s share as it stands now (see [`ShareNow`]); `None` while no budget is
     /// known.
-    fn share_now(&self, client: &Arc<str>, now: Instant) -> Option<ShareNow> {
+    pub(super) fn share_now(&self, client: &Arc<str>, now: Instant) -> Option<ShareNow> {
         let sharing = self.sharing(client, now);
         let mut share = ShareNow {
             limit: 0,
@@ -171,16 +170,5 @@ impl State {
             share.reset = share.reset.min(reset);
         }
         (share.reset != Duration::MAX).then_some(share)
-    }
-}
-
-impl Governor {
-    /// The share of `client` (weight `share`) as it stands now, for its answers'
-    /// `RateLimit-*` headers; `None` while no budget is known.
-    pub fn share_of(&self, client: &Arc<str>) -> Option<ShareNow> {
-        if !self.is_active() {
-            return None;
-        }
-        self.lock().share_now(client, Instant::now())
     }
 }

@@ -58,6 +58,29 @@ pub(super) struct TokenWindow {
 }
 
 impl TokenWindow {
+    /// A window of `limit` (`None`: not known yet), before any call.
+    pub(super) fn new(limit: Option<RateLimit>) -> TokenWindow {
+        TokenWindow {
+            allowed: limit.map(|l| l.calls),
+            used: 0,
+            ends: None,
+            len: limit.map(|l| l.window),
+            bucket: limit.map_or(1.0, |l| (l.calls as f64 / 4.0).max(1.0)),
+            refilled: Instant::now(),
+            leased: 0,
+            reserved: 0,
+            fleet_total: 0,
+            replicas: 1,
+            fallback_from: None,
+            guard: 0,
+            own: 0,
+            late: 0,
+            late_first: None,
+            assumed: false,
+            generation: 0,
+        }
+    }
+
     /// Calls per second and the burst, when both the budget and the window are known.
     pub(super) fn pace(&self) -> Option<(f64, f64)> {
         let (allowed, len) = (self.allowed?, self.len?);
@@ -202,4 +225,15 @@ pub fn header_number(headers: &HeaderMap, name: HeaderName) -> Option<u64> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// A budget as it stands, for the status page, metrics and `check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Calls allowed per window, over the pool's tokens.
+    pub allowed: u64,
+    pub used: u64,
+    pub window: Duration,
+    /// Calls waiting for room now.
+    pub waiting: usize,
 }
