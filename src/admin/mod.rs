@@ -50,7 +50,7 @@ impl Admin {
                 let failing: Vec<&str> = now
                     .upstreams
                     .iter()
-                    .filter(|u| u.tokens.iter().any(|t| t.usable().is_none()))
+                    .filter(|u| lacks_token(u))
                     .map(|u| u.name().as_ref())
                     .collect();
                 let ready = match now.config.server.ready {
@@ -68,13 +68,7 @@ impl Admin {
                         "no upstream has that name\n".into(),
                     );
                 };
-                let failing: Vec<&str> = u
-                    .tokens
-                    .iter()
-                    .any(|t| t.usable().is_none())
-                    .then_some(name)
-                    .into_iter()
-                    .collect();
+                let failing: Vec<&str> = lacks_token(u).then_some(name).into_iter().collect();
                 readiness(failing.is_empty(), &failing)
             }
             _ if !authorized(&now.config, req) => {
@@ -165,6 +159,11 @@ impl Admin {
 }
 
 use crate::http::answers::text;
+
+/// Whether an upstream lacks a usable token (any of its pool's).
+fn lacks_token(u: &crate::upstream::Upstream) -> bool {
+    u.tokens.iter().any(|t| t.usable().is_none())
+}
 
 /// A readiness answer: 200 or 503, `{"ready", "failing": [upstreams without a token]}`.
 fn readiness(ready: bool, failing: &[&str]) -> Response<ProxyBody> {

@@ -192,7 +192,14 @@ where
                 Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
             };
             let generation = token.generation;
-            let caller = req.extensions().get::<Caller>().cloned();
+            // Only a token whose idle timeout is still to be asked (once per token) needs
+            // the caller kept for the question.
+            let asks_idle = upstream.config.provider == Provider::Genesys
+                && !upstream.plain_paths_only
+                && token.idle_timeout_unasked();
+            let caller = asks_idle
+                .then(|| req.extensions().get::<Caller>().cloned())
+                .flatten();
             req.headers_mut()
                 .insert(header::AUTHORIZATION, token.header().clone());
             token.touch(tokio::time::Instant::now());
@@ -207,11 +214,7 @@ where
                     pool_index,
                     generation,
                 });
-                if upstream.config.provider == Provider::Genesys
-                    && !upstream.plain_paths_only
-                    && resp.status().is_success()
-                    && token.ask_idle_timeout()
-                {
+                if asks_idle && resp.status().is_success() && token.ask_idle_timeout() {
                     // A call in the token's budget: asked only when the budget has room
                     // for it now, else with the token's next answer.
                     if !upstream.budget.take_own(pool_index) {

@@ -81,34 +81,20 @@ struct Book {
 }
 
 impl Book {
-    fn held(&self, upstream: &str, client: Option<&Arc<str>>) -> usize {
+    /// Live and pending channels of `upstream` whose maker `of` accepts.
+    fn count(&self, upstream: &str, of: impl Fn(Option<&Arc<str>>) -> bool) -> usize {
         let live = self
             .by_path
             .values()
-            .filter(|c| c.alive() && &*c.upstream == upstream && c.client.as_ref() == client)
+            .filter(|c| c.alive() && &*c.upstream == upstream && of(c.client.as_ref()))
             .count();
-        let pending = self
+        let pending: u32 = self
             .pending
             .iter()
-            .filter(|((u, c), _)| &**u == upstream && c.as_ref() == client)
-            .map(|(_, n)| *n as usize)
-            .sum::<usize>();
-        live + pending
-    }
-
-    fn held_on(&self, upstream: &str) -> usize {
-        let live = self
-            .by_path
-            .values()
-            .filter(|c| c.alive() && &*c.upstream == upstream)
-            .count();
-        let pending = self
-            .pending
-            .iter()
-            .filter(|((u, _), _)| &**u == upstream)
-            .map(|(_, n)| *n as usize)
-            .sum::<usize>();
-        live + pending
+            .filter(|((u, c), _)| &**u == upstream && of(c.as_ref()))
+            .map(|(_, n)| *n)
+            .sum();
+        live + pending as usize
     }
 
     /// The channel of `upstream` the platform evicts next: the oldest without a socket.
@@ -204,7 +190,7 @@ impl Channels {
             format!("client \"{c}\"")
         });
         if let Some(share) = share {
-            let held = book.held(upstream, client);
+            let held = book.count(upstream, |c| c == client);
             if held >= share as usize {
                 return Err(ProxyError::TooManyChannels(format!(
                     "{who} holds {held} notification channels on upstream \"{upstream}\", its share (max_channels {share}); \
@@ -214,7 +200,7 @@ impl Channels {
         }
         let mut gives_way = None;
         if let Some(total) = total {
-            if book.held_on(upstream) >= total as usize {
+            if book.count(upstream, |_| true) >= total as usize {
                 // The platform will evict its oldest channel without a socket: only if that
                 // is this client's own may the new one be made.
                 match book.next_evicted(upstream) {

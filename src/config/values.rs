@@ -14,35 +14,23 @@ impl Cx<'_> {
     /// Replace `${NAME}` with the environment variable `NAME`; `$$` is a literal `$`.
     pub(super) fn interpolate(&self, key: &str, value: &str) -> Result<String, ConfigError> {
         let mut out = String::with_capacity(value.len());
-        let mut rest = value;
-        while let Some(pos) = rest.find('$') {
-            out.push_str(&rest[..pos]);
-            rest = &rest[pos..];
-            if let Some(after) = rest.strip_prefix("$$") {
-                out.push('$');
-                rest = after;
-            } else if let Some(after) = rest.strip_prefix("${") {
-                let end = after
-                    .find('}')
-                    .ok_or_else(|| self.err(key, "an unclosed \"${\"; write ${NAME}"))?;
-                let name = &after[..end];
-                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        for part in parts(value) {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Var(name) => out.push_str(&(self.env)(name).ok_or_else(|| {
+                    self.err(key, format!("environment variable {name} is not set"))
+                })?),
+                Part::Unclosed => {
+                    return Err(self.err(key, "an unclosed \"${\"; write ${NAME}"));
+                }
+                Part::Invalid(name) => {
                     return Err(self.err(
                         key,
                         format!("\"${{{name}}}\" is not a valid environment variable reference"),
                     ));
                 }
-                let v = (self.env)(name).ok_or_else(|| {
-                    self.err(key, format!("environment variable {name} is not set"))
-                })?;
-                out.push_str(&v);
-                rest = &after[end + 1..];
-            } else {
-                out.push('$');
-                rest = &rest[1..];
             }
         }
-        out.push_str(rest);
         Ok(out)
     }
 
@@ -177,22 +165,11 @@ pub(super) fn missing_variables(table: &toml::Table, env: Env<'_>) -> Vec<(Strin
     fn walk(value: &toml::Value, key: &str, env: Env<'_>, out: &mut Vec<(String, String)>) {
         match value {
             toml::Value::String(s) => {
-                let mut rest = s.as_str();
-                while let Some(pos) = rest.find('$') {
-                    rest = &rest[pos..];
-                    if let Some(after) = rest.strip_prefix("$$") {
-                        rest = after;
-                    } else if let Some(after) = rest.strip_prefix("${") {
-                        let Some(end) = after.find('}') else { return };
-                        let name = &after[..end];
-                        let valid = !name.is_empty()
-                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-                        if valid && env(name).is_none() && !out.iter().any(|(n, _)| n == name) {
+                for part in parts(s) {
+                    if let Part::Var(name) = part {
+                        if env(name).is_none() && !out.iter().any(|(n, _)| n == name) {
                             out.push((name.to_string(), key.to_string()));
                         }
-                        rest = &after[end + 1..];
-                    } else {
-                        rest = &rest[1..];
                     }
                 }
             }
@@ -222,5 +199,50 @@ pub(super) fn missing_variables(table: &toml::Table, env: Env<'_>) -> Vec<(Strin
     }
     let mut out = Vec::new();
     walk(&toml::Value::Table(table.clone()), "", env, &mut out);
+    out
+}
+
+/// A piece of a config value, as `${NAME}` references split it.
+enum Part<'a> {
+    /// Text as written (`$$` already made one `$`).
+    Text(&'a str),
+    Var(&'a str),
+    /// `${` with no `}` after it (the rest of the value is dropped).
+    Unclosed,
+    /// `${…}` whose name is not letters, digits and `_`.
+    Invalid(&'a str),
+}
+
+/// `value` split at its `${NAME}` references: one reading of the syntax for
+/// [`Cx::interpolate`] and [`missing_variables`].
+fn parts(value: &str) -> Vec<Part<'_>> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while let Some(pos) = rest.find('$') {
+        out.push(Part::Text(&rest[..pos]));
+        rest = &rest[pos..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push(Part::Text("$"));
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("${") {
+            let Some(end) = after.find('}') else {
+                out.push(Part::Unclosed);
+                return out;
+            };
+            let name = &after[..end];
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            out.push(if valid {
+                Part::Var(name)
+            } else {
+                Part::Invalid(name)
+            });
+            rest = &after[end + 1..];
+        } else {
+            out.push(Part::Text("$"));
+            rest = &rest[1..];
+        }
+    }
+    out.push(Part::Text(rest));
     out
 }

@@ -103,6 +103,11 @@ impl Token {
         self.idle_asked.store(false, Ordering::Relaxed);
     }
 
+    /// Whether the idle timeout is still to be asked with this token (a look, not a claim).
+    pub fn idle_timeout_unasked(&self) -> bool {
+        !self.idle_asked.load(Ordering::Relaxed)
+    }
+
     /// Whether the idle timeout is still to be asked with this token (true once).
     pub fn ask_idle_timeout(&self) -> bool {
         !self.idle_asked.swap(true, Ordering::Relaxed)

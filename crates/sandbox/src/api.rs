@@ -60,6 +60,18 @@ impl Standing {
     }
 }
 
+/// Count a call in a window of `window` (when it started, and its calls; a new one starts
+/// when it has run out): the calls in it, and the seconds left.
+fn count_call(entry: &mut (Instant, u64), now: Instant, window: std::time::Duration) -> (u64, u64) {
+    if now.duration_since(entry.0) >= window {
+        *entry = (now, 0);
+    }
+    entry.1 += 1;
+    let left = window.saturating_sub(now.duration_since(entry.0));
+    // Whole seconds, rounded up: the window ends no later than it says.
+    (entry.1, left.as_secs_f64().ceil().max(1.0) as u64)
+}
+
 /// Count a call against `token`'s rate limit (when one is set): where it stands, or the
 /// 429 to answer when the window is spent.
 #[allow(clippy::result_large_err)] // one answer, made once per call
@@ -72,17 +84,11 @@ fn rate_limited(
         return Ok(None);
     };
     let now = Instant::now();
-    let (count, reset) = {
-        let mut usage = lock(&s.usage);
-        let entry = usage.entry(token.to_string()).or_insert((now, 0));
-        if now.duration_since(entry.0) >= o.limit_window {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
-        let left = o.limit_window.saturating_sub(now.duration_since(entry.0));
-        // Whole seconds, rounded up: the window ends no later than it says.
-        (entry.1, left.as_secs_f64().ceil().max(1.0) as u64)
-    };
+    let (count, reset) = count_call(
+        lock(&s.usage).entry(token.to_string()).or_insert((now, 0)),
+        now,
+        o.limit_window,
+    );
     if count <= allowed {
         return Ok(Some(Standing {
             allowed,
@@ -121,16 +127,11 @@ fn route_limited(
         return Ok(());
     }
     let now = Instant::now();
-    let (count, reset) = {
-        let mut usage = lock(&s.route_usage);
-        let entry = usage.get_or_insert((now, 0));
-        if now.duration_since(entry.0) >= o.limit_window {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
-        let left = o.limit_window.saturating_sub(now.duration_since(entry.0));
-        (entry.1, left.as_secs_f64().ceil().max(1.0) as u64)
-    };
+    let (count, reset) = count_call(
+        lock(&s.route_usage).get_or_insert((now, 0)),
+        now,
+        o.limit_window,
+    );
     if count <= *allowed {
         return Ok(());
     }
