@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{RateLimit, UpstreamConfig};
-use crate::token::shared::SharedCache;
+use crate::token::shared::{Lease, Leased, SharedCache};
 
 mod queue;
 mod routes;
@@ -300,9 +300,9 @@ impl Governor {
                 // Reserve more of the fleet's budget first, if a window ran out of it
                 // (outside the lock: a round trip to Redis).
                 let wanted = governor.lock().lease_wanted(Instant::now());
-                if let Some((index, slice, left)) = wanted {
-                    let got = governor.lease(index, slice, left).await;
-                    governor.lock().leased(index, slice, got, Instant::now());
+                if let Some((index, lease)) = wanted {
+                    let got = governor.lease(index, lease).await;
+                    governor.lock().leased(index, lease, got, Instant::now());
                 }
                 let mut st = governor.lock();
                 let now = Instant::now();
@@ -320,14 +320,17 @@ impl Governor {
         });
     }
 
-    /// Reserve `slice` calls of pool token `index`'s window in Redis: the fleet's
-    /// reservations in the window so far and how many replicas made them, or `None` when
-    /// Redis cannot be used.
-    async fn lease(&self, index: usize, slice: u64, left: Duration) -> Option<(u64, u64)> {
+    /// Reserve calls of pool token `index`'s window in Redis (`None` when Redis cannot
+    /// be used).
+    async fn lease(&self, index: usize, lease: Lease) -> Option<Leased> {
         let fleet = self.fleet.as_ref()?;
         let shared = fleet.shared.load_full()?;
         let creds = shared.credentials_id(&fleet.cache_key);
-        shared.lease_budget(&creds, index, slice, left).await.ok()
+        let allowed = self.lock().windows.get(index)?.allowed?;
+        shared
+            .lease_budget(&creds, index, allowed, lease)
+            .await
+            .ok()
     }
 
     /// Read an answer's budget for pooled token `index` (Genesys' `inin-ratelimit-*`),
@@ -396,9 +399,11 @@ impl Governor {
                 w.used = count.unwrap_or(w.used);
                 w.guard = in_flight().saturating_sub(1);
                 if learned {
-                    // They were not reserved with the fleet either: the first lease
-                    // reserves them (erring on the side of the fleet's whole count).
-                    w.own = w.own.max(w.used + w.guard);
+                    // None of them was reserved with the fleet, and the replicas that
+                    // made them may report them only after the window is leased: this
+                    // replica's next lease counts the platform's whole count (each
+                    // replica does: a fleet's first window is spent on the safe side).
+                    w.unreserved = w.unreserved.max(w.used + w.guard);
                 }
             } else {
                 let count = count.unwrap_or(0);
@@ -485,8 +490,8 @@ impl Governor {
     }
 }
 
-/// How many calls a replica reserves at a time: an eighth of the budget, at least 10
-/// (one Redis command, four counted by Redis with the script's own, per slice).
+/// The most calls a replica reserves at a time: an eighth of the budget, at least 10
+/// (one Redis command per slice).
 fn slice_of(allowed: u64) -> u64 {
     (allowed / 8).max(10).min(allowed)
 }

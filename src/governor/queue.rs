@@ -11,6 +11,10 @@ use tokio::time::Instant;
 
 use super::window::TokenWindow;
 use super::{slice_of, MARGIN};
+use crate::token::shared::{Lease, Leased};
+
+/// How long the most replicas a lease saw is believed (see [`State::leased`]).
+const REPLICAS_KEPT: Duration = Duration::from_secs(300);
 
 /// A call waiting for room.
 pub(super) struct Waiter {
@@ -108,60 +112,82 @@ impl State {
             .then(|| self.fleet_down_until.is_none_or(|until| now >= until))
     }
 
-    /// A window that needs a lease from the fleet: its index, the slice to reserve (see
-    /// [`slice_of`]) and how long the window has left.
-    pub(super) fn lease_wanted(&mut self, now: Instant) -> Option<(usize, u64, Duration)> {
+    /// A window that needs a lease from the fleet: its index and what to ask for (see
+    /// [`Lease`]). A slice is about what this replica uses: twice its calls of the last
+    /// window and the calls waiting now, at most [`slice_of`] the budget (all of that
+    /// when it has no last window, or was short in it).
+    pub(super) fn lease_wanted(&mut self, now: Instant) -> Option<(usize, Lease)> {
         if self.fleet_mode(now) != Some(true) {
             return None;
         }
+        let waiting = self.waiting.len() as u64;
         self.windows.iter_mut().enumerate().find_map(|(i, w)| {
             w.roll(now);
             let allowed = w.allowed.filter(|_| !w.assumed)?;
-            (w.leased == 0 && w.window_has_room()).then(|| {
-                // Calls made on its own while Redis was away are reserved too, so the
-                // fleet's count includes them.
-                let slice = slice_of(allowed) + w.unreserved();
-                let left = w
+            (w.leased == 0 && w.window_has_room() && !w.in_tail(now)).then(|| {
+                let most = slice_of(allowed);
+                let slice = match w.last {
+                    Some((own, false)) => (2 * (own + waiting)).clamp(1, most),
+                    _ => most,
+                };
+                // The counter lives until the platform's window ends as this replica
+                // sees it (its own view ends a margin later, as every replica's does, so
+                // a replica that starts the next window finds a new counter); a window no
+                // call has started yet lasts its length from its first call, after this.
+                let lifetime = w
                     .ends
                     .map_or(w.len.unwrap_or(Duration::from_secs(60)) + MARGIN, |e| {
-                        e.saturating_duration_since(now)
+                        e.saturating_duration_since(now + MARGIN)
                     });
-                (i, slice, left)
+                let lease = Lease {
+                    slice,
+                    unreserved: w.unreserved,
+                    first: !w.joined,
+                    lifetime,
+                    replicas_seen: w.replicas,
+                };
+                (i, lease)
             })
         })
     }
 
-    /// What a lease of `slice` calls for window `index` got: the fleet's reservations
-    /// in the window and its replicas (`None`: Redis could not be used; this replica falls
-    /// back to its part of the budget for a while).
-    pub(super) fn leased(
-        &mut self,
-        index: usize,
-        slice: u64,
-        got: Option<(u64, u64)>,
-        now: Instant,
-    ) {
+    /// What a lease for window `index` got (`None`: Redis could not be used; this replica
+    /// falls back to its part of the budget for a while).
+    pub(super) fn leased(&mut self, index: usize, lease: Lease, got: Option<Leased>, now: Instant) {
         let Some(w) = self.windows.get_mut(index) else {
             return;
         };
-        let Some((total, replicas)) = got else {
+        let Some(got) = got else {
             self.fleet_down_until = Some(now + Duration::from_secs(5));
             w.fallback_from.get_or_insert((w.used, w.own));
             return;
         };
         w.fallback_from = None;
-        w.replicas = replicas.max(1);
-        w.fleet_total = w.fleet_total.max(total);
+        w.joined = true;
+        // The most replicas seen lately: a window's count grows as they lease, and one
+        // with fewer callers sees fewer; a lower count is believed after five minutes.
+        let stale = w
+            .replicas_seen
+            .is_none_or(|t| now.saturating_duration_since(t) > REPLICAS_KEPT);
+        if got.replicas >= w.replicas || stale {
+            (w.replicas, w.replicas_seen) = (got.replicas.max(1), Some(now));
+        }
+        w.fleet_total = w.fleet_total.max(got.counted);
+        w.unreserved = w.unreserved.saturating_sub(lease.unreserved);
         let allowed = w.allowed.unwrap_or(u64::MAX);
-        let granted = slice.min(allowed.saturating_sub(total.saturating_sub(slice)));
-        // The first of them pay for the calls already made without a reservation.
-        let owed = w.unreserved();
-        w.reserved += granted;
-        w.leased += granted.saturating_sub(owed);
+        let before = got.counted.saturating_sub(lease.slice);
+        let granted = lease.slice.min(allowed.saturating_sub(before));
+        w.leased += granted;
         if granted == 0 {
-            // The fleet has reserved the whole window: none until it ends.
+            w.starved = true;
+            // The fleet has reserved the whole window: none until it ends — when the
+            // fleet's counter says, if this replica had not seen the window start.
             w.used = w.used.max(allowed);
-            if w.ends.is_none() {
+            if let Some(left) = got.left {
+                // With the margin every replica's own view of a window has.
+                w.ends = Some(now + left + MARGIN);
+            } else if w.ends.is_none() {
+                // It began moments ago: replicas start their windows together.
                 w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
             }
         }

@@ -30,13 +30,26 @@ pub(super) struct TokenWindow {
     /// With a fleet: calls of this window reserved in Redis and not used yet. A call
     /// spends one; when none are left, the dispatcher reserves a slice more.
     pub(super) leased: u64,
-    /// Calls reserved by this replica in this window; the fleet's reservations in it as
-    /// the last lease told; and how many replicas reserved (kept across windows). While
-    /// Redis is down, a replica spends what it reserved, then an equal part of what the
-    /// fleet had not reserved.
-    pub(super) reserved: u64,
+    /// This replica leased in this window (its next lease is its first of the next).
+    pub(super) joined: bool,
+    /// The fleet's reservations in this window as the last lease told (at the budget: the
+    /// window is spent once this replica's leased calls are); and how many replicas
+    /// reserved, the most seen lately (kept across windows, renewed within five minutes).
+    /// While Redis is down, a replica spends what it leased, then an equal part of what
+    /// the fleet had not reserved.
     pub(super) fleet_total: u64,
     pub(super) replicas: u64,
+    pub(super) replicas_seen: Option<Instant>,
+    /// Calls this replica made in this window without a leased one (before it learned
+    /// the budget, while Redis was away, late calls of the last window): its next lease
+    /// counts them first. Every replica counts its own, so the fleet's count has each
+    /// once — if the replica leases again in the window.
+    pub(super) unreserved: u64,
+    /// The fleet had no more of this window for this replica; and, of the last window,
+    /// the calls this replica let through and whether it was short: slices are sized from
+    /// them.
+    pub(super) starved: bool,
+    pub(super) last: Option<(u64, bool)>,
     /// Since Redis went down (in this window): the window's count then, and this
     /// replica's calls then.
     pub(super) fallback_from: Option<(u64, u64)>,
@@ -68,9 +81,13 @@ impl TokenWindow {
             bucket: limit.map_or(1.0, |l| (l.calls as f64 / 4.0).max(1.0)),
             refilled: Instant::now(),
             leased: 0,
-            reserved: 0,
+            joined: false,
             fleet_total: 0,
             replicas: 1,
+            replicas_seen: None,
+            unreserved: 0,
+            starved: false,
+            last: None,
             fallback_from: None,
             guard: 0,
             own: 0,
@@ -99,11 +116,13 @@ impl TokenWindow {
         self.refilled = now;
     }
 
-    /// Calls this replica made in the window beyond what it reserved (while Redis was
-    /// away).
-    pub(super) fn unreserved(&self) -> u64 {
-        self.own
-            .saturating_sub(self.reserved.saturating_sub(self.leased))
+    /// Late in the window (its last two margins, see [`Self::count_call`]): the
+    /// platform's window may have ended already (its reset is in whole seconds), so calls
+    /// of a lease taken now could be counted in the next one, which the fleet would not
+    /// know. A replica leases again once its own window has ended; what it leased before
+    /// it still spends (and counts in its next lease).
+    pub(super) fn in_tail(&self, now: Instant) -> bool {
+        self.ends.is_some_and(|e| now + MARGIN * 2 >= e)
     }
 
     pub(super) fn window_has_room(&self) -> bool {
@@ -140,6 +159,13 @@ impl TokenWindow {
         // A reserved call first (also while Redis is down).
         if fleet.is_some() && self.leased > 0 {
             self.leased -= 1;
+            // The last lease found the fleet at the budget: nothing more to lease.
+            if self.leased == 0 && self.allowed.is_some_and(|a| self.fleet_total >= a) {
+                self.used = self.used.max(self.fleet_total);
+                self.starved = true;
+            }
+        } else if fleet.is_some() {
+            self.unreserved += 1;
         }
         if self.pace().is_some() {
             self.bucket = (self.bucket - 1.0).max(0.0);
@@ -162,12 +188,15 @@ impl TokenWindow {
             // The late calls may have started the platform's next window: count them in
             // ours, which then ends a window after the first of them.
             self.used = self.late;
+            self.last = Some((self.own, self.starved));
             self.own = self.late;
+            self.unreserved = self.late;
+            self.starved = false;
             self.ends = self
                 .late_first
                 .map(|t| t + self.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
             self.leased = 0;
-            self.reserved = 0;
+            self.joined = false;
             self.fleet_total = 0;
             self.fallback_from = None;
             self.guard = 0;
@@ -188,7 +217,8 @@ impl TokenWindow {
             // look again soon in any case.
             return now + Duration::from_millis(20);
         }
-        if !self.window_has_room() || part_spent {
+        let lease_waits = fleet == Some(true) && self.leased == 0 && self.in_tail(now);
+        if !self.window_has_room() || part_spent || lease_waits {
             return self.ends.unwrap_or(now);
         }
         match self.pace() {

@@ -364,6 +364,13 @@ impl Sandbox {
         self.state.throttled.load(Ordering::SeqCst)
     }
 
+    /// A token's rate-limit window is open (started by a call, not run out yet).
+    pub fn rate_window_open(&self) -> bool {
+        lock(&self.state.usage)
+            .values()
+            .any(|(start, _)| start.elapsed() < self.options.limit_window)
+    }
+
     /// Good tokens verified with `HEAD /api/v2/tokens/me` (a dead one counts in 401s).
     pub fn token_checks(&self) -> u64 {
         self.state.token_checks.load(Ordering::SeqCst)

@@ -12,8 +12,8 @@
 //! - `<prefix>:lock:<creds>` — the fleet's single flight: `SET NX PX` with a lease, held by
 //!   whoever is minting, released with a compare-and-delete. A holder that dies only
 //!   delays the others by the lease.
-//! - `<prefix>:budget:<creds>:<pool index>` — the calls of a token's rate-limit window the
-//!   replicas have reserved (see [`crate::governor`]).
+//! - `<prefix>:calls:<creds>:<pool index>` — the calls of a token's rate-limit window the
+//!   replicas have reserved, and how many replicas reserved some (see [`budget`]).
 //!
 //! Redis is one server (`redis_url`) or a master found through Sentinel (`sentinels`,
 //! `master_name`): after a failed command the master is asked of the sentinels again, so
@@ -25,10 +25,13 @@
 //!
 //! [`GrantConfig::cache_key`]: crate::config::GrantConfig::cache_key
 
+mod budget;
 mod scripts;
 mod seal;
 
-use scripts::{LEASE, RELEASE};
+pub use budget::{Lease, Leased};
+
+use scripts::RELEASE;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -97,8 +100,6 @@ pub struct SharedCache {
     /// Tokens this replica took from the fleet, and stored for it.
     taken: AtomicU64,
     stored: AtomicU64,
-    /// Names this process among the replicas that reserve budget (random, per start).
-    replica_id: String,
 }
 
 impl std::fmt::Debug for SharedCache {
@@ -155,7 +156,6 @@ impl SharedCache {
         let up = metrics.shared_cache_up(&config.redis_target);
         up.set(1);
         Ok(SharedCache {
-            replica_id: hex::encode(rand::random::<[u8; 8]>()),
             up,
             taken: AtomicU64::new(0),
             stored: AtomicU64::new(0),
@@ -287,30 +287,6 @@ impl SharedCache {
             .run(redis::cmd("GET").arg(&key).query_async(&mut redis))
             .await?;
         Ok(value.and_then(|v| self.unseal(&key, &v)))
-    }
-
-    /// Reserve `slice` calls of pool token `index`'s current window (which ends after
-    /// `window_left`) for this replica: the calls the fleet has reserved in the window,
-    /// these included (a count past the budget means the window is spent), and how many
-    /// replicas reserved some.
-    pub async fn lease_budget(
-        &self,
-        creds: &str,
-        index: usize,
-        slice: u64,
-        window_left: Duration,
-    ) -> Result<(u64, u64), Unavailable> {
-        let key = format!("{}:budget:{creds}:{index}", self.config.key_prefix);
-        let mut redis = self.connection().await?;
-        let script = redis::Script::new(LEASE);
-        let mut call = script.key(&key);
-        // The replicas a window saw are remembered for five minutes.
-        call.key(format!("{key}:replicas"))
-            .arg(slice)
-            .arg(window_left.as_millis().max(1) as u64)
-            .arg(&self.replica_id)
-            .arg(300_000u64);
-        self.run(call.invoke_async::<(u64, u64)>(&mut redis)).await
     }
 
     /// Takes the fleet lock for these credentials if nobody holds it.
