@@ -25,13 +25,14 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{RateLimit, UpstreamConfig};
-use crate::token::shared::{Lease, Leased, SharedCache};
 
+mod fleet;
 mod queue;
 mod routes;
 mod shares;
 mod window;
 
+pub use fleet::FleetBudget;
 pub use queue::Refusal;
 use queue::{book_finish, State, Waiter};
 pub use routes::{RouteBudget, RouteBudgets};
@@ -62,14 +63,6 @@ pub struct Governor {
     /// Wakes the dispatcher before its time (see [`Governor::arm`]).
     nudge: Arc<tokio::sync::Notify>,
     fleet: Option<FleetBudget>,
-}
-
-/// Where a fleet shares a token's budget: the shared cache (while one is configured) and
-/// the credentials whose tokens the budget belongs to.
-pub struct FleetBudget {
-    pub shared: Arc<arc_swap::ArcSwapOption<SharedCache>>,
-    /// [`GrantConfig::cache_key`](crate::config::GrantConfig::cache_key).
-    pub cache_key: String,
 }
 
 impl std::fmt::Debug for Governor {
@@ -301,8 +294,7 @@ impl Governor {
                 // (outside the lock: a round trip to Redis).
                 let wanted = governor.lock().lease_wanted(Instant::now());
                 if let Some((index, lease)) = wanted {
-                    let got = governor.lease(index, lease).await;
-                    governor.lock().leased(index, lease, got, Instant::now());
+                    governor.lease(index, lease).await;
                 }
                 let mut st = governor.lock();
                 let now = Instant::now();
@@ -318,19 +310,6 @@ impl Governor {
                 st.wake_at = Some(wake);
             }
         });
-    }
-
-    /// Reserve calls of pool token `index`'s window in Redis (`None` when Redis cannot
-    /// be used).
-    async fn lease(&self, index: usize, lease: Lease) -> Option<Leased> {
-        let fleet = self.fleet.as_ref()?;
-        let shared = fleet.shared.load_full()?;
-        let creds = shared.credentials_id(&fleet.cache_key);
-        let allowed = self.lock().windows.get(index)?.allowed?;
-        shared
-            .lease_budget(&creds, index, allowed, lease)
-            .await
-            .ok()
     }
 
     /// Read an answer's budget for pooled token `index` (Genesys' `inin-ratelimit-*`),

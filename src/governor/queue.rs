@@ -152,15 +152,21 @@ impl State {
     }
 
     /// What a lease for window `index` got (`None`: Redis could not be used; this replica
-    /// falls back to its part of the budget for a while).
-    pub(super) fn leased(&mut self, index: usize, lease: Lease, got: Option<Leased>, now: Instant) {
+    /// falls back to its part of the budget for a while): the calls granted.
+    pub(super) fn leased(
+        &mut self,
+        index: usize,
+        lease: Lease,
+        got: Option<Leased>,
+        now: Instant,
+    ) -> u64 {
         let Some(w) = self.windows.get_mut(index) else {
-            return;
+            return 0;
         };
         let Some(got) = got else {
             self.fleet_down_until = Some(now + Duration::from_secs(5));
             w.fallback_from.get_or_insert((w.used, w.own));
-            return;
+            return 0;
         };
         w.fallback_from = None;
         w.joined = true;
@@ -191,6 +197,7 @@ impl State {
                 w.ends = Some(now + w.len.unwrap_or(Duration::from_secs(60)) + MARGIN);
             }
         }
+        granted
     }
 
     /// Take one call's room in the next token that has some (round-robin).

@@ -30,8 +30,10 @@ pub(super) struct TokenWindow {
     /// With a fleet: calls of this window reserved in Redis and not used yet. A call
     /// spends one; when none are left, the dispatcher reserves a slice more.
     pub(super) leased: u64,
-    /// This replica leased in this window (its next lease is its first of the next).
+    /// This replica leased in this window (its next lease is its first of the next); a
+    /// task watches for leased calls it stops using (see `Governor::watch_lease`).
     pub(super) joined: bool,
+    pub(super) watched: bool,
     /// The fleet's reservations in this window as the last lease told (at the budget: the
     /// window is spent once this replica's leased calls are); and how many replicas
     /// reserved, the most seen lately (kept across windows, renewed within five minutes).
@@ -82,6 +84,7 @@ impl TokenWindow {
             refilled: Instant::now(),
             leased: 0,
             joined: false,
+            watched: false,
             fleet_total: 0,
             replicas: 1,
             replicas_seen: None,

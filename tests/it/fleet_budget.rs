@@ -161,3 +161,73 @@ async fn three_and_ten_replicas_keep_one_budget_too() {
         assert_scales(&fleet_run(replicas, true).await);
     }
 }
+
+/// A replica that goes quiet holding a lease gives it back: the other replica's calls
+/// then use the whole window (issue 25: "gives back what it will not use").
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
+async fn a_quiet_replica_gives_back_what_it_leased_for_the_others() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        per_token_limit: Some(CALLS),
+        limit_window: Duration::from_secs(WINDOW_SECS),
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let redis = RedisServer::start();
+    // The budget configured: the replicas lease from their first call.
+    let config = format!(
+        "{}\n[cache]\nredis_url = \"{}\"\nencryption_key = \"q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=\"\n",
+        config_with(&sandbox, "", &format!("rate_limit = \"{CALLS}/{WINDOW_SECS}s\"")),
+        redis.url()
+    );
+    let (a, b) = (Proxy::start(&config), Proxy::start(&config));
+    // a's one call leases a slice of ten and uses one of them (two, with the idle
+    // timeout question its first token asks, see back/idle.rs).
+    assert_eq!(get_with_key(&a, "/api/v2/users/me").await.status(), 200);
+    let counted = || {
+        redis
+            .dump()
+            .into_iter()
+            .find(|(k, _)| k.starts_with("tokengate:calls:"))
+            .and_then(|(_, v)| String::from_utf8(v).ok()?.parse::<u64>().ok())
+            .map(|v| v % (1 << 48))
+    };
+    assert_eq!(counted(), Some(10), "a's slice");
+    // Quiet for a quarter of the window, a gives back what it did not use.
+    let used_by_a = wait_for(Duration::from_secs(WINDOW_SECS), || {
+        counted().filter(|&n| n < 10)
+    })
+    .await
+    .expect("a gives back its unused calls");
+    assert!(used_by_a <= 2, "{used_by_a}");
+    // b's calls take the rest of the window, in the window a's call started (b too asks
+    // the idle timeout once: one call less). Without the give-back, b had five slices.
+    let c = client();
+    let mut last_count = 0;
+    for i in 0..CALLS - used_by_a - 1 {
+        let r = c
+            .get(b.url("/api/v2/users/me"))
+            .header("X-Api-Key", CLIENT_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "b's call {i}");
+        let count = header_number(&r, "inin-ratelimit-count");
+        assert!(
+            count > last_count,
+            "b's call {i} in the same window: {count}"
+        );
+        last_count = count;
+    }
+    assert_eq!(last_count, CALLS, "b's last call was the window's last");
+    assert_eq!(sandbox.throttled(), 0);
+    assert_eq!(sandbox.grants(), 1);
+}
+
+fn header_number(r: &reqwest::Response, name: &str) -> u64 {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
+}

@@ -21,6 +21,7 @@
 
 use std::time::Duration;
 
+use super::scripts::GIVE_BACK;
 use super::{SharedCache, Unavailable};
 
 /// Added by a replica's first lease in a window: the high bits count the replicas.
@@ -53,6 +54,10 @@ pub struct Leased {
 }
 
 impl SharedCache {
+    fn calls_key(&self, creds: &str, index: usize) -> String {
+        format!("{}:calls:{creds}:{index}", self.config.key_prefix)
+    }
+
     /// Reserve `lease.slice` calls of pool token `index`'s current window of `allowed`
     /// calls (a count past it means the window is spent).
     pub async fn lease_budget(
@@ -62,7 +67,7 @@ impl SharedCache {
         allowed: u64,
         lease: Lease,
     ) -> Result<Leased, Unavailable> {
-        let key = format!("{}:calls:{creds}:{index}", self.config.key_prefix);
+        let key = self.calls_key(creds, index);
         let mut redis = self.connection().await?;
         let add = lease.slice + lease.unreserved + if lease.first { JOINED } else { 0 };
         let counter: u64 = self
@@ -102,6 +107,22 @@ impl SharedCache {
             replicas,
             left,
         })
+    }
+}
+
+impl SharedCache {
+    /// Give `calls` reserved and not used back to pool token `index`'s window (a small
+    /// script, rare: only a replica that went quiet holding a lease does this). A failure
+    /// costs the fleet those calls for the window, as before.
+    pub async fn give_back(&self, creds: &str, index: usize, calls: u64) {
+        let key = self.calls_key(creds, index);
+        let Ok(mut redis) = self.connection().await else {
+            return;
+        };
+        let script = redis::Script::new(GIVE_BACK);
+        let mut call = script.key(&key);
+        call.arg(calls);
+        let _ = self.run(call.invoke_async::<i64>(&mut redis)).await;
     }
 }
 
