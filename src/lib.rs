@@ -240,6 +240,9 @@ impl Running {
                 "listener settings changed in the config; they take effect at the next restart"
             );
         }
+        if old.config.events != config.events {
+            tracing::warn!("[events] changed in the config; it takes effect at the next restart");
+        }
         let generation = self.builder.build(config);
         let refreshers = spawn_refreshers(&generation);
         let summary = (generation.upstreams.len(), generation.config.clients.len());
@@ -251,6 +254,12 @@ impl Running {
             upstreams = summary.0,
             clients = summary.1,
             "config reloaded"
+        );
+        crate::emit!(
+            info,
+            "config_reloaded",
+            upstreams = summary.0,
+            clients = summary.1
         );
     }
 

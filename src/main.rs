@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokengate::config::{Config, LogFormat};
+use tokengate::telemetry::events::EventsLayer;
 
 #[derive(Parser)]
 #[command(
@@ -100,20 +101,30 @@ fn log_directives(setting: Option<&str>) -> String {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, events: Option<EventsLayer>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_new(log_directives(
         std::env::var("TOKENGATE_LOG").ok().as_deref(),
     ))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Straight to stderr, in batches on the workers (see `log_batch`).
+    // Straight to stderr, in batches on the workers (see `log_batch`).
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(tokengate::telemetry::log_batch::Stderr)
         .with_ansi(false);
-    match format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().flatten_event(true).boxed(),
+    };
+    // The log's level does not filter security events: they have their own sinks. Each
+    // layer has its filter, so a callsite neither wants stays off (not dispatched).
+    let only_events = tracing_subscriber::filter::Targets::new()
+        .with_target(tokengate::telemetry::events::TARGET, tracing::Level::TRACE);
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(events.with_filter(only_events))
+        .init();
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -151,7 +162,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::Key { action }) => return key(action),
-        Some(Command::Demo { .. }) => init_logging(LogFormat::Text),
+        Some(Command::Demo { .. }) => init_logging(LogFormat::Text, None),
         // `run` logs as its config says, once it is loaded; `check` prints, it does not log.
         _ => {}
     }
@@ -188,7 +199,14 @@ async fn serve(cli: &Cli) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(config.log_format);
+    let events = match EventsLayer::open(&config.events) {
+        Ok(events) => events,
+        Err(e) => {
+            eprintln!("tokengate: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(config.log_format, events);
     let mut running = match tokengate::start(config).await {
         Ok(r) => r,
         Err(e) => {
@@ -213,7 +231,11 @@ async fn serve(cli: &Cli) -> ExitCode {
             () = &mut shutdown => break,
             () = next_reload(&mut reloads) => match Config::load(&path) {
                 Ok(config) => running.reload(config),
-                Err(e) => tracing::error!(error = %e, "config reload refused; the running config stays"),
+                Err(e) => {
+                    tracing::error!(error = %e, "config reload refused; the running config stays");
+                    // The reason stays in the log: a parse error may quote the file's line.
+                    tokengate::emit!(error, "config_refused", file = %path.display());
+                }
             },
         }
     }

@@ -25,6 +25,7 @@ mod cache;
 mod client;
 mod egress;
 mod error;
+mod events;
 mod grant;
 pub mod policy;
 pub mod providers;
@@ -44,6 +45,7 @@ pub use cache::{CacheConfig, RedisTarget};
 pub use client::ClientConfig;
 use error::toml_error;
 pub use error::ConfigError;
+pub use events::EventsConfig;
 pub use grant::{
     AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
 };
@@ -62,6 +64,8 @@ pub struct Config {
     pub clients: Vec<Arc<ClientConfig>>,
     /// The fleet's shared token cache; `None`: each process keeps its tokens in memory.
     pub cache: Option<CacheConfig>,
+    /// Where security events go (`[events]`).
+    pub events: EventsConfig,
 }
 
 /// Reads the environment for `${VAR}` references; injected so tests never touch the
@@ -130,6 +134,7 @@ impl Cx<'_> {
 
     fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let cache = raw.cache.map(|c| self.cache(c)).transpose()?;
+        let events = self.events(raw.events)?;
         let server = self.server(raw.server)?;
         if raw.upstream.is_empty() {
             return Err(self.err("[[upstream]]", "at least one upstream is required"));
@@ -193,6 +198,7 @@ impl Cx<'_> {
             upstreams,
             clients,
             cache,
+            events,
         })
     }
 }

@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     pub(super) cache: Option<RawCache>,
     #[serde(default)]
     pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) events: super::events::RawEvents,
 }
 
 #[derive(Debug, Default, Deserialize)]

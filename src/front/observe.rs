@@ -74,8 +74,11 @@ where
     }
 
     fn call(&mut self, req: ProxyRequest) -> Self::Future {
-        // The path is copied only when the audit line will be written.
-        let audited = tracing::enabled!(target: "tokengate::audit", tracing::Level::INFO);
+        // The path is copied only when the log can take an INFO line at all. (Not
+        // `tracing::enabled!`: with per-layer filters it leaves the thread's filter state
+        // marked, and the next event — a security event — was lost to its layer.)
+        let audited = tracing::level_filters::LevelFilter::current()
+            >= tracing::level_filters::LevelFilter::INFO;
         Observed {
             method: req.method().clone(),
             path: audited.then(|| audited_path(req.uri().path())),
@@ -135,6 +138,17 @@ where
             },
             now,
         );
+        if error == Some(crate::http::codes::ErrorCode::Forbidden) {
+            // A key that is good, used where its policy does not reach.
+            crate::emit!(
+                warn,
+                "policy_refused",
+                client = client.unwrap_or("anonymous"),
+                upstream,
+                method = %this.method,
+                path = this.path.as_deref().unwrap_or("")
+            );
+        }
         let Some(path) = this.path else {
             return Poll::Ready(Ok(resp));
         };

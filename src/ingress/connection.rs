@@ -60,28 +60,34 @@ impl<S, B> HttpService<B> for S where
 ///
 /// It also marks POST requests with the caller's address ([`PeerAddr`]): the token
 /// endpoint slows down failed key checks per address. Only POSTs: the mark costs an
-/// allocation, and the usual call is a GET.
+/// allocation, and the usual call is a GET. And it knows the address for the security
+/// event of a refused key (`key_refused`, `admin_refused` on the admin listener), which
+/// the layers that refuse do not.
 pub(super) struct PerConnection<S> {
     service: std::sync::Mutex<S>,
     peer: IpAddr,
+    what: &'static str,
 }
 
 impl<S> PerConnection<S> {
-    pub(super) fn new(service: S, peer: IpAddr) -> Self {
+    pub(super) fn new(service: S, peer: IpAddr, what: &'static str) -> Self {
         PerConnection {
             service: std::sync::Mutex::new(service),
             peer,
+            what,
         }
     }
 }
 
 impl<S, B> hyper::service::Service<Request<B>> for PerConnection<S>
 where
-    S: Service<Request<B>> + Clone,
+    S: Service<Request<B>, Response = Response<ProxyBody>> + Clone,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = futures_util::future::Either<S::Future, tower::util::Oneshot<S, Request<B>>>;
+    type Future = NotingRefusals<
+        futures_util::future::Either<S::Future, tower::util::Oneshot<S, Request<B>>>,
+    >;
 
     fn call(&self, mut req: Request<B>) -> Self::Future {
         use futures_util::future::Either;
@@ -93,10 +99,56 @@ where
             .service
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        let inner = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => Either::Left(service.call(req)),
             _ => Either::Right(tower::ServiceExt::oneshot(service.clone(), req)),
+        };
+        NotingRefusals {
+            inner,
+            peer: self.peer,
+            what: self.what,
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's future that logs the security event of a key the proxy refused (its
+    /// own `401`: on the proxy's listener one with the `unauthorized` code, on the admin
+    /// listener any), with the caller's address and never the key.
+    pub(super) struct NotingRefusals<F> {
+        #[pin]
+        inner: F,
+        peer: IpAddr,
+        what: &'static str,
+    }
+}
+
+impl<F, E> Future for NotingRefusals<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let answer = std::task::ready!(this.inner.poll(cx));
+        if let Ok(resp) = &answer {
+            if resp.status() == http::StatusCode::UNAUTHORIZED {
+                let own = resp
+                    .extensions()
+                    .get::<crate::call::outcome::Outcome>()
+                    .is_some_and(|o| o.error == Some(crate::http::codes::ErrorCode::Unauthorized));
+                if *this.what == "admin" {
+                    crate::emit!(warn, "admin_refused", peer = %this.peer);
+                } else if own {
+                    crate::emit!(warn, "key_refused", peer = %this.peer);
+                }
+            }
+        }
+        std::task::Poll::Ready(answer)
     }
 }
 
@@ -254,6 +306,7 @@ where
         watcher,
         closed,
         peer,
+        what,
     )
     .await
 }
@@ -267,6 +320,7 @@ pub(super) async fn serve_any<I, S>(
     watcher: hyper_util::server::graceful::Watcher,
     closed: tokio::sync::watch::Receiver<bool>,
     peer: IpAddr,
+    what: &'static str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -274,7 +328,10 @@ where
 {
     let watch = Watch::new();
     let conn = builder
-        .serve_connection_with_upgrades(io, PerConnection::new(Watched::new(service, &watch), peer))
+        .serve_connection_with_upgrades(
+            io,
+            PerConnection::new(Watched::new(service, &watch), peer, what),
+        )
         .into_owned();
     serve_closing_when_idle(conn, watcher, closed, watch).await
 }

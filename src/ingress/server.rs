@@ -249,7 +249,7 @@ pub async fn serve<S>(
                             let conn = http1
                                 .serve_connection(
                                     TokioIo::new(StallGuard::new(stream)),
-                                    PerConnection::new(service, peer.ip()),
+                                    PerConnection::new(service, peer.ip(), what),
                                 )
                                 .with_upgrades();
                             ServeHttp1 {
@@ -265,7 +265,10 @@ pub async fn serve<S>(
                         Some(Protocol::MaybeHttp2) => {
                             let io = TokioIo::new(StallGuard::new(stream));
                             let peer = peer.ip();
-                            Box::pin(serve_any(&builder, io, service, watcher, closed, peer)).await
+                            Box::pin(serve_any(
+                                &builder, io, service, watcher, closed, peer, what,
+                            ))
+                            .await
                         }
                         None => return,
                     }

@@ -2,5 +2,6 @@
 //! and the batched log writer.
 
 pub mod board;
+pub mod events;
 pub mod log_batch;
 pub mod metrics;

@@ -41,6 +41,7 @@ impl FailureLog {
         let Some(since) = self.since else {
             (self.since, self.warned_at, self.unreported) = (Some(now), Some(now), 0);
             tracing::warn!(upstream, error = %cause, retry_in_secs, "token grant failed (while it keeps failing, this is logged once a minute)");
+            crate::emit!(warn, "grant_failed", upstream, error = %cause);
             return;
         };
         if self
@@ -72,6 +73,13 @@ impl FailureLog {
             failed_grants = was.failures,
             failing_secs = since.elapsed().as_secs(),
             "token grant succeeded again"
+        );
+        crate::emit!(
+            info,
+            "grant_recovered",
+            upstream,
+            failed_grants = was.failures,
+            failing_secs = since.elapsed().as_secs()
         );
         true
     }

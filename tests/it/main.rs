@@ -16,6 +16,7 @@ mod cxone;
 mod deploy;
 mod enterprise;
 mod errors;
+mod events;
 mod fleet_budget;
 mod fuzz;
 mod genesys_sdk;
