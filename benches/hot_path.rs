@@ -72,7 +72,7 @@ fn whole_stack(c: &mut Criterion) {
             None,
             None,
         ));
-        let board = Arc::new(StatusBoard::new(config.upstreams.iter().map(|u| &u.name), &config.clients));
+        let board = Arc::new(StatusBoard::new(config.upstreams.iter().map(|u| &u.name), &config.clients, Default::default()));
         let sessions = Arc::new(Sessions::new());
         let sockets = tokengate::back::websocket::Sockets::new(metrics.clone());
         std::mem::forget(sandbox); // keep it serving for the rest of the run

@@ -158,6 +158,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let memory = tokio::spawn(memory::give_back_after_bursts(std::sync::Arc::clone(&gate)));
     let summary = (generation.upstreams.len(), generation.config.clients.len());
     let live = live::Live::new(generation);
+    // With `[cache]`, each replica adds its usage counts to the fleet's (admin/usage.rs).
+    tokio::spawn(admin::usage::share_usage(live.clone()));
     let mut servers = Vec::new();
     for (index, socket) in proxy_listeners.into_iter().enumerate() {
         let (live, tls, gate, stopping) = (live.clone(), tls.clone(), gate.clone(), on_stop());

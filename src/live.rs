@@ -67,6 +67,8 @@ pub struct Builder {
     /// Notification channels made through the proxy; kept across reloads.
     channels: Arc<crate::back::notifications::Channels>,
     metrics: Metrics,
+    /// Usage per app, kept across reloads.
+    usage: Arc<crate::telemetry::usage::Usage>,
     /// Each worker gets its own connection pool per upstream.
     workers: usize,
     /// The upstreams of the generation built last.
@@ -86,6 +88,7 @@ impl Builder {
             sessions: Arc::new(Sessions::new()),
             sockets: crate::back::websocket::Sockets::new(metrics.clone()),
             metrics,
+            usage: Arc::default(),
             upstreams: std::sync::Mutex::new(Arc::from(Vec::new())),
         }
     }
@@ -134,9 +137,11 @@ impl Builder {
             .upstreams
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&upstreams);
+        self.usage.share(config.cache.is_some());
         let board = Arc::new(StatusBoard::new(
             config.upstreams.iter().map(|u| &u.name),
             &config.clients,
+            Arc::clone(&self.usage),
         ));
         self.sockets
             .configure(config.server.max_websockets, config.server.websocket_idle);

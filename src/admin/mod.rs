@@ -6,6 +6,7 @@
 //!   `GET /readyz/<upstream>`: the same for one upstream.
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /`: the operator's status page; `GET /status.json`: the same data as JSON.
+//! - `GET /usage.json?since=<unix>`, `GET /usage.csv`: usage per app (see [`usage`]).
 //!
 //! With `admin_key_sha256` set, everything but `/healthz` and `/readyz…` wants the admin key:
 //! `Authorization: Bearer <key>`, or as the password of Basic credentials (so a browser
@@ -13,6 +14,7 @@
 
 mod chart;
 pub mod page;
+pub mod usage;
 
 use std::convert::Infallible;
 
@@ -152,8 +154,23 @@ fn authorized(config: &Config, req: &Request<Incoming>) -> bool {
 impl Admin {
     pub fn service(self) -> impl crate::ingress::server::HttpService<Incoming> {
         tower::service_fn(move |req: Request<Incoming>| {
-            let resp = self.answer(&req);
-            async move { Ok::<_, Infallible>(resp) }
+            let (path, get) = (req.uri().path(), req.method() == Method::GET);
+            // Usage may be read from Redis: the one answer that waits.
+            let usage = get
+                && matches!(path, "/usage.json" | "/usage.csv")
+                && authorized(&self.live.current().config, &req);
+            let (live, path, query) = (
+                self.live.clone(),
+                path.to_string(),
+                req.uri().query().map(str::to_string),
+            );
+            let resp = (!usage).then(|| self.answer(&req));
+            async move {
+                Ok::<_, Infallible>(match resp {
+                    Some(resp) => resp,
+                    None => usage::answer(&live, &path, query.as_deref()).await,
+                })
+            }
         })
     }
 }

@@ -23,6 +23,7 @@ use crate::call::outcome::{Outcome, RetryReason};
 use crate::call::{ProxyRequest, ProxyResponse};
 use crate::telemetry::board::{Answered, StatusBoard};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::usage::Call;
 
 /// Response headers that carry the platform's id for a call (Genesys first).
 static CORRELATION_HEADERS: [http::HeaderName; 3] = [
@@ -82,6 +83,7 @@ where
         Observed {
             method: req.method().clone(),
             path: audited.then(|| audited_path(req.uri().path())),
+            bytes_in: declared_length(req.headers(), req.body()),
             started: Instant::now(),
             metrics: self.metrics.clone(),
             board: self.board.clone(),
@@ -96,6 +98,7 @@ pin_project_lite::pin_project! {
         inner: F,
         method: Method,
         path: Option<String>,
+        bytes_in: u64,
         started: Instant,
         metrics: Metrics,
         board: Arc<StatusBoard>,
@@ -138,6 +141,16 @@ where
             },
             now,
         );
+        this.board.usage.record(
+            client.unwrap_or(crate::telemetry::board::ANONYMOUS),
+            upstream,
+            Call {
+                status,
+                rate_limited: error == Some(crate::http::codes::ErrorCode::RateLimited),
+                bytes_in: *this.bytes_in,
+                bytes_out: declared_length(resp.headers(), resp.body()),
+            },
+        );
         if error == Some(crate::http::codes::ErrorCode::Forbidden) {
             // A key that is good, used where its policy does not reach.
             crate::emit!(
@@ -174,6 +187,16 @@ where
         );
         Poll::Ready(Ok(resp))
     }
+}
+
+/// A body's length as known before it is sent: its `Content-Length`, or the exact size of
+/// a body the proxy holds whole (0 for a body streamed without a length).
+fn declared_length(headers: &http::HeaderMap, body: &impl http_body::Body) -> u64 {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .or_else(|| body.size_hint().exact())
+        .unwrap_or(0)
 }
 
 /// A request's path as the audit log shows it: a notification channel's id (the only

@@ -142,7 +142,12 @@ fn within_upstream(uri: &Uri, rest: &str) -> Result<Uri, ProxyError> {
 }
 
 impl<B> Router<B> {
-    fn route(&mut self, req: &mut ProxyRequest) -> Result<&mut Destination<B>, ProxyError> {
+    /// The destination, or the refusal and the upstream it names (none: no route).
+    #[allow(clippy::result_large_err)] // the refusal is made once, into an answer
+    fn route(
+        &mut self,
+        req: &mut ProxyRequest,
+    ) -> Result<&mut Destination<B>, (ProxyError, Option<WorkerUpstream>)> {
         let (index, rest) = self
             .destinations
             .iter()
@@ -150,12 +155,14 @@ impl<B> Router<B> {
             .find_map(|(i, d)| {
                 strip_prefix(&d.upstream.config.prefix, req.uri().path()).map(|rest| (i, rest))
             })
-            .ok_or(ProxyError::NoRoute)?;
+            .ok_or((ProxyError::NoRoute, None))?;
         let destination = &mut self.destinations[index];
-        permitted(req, &destination.upstream)?;
+        // Counted under the upstream it asked for (usage, the status page).
+        permitted(req, &destination.upstream)
+            .map_err(|e| (e, Some(destination.upstream.clone())))?;
         // Already the path within the upstream (prefix "/", origin form): nothing to do.
         if req.uri().scheme().is_some() || rest.len() != req.uri().path().len() {
-            let uri = within_upstream(req.uri(), rest)?;
+            let uri = within_upstream(req.uri(), rest).map_err(|e| (e, None))?;
             let called = std::mem::replace(req.uri_mut(), uri);
             // An HTTP/2 call names the host it called in its URI, which has just gone:
             // keep it as `Host`, as HTTP/1.1 calls carry it (a notification channel's
@@ -195,9 +202,10 @@ where
                 client,
                 inner: destination.service.call(req),
             }),
-            Err(e) => {
+            Err((e, upstream)) => {
                 let mut resp = e.into_response();
                 Outcome::of(&mut resp).client = client;
+                Outcome::of(&mut resp).upstream = upstream;
                 Either::Left(ready(Ok(resp)))
             }
         }

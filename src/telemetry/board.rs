@@ -131,6 +131,9 @@ pub(crate) struct ClientStats {
 
 /// Counters for the status page, fed by the observe layer.
 pub struct StatusBoard {
+    /// Usage per app (`/usage.json`): the process's, kept across reloads; here so the
+    /// observe layer reaches it without another handle per call.
+    pub usage: Arc<super::usage::Usage>,
     pub(crate) started: Instant,
     pub(crate) upstreams: Vec<UpstreamStats>,
     pub(crate) clients: Vec<ClientStats>,
@@ -160,6 +163,7 @@ impl StatusBoard {
     pub fn new<'a>(
         upstreams: impl IntoIterator<Item = &'a Arc<str>>,
         clients: &[Arc<ClientConfig>],
+        usage: Arc<super::usage::Usage>,
     ) -> StatusBoard {
         let mut clients: Vec<ClientStats> = clients
             .iter()
@@ -182,6 +186,7 @@ impl StatusBoard {
         }
         let n = clients.len();
         StatusBoard {
+            usage,
             started: Instant::now(),
             upstreams: upstreams
                 .into_iter()

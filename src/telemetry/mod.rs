@@ -5,3 +5,4 @@ pub mod board;
 pub mod events;
 pub mod log_batch;
 pub mod metrics;
+pub mod usage;

@@ -30,4 +30,5 @@ mod revocation;
 mod security;
 mod shared_limits;
 mod status_page;
+mod usage;
 mod websockets;

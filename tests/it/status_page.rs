@@ -121,8 +121,9 @@ async fn the_status_document_has_every_upstream_and_client_and_no_secret() {
         good["grants"]["ok"], 1,
         "one at start; the 401 was for a token the platform still accepts"
     );
-    assert_eq!(good["last_minute"]["requests"], 3);
-    assert_eq!(good["last_minute"]["errors"], 1, "the 401");
+    // The DELETE its allow rules refuse counts under the upstream it asked for.
+    assert_eq!(good["last_minute"]["requests"], 4);
+    assert_eq!(good["last_minute"]["errors"], 2, "the 401 and the 403");
     assert_eq!(good["retries_401"], 0, "not sent again: the token was good");
     let bad = up("bad");
     assert_eq!(bad["token"]["state"], "failing");

@@ -28,8 +28,10 @@
 mod budget;
 mod scripts;
 mod seal;
+mod usage;
 
 pub use budget::{Lease, Leased};
+pub use usage::UsageRows;
 
 use scripts::RELEASE;
 
