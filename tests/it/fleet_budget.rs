@@ -29,9 +29,9 @@ const WINDOW_SECS: u64 = 10;
 const CALLERS: usize = 40;
 const RUN: Duration = Duration::from_secs(30);
 
-/// `replicas` proxies sharing one token and its budget of 60 calls per 10 s through one
-/// Redis; 40 callers spread over them call in loops for 30 s.
-async fn fleet_run(replicas: usize, steady: bool) -> Figures {
+/// The sandbox with the budget, a Redis, and the fleet's config with `server` and
+/// `upstream` settings added.
+async fn fleet_parts(server: &str, upstream: &str) -> (Sandbox, RedisServer, String) {
     let sandbox = Sandbox::start(SandboxOptions {
         per_token_limit: Some(CALLS),
         limit_window: Duration::from_secs(WINDOW_SECS),
@@ -42,9 +42,16 @@ async fn fleet_run(replicas: usize, steady: bool) -> Figures {
     let redis = RedisServer::start();
     let config = format!(
         "{}\n[cache]\nredis_url = \"{}\"\nencryption_key = \"q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=\"\n",
-        config_with(&sandbox, "workers = 1\nprefetch_tokens = false", ""),
+        config_with(&sandbox, server, upstream),
         redis.url()
     );
+    (sandbox, redis, config)
+}
+
+/// `replicas` proxies sharing one token and its budget of 60 calls per 10 s through one
+/// Redis; 40 callers spread over them call in loops for 30 s.
+async fn fleet_run(replicas: usize, steady: bool) -> Figures {
+    let (sandbox, redis, config) = fleet_parts("workers = 1\nprefetch_tokens = false", "").await;
     let fleet: Vec<Arc<Proxy>> = (0..replicas)
         .map(|_| Arc::new(Proxy::start(&config)))
         .collect();
@@ -167,32 +174,14 @@ async fn three_and_ten_replicas_keep_one_budget_too() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
 async fn a_quiet_replica_gives_back_what_it_leased_for_the_others() {
-    let sandbox = Sandbox::start(SandboxOptions {
-        per_token_limit: Some(CALLS),
-        limit_window: Duration::from_secs(WINDOW_SECS),
-        ..sandbox_options()
-    })
-    .await
-    .unwrap();
-    let redis = RedisServer::start();
     // The budget configured: the replicas lease from their first call.
-    let config = format!(
-        "{}\n[cache]\nredis_url = \"{}\"\nencryption_key = \"q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=\"\n",
-        config_with(&sandbox, "", &format!("rate_limit = \"{CALLS}/{WINDOW_SECS}s\"")),
-        redis.url()
-    );
+    let (sandbox, redis, config) =
+        fleet_parts("", &format!("rate_limit = \"{CALLS}/{WINDOW_SECS}s\"")).await;
     let (a, b) = (Proxy::start(&config), Proxy::start(&config));
     // a's one call leases a slice of ten and uses one of them (two, with the idle
     // timeout question its first token asks, see back/idle.rs).
     assert_eq!(get_with_key(&a, "/api/v2/users/me").await.status(), 200);
-    let counted = || {
-        redis
-            .dump()
-            .into_iter()
-            .find(|(k, _)| k.starts_with("tokengate:calls:"))
-            .and_then(|(_, v)| String::from_utf8(v).ok()?.parse::<u64>().ok())
-            .map(|v| v % (1 << 48))
-    };
+    let counted = || redis.calls_counted();
     assert_eq!(counted(), Some(10), "a's slice");
     // Quiet for a quarter of the window, a gives back what it did not use.
     let used_by_a = wait_for(Duration::from_secs(WINDOW_SECS), || {

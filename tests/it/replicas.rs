@@ -590,15 +590,7 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_master_without_a_restart
         assert!(stored.is_some(), "token and budget reached the replica");
         // Into a second window, so each replica has seen the whole fleet reserve budget
         // (in its first window a replica that leased first knows only itself).
-        // The counter's low 48 bits are the calls counted (the high ones the replicas).
-        let reserved_now = || {
-            replica
-                .dump()
-                .into_iter()
-                .find(|(k, _)| k.starts_with("tokengate:calls:"))
-                .and_then(|(_, v)| String::from_utf8(v).ok()?.parse::<u64>().ok())
-                .map(|v| v % (1 << 48))
-        };
+        let reserved_now = || replica.calls_counted();
         let mut most = 0;
         let next_window = wait_for(Duration::from_secs(30), || {
             let now = reserved_now()?;

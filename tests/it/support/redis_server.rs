@@ -128,6 +128,16 @@ impl RedisServer {
             .collect()
     }
 
+    /// The calls a window's counter of the fleet's rate budget holds (its low 48 bits;
+    /// the high ones count the replicas), if one is alive.
+    pub fn calls_counted(&self) -> Option<u64> {
+        self.dump()
+            .into_iter()
+            .find(|(k, _)| k.starts_with("tokengate:calls:"))
+            .and_then(|(_, v)| String::from_utf8(v).ok()?.parse::<u64>().ok())
+            .map(|v| v % (1 << 48))
+    }
+
     /// Commands served since the last `CONFIG RESETSTAT`, by name (`INFO commandstats`).
     pub fn command_counts(&self) -> Vec<(String, u64)> {
         let mut c = self.connection().expect("redis connection");
