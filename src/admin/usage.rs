@@ -1,7 +1,8 @@
 //! `GET /usage.json?since=<unix>` and `GET /usage.csv?since=<unix>`: calls per client and
 //! upstream by status class, the proxy's own 429s and bytes, by the hour from the one
 //! `since` falls in (all 31 days kept, without it). With `[cache]`, the fleet's: every
-//! replica adds its counts to Redis every few seconds, and these read the sums back; when
+//! replica adds its counts to Redis once a minute (and before it answers these), and these
+//! read the sums back; when
 //! Redis does not answer, this replica's own, said so in `"fleet": false`.
 
 use http::{Response, StatusCode};
@@ -21,7 +22,11 @@ pub async fn answer(live: &Live, path: &str, query: Option<&str>) -> Response<Pr
     let now_hour = hour_of(now_secs());
     let from = hour_of(since).max(now_hour.saturating_sub(usage::KEPT_HOURS - 1));
     let fleet = match &now.shared {
-        Some(shared) => shared.usage(from, now_hour, &COLUMNS).await.ok(),
+        Some(shared) => {
+            // This replica's own counts first, so they are current in the answer.
+            share(&now).await;
+            shared.usage(from, now_hour, &COLUMNS).await.ok()
+        }
         None => None,
     };
     let from_fleet = fleet.is_some();
@@ -49,27 +54,34 @@ fn since(query: Option<&str>) -> Result<u64, String> {
     Ok(0)
 }
 
-/// Every few seconds, add this replica's new counts to the fleet's (while `[cache]` is
-/// configured); counts Redis did not take are kept for the next time.
+/// Add this replica's new counts to the fleet's, once a minute (while `[cache]` is
+/// configured) and before it answers a usage request: a minute's counts of a replica
+/// per flush, a handful of commands, whatever the traffic.
 pub async fn share_usage(live: Live) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    let mut tick = tokio::time::interval(SHARE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = live.current();
-        let Some(shared) = now.shared.clone() else {
-            continue;
-        };
-        let rows = now.board.usage.take_unshared();
-        if rows.is_empty() {
-            continue;
-        }
-        if shared
-            .add_usage(hour_of(now_secs()), &COLUMNS, &rows)
-            .await
-            .is_err()
-        {
-            now.board.usage.untake(&rows);
-        }
+        share(&live.current()).await;
+    }
+}
+
+const SHARE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One flush; counts Redis did not take are kept for the next.
+async fn share(now: &crate::live::Generation) {
+    let Some(shared) = now.shared.clone() else {
+        return;
+    };
+    let rows = now.board.usage.take_unshared();
+    if rows.is_empty() {
+        return;
+    }
+    if shared
+        .add_usage(hour_of(now_secs()), &COLUMNS, &rows)
+        .await
+        .is_err()
+    {
+        now.board.usage.untake(&rows);
     }
 }

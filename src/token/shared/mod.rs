@@ -94,6 +94,8 @@ pub struct SharedCache {
     cipher: XChaCha20Poly1305,
     /// How long a minting replica holds the fleet lock at most.
     lease: Duration,
+    /// The hour whose usage hash this replica last gave its lifetime (see `add_usage`).
+    usage_dated: AtomicU64,
     cool_off_until: Mutex<Option<Instant>>,
     /// Set while an outage has been logged, so it is logged once, and the return once.
     down: AtomicBool,
@@ -167,6 +169,7 @@ impl SharedCache {
             // Longer than the slowest grant (three side calls of at most 15 s would be
             // extreme; one is the norm), short enough that a dead holder is soon forgotten.
             lease: Duration::from_secs(20),
+            usage_dated: AtomicU64::new(0),
             cool_off_until: Mutex::new(None),
             down: AtomicBool::new(false),
         })

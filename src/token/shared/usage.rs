@@ -17,7 +17,7 @@ impl SharedCache {
     }
 
     /// Add a replica's new counts to `hour`'s (one pipeline: an `HINCRBY` per count that
-    /// is not zero, and the hash's lifetime).
+    /// is not zero, and the hash's lifetime at the first flush of the hour).
     pub async fn add_usage(
         &self,
         hour: u64,
@@ -32,9 +32,16 @@ impl SharedCache {
                 pipe.cmd("HINCRBY").arg(&key).arg(field).arg(*n).ignore();
             }
         }
-        pipe.cmd("EXPIRE").arg(&key).arg(KEPT_SECS).ignore();
+        // The hash's lifetime, once per hour and replica (a flush a minute need not).
+        let dated = self.usage_dated.load(std::sync::atomic::Ordering::Relaxed) == hour;
+        if !dated {
+            pipe.cmd("EXPIRE").arg(&key).arg(KEPT_SECS).ignore();
+        }
         let mut redis = self.connection().await?;
-        self.run(pipe.query_async::<()>(&mut redis)).await
+        self.run(pipe.query_async::<()>(&mut redis)).await?;
+        self.usage_dated
+            .store(hour, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// The fleet's counts of the hours `from..=to`, summed per client and upstream.
