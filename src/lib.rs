@@ -48,6 +48,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Telemetry(String),
 }
 
 /// A proxy that is serving.
@@ -113,7 +115,11 @@ fn connection_caps(config: &Config) -> (usize, usize) {
 /// (see [`workers`]), the admin listener and the token refreshers on the caller's runtime.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let worker_count = config.server.workers;
-    let builder = live::Builder::new(Metrics::new(), worker_count);
+    let metrics = Metrics::new();
+    if let Some(telemetry) = &config.telemetry {
+        crate::telemetry::traces::start(telemetry, &metrics).map_err(StartError::Telemetry)?;
+    }
+    let builder = live::Builder::new(metrics, worker_count);
     let proxy_listeners =
         workers::bind_reuseport(config.server.listen, worker_count).map_err(|source| {
             StartError::Listen {
@@ -245,6 +251,11 @@ impl Running {
         if old.config.events != config.events {
             tracing::warn!("[events] changed in the config; it takes effect at the next restart");
         }
+        if old.config.telemetry != config.telemetry {
+            tracing::warn!(
+                "[telemetry] changed in the config; it takes effect at the next restart"
+            );
+        }
         let generation = self.builder.build(config);
         let refreshers = spawn_refreshers(&generation);
         let summary = (generation.upstreams.len(), generation.config.clients.len());
@@ -275,5 +286,7 @@ impl Running {
         for s in self.servers {
             let _ = s.await;
         }
+        // The last calls' spans, before the process ends.
+        crate::telemetry::traces::flush().await;
     }
 }

@@ -23,6 +23,7 @@ use crate::call::messages::ReplaceToken;
 use crate::call::outcome::{Outcome, TokenId};
 use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::config::providers::Provider;
+use crate::telemetry::traces::CallTrace;
 use crate::token::rejection::{Check, Liveness, Rejection};
 use crate::token::TokenError;
 use crate::upstream::WorkerUpstream;
@@ -162,7 +163,13 @@ where
         let replace = req.extensions().get::<ReplaceToken>().copied();
         let admitted = req.extensions().get::<Admitted>().copied();
         let check = replace.and_then(|_| liveness_check(&upstream, &self.inner, &req));
-        Box::pin(async move {
+        // A traced call waits for a token in its own context: a grant it starts is its
+        // child, one it waits for gets a link.
+        let trace = req
+            .extensions()
+            .get::<CallTrace>()
+            .map(|t| t.context().clone());
+        let call = Box::pin(async move {
             let (pool_index, token) = match replace {
                 Some(ReplaceToken { rejected, seen_at }) => {
                     let i = rejected.pool_index.min(upstream.tokens.len() - 1);
@@ -228,7 +235,11 @@ where
                 }
             }
             Ok(resp)
-        })
+        });
+        match trace {
+            Some(cx) => Box::pin(opentelemetry::context::FutureExt::with_context(call, cx)),
+            None => call,
+        }
     }
 }
 

@@ -165,6 +165,11 @@ where
                     let waited = asked.elapsed();
                     if !waited.is_zero() {
                         metrics.rate_wait(upstream.name(), waited);
+                        crate::telemetry::traces::waited_for_budget(
+                            req.extensions().get(),
+                            waited,
+                            upstream.name(),
+                        );
                     }
                     if let Some(i) = index {
                         req.extensions_mut().insert(Admitted(i));

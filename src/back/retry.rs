@@ -35,6 +35,7 @@ use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::config::UpstreamConfig;
 use crate::http::body::{self, BoxError, ByteBudget, ProxyBody, Reserved};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::traces::CallTrace;
 
 /// How many times a call is sent again after its pooled connection closed under it.
 const STALE_RESENDS: usize = 3;
@@ -179,15 +180,17 @@ async fn keep_body(
     Ok(Kept::Whole(kept.freeze(), reserved))
 }
 
-/// A request's head, kept to send it again. Of its extensions only the [`Caller`] matters
-/// past this layer (the forwarder shares connections out by caller); it is kept on its
-/// own and put back only on a copy that is sent, so the usual call, sent once, does not
+/// A request's head, kept to send it again. Of its extensions only the [`Caller`] (the
+/// forwarder shares connections out by caller) and the call's trace matter past this
+/// layer; they are kept on their own and put back only on a copy that is sent, so the usual call, sent once, does not
 /// pay for a copy of the extension map.
 struct KeptHead {
     head: http::request::Parts,
     caller: Option<Caller>,
     /// A WebSocket handshake's hold on its caller's connection, for a second attempt.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The call's trace, so every attempt is a span of the same call.
+    trace: Option<CallTrace>,
 }
 
 impl KeptHead {
@@ -201,6 +204,7 @@ impl KeptHead {
             head,
             caller: req.extensions().get::<Caller>().cloned(),
             upgrade: req.extensions().get::<hyper::upgrade::OnUpgrade>().cloned(),
+            trace: req.extensions().get::<CallTrace>().cloned(),
         }
     }
 
@@ -216,6 +220,9 @@ impl KeptHead {
         }
         if let Some(upgrade) = &self.upgrade {
             req.extensions_mut().insert(upgrade.clone());
+        }
+        if let Some(trace) = &self.trace {
+            req.extensions_mut().insert(trace.clone());
         }
         req
     }

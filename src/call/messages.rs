@@ -11,6 +11,7 @@
 //! | request | [`KeylessSocket`]: a keyless socket on a channel this replica made | `client_auth` | `notifications` |
 //! | request | [`Admitted`]: the pooled token the governor let the call through for | `budget` | `bearer` |
 //! | request | [`ReplaceToken`]: the token the upstream rejected, and when | `retry` | `bearer` |
+//! | request | [`CallTrace`](crate::telemetry::traces::CallTrace): the call's server span, when traces are on | `observe`; `retry` on the copies it sends | `bearer` (a grant's parent or link), `budget` (a wait's span), `forward` (an attempt's span) |
 //! | request | [`OnUpgrade`]: the caller's side of a WebSocket | hyper | `retry` (kept for a second attempt), `forward` |
 //! | answer | [`Outcome`]: the call's typed record (upstream, client, token, retry, [`ErrorCode`]) | every layer that learns its part | `observe`, `retry`, `bearer`, `deadline` |
 //!

@@ -32,6 +32,7 @@ pub mod providers;
 mod raw;
 mod server;
 mod signing;
+mod telemetry;
 pub use signing::signing_key;
 #[cfg(test)]
 mod tests;
@@ -51,6 +52,7 @@ pub use grant::{
 };
 use raw::RawConfig;
 pub use server::{LogFormat, Readiness, ServerConfig};
+pub use telemetry::TelemetryConfig;
 pub use upstream::{RateLimit, RouteLimit, UpstreamConfig, WebsocketToken};
 
 /// A validated configuration.
@@ -66,6 +68,8 @@ pub struct Config {
     pub cache: Option<CacheConfig>,
     /// Where security events go (`[events]`).
     pub events: EventsConfig,
+    /// OpenTelemetry traces (`[telemetry]`); `None`: off.
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 /// Reads the environment for `${VAR}` references; injected so tests never touch the
@@ -135,6 +139,7 @@ impl Cx<'_> {
     fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let cache = raw.cache.map(|c| self.cache(c)).transpose()?;
         let events = self.events(raw.events)?;
+        let telemetry = self.telemetry(raw.telemetry)?;
         let server = self.server(raw.server)?;
         if raw.upstream.is_empty() {
             return Err(self.err("[[upstream]]", "at least one upstream is required"));
@@ -199,6 +204,7 @@ impl Cx<'_> {
             clients,
             cache,
             events,
+            telemetry,
         })
     }
 }

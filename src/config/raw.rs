@@ -26,6 +26,8 @@ pub(super) struct RawConfig {
     pub(super) log: RawLog,
     #[serde(default)]
     pub(super) events: super::events::RawEvents,
+    #[serde(default)]
+    pub(super) telemetry: super::telemetry::RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]

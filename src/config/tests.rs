@@ -539,3 +539,42 @@ fn cache_takes_sentinels_with_a_master_name_instead_of_a_url() {
         );
     }
 }
+
+#[test]
+fn telemetry_is_off_by_default_and_its_keys_are_checked() {
+    assert!(load(GENESYS).unwrap().telemetry.is_none());
+    let on = load(&format!(
+        "{GENESYS}\n[telemetry]\notlp_endpoint = \"http://collector:4318\"\nheaders = {{ authorization = \"${{SECRET}}\" }}\n"
+    ))
+    .unwrap();
+    let t = on.telemetry.unwrap();
+    assert_eq!(t.endpoint.to_string(), "http://collector:4318/v1/traces");
+    assert_eq!(
+        (t.service_name.as_str(), t.sample_ratio),
+        ("tokengate", 1.0)
+    );
+    assert!(!format!("{t:?}").contains("super-secret-value"));
+    let as_given = load(&format!(
+        "{GENESYS}\n[telemetry]\notlp_endpoint = \"https://c.example/otlp/v1/traces\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        as_given.telemetry.unwrap().endpoint.to_string(),
+        "https://c.example/otlp/v1/traces"
+    );
+    for (extra, says) in [
+        ("sample_ratio = 0.5", "otlp_endpoint: is required"),
+        (
+            "otlp_endpoint = \"http://c:4318\"\nsample_ratio = 2.0",
+            "sample_ratio",
+        ),
+        ("otlp_endpoint = \"ftp://c\"", "otlp_endpoint"),
+        (
+            "otlp_endpoint = \"http://c:4318\"\nsampling = 1",
+            "unknown field",
+        ),
+    ] {
+        let e = load(&format!("{GENESYS}\n[telemetry]\n{extra}\n")).unwrap_err();
+        assert!(e.to_string().contains(says), "{extra}: {e}");
+    }
+}

@@ -21,8 +21,10 @@ use std::sync::Arc;
 
 use crate::call::outcome::{Outcome, RetryReason};
 use crate::call::{ProxyRequest, ProxyResponse};
+use crate::http::codes::ErrorCode;
 use crate::telemetry::board::{Answered, StatusBoard};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::traces::CallTrace;
 use crate::telemetry::usage::Call;
 
 /// Response headers that carry the platform's id for a call (Genesys first).
@@ -74,13 +76,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: ProxyRequest) -> Self::Future {
+    fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
         // The path is copied only when the log can take an INFO line at all. (Not
         // `tracing::enabled!`: with per-layer filters it leaves the thread's filter state
         // marked, and the next event — a security event — was lost to its layer.)
         let audited = tracing::level_filters::LevelFilter::current()
             >= tracing::level_filters::LevelFilter::INFO;
+        let trace =
+            crate::telemetry::traces::on().map(|traces| traces.begin_call(&mut req, audited_path));
         Observed {
+            trace,
             method: req.method().clone(),
             path: audited.then(|| audited_path(req.uri().path())),
             bytes_in: declared_length(req.headers(), req.body()),
@@ -96,6 +101,8 @@ pin_project_lite::pin_project! {
     pub struct Observed<F> {
         #[pin]
         inner: F,
+        // The call's server span, when traces are on.
+        trace: Option<CallTrace>,
         method: Method,
         path: Option<String>,
         bytes_in: u64,
@@ -127,6 +134,9 @@ where
         }
         let (client, error) = (outcome.client.as_deref(), outcome.error);
         let retried = outcome.retried.map(RetryReason::as_str);
+        if let Some(trace) = this.trace.take() {
+            trace.end(status, upstream, client, error.map(ErrorCode::as_str));
+        }
         if status == 429 && error.is_none() && !upstream.is_empty() {
             this.metrics
                 .rate_limited(upstream, client.unwrap_or(""), "platform");
@@ -182,7 +192,7 @@ where
             ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
             retried,
             correlation_id = correlation,
-            error = error.map(crate::http::codes::ErrorCode::as_str),
+            error = error.map(ErrorCode::as_str),
             "request"
         );
         Poll::Ready(Ok(resp))

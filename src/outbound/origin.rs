@@ -46,6 +46,19 @@ impl Origin {
         })
     }
 
+    /// The host's name (or address) and its port, as a trace names the server.
+    pub fn server(&self) -> (&str, u16) {
+        let default_port = if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        (
+            self.authority.host(),
+            self.authority.port_u16().unwrap_or(default_port),
+        )
+    }
+
     /// The path to ask the upstream for: the base URL's path, then the path within the
     /// upstream (no copy when the base URL is the host's root, the usual case).
     pub fn path(&self, within: &PathAndQuery) -> Result<PathAndQuery, http::uri::InvalidUri> {

@@ -77,6 +77,7 @@ struct Inner {
     rate_budget_remaining: Family<UpstreamLabels, Gauge>,
     rate_limited: Family<RateLimitedLabels, Counter>,
     rate_wait: HistogramFamily,
+    telemetry_export_failures: Counter,
     /// Resolved on the first answer refused before routing.
     unrouted: OnceLock<UpstreamMetrics>,
 }
@@ -159,6 +160,12 @@ impl Metrics {
             "Calls answered 429, by who refused them: proxy (the rate governor or max_per_minute) or platform",
             rate_limited.clone(),
         );
+        let telemetry_export_failures = Counter::default();
+        registry.register(
+            "tokengate_telemetry_export_failures",
+            "Batches of trace spans the OpenTelemetry collector did not take (unreachable, refused, timed out); the calls they describe were served",
+            telemetry_export_failures.clone(),
+        );
         registry.register(
             "tokengate_rate_wait_seconds",
             "How long calls waited for room in the rate budget (calls that waited)",
@@ -178,9 +185,15 @@ impl Metrics {
                 websockets_open,
                 channels_open,
                 websocket_bytes,
+                telemetry_export_failures,
                 unrouted: OnceLock::new(),
             }),
         }
+    }
+
+    /// Counts trace exports that failed (shared with the exporter's thread).
+    pub fn telemetry_export_failures(&self) -> Counter {
+        self.inner.telemetry_export_failures.clone()
     }
 
     /// The request metrics of one upstream, resolved once (see [`UpstreamMetrics`]).

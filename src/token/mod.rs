@@ -50,6 +50,9 @@ pub struct Token {
     used_ms: AtomicU64,
     /// The idle timeout was asked for with this token (once per token).
     idle_asked: AtomicBool,
+    /// The span of the grant that minted it, when traces are on: calls that waited for
+    /// the grant link to it.
+    pub grant_span: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl std::fmt::Debug for Token {
@@ -132,6 +135,7 @@ impl Token {
             idle_ms: AtomicU64::new(0),
             used_ms: AtomicU64::new(0),
             idle_asked: AtomicBool::new(false),
+            grant_span: None,
         }
     }
 }

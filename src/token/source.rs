@@ -20,6 +20,7 @@ use super::rejection::{Check, Rejection};
 use super::shared::{FleetLock, SharedCache, SharedToken};
 use super::{Token, TokenError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::traces::GrantSpan;
 pub use snapshot::{Failure, TokenSnapshot};
 
 /// Where a token source stands in the fleet's cache (the default: in no fleet).
@@ -232,6 +233,7 @@ impl TokenSource {
         let current = self.current.load_full();
         // Someone else may have minted while we waited for the lock.
         if let Some(t) = current.as_ref().filter(|t| want.satisfied_by(t, now)) {
+            crate::telemetry::traces::waited_for_grant(t.grant_span.as_ref());
             return Ok(Arc::clone(t));
         }
         // Discard the rejected token, and only it: a newer one would have satisfied us.
@@ -270,12 +272,24 @@ impl TokenSource {
         };
         let sent = Instant::now();
         let sent_wall = std::time::SystemTime::now();
+        let span = GrantSpan::begin(&self.upstream);
         let result = self.granter.grant().await;
         drop(pool_turn);
         let result = result.and_then(|granted| {
-            let token = self.token_for(&granted.access_token, sent, granted.expires_in)?;
+            let token = self.token_for(
+                &granted.access_token,
+                sent,
+                granted.expires_in,
+                span.context(),
+            )?;
             Ok((granted, token))
         });
+        span.end(
+            result
+                .as_ref()
+                .err()
+                .map(|cause| (cause.outcome(), cause.for_caller())),
+        );
         match result {
             Ok((granted, token)) => {
                 if let Some((shared, creds, lock)) = fleet_turn {
@@ -350,6 +364,7 @@ impl TokenSource {
         access_token: &secrecy::SecretString,
         sent: Instant,
         lifetime: Duration,
+        grant_span: Option<opentelemetry::trace::SpanContext>,
     ) -> Result<Arc<Token>, GrantError> {
         let header = HeaderValue::from_str(&format!("Bearer {}", access_token.expose_secret()));
         // The granter checked that the token fits a header; stay defensive anyway.
@@ -362,7 +377,8 @@ impl TokenSource {
         };
         header.set_sensitive(true);
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let token = Token::new(header, generation, sent, lifetime);
+        let mut token = Token::new(header, generation, sent, lifetime);
+        token.grant_span = grant_span;
         let idle = self.idle_ms.load(Ordering::Relaxed);
         token.set_idle_timeout((idle > 0).then(|| Duration::from_millis(idle)));
         Ok(Arc::new(token))
@@ -447,7 +463,7 @@ impl TokenSource {
         let now = Instant::now();
         let sent = now.checked_sub(age)?;
         let token = self
-            .token_for(&found.access_token, sent, found.lifetime)
+            .token_for(&found.access_token, sent, found.lifetime, None)
             .ok()?;
         if !want.satisfied_by(&token, now) || rejected == Some(token.header()) {
             return None;

@@ -29,6 +29,8 @@ mod resilience;
 mod revocation;
 mod security;
 mod shared_limits;
+
 mod status_page;
+mod traces;
 mod usage;
 mod websockets;
