@@ -5,6 +5,7 @@
 #   benches/load.sh                 # 3 rounds of 10 s each, 64 connections
 #   ROUNDS=5 DURATION=20 CONNECTIONS=64 benches/load.sh
 #   BASELINE=/path/to/an/older/tokengate benches/load.sh   # and that build beside this one
+#   TRACED=1 benches/load.sh        # and this build exporting a span for every call
 #
 # Everything runs on loopback: the upstream is nginx (its own process, 1 worker) answering
 # a small JSON body; in front of it nginx (2 workers, keep-alive upstream, fixed bearer
@@ -150,8 +151,19 @@ if [ -n "${BASELINE:-}" ]; then
   baseline_pid=$!
 fi
 
+# The same build with OpenTelemetry traces at sample_ratio 1.0 (TRACED=1): every call's
+# spans exported over OTLP/HTTP; the upstream nginx plays the collector (it answers 200).
+if [ -n "${TRACED:-}" ]; then
+  tr=$(free_port); tad=$(free_port)
+  sed -e "s/127.0.0.1:$tg/127.0.0.1:$tr/" -e "s/127.0.0.1:$ad/127.0.0.1:$tad/" "$work/proxy.toml" > "$work/traced.toml"
+  printf '[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = 1.0\n' "$up" >> "$work/traced.toml"
+  TOKENGATE_LOG=warn ./target/release/tokengate run -c "$work/traced.toml" > "$work/tr.out" 2>&1 &
+  pids+=($!)
+  traced_pid=$!
+fi
+
 auth="Authorization: Bearer $key"
-for port in $up $ng $hp $tg ${bl:-}; do
+for port in $up $ng $hp $tg ${bl:-} ${tr:-}; do
   for _ in $(seq 100); do curl -sf -H "$auth" "http://127.0.0.1:$port/api/v2/users/me" >/dev/null && break; sleep 0.1; done
 done
 
@@ -210,6 +222,9 @@ procs=($upstream_pid $nginx_front $haproxy_pid $tokengate_pid)
 if [ -n "${BASELINE:-}" ]; then
   names+=(baseline); ports+=("$bl"); procs+=("$baseline_pid")
 fi
+if [ -n "${TRACED:-}" ]; then
+  names+=(traced); ports+=("$tr"); procs+=("$traced_pid")
+fi
 for round in $(seq "$ROUNDS"); do
   for i in "${!names[@]}"; do
     results[${names[$i]}]+="$(run_wrk "${ports[$i]}" "${procs[$i]}")"$'\n'
@@ -241,6 +256,7 @@ for n in "${names[@]}"; do
     haproxy) rss=$(peak_rss_mib "$haproxy_pid") ;;
     tokengate) rss=$(peak_rss_mib "$tokengate_pid") ;;
     baseline) rss=$(peak_rss_mib "$baseline_pid") ;;
+    traced) rss=$(peak_rss_mib "$traced_pid") ;;
     *) rss="-" ;;
   esac
   errs=$(awk 'NF {s+=$4} END {print s+0}' <<<"${results[$n]}")
@@ -272,3 +288,8 @@ done
 budget=$(echo "$(chain nginx) / 1.2 - $(col "${results[tokengate]}" 8) - $(col "${results[tokengate]}" 7)" | bc -l)
 printf 'for 1.2x nginx, tokengate may spend %.1f us per call in all; its system time alone is %.1f us\n' "$budget" "$(col "${results[tokengate]}" 6)"
 echo "token grants by tokengate during the run: $grants"
+if [ -n "${TRACED:-}" ]; then
+  failed=$(curl -s "http://127.0.0.1:$tad/metrics" | awk '/^tokengate_telemetry_export_failures_total/ {print $NF}')
+  printf 'traced: CPU per call %.1f us more than tokengate without traces; exports that failed: %s\n' \
+    "$(echo "$(col "${results[traced]}" 5) + $(col "${results[traced]}" 6) - $(col "${results[tokengate]}" 5) - $(col "${results[tokengate]}" 6)" | bc -l)" "${failed:-?}"
+fi
