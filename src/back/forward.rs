@@ -236,35 +236,6 @@ impl Service<ProxyRequest> for Forward {
 
     fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
         let upstream = self.upstream.clone();
-        // A traced call's attempt: its span, and its context to the API host.
-        let attempt = match upstream.origin() {
-            Some(origin) => {
-                let (host, port) = origin.server();
-                Attempt::begin(&mut req, host, Some(port))
-            }
-            None => None,
-        };
-        let answer = self.send(upstream, req);
-        match attempt {
-            None => answer,
-            Some(attempt) => Box::pin(answer.map(move |resp| {
-                if let Ok(resp) = &resp {
-                    let error = Outcome::read(resp).and_then(|o| o.error);
-                    attempt.end(
-                        resp.status().as_u16(),
-                        resp.headers(),
-                        error.map(|e| e.as_str()),
-                    );
-                }
-                resp
-            })),
-        }
-    }
-}
-
-impl Forward {
-    /// One attempt: the request to the API host over this worker's connections.
-    fn send(&mut self, upstream: WorkerUpstream, mut req: ProxyRequest) -> BoxFuture {
         let Some(origin) = upstream.origin() else {
             let e = ProxyError::TokenUnavailable {
                 retry_after: None,
@@ -272,6 +243,33 @@ impl Forward {
             };
             return Box::pin(async { Ok(e.into_response()) });
         };
+        // A traced call's attempt: its span, and its context to the API host.
+        let Some(attempt) = Attempt::begin(&mut req, || origin.server()) else {
+            return self.send(upstream, origin, req);
+        };
+        Box::pin(self.send(upstream, origin, req).map(move |resp| {
+            if let Ok(resp) = &resp {
+                let error = Outcome::read(resp).and_then(|o| o.error);
+                attempt.end(
+                    resp.status().as_u16(),
+                    resp.headers(),
+                    error.map(|e| e.as_str()),
+                );
+            }
+            resp
+        }))
+    }
+}
+
+impl Forward {
+    /// One attempt: the request to the API host at `origin` over this worker's
+    /// connections.
+    fn send(
+        &mut self,
+        upstream: WorkerUpstream,
+        origin: Arc<Origin>,
+        mut req: ProxyRequest,
+    ) -> BoxFuture {
         let within = req
             .uri()
             .path_and_query()

@@ -314,18 +314,21 @@ pub struct Attempt {
 
 impl Attempt {
     /// For a traced call only: open the attempt's span and put its `traceparent` (and the
-    /// caller's `tracestate`) on the request.
-    pub fn begin<B>(req: &mut http::Request<B>, host: &str, port: Option<u16>) -> Option<Attempt> {
+    /// caller's `tracestate`) on the request. `server`: the API host's name and port
+    /// (asked only for a traced call).
+    pub fn begin<'a, B>(
+        req: &mut http::Request<B>,
+        server: impl FnOnce() -> (&'a str, u16),
+    ) -> Option<Attempt> {
         let call = req.extensions().get::<CallTrace>()?;
         let traces = on()?;
         let resends = call.attempts.fetch_add(1, Ordering::Relaxed);
+        let (host, port) = server();
         let mut attributes = vec![
             KeyValue::new("http.request.method", req.method().to_string()),
             KeyValue::new("server.address", host.to_string()),
+            KeyValue::new("server.port", i64::from(port)),
         ];
-        if let Some(port) = port {
-            attributes.push(KeyValue::new("server.port", i64::from(port)));
-        }
         if resends > 0 {
             attributes.push(KeyValue::new(
                 "http.request.resend_count",
