@@ -224,13 +224,14 @@ where
                 if asks_idle && resp.status().is_success() && token.ask_idle_timeout() {
                     // A call in the token's budget: asked only when the budget has room
                     // for it now, else with the token's next answer.
-                    if !upstream.budget.take_own(pool_index) {
+                    let Some(unanswered) = upstream.budget.take_own(pool_index) else {
                         token.ask_idle_timeout_later();
                         return Ok(resp);
-                    }
+                    };
                     if let Some(question) = super::idle::question(&token, caller) {
                         let answer = inner.call(question);
-                        tokio::spawn(super::idle::learn(upstream, answer, pool_index));
+                        let learn = super::idle::learn(upstream, answer, pool_index, unanswered);
+                        tokio::spawn(learn);
                     }
                 }
             }

@@ -18,7 +18,7 @@ use crate::call::error::ProxyError;
 use crate::call::messages::Admitted;
 use crate::call::messages::Caller;
 use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
-use crate::governor::Refusal;
+use crate::governor::{Admission, Refusal};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::WorkerUpstream;
 
@@ -148,7 +148,7 @@ where
                 None => Ok(None),
             };
             let admitted = match routed {
-                Ok(_) => upstream.budget.admit(&name, share, cap).await.map_err(|refusal| match refusal {
+                Ok(_) => upstream.budget.admit_call(&name, share, cap).await.map_err(|refusal| match refusal {
                     Refusal::Budget(after) => (after, format!(
                         "the rate budget of upstream \"{}\" has no room for this call within rate_limit_max_wait_secs; the platform's budget was not spent",
                         upstream.name()
@@ -160,8 +160,9 @@ where
                 }),
                 Err(refused) => Err(refused),
             };
-            match admitted {
-                Ok(index) => {
+            // Counted as on its way until its answer was observed (see `Unanswered`).
+            let _unanswered = match admitted {
+                Ok(Admission { index, unanswered }) => {
                     let waited = asked.elapsed();
                     if !waited.is_zero() {
                         metrics.rate_wait(upstream.name(), waited);
@@ -174,6 +175,7 @@ where
                     if let Some(i) = index {
                         req.extensions_mut().insert(Admitted(i));
                     }
+                    unanswered
                 }
                 Err((retry_after, message)) => {
                     metrics.rate_limited(upstream.name(), &name, "proxy");
@@ -185,7 +187,7 @@ where
                     tell_share(&upstream, &name, refused.headers_mut());
                     return Ok(refused);
                 }
-            }
+            };
             // The platform's own 429s are counted by the observe layer, for every call.
             let mut answer = inner.call(req).await?;
             tell_share(&upstream, &name, answer.headers_mut());

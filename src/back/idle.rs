@@ -12,6 +12,7 @@ use http::header;
 
 use crate::call::messages::Caller;
 use crate::call::{BoxFuture, ProxyRequest};
+use crate::governor::Unanswered;
 use crate::http::body;
 use crate::token::Token;
 use crate::upstream::WorkerUpstream;
@@ -51,13 +52,20 @@ pub fn question(token: &Token, caller: Option<Caller>) -> Option<ProxyRequest> {
 
 /// Read the platform's `answer` to [`question`], asked with pooled token `index`, and
 /// hold the upstream's tokens to the idle timeout it gives.
-pub async fn learn(upstream: WorkerUpstream, answer: BoxFuture, index: usize) {
+/// (`unanswered`: the question, on its way until its answer was read.)
+pub async fn learn(
+    upstream: WorkerUpstream,
+    answer: BoxFuture,
+    index: usize,
+    unanswered: Unanswered,
+) {
     let Ok(answer) = answer.await;
     let status = answer.status().as_u16();
     // It is a call in the token's budget like any other.
     upstream
         .budget
         .observe(index, status, answer.headers(), || upstream.in_flight());
+    drop(unanswered);
     let Some(bytes) = body::read_small(answer.into_body(), 64 * 1024).await else {
         return;
     };

@@ -48,6 +48,20 @@ impl Governor {
         }
     }
 
+    /// Report calls of window `index` to the fleet without reserving any (a lease of no
+    /// calls, off the caller's path: a round trip to Redis).
+    pub(super) fn report(&self, index: usize, lease: Lease) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.me.clone();
+        runtime.spawn(async move {
+            if let Some(governor) = me.upgrade() {
+                governor.lease(index, lease).await;
+            }
+        });
+    }
+
     /// Give back what this replica holds of window `index` once it is quiet: when a
     /// `quiet` stretch (a quarter of the window) passes with no call let through, the
     /// calls still leased go back to the fleet, for the replicas that have calls. Not in

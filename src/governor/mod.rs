@@ -30,6 +30,7 @@ mod fleet;
 mod queue;
 mod routes;
 mod shares;
+mod unanswered;
 mod window;
 
 pub use fleet::FleetBudget;
@@ -37,6 +38,7 @@ pub use queue::Refusal;
 use queue::{book_finish, State, Waiter};
 pub use routes::{RouteBudget, RouteBudgets};
 pub use shares::ShareNow;
+pub use unanswered::{Admission, Unanswered};
 pub use window::Budget;
 use window::TokenWindow;
 pub use window::{
@@ -164,8 +166,23 @@ impl Governor {
         share: u32,
         cap: Option<u64>,
     ) -> Result<Option<usize>, Refusal> {
+        self.admit_call(client, share, cap).await.map(|a| a.index)
+    }
+
+    /// [`Governor::admit`], with the call counted as on its way until the [`Admission`]'s
+    /// guard is dropped: the caller keeps it until the answer was observed.
+    pub async fn admit_call(
+        &self,
+        client: &Arc<str>,
+        share: u32,
+        cap: Option<u64>,
+    ) -> Result<Admission, Refusal> {
+        let passed = |st: &State, index| Admission {
+            index,
+            unanswered: Unanswered::counted(&st.unanswered),
+        };
         if !self.is_active() && cap.is_none() {
-            return Ok(None);
+            return Ok(passed(&self.lock(), None));
         }
         let now = Instant::now();
         let fleet = self
@@ -191,7 +208,7 @@ impl Governor {
                 book.minute = Some((started, calls + 1));
             }
             if !active {
-                return Ok(None);
+                return Ok(passed(&st, None));
             }
             let start = st.virtual_time.max(book_finish(&st, client));
             let tag = start + STEP / u64::from(share.max(1));
@@ -217,7 +234,7 @@ impl Governor {
                     let book = st.clients.entry(Arc::clone(client)).or_default();
                     book.finish = tag;
                     book.served += 1;
-                    return Ok(Some(i));
+                    return Ok(passed(&st, Some(i)));
                 }
             }
             let room_at = st.room_at_for(client, now);
@@ -247,7 +264,10 @@ impl Governor {
             rx
         };
         match tokio::time::timeout(self.max_wait, rx).await {
-            Ok(Ok(index)) => Ok(Some(index)),
+            Ok(Ok((index, unanswered))) => Ok(Admission {
+                index: Some(index),
+                unanswered,
+            }),
             _ => {
                 let now = Instant::now();
                 let room_at = self.lock().room_at_for(client, now);
@@ -313,16 +333,18 @@ impl Governor {
     }
 
     /// Read an answer's budget for pooled token `index` (Genesys' `inin-ratelimit-*`),
-    /// and a platform 429, which says the window is spent whatever was believed.
-    /// `in_flight`: calls sent and not yet answered — the platform may have counted them
-    /// after this answer's count (read only when a budget is first learned, or the
-    /// platform starts a window the governor did not expect).
+    /// and a platform 429, which says the window is spent whatever was believed. The
+    /// calls on their way (this one among them) may be counted by the platform after
+    /// this answer's count: read when a budget is first learned, or the platform starts a
+    /// window the governor did not expect. They are the calls let through and still
+    /// [`Unanswered`], or, if more, `holding_connections` (calls that passed while the
+    /// governor held no budget were not counted by it).
     pub fn observe(
         &self,
         index: usize,
         status: u16,
         headers: &HeaderMap,
-        in_flight: impl Fn() -> u64,
+        holding_connections: impl Fn() -> u64,
     ) {
         let number = |name| header_number(headers, name);
         let allowed = number(RATELIMIT_ALLOWED);
@@ -342,6 +364,8 @@ impl Governor {
         );
         let now = Instant::now();
         let mut st = self.lock();
+        let unanswered = st.unanswered.load(Ordering::Relaxed);
+        let in_flight = || unanswered.max(holding_connections());
         let Some(w) = st.windows.get_mut(index) else {
             return;
         };
@@ -377,13 +401,6 @@ impl Governor {
                 // shows them (this answer's own call is in it).
                 w.used = count.unwrap_or(w.used);
                 w.guard = in_flight().saturating_sub(1);
-                if learned {
-                    // None of them was reserved with the fleet, and the replicas that
-                    // made them may report them only after the window is leased: this
-                    // replica's next lease counts the platform's whole count (each
-                    // replica does: a fleet's first window is spent on the safe side).
-                    w.unreserved = w.unreserved.max(w.used + w.guard);
-                }
             } else {
                 let count = count.unwrap_or(0);
                 if w.guard > 0 {
@@ -406,6 +423,17 @@ impl Governor {
                 w.ends = Some(w.ends.unwrap_or(now).max(now + Duration::from_secs(1)));
             }
         }
+        // The calls this replica made before it knew the budget (none was reserved with
+        // the fleet) go to the fleet's counter at once: reported with its next lease, they
+        // could come after the other replicas had leased the whole window, and the
+        // platform would count more than it allows. Each replica reports its own, so the
+        // counter holds each call once.
+        let report = (learned && st.fleet_mode(now) == Some(true))
+            .then(|| st.windows.get(index).map(|w| w.lease(0, now)))
+            .flatten();
+        if let Some(lease) = report {
+            self.report(index, lease);
+        }
         if !st.waiting.is_empty() {
             st.dispatch(now);
         }
@@ -413,27 +441,25 @@ impl Governor {
 
     /// Take room for a call of the proxy's own with pooled token `index` (the idle
     /// timeout's question), now or never: it counts in the window like any call, but is
-    /// no client's (it takes no client's share, and makes no client share). `false`: no
-    /// room now.
-    pub fn take_own(&self, index: usize) -> bool {
-        if !self.is_active() {
-            return true;
-        }
+    /// no client's (it takes no client's share, and makes no client share), and on its way
+    /// until the guard is dropped. `None`: no room now.
+    pub fn take_own(&self, index: usize) -> Option<Unanswered> {
         let now = Instant::now();
         let mut st = self.lock();
+        if !self.is_active() {
+            return Some(Unanswered::counted(&st.unanswered));
+        }
         if !st.waiting.is_empty() {
-            return false;
+            return None;
         }
         let fleet = st.fleet_mode(now);
-        let Some(w) = st.windows.get_mut(index) else {
-            return false;
-        };
+        let w = st.windows.get_mut(index)?;
         w.roll(now);
         if w.assumed || !w.has_room(fleet, false) {
-            return false;
+            return None;
         }
         w.count_call(now, fleet);
-        true
+        Some(Unanswered::counted(&st.unanswered))
     }
 
     /// The share of `client` as it stands now (see [`ShareNow`]), for its answers'

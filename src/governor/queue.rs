@@ -3,12 +3,14 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::unanswered::Unanswered;
 use super::window::TokenWindow;
 use super::{slice_of, MARGIN};
 use crate::token::shared::{Lease, Leased};
@@ -22,7 +24,7 @@ pub(super) struct Waiter {
     pub(super) start: u64,
     pub(super) seq: u64,
     pub(super) client: Arc<str>,
-    pub(super) tx: oneshot::Sender<usize>,
+    pub(super) tx: oneshot::Sender<(usize, Unanswered)>,
 }
 
 impl PartialEq for Waiter {
@@ -79,6 +81,8 @@ pub(super) struct State {
     /// client asked) more than one client counts as calling, and calls are paced.
     pub(super) last_client: Option<Arc<str>>,
     pub(super) several_until: Option<Instant>,
+    /// The calls let through and not answered yet (see [`Unanswered`]).
+    pub(super) unanswered: Arc<AtomicU64>,
 }
 
 impl State {
@@ -97,6 +101,7 @@ impl State {
             fleet_down_until: None,
             last_client: None,
             several_until: None,
+            unanswered: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -130,22 +135,7 @@ impl State {
                     Some((own, false)) => (2 * (own + waiting)).clamp(1, most),
                     _ => most,
                 };
-                // The counter lives until the platform's window ends as this replica
-                // sees it (its own view ends a margin later, as every replica's does, so
-                // a replica that starts the next window finds a new counter); a window no
-                // call has started yet lasts its length from its first call, after this.
-                let lifetime = w
-                    .ends
-                    .map_or(w.len.unwrap_or(Duration::from_secs(60)) + MARGIN, |e| {
-                        e.saturating_duration_since(now + MARGIN)
-                    });
-                let lease = Lease {
-                    slice,
-                    unreserved: w.unreserved,
-                    first: !w.joined,
-                    lifetime,
-                    replicas_seen: w.replicas,
-                };
+                let lease = w.lease(slice, now);
                 (i, lease)
             })
         })
@@ -184,7 +174,12 @@ impl State {
         let before = got.counted.saturating_sub(lease.slice);
         let granted = lease.slice.min(allowed.saturating_sub(before));
         w.leased += granted;
-        if granted == 0 {
+        // A report of calls (no slice asked) finds the window spent only at the budget.
+        let spent = granted == 0 && (lease.slice > 0 || got.counted >= allowed);
+        if lease.first {
+            w.spent_joins = if spent { w.spent_joins + 1 } else { 0 };
+        }
+        if spent {
             w.starved = true;
             // The fleet has reserved the whole window: none until it ends — when the
             // fleet's counter says, if this replica had not seen the window start.
@@ -273,7 +268,8 @@ impl State {
                 break;
             };
             self.virtual_time = self.virtual_time.max(w.start);
-            if w.tx.send(i).is_err() {
+            let unanswered = Unanswered::counted(&self.unanswered);
+            if w.tx.send((i, unanswered)).is_err() {
                 self.windows[i].used -= 1;
                 self.unspend(&w.client, i);
             } else if let Some(book) = self.clients.get_mut(&w.client) {

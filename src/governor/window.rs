@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::{slice_of, MARGIN};
 use crate::config::RateLimit;
+use crate::token::shared::Lease;
 
 /// One pooled token's window, as the governor counts it, and the pace it spends it at.
 #[derive(Debug, Clone)]
@@ -34,6 +35,10 @@ pub(super) struct TokenWindow {
     /// task watches for leased calls it stops using (see `Governor::watch_lease`).
     pub(super) joined: bool,
     pub(super) watched: bool,
+    /// How many windows in a row this replica's first lease found spent (kept across
+    /// windows): a counter that outlived its window is found so every time (see
+    /// `SharedCache::lease_budget`).
+    pub(super) spent_joins: u32,
     /// The fleet's reservations in this window as the last lease told (at the budget: the
     /// window is spent once this replica's leased calls are); and how many replicas
     /// reserved, the most seen lately (kept across windows, renewed within five minutes).
@@ -85,6 +90,7 @@ impl TokenWindow {
             leased: 0,
             joined: false,
             watched: false,
+            spent_joins: 0,
             fleet_total: 0,
             replicas: 1,
             replicas_seen: None,
@@ -126,6 +132,26 @@ impl TokenWindow {
     /// it still spends (and counts in its next lease).
     pub(super) fn in_tail(&self, now: Instant) -> bool {
         self.ends.is_some_and(|e| now + MARGIN * 2 >= e)
+    }
+
+    /// A lease of `slice` calls of this window made now (see [`Lease`]).
+    pub(super) fn lease(&self, slice: u64, now: Instant) -> Lease {
+        // The counter lives until the platform's window ends as this replica sees it (its
+        // own view ends a margin later, as every replica's does, so a replica that starts
+        // the next window finds a new counter); a window no call has started yet lasts
+        // its length from its first call, after this.
+        let lifetime = self
+            .ends
+            .map_or(self.len.unwrap_or(Duration::from_secs(60)) + MARGIN, |e| {
+                e.saturating_duration_since(now + MARGIN)
+            });
+        Lease {
+            slice,
+            unreserved: self.unreserved,
+            first: !self.joined,
+            lifetime,
+            spent_before: self.spent_joins,
+        }
     }
 
     pub(super) fn window_has_room(&self) -> bool {

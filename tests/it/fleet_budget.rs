@@ -220,3 +220,86 @@ fn header_number(r: &reqwest::Response, name: &str) -> u64 {
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// A replica that dies between a window's `INCRBY` and its `PEXPIRE` leaves a counter
+/// with no lifetime: every replica then finds every window spent at its start. The fleet
+/// must notice and give the counter a lifetime. Before, a replica asked only when the
+/// counter held more than twice the replicas it had seen: with one replica left the count
+/// grows by one a window and the window stayed spent for ever.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs redis-server: scripts/test.sh installs it and runs these"]
+async fn a_window_counter_left_without_a_lifetime_costs_the_fleet_a_few_windows_not_all() {
+    const ALLOWED: u64 = 20;
+    const LEN: Duration = Duration::from_secs(4);
+    let sandbox = Sandbox::start(SandboxOptions {
+        per_token_limit: Some(ALLOWED),
+        limit_window: LEN,
+        ..sandbox_options()
+    })
+    .await
+    .unwrap();
+    let redis = RedisServer::start();
+    let config = format!(
+        "{}\n[cache]\nredis_url = \"{}\"\nencryption_key = \"q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=\"\n",
+        config_with(
+            &sandbox,
+            "",
+            &format!("rate_limit = \"{ALLOWED}/{}s\"", LEN.as_secs())
+        ),
+        redis.url()
+    );
+    let proxy = Arc::new(Proxy::start(&config));
+    assert_eq!(get_with_key(&proxy, "/api/v2/users/me").await.status(), 200);
+    // The window's counter loses its lifetime, as if its PEXPIRE had never come.
+    let key = redis
+        .dump()
+        .into_iter()
+        .map(|(k, _)| k)
+        .find(|k| k.starts_with("tokengate:calls:"))
+        .expect("the window's counter");
+    let mut c = redis.connection().unwrap();
+    let persisted: i64 = redis::cmd("PERSIST").arg(&key).query(&mut c).unwrap();
+    assert_eq!(persisted, 1, "the counter had a lifetime");
+    // Two callers call on; within a few windows they are served a second window's worth.
+    let served = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            let (proxy, served, stop) =
+                (Arc::clone(&proxy), Arc::clone(&served), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let c = client();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = c
+                        .get(proxy.url("/api/v2/users/me"))
+                        .header("X-Api-Key", CLIENT_KEY)
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == 200 => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Refused: back in a moment (the governor holds its queue).
+                        _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    // Found spent four windows in a row, the counter is asked its lifetime and given one.
+    let enough = wait_for(LEN * 10, || {
+        (served.load(Ordering::Relaxed) > ALLOWED * 3 / 2).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut c).unwrap();
+    assert!(
+        enough.is_some(),
+        "served {} calls in ten windows; the counter's lifetime: {ttl} ms",
+        served.load(Ordering::Relaxed)
+    );
+    assert_eq!(sandbox.throttled(), 0);
+}

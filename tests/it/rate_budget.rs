@@ -496,3 +496,39 @@ async fn header_only_shares_three_and_one_are_served_three_to_one_from_the_first
     assert!((2.55..=3.45).contains(&ratio), "{n3}:{n1}");
     assert_eq!(sandbox.throttled(), 0, "the platform answered no 429");
 }
+
+/// A budget learned from the first answer must hold the calls let through before it that
+/// are still on their way: with `max_connections = 4`, 40 callers' first calls are let
+/// through (the documented 300 a minute allowed them) and 36 wait for a connection when
+/// the first answer says 60 per 10 s. Counting only the calls holding a connection, the
+/// governor believed 56 more were free and the platform answered 429s.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_waiting_for_a_connection_when_the_budget_is_learned_count_against_it() {
+    let sandbox = budgeted_sandbox(60, 10).await;
+    let config = two_clients(
+        &sandbox,
+        "max_connections = 4\nrate_limit_max_wait_secs = 60",
+        "",
+        "",
+    );
+    let proxy = Arc::new(Proxy::start(&config));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (quiet, a) = saturate(&proxy, CLIENT_KEY, 20, &stop);
+    let (noisy, b) = saturate(&proxy, NOISY_KEY, 20, &stop);
+    let served = || quiet.lock().unwrap().count(200) + noisy.lock().unwrap().count(200);
+    // Two windows' worth: the first window's calls and the next one's.
+    wait_for(Duration::from_secs(40), || (served() >= 100).then_some(()))
+        .await
+        .expect("two windows of calls");
+    stop.store(true, Ordering::Relaxed);
+    for t in a.into_iter().chain(b) {
+        t.abort();
+    }
+    assert_eq!(
+        sandbox.throttled(),
+        0,
+        "the platform answered no 429: {:?} {:?}",
+        quiet.lock().unwrap(),
+        noisy.lock().unwrap()
+    );
+}
