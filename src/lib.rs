@@ -166,6 +166,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let live = live::Live::new(generation);
     // With `[cache]`, each replica adds its usage counts to the fleet's (admin/usage.rs).
     tokio::spawn(admin::usage::share_usage(live.clone()));
+    tokio::spawn(front::keys::warn_of_expiry(live.clone()));
     let mut servers = Vec::new();
     for (index, socket) in proxy_listeners.into_iter().enumerate() {
         let (live, tls, gate, stopping) = (live.clone(), tls.clone(), gate.clone(), on_stop());
@@ -256,6 +257,7 @@ impl Running {
                 "[telemetry] changed in the config; it takes effect at the next restart"
             );
         }
+        crate::front::keys::tell_expiring(&config);
         let generation = self.builder.build(config);
         let refreshers = spawn_refreshers(&generation);
         let summary = (generation.upstreams.len(), generation.config.clients.len());

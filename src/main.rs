@@ -74,7 +74,12 @@ enum Command {
 #[derive(Subcommand)]
 enum KeyAction {
     /// Make a random client key and print it with its hash.
-    New,
+    New {
+        /// Make it stop working after this long (`90d`, `12h`, `2w`): prints the
+        /// `keys = [{ sha256, not_after }]` line to paste.
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
     /// Print the SHA-256 of a key read from stdin.
     Hash,
 }
@@ -298,6 +303,17 @@ async fn check(cli: &Cli, json: bool) -> ExitCode {
             );
         }
     }
+    // Keys near their end do not decide the exit code either: they still work.
+    for warning in tokengate::cli::check::key_warnings(&config, std::time::SystemTime::now()) {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "warning": "client_key_expiring", "message": warning })
+            );
+        } else {
+            println!("WARN  {warning}");
+        }
+    }
     // The shared cache does not decide the exit code (serving never depends on it), but an
     // operator running check wants to know whether the fleet can share its tokens.
     if let (Some(cache), false) = (&config.cache, json) {
@@ -334,11 +350,28 @@ async fn check_shared_cache(cache: &tokengate::config::CacheConfig) -> String {
 
 fn key(action: &KeyAction) -> ExitCode {
     match action {
-        KeyAction::New => {
+        KeyAction::New { expires: None } => {
             let key = tokengate::front::keys::new_key();
             println!("key:        {key}");
             println!("key_sha256: {}", tokengate::front::keys::hash_key(&key));
             eprintln!("Give the key to the client; put only key_sha256 in proxy.toml. The key is not shown again.");
+            ExitCode::SUCCESS
+        }
+        KeyAction::New {
+            expires: Some(after),
+        } => {
+            let Some(lifetime) = tokengate::front::keys::lifetime(after) else {
+                eprintln!("tokengate: --expires wants a whole number of days, hours or weeks, such as 90d, 12h or 2w; got {after:?}");
+                return ExitCode::from(2);
+            };
+            let key = tokengate::front::keys::new_key();
+            let not_after = tokengate::config::rfc3339(std::time::SystemTime::now() + lifetime);
+            println!("key: {key}");
+            println!(
+                "keys = [{{ sha256 = \"{}\", not_after = {not_after} }}]",
+                tokengate::front::keys::hash_key(&key)
+            );
+            eprintln!("Give the key to the client; put only the keys line in its [[client]] (beside the key it replaces, until that one's not_after). The key is not shown again.");
             ExitCode::SUCCESS
         }
         KeyAction::Hash => {

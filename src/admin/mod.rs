@@ -117,6 +117,14 @@ impl Admin {
                             .rate_budget_remaining(u.name(), b.allowed.saturating_sub(b.used));
                     }
                 }
+                let at = std::time::SystemTime::now();
+                self.metrics
+                    .client_key_expiry(now.board.clients.iter().flat_map(|c| {
+                        c.keys.iter().filter_map(move |k| {
+                            let secs = page::seconds_until(k.not_after?, at);
+                            Some((c.name.to_string(), k.fingerprint(), secs))
+                        })
+                    }));
                 text(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",

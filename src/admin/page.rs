@@ -65,6 +65,7 @@ pub fn status_json(
             .count()
     };
     let second = board.started.elapsed().as_secs();
+    let now = SystemTime::now();
     let upstream_docs: Vec<Value> = upstreams
         .iter()
         .map(|u| {
@@ -152,6 +153,13 @@ pub fn status_json(
                 "name": c.name.as_ref(),
                 "share": c.share,
                 "max_per_minute": c.max_per_minute,
+                // By fingerprint: never a key, nor enough of its hash to look one up.
+                "keys": c.keys.iter().map(|k| json!({
+                    "fingerprint": k.fingerprint(),
+                    "not_after": k.not_after.map(crate::config::rfc3339),
+                    "expires_in_secs": k.not_after.map(|t| seconds_until(t, now)),
+                    "last_used": k.last_used().map(crate::config::rfc3339),
+                })).collect::<Vec<_>>(),
                 "calls_last_10_min": calls_10min,
                 "requests": c.requests.load(Ordering::Relaxed),
                 "forbidden": c.forbidden.load(Ordering::Relaxed),
@@ -185,6 +193,14 @@ pub fn status_json(
             })
         }),
     })
+}
+
+/// Seconds from `now` until `t` (negative once it has passed).
+pub fn seconds_until(t: SystemTime, now: SystemTime) -> i64 {
+    match t.duration_since(now) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
 }
 
 /// `h:mm:ss`, as the page's script also writes it.
@@ -274,8 +290,22 @@ pub fn status_html(doc: &Value) -> String {
         let cap = c["max_per_minute"]
             .as_u64()
             .map_or("—".into(), |n| format!("{n}/min"));
+        let keys: Vec<String> = c["keys"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|k| {
+                format!(
+                    "<code>{}</code> until {}, last used {}",
+                    esc(&text(&k["fingerprint"])),
+                    k["not_after"].as_str().map_or("—".into(), esc),
+                    k["last_used"].as_str().map_or("never".into(), esc),
+                )
+            })
+            .collect();
+        let keys = keys.join("<br>");
         clients.push_str(&format!(
-            "<tr id=\"client-{name}\"><th scope=\"row\">{name}</th><td class=\"share\">{}</td><td>{cap}</td><td class=\"use\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            "<tr id=\"client-{name}\"><th scope=\"row\">{name}</th><td class=\"keys\">{keys}</td><td class=\"share\">{}</td><td>{cap}</td><td class=\"use\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             text(&c["share"]),
             text(&c["calls_last_10_min"]),
             text(&c["requests"]),
@@ -345,7 +375,7 @@ figure.chart figcaption{{font-weight:600;margin-bottom:.3rem}}
 <h2>Rate budget: calls per 10 s, last 10 minutes</h2>
 {charts}
 <h2>Clients</h2>
-<table id="clients"><thead><tr><th>client</th><th>share</th><th>max per minute</th><th>calls sent, last 10 min</th><th>requests</th><th>403s</th><th>WebSockets open</th><th>notification channels</th></tr></thead>
+<table id="clients"><thead><tr><th>client</th><th>keys</th><th>share</th><th>max per minute</th><th>calls sent, last 10 min</th><th>requests</th><th>403s</th><th>WebSockets open</th><th>notification channels</th></tr></thead>
 <tbody>
 {clients}</tbody></table>
 <script>

@@ -207,7 +207,7 @@ mod tests {
         let (_sandbox, upstream, metrics) = crate::upstream::sandboxed_worker_upstream().await;
         let capped = Arc::new(crate::config::ClientConfig {
             name: "capped".into(),
-            key_sha256: [0; 32],
+            keys: vec![crate::config::ClientKey::of_hash([0; 32])],
             upstreams: None,
             allow: None,
             share: 1,

@@ -412,3 +412,23 @@ async fn shown_token_url(granter: &Granter) -> String {
         },
     }
 }
+
+/// A client key that has expired or expires within [`crate::config::KEY_WARNING`] of `now`: one line for
+/// `check` (its fingerprint, never the key).
+pub fn key_warnings(config: &Config, now: std::time::SystemTime) -> Vec<String> {
+    let warning = crate::config::KEY_WARNING;
+    let lines = config.keys_expiring(now, warning).into_iter().map(|(client, k, left)| {
+        let when = k.not_after.map(crate::config::rfc3339).unwrap_or_default();
+        let key = k.fingerprint();
+        match left {
+            Err(_) => format!(
+                "client \"{client}\" key {key}: expired at {when}; it is refused — remove it from keys"
+            ),
+            Ok(left) => format!(
+                "client \"{client}\" key {key}: expires in {} day(s), at {when}; add its successor to keys (`tokengate key new --expires 90d`)",
+                left.as_secs().div_ceil(86_400)
+            ),
+        }
+    });
+    lines.collect()
+}

@@ -1,18 +1,23 @@
 //! `[[client]]`: a caller of the proxy, its key and what it may do.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::raw::RawClient;
+use super::raw::{RawClient, RawTime};
 use super::upstream::UpstreamConfig;
 use super::Config;
 use super::{ConfigError, Cx};
 use crate::config::policy::AllowRule;
 
-/// A caller of the proxy, identified by its key.
+/// A caller of the proxy, identified by one of its keys.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub name: Arc<str>,
-    pub key_sha256: [u8; 32],
+    /// `key_sha256` and `keys`: two overlap while a key is rotated; one stops at its
+    /// `not_after`.
+    pub keys: Vec<ClientKey>,
     /// Upstreams this client may use; `None` means all.
     pub upstreams: Option<Vec<Arc<str>>>,
     /// Requests this client may make; `None` means any.
@@ -27,7 +32,127 @@ pub struct ClientConfig {
     pub max_channels: Option<u32>,
 }
 
+/// One of a client's keys, by its SHA-256.
+#[derive(Debug, Clone)]
+pub struct ClientKey {
+    pub sha256: [u8; 32],
+    /// When it stops working (`None`: never).
+    pub not_after: Option<SystemTime>,
+    /// When it was last presented (unix seconds; 0: not since the proxy started). Shared
+    /// by every copy of the config and kept across reloads (see [`ClientKey::of_hash`]).
+    last_used: Arc<AtomicU64>,
+}
+
+impl ClientKey {
+    /// The key with this hash, never expiring; its last use is the one the process has
+    /// recorded for the hash (a reload keeps it).
+    pub fn of_hash(sha256: [u8; 32]) -> ClientKey {
+        static LAST_USED: OnceLock<Mutex<HashMap<[u8; 32], Arc<AtomicU64>>>> = OnceLock::new();
+        let mut seen = LAST_USED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let last_used = Arc::clone(seen.entry(sha256).or_default());
+        ClientKey {
+            sha256,
+            not_after: None,
+            last_used,
+        }
+    }
+
+    /// A short name for the key that shows neither it nor enough of its hash to search
+    /// for: `sha256:` and the hash's first 8 hex digits.
+    pub fn fingerprint(&self) -> String {
+        format!("sha256:{}", hex::encode(&self.sha256[..4]))
+    }
+
+    /// Whether it works at `now`.
+    pub fn live_at(&self, now: SystemTime) -> bool {
+        self.not_after.is_none_or(|t| now < t)
+    }
+
+    /// Record a use at `now` (one write a second at most: the line is shared by workers).
+    pub fn used_at(&self, now: SystemTime) {
+        let secs = unix_secs(now);
+        if self.last_used.load(Ordering::Relaxed) != secs {
+            self.last_used.store(secs, Ordering::Relaxed);
+        }
+    }
+
+    /// When it was last presented, if it was since the proxy started.
+    pub fn last_used(&self) -> Option<SystemTime> {
+        match self.last_used.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(UNIX_EPOCH + Duration::from_secs(s)),
+        }
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Client keys that expire within this long are warned of (`check`, the `key_expiring`
+/// event).
+pub const KEY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// RFC 3339, as the status page and `tokengate key new` write a moment.
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 impl Cx<'_> {
+    /// A client's keys: `key_sha256` (never expiring) and `keys`; at least one.
+    fn client_keys(&self, raw: &RawClient) -> Result<Vec<ClientKey>, ConfigError> {
+        let key = |k: &str| format!("client \"{}\".{k}", raw.name);
+        let mut keys = Vec::new();
+        if let Some(hash) = &raw.key_sha256 {
+            keys.push(ClientKey::of_hash(
+                self.sha256_hex(&key("key_sha256"), hash)?,
+            ));
+        }
+        for (i, k) in raw.keys.iter().flatten().enumerate() {
+            let at = |field: &str| key(&format!("keys[{i}].{field}"));
+            let mut client_key = ClientKey::of_hash(self.sha256_hex(&at("sha256"), &k.sha256)?);
+            client_key.not_after = match &k.not_after {
+                None => None,
+                Some(t) => {
+                    let text = match t {
+                        RawTime::Text(s) => s.clone(),
+                        RawTime::Toml(d) => d.to_string(),
+                    };
+                    let parsed = time::OffsetDateTime::parse(
+                        &text,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .map_err(|_| {
+                        self.err(
+                            &at("not_after"),
+                            "must be a moment with its offset, such as 2027-03-01T00:00:00Z",
+                        )
+                    })?;
+                    Some(SystemTime::from(parsed))
+                }
+            };
+            if keys
+                .iter()
+                .any(|o: &ClientKey| o.sha256 == client_key.sha256)
+            {
+                return Err(self.err(&at("sha256"), "is this client's key twice"));
+            }
+            keys.push(client_key);
+        }
+        if keys.is_empty() {
+            return Err(self.err(
+                &key("key_sha256"),
+                "is missing: a client needs key_sha256 or keys = [{ sha256 = \"…\", not_after = … }] (`tokengate key new`)",
+            ));
+        }
+        Ok(keys)
+    }
+
     pub(super) fn client(
         &self,
         i: usize,
@@ -38,7 +163,7 @@ impl Cx<'_> {
             return Err(self.err(&format!("client[{i}].name"), "is empty"));
         }
         let key = |k: &str| format!("client \"{}\".{k}", raw.name);
-        let key_sha256 = self.sha256_hex(&key("key_sha256"), &raw.key_sha256)?;
+        let keys = self.client_keys(&raw)?;
         let allowed_upstreams = match raw.upstreams {
             None => None,
             Some(names) => {
@@ -86,7 +211,7 @@ impl Cx<'_> {
         }
         Ok(ClientConfig {
             name: Arc::from(raw.name.as_str()),
-            key_sha256,
+            keys,
             upstreams: allowed_upstreams,
             allow,
             share,
@@ -106,6 +231,26 @@ impl ClientConfig {
 }
 
 impl Config {
+    /// The client keys that have expired, or expire within `within` of `now`: the client's
+    /// name, the key, and how long it has left (`Err`: how long ago it ended).
+    pub fn keys_expiring(
+        &self,
+        now: SystemTime,
+        within: Duration,
+    ) -> Vec<(&Arc<str>, &ClientKey, Result<Duration, Duration>)> {
+        let mut out = Vec::new();
+        for c in &self.clients {
+            for k in &c.keys {
+                let Some(t) = k.not_after else { continue };
+                let left = t.duration_since(now).map_err(|e| e.duration());
+                if left.is_err() || left.is_ok_and(|l| l <= within) {
+                    out.push((&c.name, k, left));
+                }
+            }
+        }
+        out
+    }
+
     /// The notification channels `client` may hold on `upstream`: its `max_channels`, else
     /// an equal part of the upstream's channels among the clients allowed there (at least
     /// one). `None`: the upstream's channels are not counted.

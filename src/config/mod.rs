@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use cache::{CacheConfig, RedisTarget};
-pub use client::ClientConfig;
+pub use client::{rfc3339, ClientConfig, ClientKey, KEY_WARNING};
 use error::toml_error;
 pub use error::ConfigError;
 pub use events::EventsConfig;
@@ -173,7 +173,12 @@ impl Cx<'_> {
                     format!("the name \"{}\" is used twice", client.name),
                 ));
             }
-            if clients.iter().any(|o| o.key_sha256 == client.key_sha256) {
+            let shared_key = |o: &Arc<ClientConfig>| {
+                o.keys
+                    .iter()
+                    .any(|k| client.keys.iter().any(|c| c.sha256 == k.sha256))
+            };
+            if clients.iter().any(shared_key) {
                 return Err(self.err(
                     &format!("client \"{}\".key_sha256", client.name),
                     "two clients have the same key; give each its own (`tokengate key new`)",

@@ -124,12 +124,29 @@ pub(super) struct RawRouteLimit {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClient {
     pub(super) name: String,
-    pub(super) key_sha256: String,
+    pub(super) key_sha256: Option<String>,
+    pub(super) keys: Option<Vec<RawKey>>,
     pub(super) upstreams: Option<Vec<String>>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) share: Option<u32>,
     pub(super) max_per_minute: Option<u64>,
     pub(super) max_channels: Option<u32>,
+}
+
+/// One of a client's keys, with the time it stops working.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKey {
+    pub(super) sha256: String,
+    pub(super) not_after: Option<RawTime>,
+}
+
+/// A moment, as TOML writes one (`2027-03-01T00:00:00Z`) or as a string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawTime {
+    Text(String),
+    Toml(toml::value::Datetime),
 }
 
 #[derive(Debug, Deserialize)]

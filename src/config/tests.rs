@@ -578,3 +578,46 @@ fn telemetry_is_off_by_default_and_its_keys_are_checked() {
         assert!(e.to_string().contains(says), "{extra}: {e}");
     }
 }
+
+#[test]
+fn client_keys_have_a_lifecycle() {
+    let client = |keys: &str| load(&format!("{GENESYS}\n[[client]]\nname = \"c\"\n{keys}\n"));
+    let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+    // Both forms of a moment: TOML's own and a string.
+    let c = client(&format!(
+        "key_sha256 = \"{a}\"\nkeys = [{{ sha256 = \"{b}\", not_after = 2027-03-01T00:00:00Z }}, {{ sha256 = \"{}\", not_after = \"2027-04-01T12:00:00+02:00\" }}]",
+        "ef".repeat(32)
+    ))
+    .unwrap();
+    let keys = &c.clients[0].keys;
+    assert_eq!(keys.len(), 3);
+    assert_eq!(keys[0].not_after, None);
+    assert_eq!(
+        keys[1].not_after.map(crate::config::rfc3339).as_deref(),
+        Some("2027-03-01T00:00:00Z")
+    );
+    assert_eq!(keys[1].fingerprint(), "sha256:cdcdcdcd");
+    assert!(keys[2].not_after.is_some());
+    // No key at all, a moment without its offset, one key twice: each named.
+    let e = client("").unwrap_err().to_string();
+    assert!(e.contains("key_sha256") && e.contains("keys"), "{e}");
+    let e = client(&format!(
+        "keys = [{{ sha256 = \"{a}\", not_after = \"2027-03-01\" }}]"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("keys[0].not_after"), "{e}");
+    let e = client(&format!(
+        "key_sha256 = \"{a}\"\nkeys = [{{ sha256 = \"{a}\" }}]"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("keys[0].sha256"), "{e}");
+    // Two clients may not share a key, whichever way it is given.
+    let e = load(&format!(
+        "{GENESYS}\n[[client]]\nname = \"c\"\nkey_sha256 = \"{a}\"\n[[client]]\nname = \"d\"\nkeys = [{{ sha256 = \"{a}\" }}]\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("same key"), "{e}");
+}

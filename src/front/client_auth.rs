@@ -85,16 +85,35 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
         .filter(|k| !k.is_empty())
 }
 
-/// Find the client whose key hash matches, comparing against every client in constant time.
+/// Find the client whose key hash matches, comparing against every key in constant time.
 pub fn identify(clients: &[Arc<ClientConfig>], key: &[u8]) -> Option<Arc<ClientConfig>> {
+    identify_key(clients, key).map(|(client, _)| client)
+}
+
+/// [`identify`], with the hash of the key that matched. A key past its `not_after` is
+/// refused like an unknown one (the reason only in the debug log); a key that matched
+/// records its use.
+pub fn identify_key(
+    clients: &[Arc<ClientConfig>],
+    key: &[u8],
+) -> Option<(Arc<ClientConfig>, [u8; 32])> {
     let digest: [u8; 32] = Sha256::digest(key).into();
     let mut found = None;
     for c in clients {
-        if bool::from(c.key_sha256.ct_eq(&digest)) {
-            found = Some(Arc::clone(c));
+        for k in &c.keys {
+            if bool::from(k.sha256.ct_eq(&digest)) {
+                found = Some((c, k));
+            }
         }
     }
-    found
+    let (client, key) = found?;
+    let now = std::time::SystemTime::now();
+    if !key.live_at(now) {
+        tracing::debug!(client = %client.name, key = %key.fingerprint(), "a client key past its not_after was refused");
+        return None;
+    }
+    key.used_at(now);
+    Some((Arc::clone(client), key.sha256))
 }
 
 /// Is `host` (a `Host` header or an authority, port allowed) a loopback name?
@@ -247,7 +266,9 @@ mod tests {
     fn client(name: &str, key: &str) -> Arc<ClientConfig> {
         Arc::new(ClientConfig {
             name: name.into(),
-            key_sha256: Sha256::digest(key.as_bytes()).into(),
+            keys: vec![crate::config::ClientKey::of_hash(
+                Sha256::digest(key.as_bytes()).into(),
+            )],
             upstreams: None,
             allow: None,
             share: 1,

@@ -20,9 +20,68 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+/// A key's lifetime as `tokengate key new --expires` takes it: a whole number of days
+/// (`90d`), hours (`12h`) or weeks (`2w`), at most ten years.
+pub fn lifetime(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let unit = match text.chars().last()? {
+        'h' => 3600,
+        'd' => 86_400,
+        'w' => 7 * 86_400,
+        _ => return None,
+    };
+    let n: u64 = text[..text.len() - 1].parse().ok().filter(|&n| n > 0)?;
+    let secs = n.checked_mul(unit).filter(|&s| s <= 3653 * 86_400)?;
+    Some(std::time::Duration::from_secs(secs))
+}
+
+/// Log a `key_expiring` security event for each client key of the live config that has
+/// expired or expires within [`crate::config::KEY_WARNING`]: now, then once a day (a
+/// reload tells at once, see [`tell_expiring`]).
+pub async fn warn_of_expiry(live: crate::live::Live) {
+    let mut day = tokio::time::interval(std::time::Duration::from_secs(24 * 3600));
+    loop {
+        day.tick().await;
+        tell_expiring(&live.current().config);
+    }
+}
+
+/// One `key_expiring` event per client key of `config` near or past its end.
+pub fn tell_expiring(config: &crate::config::Config) {
+    let now = std::time::SystemTime::now();
+    for (client, key, left) in config.keys_expiring(now, crate::config::KEY_WARNING) {
+        let not_after = key
+            .not_after
+            .map(crate::config::rfc3339)
+            .unwrap_or_default();
+        let expires_in_secs = match left {
+            Ok(left) => left.as_secs() as i64,
+            Err(ago) => -(ago.as_secs() as i64),
+        };
+        crate::emit!(
+            warn,
+            "key_expiring",
+            client = %client,
+            key = %key.fingerprint(),
+            %not_after,
+            expires_in_secs
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lifetimes_are_days_hours_or_weeks() {
+        assert_eq!(lifetime("90d").map(|d| d.as_secs()), Some(90 * 86_400));
+        assert_eq!(lifetime("12h").map(|d| d.as_secs()), Some(12 * 3600));
+        assert_eq!(lifetime("2w").map(|d| d.as_secs()), Some(14 * 86_400));
+        for bad in ["", "d", "0d", "-1d", "90", "90m", "1.5d", "99999w"] {
+            assert_eq!(lifetime(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn keys_are_random_and_hash_to_hex() {

@@ -103,10 +103,12 @@ impl Sessions {
         mac
     }
 
-    /// A session token for `client` (`None`: an anonymous caller), valid for `lifetime`.
-    pub fn issue(&self, client: Option<&ClientConfig>, lifetime: Duration) -> String {
+    /// A session token for `client` and the hash of the key it presented (`None`: an
+    /// anonymous caller), valid for `lifetime` — and only while that key is one of the
+    /// client's and has not expired: it ends with the key.
+    pub fn issue(&self, client: Option<(&ClientConfig, [u8; 32])>, lifetime: Duration) -> String {
         let (name, key_sha256) = match client {
-            Some(c) => (c.name.as_ref(), c.key_sha256),
+            Some((c, key)) => (c.name.as_ref(), key),
             None => ("", [0u8; 32]),
         };
         let expiry = now_unix() + lifetime.as_secs();
@@ -136,10 +138,15 @@ impl Sessions {
         let expiry: u64 = expiry.parse().ok()?;
         let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
         let client = clients.iter().find(|c| c.name.as_ref() == name)?;
-        self.mac(&name, expiry, &client.key_sha256)
-            .verify_slice(&tag)
-            .ok()?;
-        if expiry <= now_unix() {
+        let now = std::time::SystemTime::now();
+        let signed_by_a_live_key = client.keys.iter().any(|k| {
+            k.live_at(now)
+                && self
+                    .mac(&name, expiry, &k.sha256)
+                    .verify_slice(&tag)
+                    .is_ok()
+        });
+        if !signed_by_a_live_key || expiry <= now_unix() {
             return None;
         }
         if !self.any_ended.load(std::sync::atomic::Ordering::Acquire) {
@@ -159,7 +166,9 @@ mod tests {
     fn client(name: &str, key: &str) -> Arc<ClientConfig> {
         Arc::new(ClientConfig {
             name: name.into(),
-            key_sha256: sha2::Sha256::digest(key.as_bytes()).into(),
+            keys: vec![crate::config::ClientKey::of_hash(
+                sha2::Sha256::digest(key.as_bytes()).into(),
+            )],
             upstreams: None,
             allow: None,
             share: 1,
@@ -175,10 +184,13 @@ mod tests {
         // key did, now and then).
         let (key_a, key_b) = ("tgk_key-of-client-a-7Hq2", "tgk_key-of-client-b-9Lm4");
         let clients = vec![client("a", key_a), client("b", key_b)];
-        let t = s.issue(Some(&clients[0]), Duration::from_secs(60));
+        let t = s.issue(
+            Some((&clients[0], clients[0].keys[0].sha256)),
+            Duration::from_secs(60),
+        );
         assert!(Sessions::is_session(t.as_bytes()));
         assert!(!t.contains(key_a));
-        let key_hash = URL_SAFE_NO_PAD.encode(clients[0].key_sha256);
+        let key_hash = URL_SAFE_NO_PAD.encode(clients[0].keys[0].sha256);
         assert!(
             !t.contains(&key_hash[..16]),
             "no part of the key's hash either"
@@ -197,10 +209,38 @@ mod tests {
     }
 
     #[test]
+    fn a_session_ends_with_the_key_it_was_issued_for() {
+        use crate::config::ClientKey;
+        let s = Sessions::new();
+        let key = |k: &str| ClientKey::of_hash(sha2::Sha256::digest(k.as_bytes()).into());
+        let with_keys = |keys: Vec<ClientKey>| {
+            let mut c = ClientConfig::clone(&client("a", "unused-key-of-a-3Fq9"));
+            c.keys = keys;
+            vec![Arc::new(c)]
+        };
+        let (old, new) = (key("tgk_old-key-of-a-5Rt2"), key("tgk_new-key-of-a-8Wz1"));
+        let both = with_keys(vec![old.clone(), new.clone()]);
+        let t = s.issue(Some((&both[0], old.sha256)), Duration::from_secs(60));
+        assert!(s.verify(t.as_bytes(), &both).is_some(), "both keys live");
+        // The key it was issued for is removed by a reload, or reaches its not_after.
+        assert!(s
+            .verify(t.as_bytes(), &with_keys(vec![new.clone()]))
+            .is_none());
+        let mut expired = old.clone();
+        expired.not_after = Some(std::time::SystemTime::now() - Duration::from_secs(1));
+        assert!(s
+            .verify(t.as_bytes(), &with_keys(vec![expired, new]))
+            .is_none());
+    }
+
+    #[test]
     fn expired_sessions_are_refused() {
         let s = Sessions::new();
         let clients = vec![client("a", "ka")];
-        let t = s.issue(Some(&clients[0]), Duration::ZERO);
+        let t = s.issue(
+            Some((&clients[0], clients[0].keys[0].sha256)),
+            Duration::ZERO,
+        );
         assert!(s.verify(t.as_bytes(), &clients).is_none());
     }
 }

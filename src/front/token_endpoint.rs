@@ -22,7 +22,7 @@ use crate::call::messages::PeerAddr;
 use crate::call::outcome::Outcome;
 use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::config::ClientConfig;
-use crate::front::client_auth::identify;
+use crate::front::client_auth::{identify, identify_key};
 use crate::front::session::Sessions;
 use crate::http::body::{self, ByteBudget, Reserved};
 use crate::http::codes::ErrorCode;
@@ -313,7 +313,7 @@ async fn answer(
     } else {
         let found =
             credentials(head.headers.get(header::AUTHORIZATION), &form).and_then(|(name, key)| {
-                identify(&clients, key.as_bytes()).filter(|c| c.name.as_ref() == name)
+                identify_key(&clients, key.as_bytes()).filter(|(c, _)| c.name.as_ref() == name)
             });
         match found {
             Some(c) => Some(c),
@@ -323,7 +323,7 @@ async fn answer(
             }
         }
     };
-    let token = sessions.issue(client.as_deref(), lifetime);
+    let token = sessions.issue(client.as_ref().map(|(c, key)| (&**c, *key)), lifetime);
     let body = serde_json::json!({
         "access_token": token,
         "token_type": "bearer",
@@ -333,7 +333,7 @@ async fn answer(
     resp.headers_mut()
         .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     tracing::info!(
-        client = client.as_ref().map_or("anonymous", |c| &c.name),
+        client = client.as_ref().map_or("anonymous", |(c, _)| &c.name),
         "session token issued"
     );
     resp

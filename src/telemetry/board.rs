@@ -125,6 +125,8 @@ pub(crate) struct ClientStats {
     pub(crate) name: Arc<str>,
     pub(crate) share: u32,
     pub(crate) max_per_minute: Option<u64>,
+    /// Its keys (their hashes, expiry and last use; never a key).
+    pub(crate) keys: Vec<crate::config::ClientKey>,
     pub(crate) requests: AtomicU64,
     pub(crate) forbidden: AtomicU64,
 }
@@ -171,6 +173,7 @@ impl StatusBoard {
                 name: c.name.clone(),
                 share: c.share,
                 max_per_minute: c.max_per_minute,
+                keys: c.keys.clone(),
                 requests: AtomicU64::new(0),
                 forbidden: AtomicU64::new(0),
             })
@@ -180,6 +183,7 @@ impl StatusBoard {
                 name: Arc::from(ANONYMOUS),
                 share: 1,
                 max_per_minute: None,
+                keys: Vec::new(),
                 requests: AtomicU64::new(0),
                 forbidden: AtomicU64::new(0),
             });

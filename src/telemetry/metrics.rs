@@ -40,6 +40,13 @@ struct SocketLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    client: String,
+    /// The key's fingerprint (`sha256:` and 8 hex digits of its hash), never the key.
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RateLimitedLabels {
     upstream: String,
     client: String,
@@ -75,6 +82,7 @@ struct Inner {
     channels_open: Family<SocketLabels, Gauge>,
     websocket_bytes: Family<DirectionLabels, Counter>,
     rate_budget_remaining: Family<UpstreamLabels, Gauge>,
+    client_key_expiry: Family<KeyLabels, Gauge>,
     rate_limited: Family<RateLimitedLabels, Counter>,
     rate_wait: HistogramFamily,
     telemetry_export_failures: Counter,
@@ -107,6 +115,7 @@ impl Metrics {
         let channels_open = Family::<SocketLabels, Gauge>::default();
         let websocket_bytes = Family::<DirectionLabels, Counter>::default();
         let rate_budget_remaining = Family::<UpstreamLabels, Gauge>::default();
+        let client_key_expiry = Family::<KeyLabels, Gauge>::default();
         let rate_limited = Family::<RateLimitedLabels, Counter>::default();
         let rate_wait: HistogramFamily =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.0, 12)));
@@ -156,6 +165,11 @@ impl Metrics {
             rate_budget_remaining.clone(),
         );
         registry.register(
+            "tokengate_client_key_expiry_seconds",
+            "Seconds until a client key's not_after (negative once past), for keys that have one",
+            client_key_expiry.clone(),
+        );
+        registry.register(
             "tokengate_rate_limited",
             "Calls answered 429, by who refused them: proxy (the rate governor or max_per_minute) or platform",
             rate_limited.clone(),
@@ -175,6 +189,7 @@ impl Metrics {
             inner: Arc::new(Inner {
                 registry,
                 rate_budget_remaining,
+                client_key_expiry,
                 rate_limited,
                 rate_wait,
                 requests,
@@ -262,6 +277,16 @@ impl Metrics {
             .websocket_bytes
             .get_or_create(&DirectionLabels { direction })
             .inc_by(bytes);
+    }
+
+    /// The client keys that expire: client, fingerprint and seconds left (set when the
+    /// metrics are read; keys a reload removed go).
+    pub fn client_key_expiry(&self, keys: impl IntoIterator<Item = (String, String, i64)>) {
+        let family = &self.inner.client_key_expiry;
+        family.clear();
+        for (client, key, secs) in keys {
+            family.get_or_create(&KeyLabels { client, key }).set(secs);
+        }
     }
 
     /// Calls left in `upstream`'s window (set when the metrics are read).

@@ -9,6 +9,7 @@ mod support;
 mod api_host_connections;
 mod attacks;
 mod channels;
+mod client_keys;
 
 mod check;
 mod cli;

@@ -10,7 +10,9 @@ fn endpoint() -> TokenEndpoint<
 > {
     let client = Arc::new(ClientConfig {
         name: "job".into(),
-        key_sha256: Sha256::digest(KEY.as_bytes()).into(),
+        keys: vec![crate::config::ClientKey::of_hash(
+            Sha256::digest(KEY.as_bytes()).into(),
+        )],
         upstreams: None,
         allow: None,
         share: 1,
