@@ -166,7 +166,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let live = live::Live::new(generation);
     // With `[cache]`, each replica adds its usage counts to the fleet's (admin/usage.rs).
     tokio::spawn(admin::usage::share_usage(live.clone()));
-    tokio::spawn(front::keys::warn_of_expiry(live.clone()));
+    let serving = live.clone();
+    tokio::spawn(front::keys::warn_of_expiry(move || {
+        std::sync::Arc::clone(&serving.current().config)
+    }));
     let mut servers = Vec::new();
     for (index, socket) in proxy_listeners.into_iter().enumerate() {
         let (live, tls, gate, stopping) = (live.clone(), tls.clone(), gate.clone(), on_stop());

@@ -38,11 +38,12 @@ pub fn lifetime(text: &str) -> Option<std::time::Duration> {
 /// Log a `key_expiring` security event for each client key of the live config that has
 /// expired or expires within [`crate::config::KEY_WARNING`]: now, then once a day (a
 /// reload tells at once, see [`tell_expiring`]).
-pub async fn warn_of_expiry(live: crate::live::Live) {
+/// `current`: the config being served.
+pub async fn warn_of_expiry(current: impl Fn() -> std::sync::Arc<crate::config::Config>) {
     let mut day = tokio::time::interval(std::time::Duration::from_secs(24 * 3600));
     loop {
         day.tick().await;
-        tell_expiring(&live.current().config);
+        tell_expiring(&current());
     }
 }
 

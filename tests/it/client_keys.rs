@@ -111,23 +111,10 @@ async fn a_reload_removing_a_key_ends_its_session_tokens() {
     let sandbox = sandbox().await;
     let both = format!("{}, {}", key_entry(OLD_KEY, None), key_entry(NEW_KEY, None));
     let proxy = Proxy::start(&etl_config(&sandbox, &both));
-    let session = |key: &'static str| {
-        let proxy = &proxy;
-        async move {
-            let answer: serde_json::Value = client()
-                .post(proxy.url("/oauth/token"))
-                .basic_auth("etl", Some(key))
-                .form(&[("grant_type", "client_credentials")])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            format!("Bearer {}", answer["access_token"].as_str().unwrap())
-        }
-    };
-    let (old_session, new_session) = (session(OLD_KEY).await, session(NEW_KEY).await);
+    let (old_session, new_session) = (
+        format!("Bearer {}", session_token(&proxy, "etl", OLD_KEY).await),
+        format!("Bearer {}", session_token(&proxy, "etl", NEW_KEY).await),
+    );
     assert_eq!(status_with(&proxy, &old_session).await, 200);
     assert_eq!(status_with(&proxy, &new_session).await, 200);
     proxy.rewrite_config(&etl_config(&sandbox, &key_entry(NEW_KEY, None)));

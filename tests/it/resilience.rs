@@ -100,17 +100,7 @@ async fn sighup_applies_a_new_config_refuses_a_broken_one_and_drops_no_call() {
     assert_eq!(call(&proxy, "/api/v2/first").await.status(), 200);
     assert_eq!(a.seen().len(), 1);
     // A legacy app's session token from the proxy's token endpoint, before the reload.
-    let session: serde_json::Value = client()
-        .post(proxy.url("/oauth/token"))
-        .basic_auth("reporting-job", Some(CLIENT_KEY))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let session = session["access_token"].as_str().unwrap().to_string();
+    let session = session_token(&proxy, "reporting-job", CLIENT_KEY).await;
 
     // A call in flight on the old config...
     let before = a.api_calls();

@@ -263,17 +263,10 @@ async fn no_client_can_revoke_or_change_the_shared_credentials() {
 async fn a_session_token_from_the_proxy_is_the_callers_own_to_end() {
     let sandbox = sandbox().await;
     let (proxy, client) = warmed(&sandbox, &two_clients(&sandbox)).await;
-    let session: serde_json::Value = client
-        .post(proxy.url("/oauth/token"))
-        .basic_auth("reporting-job", Some(CLIENT_KEY))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let session = format!("Bearer {}", session["access_token"].as_str().unwrap());
+    let session = format!(
+        "Bearer {}",
+        session_token(&proxy, "reporting-job", CLIENT_KEY).await
+    );
     let call = |method: reqwest::Method, path: &str| {
         client
             .request(method, proxy.url(path))

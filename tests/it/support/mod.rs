@@ -345,6 +345,22 @@ pub fn client() -> reqwest::Client {
 }
 
 /// `GET path` through the proxy as the test client (`CLIENT_KEY`).
+/// A session token from the proxy's token endpoint, for client `name` with `key` (what a
+/// legacy app doing OAuth itself gets).
+pub async fn session_token(proxy: &Proxy, name: &str, key: &str) -> String {
+    let answer: serde_json::Value = client()
+        .post(proxy.url("/oauth/token"))
+        .basic_auth(name, Some(key))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["access_token"].as_str().unwrap().to_string()
+}
+
 pub async fn get_with_key(proxy: &Proxy, path: &str) -> reqwest::Response {
     client()
         .get(proxy.url(path))
