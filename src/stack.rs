@@ -24,6 +24,7 @@ use crate::back::retry::{Retry, RetryLayer};
 use crate::config::Config;
 use crate::front::client_auth;
 use crate::front::guard;
+use crate::front::jwt_callers::JwtCallersLayer;
 use crate::front::observe::ObserveLayer;
 use crate::front::route::{Destination, Router};
 use crate::front::session::Sessions;
@@ -98,6 +99,8 @@ pub fn request_path(parts: &Parts<'_>, worker: usize) -> impl HttpService<ProxyB
             sessions.clone(),
             config.server.session_lifetime,
         ))
+        // A caller presenting a signed JWT of its workload identity (jwt_* clients).
+        .layer(JwtCallersLayer::of(&config.clients))
         // Who is calling; strips the caller's credentials so they can never be forwarded.
         // (A notification channel's socket may come without a key: its channel id says
         // which client made it.)

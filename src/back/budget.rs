@@ -213,6 +213,7 @@ mod tests {
             share: 1,
             max_per_minute: Some(2),
             max_channels: None,
+            jwt: None,
         });
         let reached = Arc::new(AtomicUsize::new(0));
         let behind = {

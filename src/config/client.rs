@@ -18,6 +18,8 @@ pub struct ClientConfig {
     /// `key_sha256` and `keys`: two overlap while a key is rotated; one stops at its
     /// `not_after`.
     pub keys: Vec<ClientKey>,
+    /// `jwt_*`: it may also present a signed JWT of its workload identity.
+    pub jwt: Option<Arc<super::JwtCaller>>,
     /// Upstreams this client may use; `None` means all.
     pub upstreams: Option<Vec<Arc<str>>>,
     /// Requests this client may make; `None` means any.
@@ -105,7 +107,8 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 impl Cx<'_> {
     /// A client's keys: `key_sha256` (never expiring) and `keys`; at least one.
-    fn client_keys(&self, raw: &RawClient) -> Result<Vec<ClientKey>, ConfigError> {
+    /// (`jwt`: the client may present a JWT instead, so it needs no key.)
+    fn client_keys(&self, raw: &RawClient, jwt: bool) -> Result<Vec<ClientKey>, ConfigError> {
         let key = |k: &str| format!("client \"{}\".{k}", raw.name);
         let mut keys = Vec::new();
         if let Some(hash) = &raw.key_sha256 {
@@ -144,7 +147,7 @@ impl Cx<'_> {
             }
             keys.push(client_key);
         }
-        if keys.is_empty() {
+        if keys.is_empty() && !jwt {
             return Err(self.err(
                 &key("key_sha256"),
                 "is missing: a client needs key_sha256 or keys = [{ sha256 = \"…\", not_after = … }] (`tokengate key new`)",
@@ -158,12 +161,14 @@ impl Cx<'_> {
         i: usize,
         raw: RawClient,
         upstreams: &[Arc<UpstreamConfig>],
+        server: &super::ServerConfig,
     ) -> Result<ClientConfig, ConfigError> {
         if raw.name.is_empty() {
             return Err(self.err(&format!("client[{i}].name"), "is empty"));
         }
         let key = |k: &str| format!("client \"{}\".{k}", raw.name);
-        let keys = self.client_keys(&raw)?;
+        let jwt = self.jwt_caller(&raw, server)?.map(Arc::new);
+        let keys = self.client_keys(&raw, jwt.is_some())?;
         let allowed_upstreams = match raw.upstreams {
             None => None,
             Some(names) => {
@@ -212,6 +217,7 @@ impl Cx<'_> {
         Ok(ClientConfig {
             name: Arc::from(raw.name.as_str()),
             keys,
+            jwt,
             upstreams: allowed_upstreams,
             allow,
             share,

@@ -27,6 +27,7 @@ mod egress;
 mod error;
 mod events;
 mod grant;
+mod jwt;
 pub mod policy;
 pub mod providers;
 mod raw;
@@ -50,6 +51,7 @@ pub use events::EventsConfig;
 pub use grant::{
     AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
 };
+pub use jwt::{JwksSource, JwtCaller};
 use raw::RawConfig;
 pub use server::{LogFormat, Readiness, ServerConfig};
 pub use telemetry::TelemetryConfig;
@@ -166,7 +168,7 @@ impl Cx<'_> {
         }
         let mut clients: Vec<Arc<ClientConfig>> = Vec::new();
         for (i, c) in raw.client.into_iter().enumerate() {
-            let client = self.client(i, c, &upstreams)?;
+            let client = self.client(i, c, &upstreams, &server)?;
             if clients.iter().any(|o| o.name == client.name) {
                 return Err(self.err(
                     &format!("client[{i}].name"),

@@ -621,3 +621,36 @@ fn client_keys_have_a_lifecycle() {
     .to_string();
     assert!(e.contains("same key"), "{e}");
 }
+
+#[test]
+fn jwt_callers_need_every_part_and_keys_over_https() {
+    let client = |lines: &str| load(&format!("{GENESYS}\n[[client]]\nname = \"ci\"\n{lines}\n"));
+    let whole = "jwt_issuer = \"https://token.actions.githubusercontent.com\"\njwt_audience = \"tokengate\"\njwt_subject = \"repo:org/app:*\"\n";
+    let c = client(&format!(
+        "{whole}jwks_url = \"https://token.actions.githubusercontent.com/.well-known/jwks\""
+    ))
+    .unwrap();
+    let jwt = c.clients[0].jwt.as_ref().unwrap();
+    assert!(c.clients[0].keys.is_empty(), "a JWT caller needs no key");
+    assert!(jwt.subject_matches("repo:org/app:ref:refs/heads/main"));
+    assert!(client(&format!("{whole}jwks_file = \"/etc/tokengate/jwks.json\"")).is_ok());
+    assert!(client(&format!("{whole}jwks_url = \"http://127.0.0.1:8081/jwks\"")).is_ok());
+    for (lines, named) in [
+        (
+            format!("{whole}jwks_url = \"http://idp.example.com/jwks\""),
+            "https://",
+        ),
+        (whole.to_string(), "jwks_url"),
+        (
+            format!("{whole}jwks_url = \"https://a/j\"\njwks_file = \"/j\""),
+            "not both",
+        ),
+        (
+            "jwt_issuer = \"https://a\"\njwks_file = \"/j\"".to_string(),
+            "jwt_audience",
+        ),
+    ] {
+        let e = client(&lines).unwrap_err().to_string();
+        assert!(e.contains(named), "{lines}: {e}");
+    }
+}

@@ -193,6 +193,15 @@ impl ValidateRequest<ProxyBody> for ClientKeys {
     type ResponseBody = ProxyBody;
 
     fn validate(&mut self, req: &mut ProxyRequest) -> Result<(), ProxyResponse> {
+        // A JWT caller, identified before (front/jwt_callers.rs).
+        if req
+            .extensions()
+            .get::<Caller>()
+            .is_some_and(|c| c.0.is_some())
+        {
+            req.headers_mut().remove(&X_API_KEY);
+            return Ok(());
+        }
         let caller = if self.clients.is_empty() {
             if let Some(refusal) = anonymous_browser_refusal(req) {
                 return Err(refusal);
@@ -274,6 +283,7 @@ mod tests {
             share: 1,
             max_per_minute: None,
             max_channels: None,
+            jwt: None,
         })
     }
 

@@ -4,6 +4,8 @@
 
 pub mod client_auth;
 pub mod guard;
+pub mod jwks;
+pub mod jwt_callers;
 pub mod keys;
 pub mod observe;
 pub mod route;

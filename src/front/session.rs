@@ -174,6 +174,7 @@ mod tests {
             share: 1,
             max_per_minute: None,
             max_channels: None,
+            jwt: None,
         })
     }
 

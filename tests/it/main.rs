@@ -22,6 +22,7 @@ mod fleet_budget;
 mod fuzz;
 mod genesys_sdk;
 mod hardening;
+mod jwt_callers;
 mod notifications;
 mod proxy;
 mod rate_budget;

@@ -18,6 +18,7 @@ fn endpoint() -> TokenEndpoint<
         share: 1,
         max_per_minute: None,
         max_channels: None,
+        jwt: None,
     });
     // Whatever is not a token request reaches the service behind: a 299 says so.
     let behind = tower::service_fn(|_req: ProxyRequest| async {
