@@ -33,6 +33,9 @@ pub enum JwksSource {
     Url(Uri, Arc<Egress>),
     /// `jwks_file`, read again when it changes.
     File(PathBuf),
+    /// Neither: the `jwks_uri` of the issuer's discovery document
+    /// (`<jwt_issuer>/.well-known/openid-configuration`), through the egress path.
+    Discovery(Uri, Arc<Egress>),
 }
 
 impl JwksSource {
@@ -41,6 +44,7 @@ impl JwksSource {
         match self {
             JwksSource::Url(u, _) => u.to_string(),
             JwksSource::File(p) => p.display().to_string(),
+            JwksSource::Discovery(issuer, _) => format!("the discovery document of {issuer}"),
         }
     }
 }
@@ -109,39 +113,19 @@ impl Cx<'_> {
                 return Err(self.err(&key("jwks_url"), "give jwks_url or jwks_file, not both"))
             }
             (Some(url), None) => {
-                let uri = self.http_url(&key("jwks_url"), url)?;
-                let loopback = uri
-                    .host()
-                    .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-                    .is_some_and(|h| {
-                        h == "localhost"
-                            || h.parse::<std::net::IpAddr>()
-                                .is_ok_and(|ip| ip.is_loopback())
-                    });
-                if uri.scheme_str() != Some("https") && !loopback {
-                    return Err(self.err(
-                        &key("jwks_url"),
-                        "must be https:// (keys fetched in the clear could be replaced on the way)",
-                    ));
-                }
-                let (egress, _) = self.egress(
-                    server.egress.as_ref(),
-                    EgressParts {
-                        key_prefix: &format!("client \"{}\"", raw.name),
-                        proxy: None,
-                        ca_file: None,
-                        ca_only: false,
-                        token_identity: None,
-                        api_identity: None,
-                    },
-                )?;
-                JwksSource::Url(uri, Arc::new(egress))
+                let uri = self.keys_url(&key("jwks_url"), url)?;
+                JwksSource::Url(uri, self.jwks_egress(raw, server)?)
             }
             (None, Some(path)) => JwksSource::File(path.clone()),
-            (None, None) => return Err(self.err(
-                &key("jwks_url"),
-                "is missing: a JWT caller needs jwks_url or jwks_file (the issuer's public keys)",
-            )),
+            (None, None) => {
+                let issuer_url = self.keys_url(&key("jwt_issuer"), &issuer).map_err(|_| {
+                    self.err(
+                        &key("jwks_url"),
+                        "is missing: give jwks_url or jwks_file (the issuer's public keys), or a jwt_issuer that is an https:// URL with a discovery document",
+                    )
+                })?;
+                JwksSource::Discovery(issuer_url, self.jwks_egress(raw, server)?)
+            }
         };
         Ok(Some(JwtCaller {
             issuer,
@@ -150,6 +134,52 @@ impl Cx<'_> {
             jwks,
         }))
     }
+}
+
+impl Cx<'_> {
+    /// A URL keys are fetched from: https, or http on loopback (keys fetched in the clear
+    /// could be replaced on the way).
+    fn keys_url(&self, key: &str, url: &str) -> Result<Uri, ConfigError> {
+        let uri = self.http_url(key, url)?;
+        if uri.scheme_str() != Some("https") && !is_loopback(&uri) {
+            return Err(self.err(
+                key,
+                "must be https:// (keys fetched in the clear could be replaced on the way)",
+            ));
+        }
+        Ok(uri)
+    }
+
+    /// The way out for a client's keys: the server's egress path, the web roots.
+    fn jwks_egress(
+        &self,
+        raw: &RawClient,
+        server: &ServerConfig,
+    ) -> Result<Arc<Egress>, ConfigError> {
+        let (egress, _) = self.egress(
+            server.egress.as_ref(),
+            EgressParts {
+                key_prefix: &format!("client \"{}\"", raw.name),
+                proxy: None,
+                ca_file: None,
+                ca_only: false,
+                token_identity: None,
+                api_identity: None,
+            },
+        )?;
+        Ok(Arc::new(egress))
+    }
+}
+
+/// Whether `uri`'s host is this machine.
+pub fn is_loopback(uri: &Uri) -> bool {
+    uri.host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .is_some_and(|h| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        })
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub use events::EventsConfig;
 pub use grant::{
     AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
 };
-pub use jwt::{JwksSource, JwtCaller};
+pub use jwt::{is_loopback, JwksSource, JwtCaller};
 use raw::RawConfig;
 pub use server::{LogFormat, Readiness, ServerConfig};
 pub use telemetry::TelemetryConfig;

@@ -635,12 +635,17 @@ fn jwt_callers_need_every_part_and_keys_over_https() {
     assert!(jwt.subject_matches("repo:org/app:ref:refs/heads/main"));
     assert!(client(&format!("{whole}jwks_file = \"/etc/tokengate/jwks.json\"")).is_ok());
     assert!(client(&format!("{whole}jwks_url = \"http://127.0.0.1:8081/jwks\"")).is_ok());
+    // Neither: the https issuer's discovery document says where its keys are.
+    assert!(client(whole).is_ok());
     for (lines, named) in [
         (
             format!("{whole}jwks_url = \"http://idp.example.com/jwks\""),
             "https://",
         ),
-        (whole.to_string(), "jwks_url"),
+        (
+            whole.replace("https://token.actions.githubusercontent.com", "github"),
+            "jwks_url",
+        ),
         (
             format!("{whole}jwks_url = \"https://a/j\"\njwks_file = \"/j\""),
             "not both",

@@ -64,7 +64,9 @@ impl KeySet {
         let mut st = self.state.lock().await;
         let now = Instant::now();
         let stale = match &self.source {
-            JwksSource::Url(..) => st.fresh_until.is_none_or(|t| now >= t),
+            JwksSource::Url(..) | JwksSource::Discovery(..) => {
+                st.fresh_until.is_none_or(|t| now >= t)
+            }
             JwksSource::File(path) => {
                 let stamp = tokio::fs::metadata(path)
                     .await
@@ -94,6 +96,10 @@ impl KeySet {
     async fn read(&self, st: &mut KeyState) {
         let got = match &self.source {
             JwksSource::Url(url, egress) => fetch(url, egress).await,
+            JwksSource::Discovery(issuer, egress) => match discover(issuer, egress).await {
+                Ok(url) => fetch(&url, egress).await,
+                Err(why) => Err(why),
+            },
             JwksSource::File(path) => {
                 let stamp = tokio::fs::metadata(path)
                     .await
@@ -135,6 +141,47 @@ fn find(keys: &[(Option<String>, DecodingKey)], kid: Option<&str>) -> Option<Dec
         None if keys.len() == 1 => Some(keys[0].1.clone()),
         None => None,
     }
+}
+
+/// The `jwks_uri` of `issuer`'s discovery document (OpenID Connect Discovery 1.0, §4):
+/// https, or http on loopback, like a configured `jwks_url`.
+async fn discover(
+    issuer: &http::Uri,
+    egress: &crate::outbound::egress::Egress,
+) -> Result<http::Uri, String> {
+    let client = egress.side_call_client()?;
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.to_string().trim_end_matches('/')
+    );
+    let resp = client
+        .get(&url)
+        .header(http::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| crate::http::causes::error_chain(&e))?;
+    if !resp.status().is_success() {
+        return Err(format!(
+            "the discovery document answered HTTP {}",
+            resp.status().as_u16()
+        ));
+    }
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| crate::http::causes::error_chain(&e))?;
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| "the discovery document is not JSON".to_string())?;
+    let jwks_uri: http::Uri = doc["jwks_uri"]
+        .as_str()
+        .and_then(|u| u.parse().ok())
+        .ok_or_else(|| "the discovery document has no usable jwks_uri".to_string())?;
+    let https = jwks_uri.scheme_str() == Some("https");
+    let local_http = jwks_uri.scheme_str() == Some("http") && crate::config::is_loopback(&jwks_uri);
+    if !https && !local_http {
+        return Err("the discovery document's jwks_uri is not https".into());
+    }
+    Ok(jwks_uri)
 }
 
 /// GET a JWKS through the egress path: its keys and how long they are fresh.

@@ -96,14 +96,22 @@ struct Jwks {
 }
 
 async fn serve_jwks(jwks: Arc<Mutex<Jwks>>) -> Served {
-    let svc = tower::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+    let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let jwks = Arc::clone(&jwks);
         async move {
             let mut j = jwks.lock().unwrap();
-            j.fetches += 1;
+            let host = req.headers()["host"].to_str().unwrap().to_string();
             let (status, body) = if j.down {
                 (503, String::new())
+            } else if req.uri().path() == "/.well-known/openid-configuration" {
+                // The issuer's discovery document.
+                let doc = serde_json::json!({
+                    "issuer": format!("http://{host}"),
+                    "jwks_uri": format!("http://{host}/jwks"),
+                });
+                (200, doc.to_string())
             } else {
+                j.fetches += 1;
                 (200, serde_json::json!({ "keys": j.keys }).to_string())
             };
             let mut resp = http::Response::new(tokengate::http::body::full(body));
@@ -326,4 +334,24 @@ async fn a_jwks_file_is_read_again_when_it_changes() {
     .expect("the file's modification time moves");
     assert_eq!(status_with(&proxy, &sign(&new, &claims(|_| {}))).await, 200);
     assert_eq!(status_with(&proxy, &sign(&old, &claims(|_| {}))).await, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_jwks_the_issuers_discovery_document_says_where_its_keys_are() {
+    let sandbox = sandbox().await;
+    let key = ec_signing_key("d1");
+    let jwks = Arc::new(Mutex::new(Jwks {
+        keys: vec![key.jwk.clone()],
+        ..Jwks::default()
+    }));
+    let served = serve_jwks(Arc::clone(&jwks)).await;
+    let issuer = format!("http://{}", served.addr);
+    let config = format!(
+        "{}\n[[client]]\nname = \"ci\"\njwt_issuer = \"{issuer}\"\njwt_audience = \"{AUDIENCE}\"\njwt_subject = \"system:serviceaccount:etl:*\"\n",
+        standard_config(&sandbox, ""),
+    );
+    let proxy = Proxy::start(&config);
+    let token = sign(&key, &claims(|c| c["iss"] = issuer.clone().into()));
+    assert_eq!(status_with(&proxy, &token).await, 200);
+    assert_eq!(jwks.lock().unwrap().fetches, 1);
 }
