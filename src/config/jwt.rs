@@ -150,7 +150,8 @@ impl Cx<'_> {
         Ok(uri)
     }
 
-    /// The way out for a client's keys: the server's egress path, the web roots.
+    /// The way out for a client's keys: the server's egress path, trusting the web roots
+    /// and `jwks_ca_file` (a cluster's own CA, for its API server's JWKS).
     fn jwks_egress(
         &self,
         raw: &RawClient,
@@ -161,7 +162,7 @@ impl Cx<'_> {
             EgressParts {
                 key_prefix: &format!("client \"{}\"", raw.name),
                 proxy: None,
-                ca_file: None,
+                ca_file: raw.jwks_ca_file.as_deref(),
                 ca_only: false,
                 token_identity: None,
                 api_identity: None,

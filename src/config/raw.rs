@@ -131,6 +131,7 @@ pub(super) struct RawClient {
     pub(super) jwt_subject: Option<String>,
     pub(super) jwks_url: Option<String>,
     pub(super) jwks_file: Option<PathBuf>,
+    pub(super) jwks_ca_file: Option<PathBuf>,
     pub(super) upstreams: Option<Vec<String>>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) share: Option<u32>,
