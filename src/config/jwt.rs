@@ -174,13 +174,8 @@ impl Cx<'_> {
 
 /// Whether `uri`'s host is this machine.
 pub fn is_loopback(uri: &Uri) -> bool {
-    uri.host()
-        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-        .is_some_and(|h| {
-            h == "localhost"
-                || h.parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        })
+    uri.authority()
+        .is_some_and(|a| crate::http::is_loopback_host(a.as_str()))
 }
 
 #[cfg(test)]

@@ -116,22 +116,6 @@ pub fn identify_key(
     Some((Arc::clone(client), key.sha256))
 }
 
-/// Is `host` (a `Host` header or an authority, port allowed) a loopback name?
-fn is_loopback_host(host: &str) -> bool {
-    let Ok(authority) = host.parse::<http::uri::Authority>() else {
-        return false;
-    };
-    let name = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    name.eq_ignore_ascii_case("localhost")
-        || name.to_ascii_lowercase().ends_with(".localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// Anonymous mode (no `[[client]]`, loopback only) trusts whoever can connect, and a
 /// browser on the same machine can connect too: a page elsewhere could call the proxy
 /// (a cross-site request) or rebind its own name to 127.0.0.1 (DNS rebinding) and use the
@@ -143,7 +127,7 @@ fn anonymous_browser_refusal(req: &ProxyRequest) -> Option<ProxyResponse> {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    if !host.is_some_and(is_loopback_host) {
+    if !host.is_some_and(crate::http::is_loopback_host) {
         return Some(ProxyError::Forbidden(
             "without [[client]] keys the proxy answers only requests addressed to a loopback name (localhost, 127.0.0.1, [::1])".into(),
         )
@@ -296,7 +280,7 @@ mod tests {
             "[::1]:9",
             "a.localhost",
         ] {
-            assert!(is_loopback_host(h), "{h}");
+            assert!(crate::http::is_loopback_host(h), "{h}");
         }
         for h in [
             "attacker.example",
@@ -305,7 +289,7 @@ mod tests {
             "",
             "local host",
         ] {
-            assert!(!is_loopback_host(h), "{h}");
+            assert!(!crate::http::is_loopback_host(h), "{h}");
         }
     }
 

@@ -133,7 +133,7 @@ async fn a_quiet_client_goes_ahead_of_a_noisy_backlog() {
 async fn the_platforms_headers_set_the_budget_and_its_429_spends_it() {
     let g = Governor::with(None, Duration::from_secs(30), 1, None);
     let c: Arc<str> = Arc::from("a");
-    let mut h = HeaderMap::new();
+    let mut h = http::HeaderMap::new();
     h.insert("inin-ratelimit-allowed", "5".parse().unwrap());
     h.insert("inin-ratelimit-count", "4".parse().unwrap());
     h.insert("inin-ratelimit-reset", "20".parse().unwrap());
@@ -152,7 +152,7 @@ async fn the_platforms_headers_set_the_budget_and_its_429_spends_it() {
     assert_eq!(g.admit(&c, 1, None).await, Ok(Some(0)));
     assert_eq!(Instant::now() - asked, Duration::from_secs(21));
     // A platform 429 spends the window, whatever the count said.
-    let mut h = HeaderMap::new();
+    let mut h = http::HeaderMap::new();
     h.insert("retry-after", "3".parse().unwrap());
     g.observe(0, 429, &h, || 0);
     let asked = Instant::now();

@@ -35,17 +35,6 @@ fn key_entry(key: &str, not_after: Option<SystemTime>) -> String {
     }
 }
 
-async fn status_with(proxy: &Proxy, auth: &str) -> u16 {
-    client()
-        .get(proxy.url("/api/v2/users/me"))
-        .header("Authorization", auth)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn two_keys_overlap_until_the_first_ones_not_after() {
     let sandbox = sandbox().await;
@@ -61,8 +50,8 @@ async fn two_keys_overlap_until_the_first_ones_not_after() {
     );
     let proxy = Proxy::start(&config);
     let (old, new) = (format!("Bearer {OLD_KEY}"), format!("Bearer {NEW_KEY}"));
-    assert_eq!(status_with(&proxy, &old).await, 200);
-    assert_eq!(status_with(&proxy, &new).await, 200);
+    assert_eq!(status_with_authorization(&proxy, &old).await, 200);
+    assert_eq!(status_with_authorization(&proxy, &new).await, 200);
     // The status document shows both by fingerprint, the old one's end, and their use.
     let doc: serde_json::Value =
         serde_json::from_str(&admin_text(&proxy, "/status.json").await).unwrap();
@@ -82,12 +71,12 @@ async fn two_keys_overlap_until_the_first_ones_not_after() {
     assert!((0.0..=3.0).contains(&left), "{left}");
     // Past its not_after the old key is refused like an unknown one; the new one works.
     let refused = wait_for_async(Duration::from_secs(10), || async {
-        (status_with(&proxy, &old).await == 401).then_some(SystemTime::now())
+        (status_with_authorization(&proxy, &old).await == 401).then_some(SystemTime::now())
     })
     .await
     .expect("the old key stops");
     assert!(refused >= ends, "refused before its not_after");
-    assert_eq!(status_with(&proxy, &new).await, 200);
+    assert_eq!(status_with_authorization(&proxy, &new).await, 200);
     // Nothing of either key, nor a hash to look it up by, in the page, the document or
     // the metrics.
     let page = admin_text(&proxy, "/").await;
@@ -115,8 +104,8 @@ async fn a_reload_removing_a_key_ends_its_session_tokens() {
         format!("Bearer {}", session_token(&proxy, "etl", OLD_KEY).await),
         format!("Bearer {}", session_token(&proxy, "etl", NEW_KEY).await),
     );
-    assert_eq!(status_with(&proxy, &old_session).await, 200);
-    assert_eq!(status_with(&proxy, &new_session).await, 200);
+    assert_eq!(status_with_authorization(&proxy, &old_session).await, 200);
+    assert_eq!(status_with_authorization(&proxy, &new_session).await, 200);
     proxy.rewrite_config(&etl_config(&sandbox, &key_entry(NEW_KEY, None)));
     proxy.signal("HUP");
     let output = proxy.output.clone();
@@ -126,12 +115,15 @@ async fn a_reload_removing_a_key_ends_its_session_tokens() {
     .await
     .expect("the reload is logged");
     assert_eq!(
-        status_with(&proxy, &old_session).await,
+        status_with_authorization(&proxy, &old_session).await,
         401,
         "the removed key's session"
     );
-    assert_eq!(status_with(&proxy, &format!("Bearer {OLD_KEY}")).await, 401);
-    assert_eq!(status_with(&proxy, &new_session).await, 200);
+    assert_eq!(
+        status_with_authorization(&proxy, &format!("Bearer {OLD_KEY}")).await,
+        401
+    );
+    assert_eq!(status_with_authorization(&proxy, &new_session).await, 200);
     // A session asked for with the removed key is not issued.
     let refused = client()
         .post(proxy.url("/oauth/token"))

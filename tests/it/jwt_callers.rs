@@ -134,14 +134,7 @@ fn jwt_client(name: &str, issuer: &str, jwks: &Served) -> String {
 }
 
 async fn status_with(proxy: &Proxy, token: &str) -> u16 {
-    client()
-        .get(proxy.url("/api/v2/users/me"))
-        .header("Authorization", format!("Bearer {token}"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    status_with_authorization(proxy, &format!("Bearer {token}")).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -361,6 +361,18 @@ pub async fn session_token(proxy: &Proxy, name: &str, key: &str) -> String {
     answer["access_token"].as_str().unwrap().to_string()
 }
 
+/// The status of a `GET /api/v2/users/me` sent with this `Authorization` header.
+pub async fn status_with_authorization(proxy: &Proxy, authorization: &str) -> u16 {
+    client()
+        .get(proxy.url("/api/v2/users/me"))
+        .header("Authorization", authorization)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 pub async fn get_with_key(proxy: &Proxy, path: &str) -> reqwest::Response {
     client()
         .get(proxy.url(path))
