@@ -43,7 +43,10 @@ impl Governor {
         );
         let now = Instant::now();
         let mut st = self.lock();
-        let unanswered = st.unanswered.load(Ordering::Relaxed);
+        let unanswered = st
+            .unanswered
+            .get(index)
+            .map_or(0, |n| n.load(Ordering::Relaxed));
         let in_flight = || unanswered.max(holding_connections());
         let Some(w) = st.windows.get_mut(index) else {
             return;

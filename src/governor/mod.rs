@@ -179,10 +179,13 @@ impl Governor {
     ) -> Result<Admission, Refusal> {
         let passed = |st: &State, index| Admission {
             index,
-            unanswered: Unanswered::counted(&st.unanswered),
+            unanswered: index.map(|i| Unanswered::counted(&st.unanswered, i)),
         };
         if !self.is_active() && cap.is_none() {
-            return Ok(passed(&self.lock(), None));
+            return Ok(Admission {
+                index: None,
+                unanswered: None,
+            });
         }
         let now = Instant::now();
         let fleet = self
@@ -266,7 +269,7 @@ impl Governor {
         match tokio::time::timeout(self.max_wait, rx).await {
             Ok(Ok((index, unanswered))) => Ok(Admission {
                 index: Some(index),
-                unanswered,
+                unanswered: Some(unanswered),
             }),
             _ => {
                 let now = Instant::now();
@@ -340,7 +343,7 @@ impl Governor {
         let now = Instant::now();
         let mut st = self.lock();
         if !self.is_active() {
-            return Some(Unanswered::counted(&st.unanswered));
+            return Some(Unanswered::counted(&st.unanswered, index));
         }
         if !st.waiting.is_empty() {
             return None;
@@ -352,7 +355,7 @@ impl Governor {
             return None;
         }
         w.count_call(now, fleet);
-        Some(Unanswered::counted(&st.unanswered))
+        Some(Unanswered::counted(&st.unanswered, index))
     }
 
     /// The share of `client` as it stands now (see [`ShareNow`]), for its answers'

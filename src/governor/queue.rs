@@ -81,13 +81,14 @@ pub(super) struct State {
     /// client asked) more than one client counts as calling, and calls are paced.
     pub(super) last_client: Option<Arc<str>>,
     pub(super) several_until: Option<Instant>,
-    /// The calls let through and not answered yet (see [`Unanswered`]).
-    pub(super) unanswered: Arc<AtomicU64>,
+    /// The calls let through and not answered yet, per pooled token (see [`Unanswered`]).
+    pub(super) unanswered: Arc<[AtomicU64]>,
 }
 
 impl State {
     /// A queue with nobody waiting, over these windows.
     pub(super) fn new(windows: Vec<TokenWindow>) -> State {
+        let tokens = windows.len();
         State {
             windows,
             waiting: BinaryHeap::new(),
@@ -101,7 +102,7 @@ impl State {
             fleet_down_until: None,
             last_client: None,
             several_until: None,
-            unanswered: Arc::new(AtomicU64::new(0)),
+            unanswered: (0..tokens).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
@@ -268,7 +269,7 @@ impl State {
                 break;
             };
             self.virtual_time = self.virtual_time.max(w.start);
-            let unanswered = Unanswered::counted(&self.unanswered);
+            let unanswered = Unanswered::counted(&self.unanswered, i);
             if w.tx.send((i, unanswered)).is_err() {
                 self.windows[i].used -= 1;
                 self.unspend(&w.client, i);

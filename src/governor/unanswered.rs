@@ -11,28 +11,34 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// One call on its way; it stops counting when dropped (once its answer's head was read,
-/// or when the call ends without one).
+/// One call on its way with one pooled token; it stops counting when dropped (once its
+/// answer's head was read, or when the call ends without one). Counted per token: a
+/// token's window is learned from its own answers, and only its own calls can be in it.
 #[derive(Debug)]
-pub struct Unanswered(Arc<AtomicU64>);
+pub struct Unanswered(Arc<[AtomicU64]>, usize);
 
 impl Unanswered {
-    pub(super) fn counted(calls: &Arc<AtomicU64>) -> Unanswered {
-        calls.fetch_add(1, Ordering::Relaxed);
-        Unanswered(Arc::clone(calls))
+    /// Count a call with token `index` among `calls` (one count per pooled token).
+    pub(super) fn counted(calls: &Arc<[AtomicU64]>, index: usize) -> Unanswered {
+        if let Some(n) = calls.get(index) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        Unanswered(Arc::clone(calls), index)
     }
 }
 
 impl Drop for Unanswered {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(n) = self.0.get(self.1) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 /// A call let through: the pooled token whose budget it spends (`None`: no budget is
-/// known; pick as usual), counted until its answer.
+/// known; pick as usual), counted until its answer when it has one.
 #[derive(Debug)]
 pub struct Admission {
     pub index: Option<usize>,
-    pub unanswered: Unanswered,
+    pub unanswered: Option<Unanswered>,
 }
