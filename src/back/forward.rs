@@ -103,18 +103,18 @@ static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Ar
 /// call was sent on it: nothing was answered, so an idempotent call may be sent again on
 /// another connection (nginx's `proxy_next_upstream`, haproxy's `retry-on conn-failure`).
 fn closed_before_answering(e: &SendError) -> bool {
-    let SendError::Exchange(e) = e else {
-        return false;
-    };
-    if e.is_incomplete_message() || e.is_canceled() {
-        return true;
-    }
     // HTTP/2: the connection ended (after a GOAWAY, say) before this stream's answer.
     if let Some(io) = h2_cause(e).and_then(h2::Error::get_io) {
         return matches!(
             io.kind(),
             std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
         );
+    }
+    let SendError::Exchange(e) = e else {
+        return false;
+    };
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
     }
     let mut cause = std::error::Error::source(e);
     while let Some(err) = cause {
@@ -156,7 +156,7 @@ fn failure(origin: &Origin, e: &SendError) -> String {
             "connecting to {origin} failed: {}",
             error_chain(e.as_error())
         ),
-        SendError::Exchange(_) => format!(
+        SendError::Exchange(_) | SendError::Http2(_) => format!(
             "the exchange with {origin} failed: {}",
             error_chain(e.as_error())
         ),

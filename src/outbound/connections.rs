@@ -1,6 +1,6 @@
 //! One worker's own connections to one upstream: a small stack of idle HTTP/1.1
 //! connections (hyper's `client::conn::http1::SendRequest`), or one shared HTTP/2
-//! connection when the API host chose h2 by ALPN.
+//! connection when the API host chose h2 by ALPN (see [`super::http2`]).
 //!
 //! Why not hyper-util's pooled `Client`: a worker runs on one thread, so its pool never
 //! needs the legacy client's machinery: a keyed map behind a lock, a background task per
@@ -16,19 +16,23 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::future::{ready, Either};
 use futures_util::FutureExt as _;
 use http::uri::PathAndQuery;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::Connection;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tower::Service;
 
+pub use super::answer::UpstreamBody;
+use super::http2;
 pub use super::origin::Origin;
 use crate::http::body::{BoxError, ProxyBody};
 use crate::outbound::egress::{Connector, Egress};
@@ -47,6 +51,8 @@ pub enum SendError {
     Connect(BoxError),
     /// The exchange failed after the call was handed to a connection.
     Exchange(hyper::Error),
+    /// The same, on an HTTP/2 stream.
+    Http2(h2::Error),
 }
 
 impl SendError {
@@ -54,6 +60,7 @@ impl SendError {
         match self {
             SendError::Connect(e) => e.as_ref(),
             SendError::Exchange(e) => e,
+            SendError::Http2(e) => e,
         }
     }
 }
@@ -62,7 +69,13 @@ type Stream = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
 /// An upstream's answer, with the HTTP/1.1 connection it came on (to give back when its
 /// body ends), or why there is none.
-pub type Answered = Result<(Response<Incoming>, Option<http1::SendRequest<ProxyBody>>), SendError>;
+pub type Answered = Result<
+    (
+        Response<UpstreamBody>,
+        Option<http1::SendRequest<ProxyBody>>,
+    ),
+    SendError,
+>;
 
 struct Idle {
     origin: Arc<Origin>,
@@ -73,15 +86,28 @@ struct Idle {
 
 struct Shared {
     origin: Arc<Origin>,
-    sender: http2::SendRequest<ProxyBody>,
+    sender: h2::client::SendRequest<Bytes>,
     /// Tells this connection from the next one made after it went away.
     id: u64,
+    /// Dropped with this entry: the connection's task then lets it end with its streams.
+    _forgotten: tokio::sync::oneshot::Sender<()>,
 }
 
 /// A connection to send one call on (an HTTP/2 one with its [`Shared::id`]).
 enum Conn {
     Http1(http1::SendRequest<ProxyBody>),
-    Http2(http2::SendRequest<ProxyBody>, u64),
+    Http2(h2::client::SendRequest<Bytes>, u64),
+}
+
+/// Whether an HTTP/2 sender can open a stream now: `Some(false)` when its connection has
+/// failed or closed, `None` when it must wait (for an earlier stream of the same sender
+/// to be opened).
+fn h2_ready(sender: &mut h2::client::SendRequest<Bytes>) -> Option<bool> {
+    match sender.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(())) => Some(true),
+        Poll::Ready(Err(_)) => Some(false),
+        Poll::Pending => None,
+    }
 }
 
 /// Did the API host refuse the request before processing any of it? An HTTP/2 stream above
@@ -89,17 +115,19 @@ enum Conn {
 /// `REFUSED_STREAM`, were never processed (RFC 9113 §6.8, §8.7): any method may be sent
 /// again, on another connection.
 pub fn never_processed(e: &SendError) -> bool {
-    let SendError::Exchange(e) = e else {
-        return false;
-    };
     h2_cause(e).is_some_and(|h2| {
         (h2.is_go_away() && h2.is_remote())
             || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
     })
 }
 
-/// The HTTP/2 error under a hyper error, if it is one.
-pub fn h2_cause(e: &hyper::Error) -> Option<&h2::Error> {
+/// The HTTP/2 error of a failed exchange, if it is one.
+pub fn h2_cause(e: &SendError) -> Option<&h2::Error> {
+    let e = match e {
+        SendError::Http2(e) => return Some(e),
+        SendError::Exchange(e) => e,
+        SendError::Connect(_) => return None,
+    };
     let mut cause = std::error::Error::source(e);
     while let Some(err) = cause {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
@@ -177,7 +205,7 @@ impl WorkerConnections {
                 Conn::Http1(mut sender) => {
                     origin.aim_http1(&mut req, &path);
                     match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok((resp, Some(sender))),
+                        Ok(resp) => return Ok((resp.map(UpstreamBody::Http1), Some(sender))),
                         Err(mut e) => match e.take_message() {
                             Some(unsent) if reused => req = unsent,
                             _ => return Err(SendError::Exchange(e.into_error())),
@@ -188,16 +216,14 @@ impl WorkerConnections {
                     origin
                         .aim_http2(&mut req, &path)
                         .map_err(|e| SendError::Connect(Box::new(e)))?;
-                    match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok((resp, None)),
-                        Err(mut e) => match e.take_message() {
-                            Some(unsent) if reused => {
-                                self.forget_shared();
-                                req = unsent;
-                            }
-                            _ => return Err(self.went_away(id, e.into_error())),
-                        },
-                    }
+                    let answer = match http2::send(&mut sender, req) {
+                        Ok(exchange) => exchange.await,
+                        Err(e) => Err(e),
+                    };
+                    return match answer {
+                        Ok(resp) => Ok((resp.map(UpstreamBody::Http2), None)),
+                        Err(e) => Err(self.went_away(id, e)),
+                    };
                 }
             }
         }
@@ -215,70 +241,85 @@ impl WorkerConnections {
         self: &Arc<Self>,
         origin: &Arc<Origin>,
         path: PathAndQuery,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
     ) -> Result<impl Future<Output = Answered> + Send + 'static, (PathAndQuery, Request<ProxyBody>)>
     {
-        let Some(conn) = self.ready_now(origin) else {
+        let mut req = match self.open_h2_now(origin, &path, req) {
+            Ok((sent, id)) => {
+                let home = Arc::clone(self);
+                let exchange = match sent {
+                    Ok(exchange) => Either::Left(exchange),
+                    Err(e) => Either::Right(ready(Err(e))),
+                };
+                return Ok(Either::Right(exchange.map(move |answer| match answer {
+                    Ok(resp) => Ok((resp.map(UpstreamBody::Http2), None)),
+                    Err(e) => Err(home.went_away(id, e)),
+                })));
+            }
+            Err(req) => req,
+        };
+        let Some(mut sender) = self.idle_ready_now(origin) else {
             return Err((path, req));
         };
         let (home, origin) = (Arc::clone(self), Arc::clone(origin));
-        // Closed by the upstream before the request went out: another connection, as
-        // `send` does.
-        let again = move |home: Arc<Self>, origin, path, unsent| {
-            Either::Right(Box::pin(WorkerConnections::send(
-                home, origin, path, unsent,
-            )))
-        };
-        match conn {
-            Conn::Http1(mut sender) => {
-                origin.aim_http1(&mut req, &path);
-                let sent = sender.try_send_request(req);
-                Ok(Either::Left(sent.then(move |sent| match sent {
-                    Ok(resp) => Either::Left(ready(Ok((resp, Some(sender))))),
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) => again(home, origin, path, unsent),
-                        None => Either::Left(ready(Err(SendError::Exchange(e.into_error())))),
-                    },
-                })))
-            }
-            Conn::Http2(mut sender, id) => {
-                if origin.aim_http2(&mut req, &path).is_err() {
-                    return Err((path, req));
-                }
-                let sent = sender.try_send_request(req);
-                Ok(Either::Right(sent.then(move |sent| match sent {
-                    Ok(resp) => Either::Left(ready(Ok((resp, None)))),
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) => {
-                            home.forget_shared();
-                            again(home, origin, path, unsent)
-                        }
-                        None => Either::Left(ready(Err(home.went_away(id, e.into_error())))),
-                    },
-                })))
-            }
-        }
+        origin.aim_http1(&mut req, &path);
+        let sent = sender.try_send_request(req);
+        Ok(Either::Left(sent.then(move |sent| match sent {
+            Ok(resp) => Either::Left(ready(Ok((resp.map(UpstreamBody::Http1), Some(sender))))),
+            // Closed by the upstream before the request went out: another connection, as
+            // `send` does.
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => Either::Right(Box::pin(WorkerConnections::send(
+                    home, origin, path, unsent,
+                ))),
+                None => Either::Left(ready(Err(SendError::Exchange(e.into_error())))),
+            },
+        })))
     }
 
-    /// A connection to `origin` that can take a request at once, looked for as
-    /// `checkout` does but without waiting: the shared HTTP/2 one, else the most recently
-    /// used idle HTTP/1.1 one.
-    fn ready_now(&self, origin: &Arc<Origin>) -> Option<Conn> {
-        let shared = self.shared.lock().ok()?;
-        if let Some(s) = shared.as_ref().filter(|s| s.origin.same_as(origin)) {
-            return s
-                .sender
-                .is_ready()
-                .then(|| Conn::Http2(s.sender.clone(), s.id));
+    /// The usual HTTP/2 case: a stream opened at once on the shared connection to
+    /// `origin`, under its lock (no copy of its sender), and the connection's id; `req`
+    /// comes back when there is no such connection or it cannot open one now.
+    #[allow(clippy::result_large_err)]
+    fn open_h2_now(
+        &self,
+        origin: &Arc<Origin>,
+        path: &PathAndQuery,
+        mut req: Request<ProxyBody>,
+    ) -> Result<(Result<http2::Exchange, h2::Error>, u64), Request<ProxyBody>> {
+        let Ok(mut shared) = self.shared.lock() else {
+            return Err(req);
+        };
+        let Some(s) = shared.as_mut().filter(|s| s.origin.same_as(origin)) else {
+            return Err(req);
+        };
+        match h2_ready(&mut s.sender) {
+            Some(true) => {}
+            // Closed or failed: the next call makes a new one.
+            Some(false) => {
+                *shared = None;
+                return Err(req);
+            }
+            // Its last stream waits to be opened (the API host's stream limit): `send`
+            // waits with a sender of its own.
+            None => return Err(req),
         }
-        drop(shared);
+        if origin.aim_http2(&mut req, path).is_err() {
+            return Err(req);
+        }
+        Ok((http2::send(&mut s.sender, req), s.id))
+    }
+
+    /// The most recently used idle HTTP/1.1 connection to `origin`, if one can take a
+    /// request at once.
+    fn idle_ready_now(&self, origin: &Arc<Origin>) -> Option<http1::SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().ok()?;
         while let Some(top) = idle.pop() {
             if !top.origin.same_as(origin) || top.sender.is_closed() {
                 continue;
             }
             if top.sender.is_ready() {
-                return Some(Conn::Http1(top.sender));
+                return Some(top.sender);
             }
             // Its connection task has not caught up yet: `checkout` waits for it.
             idle.push(top);
@@ -319,7 +360,10 @@ impl WorkerConnections {
     /// HTTP/2 one, else the most recently used idle HTTP/1.1 one, else a new one.
     async fn checkout(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<(Conn, bool), SendError> {
         if let Some((mut sender, id)) = self.shared_to(origin) {
-            if sender.ready().await.is_ok() {
+            if futures_util::future::poll_fn(|cx| sender.poll_ready(cx))
+                .await
+                .is_ok()
+            {
                 return Ok((Conn::Http2(sender, id), true));
             }
             self.forget_shared();
@@ -352,7 +396,10 @@ impl WorkerConnections {
         }
         let _turn = self.connecting.lock().await;
         if let Some((mut sender, id)) = self.shared_to(origin) {
-            if sender.ready().await.is_ok() {
+            if futures_util::future::poll_fn(|cx| sender.poll_ready(cx))
+                .await
+                .is_ok()
+            {
                 return Ok(Conn::Http2(sender, id));
             }
         }
@@ -360,7 +407,7 @@ impl WorkerConnections {
     }
 
     /// The shared HTTP/2 connection, if it goes to `origin`, and its id.
-    fn shared_to(&self, origin: &Origin) -> Option<(http2::SendRequest<ProxyBody>, u64)> {
+    fn shared_to(&self, origin: &Origin) -> Option<(h2::client::SendRequest<Bytes>, u64)> {
         let shared = self.shared.lock().ok()?;
         let s = shared.as_ref().filter(|s| s.origin.same_as(origin))?;
         Some((s.sender.clone(), s.id))
@@ -375,20 +422,16 @@ impl WorkerConnections {
             .await
             .map_err(SendError::Connect)?;
         if io.connected().is_negotiated_h2() {
-            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+            let (sender, forgotten) = http2::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| SendError::Connect(Box::new(e)))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "an HTTP/2 connection to an upstream ended");
-                }
-            });
             let id = self.h2_made.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut shared) = self.shared.lock() {
                 *shared = Some(Shared {
                     origin: Arc::clone(origin),
                     sender: sender.clone(),
                     id,
+                    _forgotten: forgotten,
                 });
             }
             return Ok(Conn::Http2(sender, id));
@@ -414,8 +457,8 @@ impl WorkerConnections {
     /// A failed HTTP/2 exchange on connection `id`. If the API host said it is going away
     /// (GOAWAY) or refused the stream, that connection takes no more calls: the next one
     /// opens a new connection while the calls it is still answering finish on the old.
-    fn went_away(&self, id: u64, e: hyper::Error) -> SendError {
-        let e = SendError::Exchange(e);
+    fn went_away(&self, id: u64, e: h2::Error) -> SendError {
+        let e = SendError::Http2(e);
         if never_processed(&e) {
             if let Ok(mut shared) = self.shared.lock() {
                 if shared.as_ref().is_some_and(|s| s.id == id) {
@@ -430,7 +473,10 @@ impl WorkerConnections {
     /// next call.
     fn forget_shared(&self) {
         if let Ok(mut shared) = self.shared.lock() {
-            if shared.as_ref().is_some_and(|s| s.sender.is_closed()) {
+            if shared
+                .as_mut()
+                .is_some_and(|s| h2_ready(&mut s.sender) == Some(false))
+            {
                 *shared = None;
             }
         }
