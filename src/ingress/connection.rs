@@ -17,6 +17,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
+use super::resting::Between;
 use super::watch::{until_closing, StallGuard, Verdict, Watch, Watched, ANSWER_STALL};
 use crate::call::messages::{PeerAddr, PeerIdentity};
 use crate::http::body::ProxyBody;
@@ -67,6 +68,9 @@ pub(super) struct PerConnection<S> {
     service: std::sync::Mutex<S>,
     peer: IpAddr,
     what: &'static str,
+    /// A plain HTTP/1.1 connection that may rest (see [`super::resting`]): told of each
+    /// request head.
+    between: Option<Arc<Between>>,
 }
 
 impl<S> PerConnection<S> {
@@ -75,13 +79,20 @@ impl<S> PerConnection<S> {
             service: std::sync::Mutex::new(service),
             peer,
             what,
+            between: None,
         }
+    }
+
+    pub(super) fn resting(mut self, between: &Arc<Between>) -> Self {
+        self.between = Some(Arc::clone(between));
+        self
     }
 }
 
 impl<S, B> hyper::service::Service<Request<B>> for PerConnection<S>
 where
     S: Service<Request<B>, Response = Response<ProxyBody>> + Clone,
+    B: http_body::Body,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -94,6 +105,13 @@ where
         use std::task::{Context, Poll, Waker};
         if req.method() == http::Method::POST {
             req.extensions_mut().insert(PeerAddr(self.peer));
+        }
+        if let Some(between) = &self.between {
+            // hyper reads on after the head for a body, or for the stream of an upgrade.
+            let reads_on = !req.body().is_end_stream()
+                || req.headers().contains_key(http::header::UPGRADE)
+                || req.method() == http::Method::CONNECT;
+            between.on_request(reads_on);
         }
         let mut service = self
             .service
@@ -161,18 +179,16 @@ pub(super) fn common_name(der: &[u8]) -> Option<Arc<str>> {
 
 pin_project_lite::pin_project! {
     /// A plain HTTP/1.1 connection, served until it ends and shut down gracefully once
-    /// `closing` (the listener closing) resolves; holds the listener's drain `watcher`
-    /// until then. (hyper-util's `Watcher::watch` does this for connections without
-    /// upgrades only.) A struct rather than an `async fn`: an `async fn` kept the
-    /// connection twice in its state (as argument and pinned), 1 KiB more per connection.
+    /// `closing` (the listener closing) resolves. (hyper-util's `Watcher::watch` does
+    /// this for connections without upgrades only.) A struct rather than an `async fn`:
+    /// an `async fn` kept the connection twice in its state (as argument and pinned),
+    /// 1 KiB more per connection.
     pub(super) struct ServeHttp1<C, F> {
         #[pin]
         pub(super) conn: C,
         #[pin]
         pub(super) closing: F,
         pub(super) shutting_down: bool,
-        // Held, never read: the listener's drain waits until it is dropped.
-        pub(super) _watcher: hyper_util::server::graceful::Watcher,
     }
 }
 

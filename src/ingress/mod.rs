@@ -6,6 +6,7 @@ pub mod connection;
 pub mod descriptors;
 pub mod head_timer;
 pub mod memory;
+pub mod resting;
 pub mod server;
 pub mod watch;
 pub mod workers;

@@ -25,11 +25,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::ingress::connection::{
-    peek_protocol, serve_any, serve_tls, PerConnection, Protocol, ServeHttp1, TlsConnection,
-};
+use crate::ingress::connection::{peek_protocol, serve_any, serve_tls, Protocol, TlsConnection};
 pub use crate::ingress::connection::{HttpService, HEADER_READ_TIMEOUT};
-use crate::ingress::head_timer::ConnectionTimer;
+use crate::ingress::resting;
 use crate::ingress::watch::StallGuard;
 
 /// The largest request head accepted (HTTP/1 buffer; HTTP/2 header list).
@@ -240,27 +238,10 @@ pub async fn serve<S>(
                     };
                     match protocol {
                         Some(Protocol::Http1) => {
-                            // The head timer: one per connection, reused for every head
-                            // (see `connection_timer`).
-                            let mut http1 = (*http1).clone();
-                            http1.timer(ConnectionTimer::new());
-                            // With upgrades: a WebSocket's connection is handed over
-                            // after its `101` (see `websocket`).
-                            let conn = http1
-                                .serve_connection(
-                                    TokioIo::new(StallGuard::new(stream)),
-                                    PerConnection::new(service, peer.ip(), what),
-                                )
-                                .with_upgrades();
-                            ServeHttp1 {
-                                conn,
-                                closing: async move {
-                                    let _ = closed.wait_for(|closing| *closing).await;
-                                },
-                                shutting_down: false,
-                                _watcher: watcher,
-                            }
-                            .await
+                            // With upgrades (a WebSocket's connection is handed over after
+                            // its `101`); hyper only while busy (see `resting`).
+                            let _draining_waits_for_this = watcher;
+                            resting::serve(stream, http1, service, peer.ip(), what, closed).await
                         }
                         Some(Protocol::MaybeHttp2) => {
                             let io = TokioIo::new(StallGuard::new(stream));

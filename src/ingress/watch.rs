@@ -326,6 +326,10 @@ impl<T> StallGuard<T> {
     pub fn get_ref(&self) -> &T {
         &self.io
     }
+
+    pub fn into_inner(self) -> T {
+        self.io
+    }
 }
 
 /// What a write that stayed blocked fails with.
