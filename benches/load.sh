@@ -331,8 +331,16 @@ if has_case plain && [ "$IDLE" -gt 0 ]; then
     : > "$work/idle.out"
     exec {to_idle}> >(python3 benches/idle_callers.py "$port" "$IDLE" "Bearer $key" > "$work/idle.out")
     for _ in $(seq 600); do grep -q ready "$work/idle.out" 2>/dev/null && break; sleep 0.5; done
-    sleep 3 # idle now: longer than a proxy waits before it frees an idle connection's buffers
+    # Idle now. The lowest RSS over the next 9 s while every caller is still connected:
+    # tokengate frees a connection's buffers after 1 s quiet, and its memory watcher
+    # trims the heap at its next look (every 5 s); it closes connections quiet for 11 s.
     after=$(rss_kib VmRSS "$pid")
+    for _ in $(seq 9); do
+      sleep 1
+      held=$(ss -Htn state established "( sport = :$port )" | wc -l)
+      [ "$held" -ge "$IDLE" ] || break
+      now=$(rss_kib VmRSS "$pid"); [ "$now" -lt "$after" ] && after=$now
+    done
     idle_growth[$name]="$(mib "$((after - before))") $(( (after - before) * 1024 / IDLE )) $(awk '{print $2, $3}' "$work/idle.out")"
     exec {to_idle}>&-
     # Wait for the callers' connections to be gone before the next target.
@@ -355,6 +363,8 @@ done
 # peak RSS column, read right after.
 if has_case plain; then
   while read -r name port pid; do
+    # The peak from here on (the idle callers' phase above is not this column's).
+    for p in "$pid" $(pgrep -P "$pid" || true); do echo 5 > "/proc/$p/clear_refs" 2>/dev/null || true; done
     wide[$name]="$(THREADS=2 run_wrk "$port" "$pid" 1000 5)"
     peak[$name]=$(mib "$(rss_kib VmHWM "$pid")")
   done <<<"$front_targets"

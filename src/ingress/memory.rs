@@ -7,8 +7,9 @@
 //! asked to give its free pages back (`malloc_trim`), off the workers' threads. The same
 //! after many connections came to rest (see [`super::resting`]): each gave back hyper's
 //! buffers, 16 KiB or so, into pages that stay resident among the connections' small
-//! state until trimmed — at most once per [`AFTER_RESTS_EVERY`], as a trim holds each
-//! arena's lock while it walks it.
+//! state until trimmed. A trim holds each arena's lock while it walks it (milliseconds
+//! with thousands of connections), so it waits for rests worth it: at least 256, and an
+//! eighth of the connections open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +18,7 @@ use crate::ingress::server::ConnectionGate;
 
 /// How often the connection count is looked at.
 const EVERY: Duration = Duration::from_secs(5);
-/// Trims for connections that came to rest, at most this often.
-const AFTER_RESTS_EVERY: Duration = Duration::from_secs(30);
-/// Connections come to rest since the last look, worth a trim.
+/// Connections come to rest since the last trim, worth one (and an eighth of those open).
 const RESTS_WORTH_A_TRIM: usize = 256;
 
 /// Ask the allocator to return its free pages; whether it gave any back.
@@ -40,7 +39,6 @@ pub fn give_back_freed() -> bool {
 pub async fn give_back_after_bursts(gate: Arc<ConnectionGate>) {
     let mut peak = 0;
     let mut rests = 0;
-    let mut last_for_rests: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(EVERY).await;
         let open = gate.open();
@@ -48,14 +46,10 @@ pub async fn give_back_after_bursts(gate: Arc<ConnectionGate>) {
         rests += super::resting::came_to_rest();
         // A burst worth the walk: a few hundred connections, now half gone.
         let burst_gone = peak >= 256 && open <= peak / 2;
-        let rested = rests >= RESTS_WORTH_A_TRIM
-            && last_for_rests.is_none_or(|t| t.elapsed() >= AFTER_RESTS_EVERY);
+        let rested = rests >= RESTS_WORTH_A_TRIM.max(open / 8);
         if burst_gone || rested {
             peak = open;
-            if rested {
-                rests = 0;
-                last_for_rests = Some(tokio::time::Instant::now());
-            }
+            rests = 0;
             let _ = tokio::task::spawn_blocking(give_back_freed).await;
         }
     }
