@@ -23,7 +23,8 @@
 # tokengate (a real token from the built-in sandbox's login host, and a client key checked
 # on every call, as in production). wrk drives each in turn. Then, on the plain case, each
 # proxy holds 1,000 keep-alive connections under load for a while (the peak RSS column is
-# read right after), then IDLE callers that made one call each and wait (its RSS growth).
+# read right after). Then fresh processes of nginx and tokengate hold IDLE callers that
+# made one call each and wait (their RSS growth).
 # Needs nginx, haproxy, wrk, openssl, python3 and strace (Debian: nginx-light haproxy wrk
 # openssl strace); it installs nothing itself.
 set -euo pipefail
@@ -318,36 +319,8 @@ run_wrk() { # port proxy-pid [connections] [seconds]
   echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${errors:-0} $(per_call $((u1 - u0))) $(per_call $((s1 - s0))) $(per_call $((uu1 + us1 - uu0 - us0))) $(per_call $((wrk_after - wrk_before)))"
 }
 
-# IDLE callers on each plain-case proxy, fresh from its start: each makes one call, then
-# waits; the RSS each proxy grew by is what an idle keep-alive connection costs it.
 declare -A wide peak idle_growth
 front_targets=$(tail -n +2 <<<"${targets[plain]:-}")
-if has_case plain && [ "$IDLE" -gt 0 ]; then
-  while read -r name port pid; do
-    # haproxy sizes itself to two descriptors per connection: it cannot hold IDLE
-    # callers under this limit; the figure to compare with is nginx's anyway.
-    [ "$name" = traced ] || [ "$name" = haproxy ] && continue
-    before=$(rss_kib VmRSS "$pid")
-    : > "$work/idle.out"
-    exec {to_idle}> >(python3 benches/idle_callers.py "$port" "$IDLE" "Bearer $key" > "$work/idle.out")
-    for _ in $(seq 600); do grep -q ready "$work/idle.out" 2>/dev/null && break; sleep 0.5; done
-    # Idle now. The lowest RSS over the next 9 s while every caller is still connected:
-    # tokengate frees a connection's buffers after 1 s quiet, and its memory watcher
-    # trims the heap at its next look (every 5 s); it closes connections quiet for 11 s.
-    after=$(rss_kib VmRSS "$pid")
-    for _ in $(seq 9); do
-      sleep 1
-      held=$(ss -Htn state established "( sport = :$port )" | wc -l)
-      [ "$held" -ge "$IDLE" ] || break
-      now=$(rss_kib VmRSS "$pid"); [ "$now" -lt "$after" ] && after=$now
-    done
-    idle_growth[$name]="$(mib "$((after - before))") $(( (after - before) * 1024 / IDLE )) $(awk '{print $2, $3}' "$work/idle.out")"
-    exec {to_idle}>&-
-    # Wait for the callers' connections to be gone before the next target.
-    for _ in $(seq 200); do pgrep -f idle_callers.py >/dev/null || break; sleep 0.1; done
-  done <<<"$front_targets"
-  echo "idle-callers phase done" >&2
-fi
 
 declare -A results
 for round in $(seq "$ROUNDS"); do
@@ -363,8 +336,6 @@ done
 # peak RSS column, read right after.
 if has_case plain; then
   while read -r name port pid; do
-    # The peak from here on (the idle callers' phase above is not this column's).
-    for p in "$pid" $(pgrep -P "$pid" || true); do echo 5 > "/proc/$p/clear_refs" 2>/dev/null || true; done
     wide[$name]="$(THREADS=2 run_wrk "$port" "$pid" 1000 5)"
     peak[$name]=$(mib "$(rss_kib VmHWM "$pid")")
   done <<<"$front_targets"
@@ -394,6 +365,70 @@ if [ "$SYSCALLS" != 0 ] && has_case tls2; then
       END { printf "%.2f:", t / n; for (s in c) if (c[s] / n >= 0.05) printf " %s %.2f,", s, c[s] / n }' "$work/strace.out")
   done <<<"${targets[tls2]}"
   echo "syscall phase done" >&2
+fi
+
+# IDLE callers on fresh processes of nginx and tokengate (and BASELINE), as in the plain
+# case: each caller makes one call, then waits; the RSS each proxy grew by is what an
+# idle keep-alive connection costs it. (haproxy sizes itself to two descriptors per
+# connection: it cannot hold IDLE callers under this limit.)
+if has_case plain && [ "$IDLE" -gt 0 ]; then
+  mkdir -p "$work/ng-idle"
+  ng_idle=$(free_port)
+  cat > "$work/ng-idle/nginx.conf" <<CONF
+worker_processes 2;
+pid $work/ng-idle/nginx.pid;
+error_log $work/ng-idle/error.log;
+worker_rlimit_nofile $files;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  upstream api_idle { server 127.0.0.1:${up_port[plain]}; keepalive 128; }
+  server {
+    listen 127.0.0.1:$ng_idle;
+    location / {
+      proxy_pass http://api_idle;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer fixed-token-from-a-cron-job";
+    }
+  }
+}
+CONF
+  nginx -c "$work/ng-idle/nginx.conf" -p "$work/ng-idle" -g 'daemon off;' &
+  pids+=($!)
+  idle_targets="nginx $ng_idle $!"
+  tg_idle=$(free_port)
+  start_tokengate ./target/release/tokengate plain "$tg_idle" p a
+  idle_targets+=$'\n'"tokengate $tg_idle $p"
+  if [ -n "${BASELINE:-}" ]; then
+    bl_idle=$(free_port)
+    start_tokengate "$BASELINE" plain "$bl_idle" p a
+    idle_targets+=$'\n'"baseline $bl_idle $p"
+  fi
+  while read -r name port pid; do
+    for _ in $(seq 100); do curl -sf -H "$auth" "http://127.0.0.1:$port/api/v2/users/me" >/dev/null && break; sleep 0.1; done
+    before=$(rss_kib VmRSS "$pid")
+    : > "$work/idle.out"
+    exec {to_idle}> >(python3 benches/idle_callers.py "$port" "$IDLE" "Bearer $key" > "$work/idle.out")
+    for _ in $(seq 600); do grep -q ready "$work/idle.out" 2>/dev/null && break; sleep 0.5; done
+    # Idle now. The lowest RSS over the next 9 s while every caller is still connected:
+    # tokengate frees a connection's buffers after 1 s quiet, and its memory watcher
+    # trims the heap at its next look (every 5 s); it closes connections quiet for 11 s.
+    after=$(rss_kib VmRSS "$pid")
+    for _ in $(seq 9); do
+      sleep 1
+      held=$(ss -Htn state established "( sport = :$port )" | wc -l)
+      [ "$held" -ge "$IDLE" ] || break
+      now=$(rss_kib VmRSS "$pid"); [ "$now" -lt "$after" ] && after=$now
+    done
+    idle_growth[$name]="$(mib "$((after - before))") $(( (after - before) * 1024 / IDLE )) $(awk '{print $2, $3}' "$work/idle.out")"
+    exec {to_idle}>&-
+    # Wait for the callers' connections to be gone before the next target.
+    for _ in $(seq 200); do pgrep -f idle_callers.py >/dev/null || break; sleep 0.1; done
+  done <<<"$idle_targets"
+  echo "idle-callers phase done" >&2
 fi
 
 # PROFILE=/path/perf.data: a perf profile (call graphs) of tokengate on the h2 case, under
@@ -451,11 +486,11 @@ if has_case plain; then
   if [ "$IDLE" -gt 0 ]; then
     echo
     echo "RSS growth with $IDLE idle keep-alive callers (each made one call): MiB, bytes per connection, calls answered/failed"
-    while read -r n _ _; do
+    for n in nginx tokengate baseline; do
       [ -n "${idle_growth[$n]:-}" ] || continue
       read -r g per ok failed <<<"${idle_growth[$n]}"
       printf '  %-10s %7s MiB %7s B %6s/%s\n' "$n" "$g" "$per" "$ok" "$failed"
-    done <<<"$front_targets"
+    done
   fi
 fi
 for c in tls1 tls2; do

@@ -15,8 +15,8 @@
 //! request's first part would be; in that rare case hyper ends with an error and the
 //! connection is closed, never reused out of step), the last request had no body left to
 //! read and asked for no upgrade, and every byte of the last answer was flushed. A
-//! connection busy with calls never waits that long, so the cost on the busy path is one
-//! timer's deadline moved per request.
+//! connection busy with calls never waits that long; what it costs is a count per read
+//! and a timer that goes off once a second.
 
 use std::future::Future;
 use std::io;
@@ -39,8 +39,9 @@ use super::head_timer::ConnectionTimer;
 use super::watch::StallGuard;
 use crate::http::body::BoxError;
 
-/// How long a connection stays quiet between requests before it leaves hyper. Long next
-/// to the time between a busy caller's calls, short next to an idle one's life.
+/// How long a connection stays quiet between requests before it leaves hyper (up to twice
+/// this: see `RestingIo::quiet`). Long next to the time between a busy caller's calls,
+/// short next to an idle one's life.
 pub const REST_AFTER: Duration = Duration::from_secs(1);
 
 /// Connections that came to rest since [`came_to_rest`] was last asked.
@@ -144,10 +145,13 @@ struct RestingIo {
     between: Arc<Between>,
     /// Everything written was flushed.
     flushed: bool,
-    /// Made at the first quiet wait, moved for each one after.
+    /// Set when the connection first waited where it may rest; when it goes off with no
+    /// read since it was set, the connection has been quiet that long. Else it is set
+    /// again: a busy connection costs a timer once a second, not a clock read per call.
     quiet: Option<Pin<Box<Sleep>>>,
-    /// A quiet wait is under way (its deadline set).
-    waiting: bool,
+    /// Reads that brought bytes, and their count when `quiet` was set.
+    reads: u32,
+    reads_when_set: u32,
     /// The end of stream was reported.
     ended: bool,
 }
@@ -159,7 +163,8 @@ impl RestingIo {
             between,
             flushed: true,
             quiet: None,
-            waiting: false,
+            reads: 0,
+            reads_when_set: 0,
             ended: false,
         }
     }
@@ -188,7 +193,7 @@ impl AsyncRead for RestingIo {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     this.between.read_since_head.store(true, Ordering::Relaxed);
-                    this.waiting = false;
+                    this.reads = this.reads.wrapping_add(1);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -198,19 +203,22 @@ impl AsyncRead for RestingIo {
         if !this.flushed || !this.between.may_rest() {
             return Poll::Pending;
         }
-        let quiet = this
-            .quiet
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(REST_AFTER)));
-        if !this.waiting {
-            this.waiting = true;
-            quiet.as_mut().reset(Instant::now() + REST_AFTER);
-        }
-        match quiet.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                this.ended = true;
-                Poll::Ready(Ok(()))
+        let quiet = match &mut this.quiet {
+            Some(quiet) => quiet,
+            None => {
+                this.reads_when_set = this.reads;
+                this.quiet.insert(Box::pin(tokio::time::sleep(REST_AFTER)))
             }
-            Poll::Pending => Poll::Pending,
+        };
+        loop {
+            std::task::ready!(quiet.as_mut().poll(cx));
+            if this.reads_when_set == this.reads {
+                this.ended = true;
+                return Poll::Ready(Ok(()));
+            }
+            // Calls came since: quiet from now on, if it stays so.
+            this.reads_when_set = this.reads;
+            quiet.as_mut().reset(Instant::now() + REST_AFTER);
         }
     }
 }
