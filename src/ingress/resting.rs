@@ -204,6 +204,8 @@ impl AsyncRead for RestingIo {
             return Poll::Pending;
         }
         let quiet = match &mut this.quiet {
+            // Its waker is this task's: no need to poll it again until it went off.
+            Some(quiet) if !quiet.is_elapsed() => return Poll::Pending,
             Some(quiet) => quiet,
             None => {
                 this.reads_when_set = this.reads;

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
 
 use crate::support::pki::{pki, tls_front, tls_front_recording, Pki};
 use crate::support::tinyproxy::Tinyproxy;
@@ -319,6 +320,30 @@ async fn an_http2_api_host_is_called_over_one_shared_connection() {
     for r in futures_util::future::join_all(side_by_side).await {
         assert_eq!(r.status(), 200);
     }
+    // Bodies go into their streams whole: a small one (sent with the head), and one of
+    // 1 MiB streamed in chunks, larger than a stream's flow-control window, side by side.
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let proxy = &proxy;
+    let posts = [b"{\"small\":true}".to_vec(), big].map(|body| {
+        let (len, sha) = (body.len(), hex::encode(Sha256::digest(&body)));
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            body.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+        let streamed = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+        async move {
+            let r = client()
+                .post(proxy.url("/api/v2/analytics/conversations/details/query"))
+                .header("Authorization", format!("Bearer {CLIENT_KEY}"))
+                .body(streamed)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let seen: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(seen["body_bytes"], len, "{seen}");
+            assert_eq!(seen["body_sha256"], sha.as_str(), "{seen}");
+        }
+    });
+    futures_util::future::join_all(posts).await;
     let negotiated = negotiated.lock().unwrap().clone();
     assert!(!negotiated.is_empty());
     assert!(
