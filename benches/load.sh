@@ -374,6 +374,8 @@ fi
 if has_case plain && [ "$IDLE" -gt 0 ]; then
   mkdir -p "$work/ng-idle"
   ng_idle=$(free_port)
+  # The plain case's nginx again, on a port of its own.
+  up_port[idle]=${up_port[plain]}; ng_port[idle]=$ng_idle
   cat > "$work/ng-idle/nginx.conf" <<CONF
 worker_processes 2;
 pid $work/ng-idle/nginx.pid;
@@ -384,16 +386,7 @@ http {
   access_log off;
   keepalive_requests 1000000;
   keepalive_timeout 300s;
-  upstream api_idle { server 127.0.0.1:${up_port[plain]}; keepalive 128; }
-  server {
-    listen 127.0.0.1:$ng_idle;
-    location / {
-      proxy_pass http://api_idle;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer fixed-token-from-a-cron-job";
-    }
-  }
+$(nginx_server idle http)
 }
 CONF
   nginx -c "$work/ng-idle/nginx.conf" -p "$work/ng-idle" -g 'daemon off;' &

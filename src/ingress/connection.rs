@@ -17,7 +17,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
-use super::resting::Between;
+use super::between::Between;
 use super::watch::{until_closing, StallGuard, Verdict, Watch, Watched, ANSWER_STALL};
 use crate::call::messages::{PeerAddr, PeerIdentity};
 use crate::http::body::ProxyBody;

@@ -43,7 +43,7 @@ pub async fn give_back_after_bursts(gate: Arc<ConnectionGate>) {
         tokio::time::sleep(EVERY).await;
         let open = gate.open();
         peak = peak.max(open);
-        rests += super::resting::came_to_rest();
+        rests += super::between::came_to_rest();
         // A burst worth the walk: a few hundred connections, now half gone.
         let burst_gone = peak >= 256 && open <= peak / 2;
         let rested = rests >= RESTS_WORTH_A_TRIM.max(open / 8);

@@ -2,6 +2,7 @@
 //! watches that close connections serving nobody, the head timer, the worker threads,
 //! the descriptor limits, and memory given back after bursts.
 
+pub mod between;
 pub mod connection;
 pub mod descriptors;
 pub mod head_timer;

@@ -16,14 +16,15 @@
 //! connection is closed, never reused out of step), the last request had no body left to
 //! read and asked for no upgrade, and every byte of the last answer was flushed. A
 //! connection busy with calls never waits that long; what it costs is a count per read
-//! and a timer that goes off once a second.
+//! and a timer that goes off once a second. What the service and the socket share is in
+//! [`super::between`].
 
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::between::{Between, RESTED};
 use super::connection::{HttpService, PerConnection, ServeHttp1, HEADER_READ_TIMEOUT};
 use super::head_timer::ConnectionTimer;
 use super::watch::StallGuard;
@@ -43,40 +45,6 @@ use crate::http::body::BoxError;
 /// this: see `RestingIo::quiet`). Long next to the time between a busy caller's calls,
 /// short next to an idle one's life.
 pub const REST_AFTER: Duration = Duration::from_secs(1);
-
-/// Connections that came to rest since [`came_to_rest`] was last asked.
-static RESTED: AtomicUsize = AtomicUsize::new(0);
-
-/// How many connections came to rest since the last time this was asked (for
-/// [`super::memory`]: the buffers they gave back are worth a trim).
-pub fn came_to_rest() -> usize {
-    RESTED.swap(0, Ordering::Relaxed)
-}
-
-/// What a connection's service and its socket know of where hyper is.
-#[derive(Default)]
-pub struct Between {
-    /// Bytes reached hyper since the last request head went to the service: hyper may hold
-    /// part of the next head.
-    read_since_head: AtomicBool,
-    /// hyper may still read the last request's bytes: its body, or the upgraded stream.
-    reading_request: AtomicBool,
-    /// The socket, handed back when hyper ended a quiet connection.
-    returned: Mutex<Option<TcpStream>>,
-}
-
-impl Between {
-    /// A request head went to the service; `reads_on` when hyper may read more of it.
-    pub fn on_request(&self, reads_on: bool) {
-        self.read_since_head.store(false, Ordering::Relaxed);
-        self.reading_request.store(reads_on, Ordering::Relaxed);
-    }
-
-    fn may_rest(&self) -> bool {
-        !self.read_since_head.load(Ordering::Relaxed)
-            && !self.reading_request.load(Ordering::Relaxed)
-    }
-}
 
 /// Serve a plain HTTP/1.1 connection (with upgrades), handing it to hyper while it is
 /// busy and holding only its socket while it is quiet; ends when the caller closes it,
@@ -274,6 +242,7 @@ impl AsyncWrite for RestingIo {
 mod tests {
     use super::*;
     use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Answers every request with the length of its body; counts its clones (one per

@@ -8,4 +8,5 @@ pub mod egress;
 pub mod http2;
 pub mod lease;
 pub mod origin;
+pub mod send_error;
 pub mod slots;
