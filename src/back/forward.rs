@@ -27,7 +27,7 @@ use crate::config::WebsocketToken;
 use crate::http::body;
 use crate::http::causes::error_chain;
 use crate::outbound::connections::{
-    h2_cause, never_processed, Answered, Origin, SendError, WorkerConnections,
+    never_processed, Answered, Origin, SendError, WorkerConnections,
 };
 use crate::outbound::lease::Lease;
 use crate::outbound::slots::{Claimant, Slot};
@@ -103,15 +103,18 @@ static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Ar
 /// call was sent on it: nothing was answered, so an idempotent call may be sent again on
 /// another connection (nginx's `proxy_next_upstream`, haproxy's `retry-on conn-failure`).
 fn closed_before_answering(e: &SendError) -> bool {
-    // HTTP/2: the connection ended (after a GOAWAY, say) before this stream's answer.
-    if let Some(io) = h2_cause(e).and_then(h2::Error::get_io) {
-        return matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-        );
-    }
-    let SendError::Exchange(e) = e else {
-        return false;
+    let e = match e {
+        SendError::Exchange(e) => e,
+        // HTTP/2: the connection ended (after a GOAWAY, say) before this stream's answer.
+        SendError::Http2(h2) => {
+            return h2.get_io().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            })
+        }
+        SendError::Connect(_) => return false,
     };
     if e.is_incomplete_message() || e.is_canceled() {
         return true;

@@ -61,10 +61,8 @@ where
     S: HttpService<Incoming>,
 {
     loop {
-        // Made for each hyper connection, like everything it uses: what a resting
-        // connection keeps is only what was made when it was accepted (its task, its
-        // socket), close to the other connections accepted with it, not pinned among
-        // the freed buffers of its last hyper connection.
+        // Made for each hyper connection (nothing read, no request yet), and gone with
+        // it: a resting connection holds its task and its socket, nothing more.
         let between = Arc::new(Between::default());
         let mut http1 = (*builder).clone();
         // The head timer: one per hyper connection, reused for every head (see

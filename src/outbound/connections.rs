@@ -34,7 +34,7 @@ use tower::Service;
 pub use super::answer::UpstreamBody;
 use super::http2;
 pub use super::origin::Origin;
-pub use super::send_error::{h2_cause, never_processed, SendError};
+pub use super::send_error::{never_processed, SendError};
 use crate::http::body::ProxyBody;
 use crate::outbound::egress::{Connector, Egress};
 use crate::outbound::slots::ConnectionSlots;
@@ -172,10 +172,7 @@ impl WorkerConnections {
                         Ok(exchange) => exchange.await,
                         Err(e) => Err(e),
                     };
-                    return match answer {
-                        Ok(resp) => Ok((resp.map(UpstreamBody::Http2), None)),
-                        Err(e) => Err(self.went_away(id, e)),
-                    };
+                    return self.h2_answered(id, answer);
                 }
             }
         }
@@ -203,10 +200,9 @@ impl WorkerConnections {
                     Ok(exchange) => Either::Left(exchange),
                     Err(e) => Either::Right(ready(Err(e))),
                 };
-                return Ok(Either::Right(exchange.map(move |answer| match answer {
-                    Ok(resp) => Ok((resp.map(UpstreamBody::Http2), None)),
-                    Err(e) => Err(home.went_away(id, e)),
-                })));
+                return Ok(Either::Right(
+                    exchange.map(move |answer| home.h2_answered(id, answer)),
+                ));
             }
             Err(req) => req,
         };
@@ -403,6 +399,18 @@ impl WorkerConnections {
         let now = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain(|c| now - c.since < IDLE_TICKS && !c.sender.is_closed());
+        }
+    }
+
+    /// An HTTP/2 exchange's outcome on connection `id`, as a call's answer.
+    fn h2_answered(
+        &self,
+        id: u64,
+        answer: Result<Response<http2::Http2Body>, h2::Error>,
+    ) -> Answered {
+        match answer {
+            Ok(resp) => Ok((resp.map(UpstreamBody::Http2), None)),
+            Err(e) => Err(self.went_away(id, e)),
         }
     }
 

@@ -102,26 +102,17 @@ pub(super) fn send(
     strip_connection_headers(&mut parts.headers);
     let end_of_stream = body.is_end_stream();
     let (response, stream) = sender.send_request(Request::from_parts(parts, ()), end_of_stream)?;
-    let mut pipe = (!end_of_stream).then(|| {
+    let pipe = (!end_of_stream).then(|| {
         Box::pin(Pipe {
             body,
             stream,
             pending: None,
         })
     });
+    let mut exchange = Exchange { response, pipe };
     // A body that is all here (the retry layer keeps small ones) goes out at once.
-    if let Some(p) = &mut pipe {
-        if let Poll::Ready(done) = p
-            .as_mut()
-            .poll(&mut Context::from_waker(std::task::Waker::noop()))
-        {
-            if let Err(e) = done {
-                tracing::debug!(error = %e, "a request body could not be sent upstream");
-            }
-            pipe = None;
-        }
-    }
-    Ok(Exchange { response, pipe })
+    exchange.pipe_on(&mut Context::from_waker(std::task::Waker::noop()));
+    Ok(exchange)
 }
 
 /// The answer to a stream opened by [`send`], while what is left of its body goes out.
@@ -130,27 +121,34 @@ pub struct Exchange {
     pipe: Option<Pin<Box<Pipe>>>,
 }
 
+impl Exchange {
+    /// Send what can go of the body now; the pipe goes once the body is out (or failed).
+    fn pipe_on(&mut self, cx: &mut Context<'_>) {
+        if let Some(pipe) = &mut self.pipe {
+            if let Poll::Ready(done) = pipe.as_mut().poll(cx) {
+                body_sent(done);
+                self.pipe = None;
+            }
+        }
+    }
+}
+
+fn body_sent(done: Result<(), BoxError>) {
+    if let Err(e) = done {
+        tracing::debug!(error = %e, "a request body could not be sent upstream");
+    }
+}
+
 impl Future for Exchange {
     type Output = Result<Response<Http2Body>, h2::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some(pipe) = &mut self.pipe {
-            if let Poll::Ready(done) = pipe.as_mut().poll(cx) {
-                if let Err(e) = done {
-                    tracing::debug!(error = %e, "a request body could not be sent upstream");
-                }
-                self.pipe = None;
-            }
-        }
+        self.pipe_on(cx);
         let answer = ready!(Pin::new(&mut self.response).poll(cx));
         // Answered before the body went out (an early refusal, say): the rest still goes,
         // on its own, as long as the API host takes it.
         if let Some(pipe) = self.pipe.take() {
-            tokio::spawn(async move {
-                if let Err(e) = pipe.await {
-                    tracing::debug!(error = %e, "a request body could not be sent upstream");
-                }
-            });
+            tokio::spawn(async move { body_sent(pipe.await) });
         }
         Poll::Ready(answer.map(|resp| resp.map(Http2Body::new)))
     }

@@ -29,25 +29,9 @@ impl SendError {
 /// `REFUSED_STREAM`, were never processed (RFC 9113 §6.8, §8.7): any method may be sent
 /// again, on another connection.
 pub fn never_processed(e: &SendError) -> bool {
-    h2_cause(e).is_some_and(|h2| {
-        (h2.is_go_away() && h2.is_remote())
-            || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
-    })
-}
-
-/// The HTTP/2 error of a failed exchange, if it is one.
-pub fn h2_cause(e: &SendError) -> Option<&h2::Error> {
-    let e = match e {
-        SendError::Http2(e) => return Some(e),
-        SendError::Exchange(e) => e,
-        SendError::Connect(_) => return None,
+    let SendError::Http2(h2) = e else {
+        return false;
     };
-    let mut cause = std::error::Error::source(e);
-    while let Some(err) = cause {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        cause = err.source();
-    }
-    None
+    (h2.is_go_away() && h2.is_remote())
+        || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
