@@ -230,32 +230,6 @@ where
     }
 }
 
-/// What a plain connection's first bytes say it speaks.
-pub(super) enum Protocol {
-    Http1,
-    /// The start of the HTTP/2 preface (or too little to tell): left to `auto`.
-    MaybeHttp2,
-}
-
-/// Looks at a plain connection's first bytes without taking them; `None` if it closes,
-/// fails or sends nothing within [`HEADER_READ_TIMEOUT`].
-///
-/// Why peek rather than let `auto` sniff: `auto` reads the first 24 bytes itself and hands
-/// them to hyper's HTTP/1 parser as a separate first read, which makes hyper grow the
-/// connection's read buffer from 8 KiB to 16 KiB for every connection. Peeking leaves the
-/// request whole in the socket: at 1,000 keep-alive connections that is 8 MiB less.
-pub(super) async fn peek_protocol(stream: &tokio::net::TcpStream) -> Option<Protocol> {
-    let mut first = [0u8; 3];
-    match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => Some(if b"PRI".starts_with(&first[..n]) {
-            Protocol::MaybeHttp2
-        } else {
-            Protocol::Http1
-        }),
-        _ => None,
-    }
-}
-
 /// An accepted connection on an HTTPS listener, before its handshake.
 pub(super) struct TlsConnection<S> {
     pub(super) peer: IpAddr,

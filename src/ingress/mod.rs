@@ -7,6 +7,7 @@ pub mod connection;
 pub mod descriptors;
 pub mod head_timer;
 pub mod memory;
+pub mod plain;
 pub mod resting;
 pub mod server;
 pub mod watch;

@@ -18,17 +18,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::ingress::connection::{peek_protocol, serve_any, serve_tls, Protocol, TlsConnection};
+use crate::ingress::connection::{serve_tls, TlsConnection};
 pub use crate::ingress::connection::{HttpService, HEADER_READ_TIMEOUT};
-use crate::ingress::resting;
-use crate::ingress::watch::StallGuard;
+use crate::ingress::plain::{self, Plain};
 
 /// The largest request head accepted (HTTP/1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -220,55 +219,40 @@ pub async fn serve<S>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let builder = Arc::clone(&builder);
-        let http1 = Arc::clone(&http1);
-        let watcher = graceful.watcher();
-        let mut closed = closed.clone();
-        let service = service.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let _slots = (slot, address_slot);
-            let result = match tls {
-                // The common case is served inline; the others are boxed, so that every
-                // plain HTTP/1 connection's task is only as large as HTTP/1 needs.
-                None => {
-                    let protocol = tokio::select! {
-                        protocol = peek_protocol(&stream) => protocol,
-                        _ = closed.wait_for(|closing| *closing) => None,
-                    };
-                    match protocol {
-                        Some(Protocol::Http1) => {
-                            // With upgrades (a WebSocket's connection is handed over after
-                            // its `101`); hyper only while busy (see `resting`).
-                            let _draining_waits_for_this = watcher;
-                            resting::serve(stream, http1, service, peer.ip(), what, closed).await
-                        }
-                        Some(Protocol::MaybeHttp2) => {
-                            let io = TokioIo::new(StallGuard::new(stream));
-                            let peer = peer.ip();
-                            Box::pin(serve_any(
-                                &builder, io, service, watcher, closed, peer, what,
-                            ))
-                            .await
-                        }
-                        None => return,
-                    }
-                }
-                Some(acceptor) => {
-                    let conn = TlsConnection {
-                        peer: peer.ip(),
-                        acceptor,
-                        stream,
-                        builder,
-                        service,
-                    };
-                    Box::pin(serve_tls(what, conn, watcher, closed)).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(listener = what, error = %e, "connection ended with an error");
+        let slots = (slot, address_slot);
+        match &tls {
+            // The common case: a task only as large as a plain connection needs (see
+            // `plain`), which is most of what an idle connection costs.
+            None => {
+                let plain = Plain {
+                    http1: Arc::clone(&http1),
+                    auto: Arc::clone(&builder),
+                    service: service.clone(),
+                    watcher: graceful.watcher(),
+                    closed: closed.clone(),
+                    peer: peer.ip(),
+                    what,
+                    slots,
+                };
+                tokio::spawn(plain::serve(stream, plain));
             }
-        });
+            Some(acceptor) => {
+                let conn = TlsConnection {
+                    peer: peer.ip(),
+                    acceptor: acceptor.clone(),
+                    stream,
+                    builder: Arc::clone(&builder),
+                    service: service.clone(),
+                };
+                let (watcher, closed) = (graceful.watcher(), closed.clone());
+                tokio::spawn(async move {
+                    let _slots = slots;
+                    if let Err(e) = Box::pin(serve_tls(what, conn, watcher, closed)).await {
+                        tracing::debug!(listener = what, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
     }
     drop(tcp);
     let _ = closing.send(true);

@@ -1,0 +1,445 @@
+//! A plain (not TLS) connection's task, from accept to close.
+//!
+//! An idle keep-alive connection spends its life in this task, waiting; at 10,000 idle
+//! callers each byte of the task is 10 KB. So the task is this one future: what the
+//! connection needs for its whole life, owned here once (a callee's future taking it by
+//! value would hold a second copy for as long as it runs), and, while it waits, a socket,
+//! a timer and the closing signal. hyper's connection and its buffers are boxed while it
+//! serves and gone while it rests (see [`super::resting`]).
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::task::Poll;
+
+use futures_util::future::BoxFuture;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::ReadBuf;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::between::{Between, RESTED};
+use super::connection::{serve_any, HttpService, HEADER_READ_TIMEOUT};
+use super::resting::hyper_connection;
+use super::watch::StallGuard;
+use crate::http::body::BoxError;
+
+/// What a plain connection holds for its whole life.
+pub(super) struct Plain<S, H> {
+    pub(super) http1: Arc<http1::Builder>,
+    /// For a connection that starts with the HTTP/2 preface.
+    pub(super) auto: Arc<auto::Builder<TokioExecutor>>,
+    pub(super) service: S,
+    /// The listener's drain waits for it.
+    pub(super) watcher: Watcher,
+    pub(super) closed: watch::Receiver<bool>,
+    pub(super) peer: IpAddr,
+    pub(super) what: &'static str,
+    /// Its places under the listener's connection caps, given back when it ends.
+    pub(super) slots: H,
+}
+
+/// Serve a plain connection: HTTP/1.1 (with upgrades) in hyper while it is busy and
+/// resting while it is quiet, or HTTP/2 by prior knowledge (`auto`, boxed); ends when
+/// the caller closes it, sends nothing within
+/// [`HEADER_READ_TIMEOUT`] of its start or of a
+/// rest, or the listener closes.
+pub(super) async fn serve<S, H>(mut stream: TcpStream, mut plain: Plain<S, H>)
+where
+    S: HttpService<Incoming>,
+    H: Send + 'static,
+{
+    match peek_protocol(&stream, &mut plain.closed).await {
+        Some(Protocol::Http1) => {}
+        Some(Protocol::MaybeHttp2) => {
+            let what = plain.what;
+            return ended(what, by_auto(stream, plain).await);
+        }
+        None => return,
+    }
+    loop {
+        let between = Arc::new(Between::default());
+        let served = hyper_connection(
+            stream,
+            &plain.http1,
+            plain.service.clone(),
+            plain.peer,
+            plain.what,
+            plain.closed.clone(),
+            &between,
+        )
+        .await;
+        let returned = between
+            .returned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        // Not kept through the rest.
+        drop(between);
+        stream = match (served, returned) {
+            (Ok(()), Some(stream)) => stream,
+            (served, _) => return ended(plain.what, served),
+        };
+        RESTED.fetch_add(1, Ordering::Relaxed);
+        if !next_bytes(&stream, &mut plain.closed).await {
+            return;
+        }
+    }
+}
+
+/// HTTP/2 by prior knowledge (or too little to tell): `auto`'s connection, boxed.
+fn by_auto<S, H>(stream: TcpStream, plain: Plain<S, H>) -> BoxFuture<'static, Result<(), BoxError>>
+where
+    S: HttpService<Incoming>,
+    H: Send + 'static,
+{
+    let Plain {
+        auto,
+        service,
+        watcher,
+        closed,
+        peer,
+        what,
+        slots,
+        ..
+    } = plain;
+    let io = TokioIo::new(StallGuard::new(stream));
+    Box::pin(async move {
+        let _slots = slots;
+        serve_any(&auto, io, service, watcher, closed, peer, what).await
+    })
+}
+
+/// Logs how a connection ended, if with an error.
+fn ended(what: &'static str, served: Result<(), BoxError>) {
+    if let Err(e) = served {
+        tracing::debug!(listener = what, error = %e, "connection ended with an error");
+    }
+}
+
+/// What a plain connection's first bytes say it speaks.
+enum Protocol {
+    Http1,
+    /// The start of the HTTP/2 preface (or too little to tell): left to `auto`.
+    MaybeHttp2,
+}
+
+/// Waits for a plain connection's next bytes: `true` once its socket is readable (or
+/// failed: the read that follows tells), `false` if nothing came within
+/// [`HEADER_READ_TIMEOUT`] or the listener is closing.
+///
+/// An idle connection spends its life here, so this waits on the socket's own readiness
+/// (no waiter of its own) and holds a timer and the closing signal, nothing more: its
+/// task stays small (see `resting`).
+async fn next_bytes(stream: &TcpStream, closed: &mut watch::Receiver<bool>) -> bool {
+    let timer = tokio::time::sleep(HEADER_READ_TIMEOUT);
+    let closing = closed.wait_for(|closing| *closing);
+    tokio::pin!(timer, closing);
+    std::future::poll_fn(|cx| {
+        if closing.as_mut().poll(cx).is_ready() || timer.as_mut().poll(cx).is_ready() {
+            Poll::Ready(false)
+        } else if stream.poll_read_ready(cx).is_ready() {
+            Poll::Ready(true)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Looks at a plain connection's first bytes without taking them; `None` if it closes,
+/// fails or sends nothing within [`HEADER_READ_TIMEOUT`], or the listener is closing.
+///
+/// Why peek rather than let `auto` sniff: `auto` reads the first 24 bytes itself and hands
+/// them to hyper's HTTP/1 parser as a separate first read, which makes hyper grow the
+/// connection's read buffer from 8 KiB to 16 KiB for every connection. Peeking leaves the
+/// request whole in the socket: at 1,000 keep-alive connections that is 8 MiB less.
+async fn peek_protocol(stream: &TcpStream, closed: &mut watch::Receiver<bool>) -> Option<Protocol> {
+    let mut first = [0u8; 3];
+    loop {
+        if !next_bytes(stream, closed).await {
+            return None;
+        }
+        let mut seen = ReadBuf::new(&mut first);
+        // One try, not a wait: a readiness that proves stale goes back to `next_bytes`.
+        match std::future::poll_fn(|cx| Poll::Ready(stream.poll_peek(cx, &mut seen))).await {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                return Some(if b"PRI".starts_with(&first[..n]) {
+                    Protocol::MaybeHttp2
+                } else {
+                    Protocol::Http1
+                })
+            }
+            Poll::Ready(_) => return None,
+            Poll::Pending => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingress::resting::REST_AFTER;
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers every request with the length of its body; counts its clones (one per
+    /// hyper connection a socket was served by).
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Counted(Arc::clone(&self.0))
+        }
+    }
+
+    impl tower::Service<http::Request<Incoming>> for Counted {
+        type Response = http::Response<crate::http::body::ProxyBody>;
+        type Error = Infallible;
+        type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<Incoming>) -> Self::Future {
+            Box::pin(async move {
+                let body = http_body_util::BodyExt::collect(req.into_body()).await;
+                let n = body.map(|b| b.to_bytes().len()).unwrap_or(usize::MAX);
+                Ok(http::Response::new(crate::http::body::full(n.to_string())))
+            })
+        }
+    }
+
+    struct Server {
+        addr: std::net::SocketAddr,
+        served_by: Arc<AtomicUsize>,
+        /// The listener's closing signal.
+        closing: watch::Sender<bool>,
+        /// The size of a connection's task (its future).
+        task_bytes: Arc<AtomicUsize>,
+    }
+
+    async fn server() -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served_by = Arc::new(AtomicUsize::new(0));
+        let counted = Counted(Arc::clone(&served_by));
+        let (closing, closed) = watch::channel(false);
+        let task_bytes = Arc::new(AtomicUsize::new(0));
+        let sizes = Arc::clone(&task_bytes);
+        tokio::spawn(async move {
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            let mut builder = http1::Builder::new();
+            builder.half_close(true);
+            let builder = Arc::new(builder);
+            let auto = Arc::new(hyper_util::server::conn::auto::Builder::new(
+                hyper_util::rt::TokioExecutor::new(),
+            ));
+            while let Ok((stream, peer)) = listener.accept().await {
+                let plain = Plain {
+                    http1: Arc::clone(&builder),
+                    auto: Arc::clone(&auto),
+                    service: counted.clone(),
+                    watcher: graceful.watcher(),
+                    closed: closed.clone(),
+                    peer: peer.ip(),
+                    what: "test",
+                    slots: (),
+                };
+                let task = serve(stream, plain);
+                sizes.store(std::mem::size_of_val(&task), Ordering::Relaxed);
+                tokio::spawn(task);
+            }
+        });
+        Server {
+            addr,
+            served_by,
+            closing,
+            task_bytes,
+        }
+    }
+
+    impl Server {
+        /// Clones of the service so far: one per accepted socket, one per hyper
+        /// connection that served it.
+        fn bursts(&self) -> usize {
+            self.served_by.load(Ordering::Relaxed)
+        }
+    }
+
+    async fn answer(client: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    return body.to_string();
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_rests_and_serves_its_next_request() {
+        let s = server().await;
+        let mut client = TcpStream::connect(s.addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut client).await, "0");
+        let first = s.bursts();
+        // Quiet for longer than REST_AFTER (paused time: the clock moves, nothing waits).
+        tokio::time::sleep(REST_AFTER * 2).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut client).await, "0");
+        assert_eq!(
+            s.bursts(),
+            first + 1,
+            "the second request found the connection resting"
+        );
+        // A busy connection does not rest: back to back, the same hyper connection.
+        for _ in 0..3 {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(answer(&mut client).await, "0");
+        }
+        assert_eq!(s.bursts(), first + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_half_sent_or_an_upgrade_keeps_the_connection_in_hyper() {
+        let s = server().await;
+        let mut client = TcpStream::connect(s.addr).await.unwrap();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhello")
+            .await
+            .unwrap();
+        tokio::time::sleep(REST_AFTER * 3).await;
+        client.write_all(b"world").await.unwrap();
+        assert_eq!(answer(&mut client).await, "10", "the body came whole");
+        let first = s.bursts();
+        client
+            .write_all(
+                b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut client).await, "0");
+        tokio::time::sleep(REST_AFTER * 3).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut client).await, "0");
+        assert_eq!(s.bursts(), first, "no rest after an upgrade request");
+    }
+
+    /// Reads until the connection ends; what came (nothing, for a closed idle connection).
+    async fn until_closed(client: &mut TcpStream) -> usize {
+        let mut buf = [0u8; 256];
+        let mut got = 0;
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_closed_at_the_head_timeout() {
+        let s = server().await;
+        let started = tokio::time::Instant::now();
+        let mut client = TcpStream::connect(s.addr).await.unwrap();
+        assert_eq!(until_closed(&mut client).await, 0);
+        let waited = started.elapsed();
+        assert!(
+            waited >= HEADER_READ_TIMEOUT && waited < HEADER_READ_TIMEOUT + REST_AFTER,
+            "closed after {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resting_connection_is_closed_when_quiet_too_long_or_when_the_listener_closes() {
+        let s = server().await;
+        // Quiet too long: rests after 1-2 s, closed HEADER_READ_TIMEOUT later.
+        let mut client = TcpStream::connect(s.addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut client).await, "0");
+        let answered = tokio::time::Instant::now();
+        assert_eq!(until_closed(&mut client).await, 0);
+        let waited = answered.elapsed();
+        assert!(
+            waited >= HEADER_READ_TIMEOUT + REST_AFTER
+                && waited <= HEADER_READ_TIMEOUT + REST_AFTER * 3,
+            "closed {waited:?} after its answer"
+        );
+        // The listener closing: a resting connection ends then, not at its timeout.
+        let mut client = TcpStream::connect(s.addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut client).await, "0");
+        let bursts = s.bursts();
+        tokio::time::sleep(REST_AFTER * 3).await;
+        let closed_at = tokio::time::Instant::now();
+        s.closing.send_replace(true);
+        assert_eq!(until_closed(&mut client).await, 0);
+        assert!(
+            closed_at.elapsed() < REST_AFTER,
+            "{:?}",
+            closed_at.elapsed()
+        );
+        assert_eq!(s.bursts(), bursts, "it was resting, not in hyper");
+    }
+
+    #[tokio::test]
+    async fn a_plain_connection_task_stays_small() {
+        // A task lives as long as its connection: at 10,000 idle callers each of its bytes
+        // is 10 KB (benches/load.sh measures the whole). 648 bytes here when this was
+        // written (792 with the proxy's service and connection slots: with the task's
+        // header, just inside jemalloc's 896-byte class). A local kept across an await (a
+        // moved-from value still in scope, a callee's future taking the connection's
+        // state by value) adds a copy and fails this.
+        let s = server().await;
+        let mut client = TcpStream::connect(s.addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut client).await, "0");
+        let bytes = s.task_bytes.load(Ordering::Relaxed);
+        assert!(
+            bytes > 0 && bytes <= 700,
+            "a plain connection's task is {bytes} bytes"
+        );
+    }
+}
