@@ -169,11 +169,12 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read once at its start: freed pages go back to the system after
-/// about a second, not ten (measured with 1,000 busy callers: 35.2 → 34.4 MiB at the
-/// peak, where glibc's malloc was at 33.9; `benches/load.sh`).
+/// about a second, not ten, and on time even when the proxy is idle (one background
+/// thread; without it jemalloc purges only while it allocates). Measured: 1,000 busy
+/// callers' peak 35.2 → 34.4 MiB; an idle proxy's RSS 15.0 → 12.2 MiB after its start.
 #[allow(unsafe_code, non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8; 20] = b"dirty_decay_ms:1000\0";
+pub static malloc_conf: &[u8; 68] = b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000\0";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
