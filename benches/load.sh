@@ -402,7 +402,12 @@ CONF
   fi
   while read -r name port pid; do
     for _ in $(seq 100); do curl -sf -H "$auth" "http://127.0.0.1:$port/api/v2/users/me" >/dev/null && break; sleep 0.1; done
+    # Settled first: the lowest RSS over 3 s (an allocator may still be returning what
+    # the process freed after its start; growth is measured from where it rests).
     before=$(rss_kib VmRSS "$pid")
+    for _ in 1 2 3; do
+      sleep 1; now=$(rss_kib VmRSS "$pid"); [ "$now" -lt "$before" ] && before=$now
+    done
     : > "$work/idle.out"
     exec {to_idle}> >(python3 benches/idle_callers.py "$port" "$IDLE" "Bearer $key" > "$work/idle.out")
     for _ in $(seq 600); do grep -q ready "$work/idle.out" 2>/dev/null && break; sleep 0.5; done
