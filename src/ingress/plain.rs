@@ -52,6 +52,7 @@ pub(super) struct Plain<S, H> {
 /// Not an `async fn`: its future would keep `stream` and `plain` twice, as the
 /// arguments it was called with and as the body's own (208 bytes more per connection).
 /// The `async move` block keeps what it captured once.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub(super) fn serve<S, H>(
     mut stream: TcpStream,
     mut plain: Plain<S, H>,
@@ -309,19 +310,11 @@ mod tests {
     async fn a_quiet_connection_rests_and_serves_its_next_request() {
         let s = server().await;
         let mut client = TcpStream::connect(s.addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(answer(&mut client).await, "0");
+        assert_eq!(get(&mut client).await, "0");
         let first = s.bursts();
         // Quiet for longer than REST_AFTER (paused time: the clock moves, nothing waits).
         tokio::time::sleep(REST_AFTER * 2).await;
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(answer(&mut client).await, "0");
+        assert_eq!(get(&mut client).await, "0");
         assert_eq!(
             s.bursts(),
             first + 1,
@@ -329,11 +322,7 @@ mod tests {
         );
         // A busy connection does not rest: back to back, the same hyper connection.
         for _ in 0..3 {
-            client
-                .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                .await
-                .unwrap();
-            assert_eq!(answer(&mut client).await, "0");
+            assert_eq!(get(&mut client).await, "0");
         }
         assert_eq!(s.bursts(), first + 1);
     }
@@ -358,12 +347,17 @@ mod tests {
             .unwrap();
         assert_eq!(answer(&mut client).await, "0");
         tokio::time::sleep(REST_AFTER * 3).await;
+        assert_eq!(get(&mut client).await, "0");
+        assert_eq!(s.bursts(), first, "no rest after an upgrade request");
+    }
+
+    /// A GET on `client`, and its answer's body.
+    async fn get(client: &mut TcpStream) -> String {
         client
             .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .unwrap();
-        assert_eq!(answer(&mut client).await, "0");
-        assert_eq!(s.bursts(), first, "no rest after an upgrade request");
+        answer(client).await
     }
 
     /// Reads until the connection ends; what came (nothing, for a closed idle connection).
@@ -396,11 +390,7 @@ mod tests {
         let s = server().await;
         // Quiet too long: rests after 1-2 s, closed HEADER_READ_TIMEOUT later.
         let mut client = TcpStream::connect(s.addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(answer(&mut client).await, "0");
+        assert_eq!(get(&mut client).await, "0");
         let answered = tokio::time::Instant::now();
         assert_eq!(until_closed(&mut client).await, 0);
         let waited = answered.elapsed();
@@ -411,11 +401,7 @@ mod tests {
         );
         // The listener closing: a resting connection ends then, not at its timeout.
         let mut client = TcpStream::connect(s.addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(answer(&mut client).await, "0");
+        assert_eq!(get(&mut client).await, "0");
         let bursts = s.bursts();
         tokio::time::sleep(REST_AFTER * 3).await;
         let closed_at = tokio::time::Instant::now();
@@ -439,11 +425,7 @@ mod tests {
         // taking the connection's state by value) adds a copy and fails this.
         let s = server().await;
         let mut client = TcpStream::connect(s.addr).await.unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(answer(&mut client).await, "0");
+        assert_eq!(get(&mut client).await, "0");
         let bytes = s.task_bytes.load(Ordering::Relaxed);
         assert!(
             bytes > 0 && bytes <= 560,
