@@ -31,7 +31,9 @@ use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::TokioIo;
 use tower::Service;
 
-pub use super::answer::UpstreamBody;
+/// An API host's answer body, as it came: on an HTTP/1.1 connection (hyper's) or on an
+/// HTTP/2 stream (see [`super::http2`]).
+pub type UpstreamBody = http_body_util::Either<hyper::body::Incoming, super::http2::Http2Body>;
 use super::http2;
 pub use super::origin::Origin;
 pub use super::send_error::{never_processed, SendError};
@@ -157,7 +159,7 @@ impl WorkerConnections {
                 Conn::Http1(mut sender) => {
                     origin.aim_http1(&mut req, &path);
                     match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok((resp.map(UpstreamBody::Http1), Some(sender))),
+                        Ok(resp) => return Ok((resp.map(UpstreamBody::Left), Some(sender))),
                         Err(mut e) => match e.take_message() {
                             Some(unsent) if reused => req = unsent,
                             _ => return Err(SendError::Exchange(e.into_error())),
@@ -213,7 +215,7 @@ impl WorkerConnections {
         origin.aim_http1(&mut req, &path);
         let sent = sender.try_send_request(req);
         Ok(Either::Left(sent.then(move |sent| match sent {
-            Ok(resp) => Either::Left(ready(Ok((resp.map(UpstreamBody::Http1), Some(sender))))),
+            Ok(resp) => Either::Left(ready(Ok((resp.map(UpstreamBody::Left), Some(sender))))),
             // Closed by the upstream before the request went out: another connection, as
             // `send` does.
             Err(mut e) => match e.take_message() {
@@ -409,7 +411,7 @@ impl WorkerConnections {
         answer: Result<Response<http2::Http2Body>, h2::Error>,
     ) -> Answered {
         match answer {
-            Ok(resp) => Ok((resp.map(UpstreamBody::Http2), None)),
+            Ok(resp) => Ok((resp.map(UpstreamBody::Right), None)),
             Err(e) => Err(self.went_away(id, e)),
         }
     }

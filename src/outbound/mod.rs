@@ -2,7 +2,6 @@
 //! connection, shared fairly between clients), and the way out for every side call
 //! (egress proxies, CAs, client certificates).
 
-pub mod answer;
 pub mod connections;
 pub mod egress;
 pub mod http2;
