@@ -134,21 +134,23 @@ nginx_server() { # case scheme
   }
 CONF
 }
-cat > "$work/ng/nginx.conf" <<CONF
+nginx_conf() { # dir, then the cases it proxies as "case scheme" arguments
+  local dir=$1; shift
+  cat <<CONF
 worker_processes 2;
-pid $work/ng/nginx.pid;
-error_log $work/ng/error.log;
+pid $dir/nginx.pid;
+error_log $dir/error.log;
 worker_rlimit_nofile $files;
 events { worker_connections 16384; }
 http {
   access_log off;
   keepalive_requests 1000000;
   keepalive_timeout 300s;
-$(nginx_server plain http)
-$(nginx_server tls1 https)
-$(nginx_server tls2 https)
-}
 CONF
+  for c in "$@"; do nginx_server $c; done
+  echo "}"
+}
+nginx_conf "$work/ng" "plain http" "tls1 https" "tls2 https" > "$work/ng/nginx.conf"
 nginx -c "$work/ng/nginx.conf" -p "$work/ng" -g 'daemon off;' &
 pids+=($!)
 nginx_front=$!
@@ -376,19 +378,7 @@ if has_case plain && [ "$IDLE" -gt 0 ]; then
   ng_idle=$(free_port)
   # The plain case's nginx again, on a port of its own.
   up_port[idle]=${up_port[plain]}; ng_port[idle]=$ng_idle
-  cat > "$work/ng-idle/nginx.conf" <<CONF
-worker_processes 2;
-pid $work/ng-idle/nginx.pid;
-error_log $work/ng-idle/error.log;
-worker_rlimit_nofile $files;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 300s;
-$(nginx_server idle http)
-}
-CONF
+  nginx_conf "$work/ng-idle" "idle http" > "$work/ng-idle/nginx.conf"
   nginx -c "$work/ng-idle/nginx.conf" -p "$work/ng-idle" -g 'daemon off;' &
   pids+=($!)
   idle_targets="nginx $ng_idle $!"
