@@ -5,14 +5,16 @@
 //! its socket's registration) is made among short-lived buffers (hyper's, 8 KiB and more,
 //! freed when the connection comes to rest, see [`super::resting`]). glibc's malloc keeps
 //! a page resident while one object in it lives, so freed buffers stayed resident among
-//! the live state: 5–6.5 KiB per idle connection in `benches/load.sh` where 1.2 KiB was
-//! in use. jemalloc keeps each size of object in slabs of its own; the buffers' slabs empty
-//! whole and can go back (2.0 KiB per idle connection in the same bench).
+//! the live state: 5–6.5 KiB per idle connection in `benches/load.sh`, where 2.35 KiB
+//! was in use. jemalloc keeps each size of object in slabs of its own; the buffers' slabs
+//! empty whole and can go back (1.8 KiB per idle connection in the same bench, about
+//! 1 KiB of it in use).
 //!
-//! jemalloc returns freed pages lazily (after about 10 s, when it next allocates). After a
-//! burst (the proxy listener's connections fell to half of their peak) or after many
-//! connections came to rest, the watcher asks it to return them now, off the workers'
-//! threads: at least 256 rests, and an eighth of the connections open.
+//! jemalloc returns freed pages after about a second, by its background thread (its
+//! options are in `main.rs`). After a burst (the proxy listener's connections fell to
+//! half of their peak) or after many connections came to rest, the watcher asks it to
+//! return them at once, off the workers' threads: at least 256 rests, and an eighth of
+//! the connections open.
 
 use std::sync::Arc;
 use std::time::Duration;
