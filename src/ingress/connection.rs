@@ -26,12 +26,15 @@ use crate::http::body::ProxyBody;
 /// slow or half-open connections cannot hold a slot for ever.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a listener serves: requests with body `B` in, the proxy's answers out, never an
-/// error (refusals are answers), cloneable per connection, runnable on any worker. One
-/// name for the bound that the proxy's stack, the admin listener and `serve` share.
+/// error (refusals are answers), cloneable per connection, runnable on any worker, and
+/// shared by a listener's connections (`Sync`: kept once per listener, cloned from there
+/// for each hyper connection). One name for the bound that the proxy's stack, the admin
+/// listener and `serve` share.
 pub trait HttpService<B>:
     Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible, Future: Send + 'static>
     + Clone
     + Send
+    + Sync
     + 'static
 {
 }
@@ -44,6 +47,7 @@ impl<S, B> HttpService<B> for S where
             Future: Send + 'static,
         > + Clone
         + Send
+        + Sync
         + 'static
 {
 }
@@ -307,7 +311,7 @@ pub(super) async fn serve_any<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     service: S,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: impl Send,
     closed: tokio::sync::watch::Receiver<bool>,
     peer: IpAddr,
     what: &'static str,
@@ -328,11 +332,11 @@ where
 
 /// Serve an `auto` connection (HTTP/2 or HTTP/1.1) until it ends, shutting it down
 /// gracefully when the listener closes or when it is idle, and dropping it when an answer
-/// is stuck (see [`crate::ingress::watch`]). Holds `watcher` so the listener's drain
-/// waits for it.
+/// is stuck (see [`crate::ingress::watch`]). Holds `watcher` (the listener's graceful
+/// `Watcher`, or a share of one) so the listener's drain waits for it.
 async fn serve_closing_when_idle<C>(
     conn: C,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: impl Send,
     mut closed: tokio::sync::watch::Receiver<bool>,
     watch: Arc<Watch>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>

@@ -1,11 +1,12 @@
-//! A plain (not TLS) connection's task, from accept to close.
+//! A plain (not TLS) connection's task, from accept to rest or close.
 //!
-//! An idle keep-alive connection spends its life in this task, waiting; at 10,000 idle
-//! callers each byte of the task is 10 KB. So the task is this one future: what the
-//! connection needs for its whole life, owned here once (a callee's future taking it by
-//! value would hold a second copy for as long as it runs), and, while it waits, a socket,
-//! a timer and the closing signal. hyper's connection and its buffers are boxed while it
-//! serves and gone while it rests (see [`super::resting`]).
+//! A connection's task lives as long as it serves, and at 1,000 callers each of its bytes
+//! is a kilobyte. So the task is this one future: what the connection needs, owned here
+//! once (a callee's future taking it by value would hold a second copy for as long as it
+//! runs); what all the listener's connections share is behind one `Arc`. hyper's
+//! connection and its buffers are boxed while it serves; once it is quiet (see
+//! [`super::resting`]) the task ends and the socket waits in the listener's table
+//! ([`super::rests`]), which starts a task again with its next bytes.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -26,35 +27,44 @@ use tokio::sync::watch;
 use super::between::{Between, RESTED};
 use super::connection::{serve_any, HttpService, HEADER_READ_TIMEOUT};
 use super::resting::hyper_connection;
+use super::rests::Rests;
 use super::watch::StallGuard;
 use crate::http::body::BoxError;
 
-/// What a plain connection holds for its whole life.
-pub(super) struct Plain<S, H> {
-    pub(super) http1: Arc<http1::Builder>,
+/// What a plain listener's connections share.
+pub(super) struct PlainListener<S, H> {
+    pub(super) http1: http1::Builder,
     /// For a connection that starts with the HTTP/2 preface.
     pub(super) auto: Arc<auto::Builder<TokioExecutor>>,
     pub(super) service: S,
+    pub(super) what: &'static str,
+    /// Where its quiet connections wait.
+    pub(super) rests: Rests<H>,
+}
+
+/// What a plain connection holds while it has a task.
+pub(super) struct Plain<S, H> {
+    pub(super) listener: Arc<PlainListener<S, H>>,
     /// The listener's drain waits for it.
-    pub(super) watcher: Watcher,
+    pub(super) watcher: Arc<Watcher>,
     pub(super) closed: watch::Receiver<bool>,
     pub(super) peer: IpAddr,
-    pub(super) what: &'static str,
-    /// Its places under the listener's connection caps, given back when it ends.
+    /// Its places under the listener's connection caps, given back when it ends (kept
+    /// through its rests).
     pub(super) slots: H,
 }
 
-/// Serve a plain connection: HTTP/1.1 (with upgrades) in hyper while it is busy and
-/// resting while it is quiet, or HTTP/2 by prior knowledge (`auto`, boxed); ends when
-/// the caller closes it, sends nothing within [`HEADER_READ_TIMEOUT`] of its start or of
-/// a rest, or the listener closes.
+/// Serve a plain connection: HTTP/1.1 (with upgrades) in hyper while it is busy, then
+/// rest in the listener's table, or HTTP/2 by prior knowledge (`auto`, boxed); ends when
+/// the caller closes it, sends nothing within [`HEADER_READ_TIMEOUT`] of its start, or
+/// the listener closes.
 ///
 /// Not an `async fn`: its future would keep `stream` and `plain` twice, as the
 /// arguments it was called with and as the body's own (208 bytes more per connection).
 /// The `async move` block keeps what it captured once.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 pub(super) fn serve<S, H>(
-    mut stream: TcpStream,
+    stream: TcpStream,
     mut plain: Plain<S, H>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
@@ -65,38 +75,40 @@ where
         match peek_protocol(&stream, &mut plain.closed).await {
             Some(Protocol::Http1) => {}
             Some(Protocol::MaybeHttp2) => {
-                let what = plain.what;
+                let what = plain.listener.what;
                 return ended(what, by_auto(stream, plain).await);
             }
             None => return,
         }
-        loop {
-            let between = Arc::new(Between::default());
-            let served = hyper_connection(
-                stream,
-                &plain.http1,
-                plain.service.clone(),
-                plain.peer,
-                plain.what,
-                plain.closed.clone(),
-                &between,
-            )
-            .await;
-            let returned = between
-                .returned
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            // Not kept through the rest.
-            drop(between);
-            stream = match (served, returned) {
-                (Ok(()), Some(stream)) => stream,
-                (served, _) => return ended(plain.what, served),
-            };
-            RESTED.fetch_add(1, Ordering::Relaxed);
-            if !next_bytes(&stream, &mut plain.closed).await {
-                return;
+        let between = Arc::new(Between::default());
+        let listener = &plain.listener;
+        let served = hyper_connection(
+            stream,
+            &listener.http1,
+            listener.service.clone(),
+            plain.peer,
+            listener.what,
+            plain.closed.clone(),
+            &between,
+        )
+        .await;
+        let returned = between
+            .returned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match (served, returned) {
+            (Ok(()), Some(stream)) => {
+                RESTED.fetch_add(1, Ordering::Relaxed);
+                let Plain {
+                    listener,
+                    peer,
+                    slots,
+                    ..
+                } = plain;
+                listener.rests.rest(stream, peer, slots);
             }
+            (served, _) => ended(listener.what, served),
         }
     }
 }
@@ -108,19 +120,26 @@ where
     H: Send + 'static,
 {
     let Plain {
-        auto,
-        service,
+        listener,
         watcher,
         closed,
         peer,
-        what,
         slots,
-        ..
     } = plain;
     let io = TokioIo::new(StallGuard::new(stream));
     Box::pin(async move {
         let _slots = slots;
-        serve_any(&auto, io, service, watcher, closed, peer, what).await
+        let service = listener.service.clone();
+        serve_any(
+            &listener.auto,
+            io,
+            service,
+            watcher,
+            closed,
+            peer,
+            listener.what,
+        )
+        .await
     })
 }
 
@@ -142,9 +161,9 @@ enum Protocol {
 /// failed: the read that follows tells), `false` if nothing came within
 /// [`HEADER_READ_TIMEOUT`] or the listener is closing.
 ///
-/// An idle connection spends its life here, so this waits on the socket's own readiness
-/// (no waiter of its own) and holds a timer and the closing signal, nothing more: its
-/// task stays small (see `resting`).
+/// A new connection waits here for its first request (a quiet one waits in the table,
+/// [`super::rests`]): on the socket's own readiness (no waiter of its own), with a timer
+/// and the closing signal, nothing more.
 async fn next_bytes(stream: &TcpStream, closed: &mut watch::Receiver<bool>) -> bool {
     let timer = tokio::time::sleep(HEADER_READ_TIMEOUT);
     let closing = closed.wait_for(|closing| *closing);
@@ -197,6 +216,7 @@ mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::AtomicUsize;
     use std::task::Context;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Answers every request with the length of its body; counts its clones (one per
@@ -235,36 +255,55 @@ mod tests {
         closing: watch::Sender<bool>,
         /// The size of a connection's task (its future).
         task_bytes: Arc<AtomicUsize>,
+        listener: Arc<PlainListener<Counted, ()>>,
     }
 
     async fn server() -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
         let served_by = Arc::new(AtomicUsize::new(0));
         let counted = Counted(Arc::clone(&served_by));
         let (closing, closed) = watch::channel(false);
         let task_bytes = Arc::new(AtomicUsize::new(0));
         let sizes = Arc::clone(&task_bytes);
+        let mut builder = http1::Builder::new();
+        builder.half_close(true);
+        let auto = Arc::new(hyper_util::server::conn::auto::Builder::new(
+            hyper_util::rt::TokioExecutor::new(),
+        ));
+        let (rests, poll) = Rests::new("test");
+        let poll = poll.unwrap();
+        let listener = Arc::new(PlainListener {
+            http1: builder,
+            auto,
+            service: counted,
+            what: "test",
+            rests,
+        });
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let watcher = Arc::new(graceful.watcher());
+        let plain = {
+            let (listener, closed) = (Arc::clone(&listener), closed.clone());
+            move |peer: IpAddr| Plain {
+                listener: Arc::clone(&listener),
+                watcher: Arc::clone(&watcher),
+                closed: closed.clone(),
+                peer,
+                slots: (),
+            }
+        };
+        // The table's watch, as the listener runs it.
+        let (waking, table_closed, wake_plain) = (Arc::clone(&listener), closed, plain.clone());
         tokio::spawn(async move {
-            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-            let mut builder = http1::Builder::new();
-            builder.half_close(true);
-            let builder = Arc::new(builder);
-            let auto = Arc::new(hyper_util::server::conn::auto::Builder::new(
-                hyper_util::rt::TokioExecutor::new(),
-            ));
-            while let Ok((stream, peer)) = listener.accept().await {
-                let plain = Plain {
-                    http1: Arc::clone(&builder),
-                    auto: Arc::clone(&auto),
-                    service: counted.clone(),
-                    watcher: graceful.watcher(),
-                    closed: closed.clone(),
-                    peer: peer.ip(),
-                    what: "test",
-                    slots: (),
-                };
-                let task = serve(stream, plain);
+            let wake = |stream, peer, ()| {
+                tokio::spawn(serve(stream, wake_plain(peer)));
+            };
+            waking.rests.watch(poll, table_closed, wake).await;
+        });
+        tokio::spawn(async move {
+            let _graceful = graceful;
+            while let Ok((stream, peer)) = tcp.accept().await {
+                let task = serve(stream, plain(peer.ip()));
                 sizes.store(std::mem::size_of_val(&task), Ordering::Relaxed);
                 tokio::spawn(task);
             }
@@ -274,6 +313,7 @@ mod tests {
             served_by,
             closing,
             task_bytes,
+            listener,
         }
     }
 
@@ -415,12 +455,49 @@ mod tests {
         assert_eq!(s.bursts(), bursts, "it was resting, not in hyper");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn quiet_connections_wait_in_the_table_without_a_task() {
+        let s = server().await;
+        let metrics = tokio::runtime::Handle::current().metrics();
+        // The accept loop and the table's watch.
+        let listening = metrics.num_alive_tasks();
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            let mut client = TcpStream::connect(s.addr).await.unwrap();
+            assert_eq!(get(&mut client).await, "0");
+            clients.push(client);
+        }
+        assert!(metrics.num_alive_tasks() >= listening + 20);
+        tokio::time::sleep(REST_AFTER * 3).await;
+        assert_eq!(s.listener.rests.len(), 20, "all quiet, all resting");
+        assert_eq!(
+            metrics.num_alive_tasks(),
+            listening,
+            "a resting connection has no task"
+        );
+        // Each is served again by its next request, and rests again after it.
+        let bursts = s.bursts();
+        for client in &mut clients {
+            assert_eq!(get(client).await, "0");
+        }
+        assert_eq!(s.bursts(), bursts + 20);
+        assert_eq!(s.listener.rests.len(), 0);
+        tokio::time::sleep(REST_AFTER * 3).await;
+        assert_eq!(s.listener.rests.len(), 20);
+        // One that hangs up while resting leaves the table (its end woke it).
+        drop(clients.pop());
+        while s.listener.rests.len() != 19 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.num_alive_tasks(), listening);
+    }
+
     #[tokio::test]
     async fn a_plain_connection_task_stays_small() {
-        // A task lives as long as its connection: at 10,000 idle callers each of its bytes
-        // is 10 KB (benches/load.sh measures the whole). 512 bytes here when this was
-        // written (584 with the proxy's service and connection slots: with the task's
-        // header, in jemalloc's 768-byte class). A local kept across an await (a
+        // A task lives as long as its connection serves: at 1,000 busy callers each of
+        // its bytes is 1 KB (benches/load.sh measures the whole). 464 bytes here when this
+        // was written (512 before the listener's shared parts moved behind one `Arc`; 648
+        // before the task was one `async move` block). A local kept across an await (a
         // moved-from value still in scope, an `async fn`'s arguments, a callee's future
         // taking the connection's state by value) adds a copy and fails this.
         let s = server().await;
@@ -428,7 +505,7 @@ mod tests {
         assert_eq!(get(&mut client).await, "0");
         let bytes = s.task_bytes.load(Ordering::Relaxed);
         assert!(
-            bytes > 0 && bytes <= 560,
+            bytes > 0 && bytes <= 480,
             "a plain connection's task is {bytes} bytes"
         );
     }

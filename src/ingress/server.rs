@@ -20,14 +20,15 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::ingress::connection::{serve_tls, TlsConnection};
 pub use crate::ingress::connection::{HttpService, HEADER_READ_TIMEOUT};
-use crate::ingress::plain::{self, Plain};
+use crate::ingress::plain::{self, Plain, PlainListener};
+use crate::ingress::rests::Rests;
 
 /// The largest request head accepted (HTTP/1 buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -92,6 +93,9 @@ pub struct Listener {
 /// Connections per client address.
 #[derive(Default)]
 struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+/// A connection's places under the listener's caps: one of all, one of its address's.
+type Slots = (tokio::sync::OwnedSemaphorePermit, AddressSlot);
 
 /// Holds one slot of an address; frees it when dropped.
 struct AddressSlot {
@@ -170,13 +174,25 @@ pub async fn serve<S>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .half_close(true);
-    // Shared, not copied into every connection's task: a task lives as long as its
-    // connection, and at 1,000 connections every byte of it is a kilobyte.
-    let (builder, http1) = (Arc::new(builder), Arc::new(http1));
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     // Tells connections still waiting for their first bytes (not yet watched by
     // `graceful`) that the listener is closing, so they do not hold up the drain.
     let (closing, closed) = tokio::sync::watch::channel(false);
+    // A plain listener's connections share what they need (a task lives as long as its
+    // connection, and at 1,000 connections every byte of it is a kilobyte), and their
+    // quiet ones wait in its table, watched by a task of its own.
+    let serving = match tls {
+        None => Serving::Plain(plain_listener(
+            what,
+            http1,
+            &builder,
+            &service,
+            Arc::new(graceful.watcher()),
+            &closed,
+        )),
+        Some(acceptor) => Serving::Tls(acceptor),
+    };
     tokio::pin!(shutdown);
     // Accept failures in a row (out of descriptors, say): each waits twice as long as the
     // one before, up to a second, and only the first of a run is logged.
@@ -220,23 +236,20 @@ pub async fn serve<S>(
         };
         let _ = stream.set_nodelay(true);
         let slots = (slot, address_slot);
-        match &tls {
+        match &serving {
             // The common case: a task only as large as a plain connection needs (see
             // `plain`), which is most of what an idle connection costs.
-            None => {
+            Serving::Plain(listener) => {
                 let plain = Plain {
-                    http1: Arc::clone(&http1),
-                    auto: Arc::clone(&builder),
-                    service: service.clone(),
-                    watcher: graceful.watcher(),
+                    listener: Arc::clone(listener),
+                    watcher: Arc::new(graceful.watcher()),
                     closed: closed.clone(),
                     peer: peer.ip(),
-                    what,
                     slots,
                 };
                 tokio::spawn(plain::serve(stream, plain));
             }
-            Some(acceptor) => {
+            Serving::Tls(acceptor) => {
                 let conn = TlsConnection {
                     peer: peer.ip(),
                     acceptor: acceptor.clone(),
@@ -260,6 +273,56 @@ pub async fn serve<S>(
         () = graceful.shutdown() => tracing::info!(listener = what, "drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = what, "grace period over; dropping the remaining connections"),
     }
+}
+
+/// How a listener's connections are served.
+enum Serving<S> {
+    /// In the clear: what its connections share.
+    Plain(Arc<PlainListener<S, Slots>>),
+    /// HTTPS: the handshake happens before HTTP is spoken.
+    Tls(TlsAcceptor),
+}
+
+/// What a plain listener's connections share, with its table of quiet connections
+/// watched by a task that ends when the listener closes (holding `watcher` for the
+/// connections it wakes).
+fn plain_listener<S>(
+    what: &'static str,
+    http1: hyper::server::conn::http1::Builder,
+    auto: &Arc<auto::Builder<TokioExecutor>>,
+    service: &S,
+    watcher: Arc<Watcher>,
+    closed: &tokio::sync::watch::Receiver<bool>,
+) -> Arc<PlainListener<S, Slots>>
+where
+    S: HttpService<Incoming>,
+{
+    let (rests, poll) = Rests::new(what);
+    let listener = Arc::new(PlainListener {
+        http1,
+        auto: Arc::clone(auto),
+        service: service.clone(),
+        what,
+        rests,
+    });
+    if let Some(poll) = poll {
+        let waking = Arc::clone(&listener);
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let wake = |stream, peer, slots| {
+                let plain = Plain {
+                    listener: Arc::clone(&waking),
+                    watcher: Arc::clone(&watcher),
+                    closed: closed.clone(),
+                    peer,
+                    slots,
+                };
+                tokio::spawn(plain::serve(stream, plain));
+            };
+            waking.rests.watch(poll, closed.clone(), wake).await;
+        });
+    }
+    listener
 }
 
 /// A plain listener with default limits (the tests' own servers).
