@@ -23,6 +23,8 @@ pub(super) struct EgressParts<'a> {
     /// `egress_proxy` of the upstream: only `"none"` is accepted.
     pub(super) proxy: Option<&'a str>,
     pub(super) ca_file: Option<&'a Path>,
+    /// The key `ca_file` was given as (`ca_file`, a client's `jwks_ca_file`): errors name it.
+    pub(super) ca_key: &'static str,
     pub(super) ca_only: bool,
     /// Presented to the token endpoint.
     pub(super) token_identity: Option<&'a Identity>,
@@ -142,7 +144,7 @@ impl Cx<'_> {
             }
         };
         let ca = match parts.ca_file {
-            Some(path) => self.pem_certs(&key("ca_file"), path)?,
+            Some(path) => self.pem_certs(&key(parts.ca_key), path)?,
             None if parts.ca_only => {
                 return Err(self.err(&key("ca_only"), "needs ca_file (the CAs to trust instead)"))
             }
@@ -153,7 +155,7 @@ impl Cx<'_> {
         let same = parts.api_identity.map(std::ptr::from_ref)
             == parts.token_identity.map(std::ptr::from_ref);
         let tls = |identity: Option<&Identity>| {
-            self.client_tls(&key("ca_file"), &ca, parts.ca_only, identity)
+            self.client_tls(&key(parts.ca_key), &ca, parts.ca_only, identity)
         };
         let api_tls = tls(parts.api_identity)?;
         let token_tls = if same {

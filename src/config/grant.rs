@@ -338,6 +338,7 @@ impl Cx<'_> {
                 key_prefix: &prefix,
                 proxy: raw.egress_proxy.as_deref(),
                 ca_file: raw.ca_file.as_deref(),
+                ca_key: "ca_file",
                 ca_only: raw.ca_only.unwrap_or(false),
                 token_identity: identity.as_ref().filter(|_| auth_method.uses_certificate()),
                 api_identity: identity.as_ref().filter(|_| mtls_upstream),

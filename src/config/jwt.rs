@@ -163,6 +163,7 @@ impl Cx<'_> {
                 key_prefix: &format!("client \"{}\"", raw.name),
                 proxy: None,
                 ca_file: raw.jwks_ca_file.as_deref(),
+                ca_key: "jwks_ca_file",
                 ca_only: false,
                 token_identity: None,
                 api_identity: None,

@@ -658,4 +658,18 @@ fn jwt_callers_need_every_part_and_keys_over_https() {
         let e = client(&lines).unwrap_err().to_string();
         assert!(e.contains(named), "{lines}: {e}");
     }
+    // A bad CA file for the keys is named by the key it was given as.
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let e = client(&format!(
+        "{whole}jwks_url = \"https://a/j\"\njwks_ca_file = \"{}\"",
+        not_pem.display()
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("client \"ci\".jwks_ca_file: ") && e.contains("holds no PEM certificate"),
+        "{e}"
+    );
 }
