@@ -24,12 +24,15 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::connection::HEADER_READ_TIMEOUT;
+use super::memory;
 
 /// How often the table is looked over for connections quiet too long.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// A row is closed at the first sweep at least [`HEADER_READ_TIMEOUT`] after it came to
 /// rest (up to a sweep later): counting sweeps keeps the clock out of every rest.
 const QUIET_SWEEPS: u32 = HEADER_READ_TIMEOUT.as_secs() as u32 + 1;
+/// Rests on a worker worth flushing its allocator cache for, at a sweep.
+const RESTS_WORTH_A_FLUSH: usize = 256;
 
 /// The quiet connections of one listener, with `H` each connection's places under the
 /// listener's caps (they stay taken while it rests).
@@ -45,6 +48,8 @@ struct Table<H> {
     sweeps: u32,
     /// The listener closed (or the table's watch failed): rests are refused.
     closed: bool,
+    /// Rests since this worker last flushed its allocator's cache.
+    rests_since_flush: usize,
 }
 
 struct Row<H> {
@@ -71,6 +76,7 @@ impl<H> Rests<H> {
             rows: Slab::new(),
             sweeps: 0,
             closed: registry.is_none(),
+            rests_since_flush: 0,
         };
         let rests = Rests {
             registry,
@@ -116,6 +122,7 @@ impl<H> Rests<H> {
                     slots,
                     since,
                 });
+                table.rests_since_flush += 1;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "a resting connection could not be registered; closed")
@@ -213,6 +220,13 @@ impl<H> Rests<H> {
         // rows still resting allow).
         if table.rows.len() < table.rows.capacity() / 4 {
             table.rows.shrink_to_fit();
+        }
+        // Many connections came to rest: the buffers they freed on this worker's thread
+        // sit in its allocator cache until it allocates again; hand them back so their
+        // pages can go (see `memory`).
+        if table.rests_since_flush >= RESTS_WORTH_A_FLUSH {
+            table.rests_since_flush = 0;
+            memory::flush_thread_cache();
         }
     }
 
