@@ -33,33 +33,27 @@ const RESTS_WORTH_A_PURGE: usize = 256;
 /// Ask jemalloc to return every arena's freed pages now; whether it did. Where the
 /// process allocates with another allocator (the tests use the system's), this touches
 /// only jemalloc's own empty arenas.
-#[allow(unsafe_code)]
 pub fn give_back_freed() -> bool {
-    // "arena.<MALLCTL_ARENAS_ALL>.purge": a command, no value read or written.
-    // SAFETY: the name is a NUL-terminated string; the null pointers and zero length say
-    // that nothing is read or written, as the command expects.
-    unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"arena.4096.purge".as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        ) == 0
-    }
+    // "arena.<MALLCTL_ARENAS_ALL>.purge".
+    command(c"arena.4096.purge")
 }
 
 /// Give the calling thread's cache of freed objects back to jemalloc's arenas, so the
 /// pages they hold can be returned: a worker calls it after many of its connections came
 /// to rest (see `rests`), as nothing else would while it stays idle (jemalloc collects a
 /// thread's cache only as the thread allocates). Whether it did.
-#[allow(unsafe_code)]
 pub fn flush_thread_cache() -> bool {
-    // "thread.tcache.flush": a command on the calling thread, no value read or written.
-    // SAFETY: as in `give_back_freed`.
+    command(c"thread.tcache.flush")
+}
+
+/// A jemalloc command that reads and writes no value (`mallctl`); whether it was taken.
+#[allow(unsafe_code)]
+fn command(name: &std::ffi::CStr) -> bool {
+    // SAFETY: the name is a NUL-terminated string; the null pointers and zero length say
+    // that nothing is read or written, as such a command expects.
     unsafe {
         tikv_jemalloc_sys::mallctl(
-            c"thread.tcache.flush".as_ptr(),
+            name.as_ptr(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
