@@ -4,10 +4,10 @@
 //! task (jemalloc's 768-byte class) and tokio's registration of its socket (256 bytes):
 //! 10 MB at 10,000 idle callers, where nginx needs about 7 MB in all. Here a connection
 //! that came to rest (see [`super::resting`]) leaves tokio: its socket is registered with
-//! one `mio::Poll` per listener, whose descriptor tokio watches, and a row of this table
-//! (about 60 bytes) holds it until its next bytes come — then it gets a task again, and
-//! a new hyper connection — until it has been quiet for [`HEADER_READ_TIMEOUT`], or until
-//! the listener closes. A woken socket costs one `epoll_ctl` to leave the table and one
+//! one `mio::Poll` per listener and worker, whose descriptor tokio watches, and a row of
+//! this table (about 80 bytes) holds it until its next bytes come — then it gets a task
+//! again, and a new hyper connection — until it has been quiet for
+//! [`HEADER_READ_TIMEOUT`], or until the listener closes. A woken socket costs one `epoll_ctl` to leave the table and one
 //! to join tokio's: only after a second of quiet, never on a busy connection's path.
 
 use std::io;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyMutGuard};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -75,7 +75,7 @@ impl<H> Rests<H> {
         let table = Table {
             rows: Slab::new(),
             sweeps: 0,
-            closed: registry.is_none(),
+            closed: false,
             rests_since_flush: 0,
         };
         let rests = Rests {
@@ -142,60 +142,71 @@ impl<H> Rests<H> {
         #[allow(unsafe_code)]
         let registered =
             unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) };
-        match registered {
-            Ok(mut poll) => {
-                let mut sweep = tokio::time::interval(SWEEP_EVERY);
-                sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut events = Events::with_capacity(256);
-                let mut woken = Vec::new();
-                loop {
-                    tokio::select! {
-                        _ = closed.wait_for(|closing| *closing) => break,
-                        _ = sweep.tick() => self.sweep(),
-                        ready = poll.readable_mut() => {
-                            let mut ready = match ready {
-                                Ok(ready) => ready,
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "the resting connections' poll failed; closing them");
-                                    break;
-                                }
-                            };
-                            // Everything ready now, then tokio's readiness is cleared (it
-                            // knows if more came meanwhile).
-                            loop {
-                                if let Err(e) = ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO)) {
-                                    if e.kind() == io::ErrorKind::Interrupted {
-                                        continue;
-                                    }
-                                    tracing::warn!(error = %e, "the resting connections' poll failed; closing them");
-                                    self.close_all();
-                                    return;
-                                }
-                                if events.is_empty() {
-                                    ready.clear_ready();
-                                    break;
-                                }
-                                self.take_ready(&events, &mut woken);
-                                for (socket, peer, slots) in woken.drain(..) {
-                                    match TcpStream::from_std(socket) {
-                                        Ok(stream) => wake(stream, peer, slots),
-                                        Err(e) => tracing::debug!(error = %e, "a rested connection could not join tokio again; closed"),
-                                    }
-                                }
-                            }
-                        }
+        let mut poll = match registered {
+            Ok(poll) => poll,
+            Err(e) => {
+                tracing::warn!(error = %e, "quiet connections cannot rest here; they are closed instead");
+                return self.close_all();
+            }
+        };
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events = Events::with_capacity(256);
+        loop {
+            tokio::select! {
+                _ = closed.wait_for(|closing| *closing) => break,
+                _ = sweep.tick() => self.sweep(),
+                ready = poll.readable_mut() => {
+                    let woke = match ready {
+                        Ok(mut ready) => self.wake_ready(&mut ready, &mut events, &mut wake),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = woke {
+                        tracing::warn!(error = %e, "the resting connections' poll failed; closing them");
+                        break;
                     }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "quiet connections cannot rest here; they are closed instead")
             }
         }
         self.close_all();
     }
 
-    /// The rows of `events`' sockets, out of the table and out of its poll.
-    fn take_ready(&self, events: &Events, woken: &mut Vec<(std::net::TcpStream, IpAddr, H)>) {
+    /// Every socket ready now leaves the table through `wake`; then tokio's readiness of
+    /// the poll is cleared (it knows if more came meanwhile).
+    fn wake_ready<W>(
+        &self,
+        ready: &mut AsyncFdReadyMutGuard<'_, Poll>,
+        events: &mut Events,
+        wake: &mut W,
+    ) -> io::Result<()>
+    where
+        W: FnMut(TcpStream, IpAddr, H),
+    {
+        loop {
+            match ready.get_inner_mut().poll(events, Some(Duration::ZERO)) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            if events.is_empty() {
+                ready.clear_ready();
+                return Ok(());
+            }
+            for (socket, peer, slots) in self.take_ready(events) {
+                match TcpStream::from_std(socket) {
+                    Ok(stream) => wake(stream, peer, slots),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a rested connection could not join tokio again; closed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rows of `events`' sockets, out of the table and out of its poll (taken under
+    /// the lock, woken after it).
+    fn take_ready(&self, events: &Events) -> Vec<(std::net::TcpStream, IpAddr, H)> {
+        let mut woken = Vec::new();
         let mut table = self.table();
         for event in events {
             if let Some(row) = table.rows.try_remove(event.token().0) {
@@ -205,6 +216,7 @@ impl<H> Rests<H> {
                 woken.push((row.socket, row.peer, row.slots));
             }
         }
+        woken
     }
 
     /// Closes the connections quiet for [`HEADER_READ_TIMEOUT`] (closing a socket takes it
