@@ -10,7 +10,6 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::task::Poll;
 
@@ -24,7 +23,7 @@ use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::between::{Between, RESTED};
+use super::between::Between;
 use super::connection::{serve_any, HttpService, HEADER_READ_TIMEOUT};
 use super::resting::hyper_connection;
 use super::rests::Rests;
@@ -99,7 +98,6 @@ where
             .take();
         match (served, returned) {
             (Ok(()), Some(stream)) => {
-                RESTED.fetch_add(1, Ordering::Relaxed);
                 let Plain {
                     listener,
                     peer,

@@ -13,6 +13,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyMutGuard};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::between::RESTED;
 use super::connection::HEADER_READ_TIMEOUT;
 use super::memory;
 
@@ -123,6 +125,7 @@ impl<H> Rests<H> {
                     since,
                 });
                 table.rests_since_flush += 1;
+                RESTED.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "a resting connection could not be registered; closed")

@@ -3,7 +3,7 @@
 use super::*;
 use crate::ingress::resting::REST_AFTER;
 use std::convert::Infallible;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Context;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
