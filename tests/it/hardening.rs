@@ -766,14 +766,19 @@ async fn one_address_cannot_take_every_admin_connection() {
         for mut s in &held {
             let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
         }
-        // Past the address's 32, connections are closed at once, unanswered.
-        held.into_iter()
+        // Past the address's 32, connections are closed at once, unanswered. Each stays
+        // open until every answer is read: one closed after its answer would give its
+        // slot back, and a connection the proxy had not yet accepted could take it.
+        let answered = held
+            .iter()
             .map(|mut s| {
                 s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                 let mut b = [0u8; 12];
                 s.read_exact(&mut b).is_ok() && b.starts_with(b"HTTP/1.1 200")
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        drop(held);
+        answered
     })
     .await
     .unwrap();
