@@ -12,50 +12,70 @@
 //! decoding, case, repeated or trailing slashes, dot-segments, `;` parameters), so no
 //! spelling of them slips through.
 
+use std::borrow::Cow;
+
 use http::Method;
 use percent_encoding::percent_decode_str;
 
-/// `path`'s segments as an API host might read them: decoded (twice over, for double
-/// encoding), lower case, with empty and `.` segments gone, `..` applied and `;…` cut off.
-fn normalised(path: &str) -> Vec<String> {
-    let mut decoded = path.to_string();
+/// `path` as an API host might read it: decoded (twice over, for double encoding) and
+/// lower case. Borrowed when it is already so (most paths): this runs on every call that
+/// could change something.
+fn decoded(path: &str) -> Cow<'_, str> {
+    let mut decoded = Cow::Borrowed(path);
     for _ in 0..3 {
-        let next = percent_decode_str(&decoded)
-            .decode_utf8_lossy()
-            .into_owned();
-        if next == decoded {
-            break;
+        match percent_decode_str(&decoded).decode_utf8_lossy() {
+            Cow::Borrowed(_) => break,
+            Cow::Owned(next) => decoded = Cow::Owned(next),
         }
-        decoded = next;
     }
-    let mut segments: Vec<String> = Vec::new();
-    for segment in decoded.to_ascii_lowercase().split(['/', '\\']) {
+    if decoded.bytes().any(|b| b.is_ascii_uppercase()) {
+        decoded = Cow::Owned(decoded.to_ascii_lowercase());
+    }
+    decoded
+}
+
+/// A [`decoded`] path's segments, with empty and `.` segments gone, `..` applied and `;…`
+/// cut off.
+fn segments(decoded: &str) -> Vec<&str> {
+    let mut segments = Vec::with_capacity(16);
+    for segment in decoded.split(['/', '\\']) {
         let segment = segment.split(';').next().unwrap_or_default().trim();
         match segment {
             "" | "." => {}
             ".." => {
                 segments.pop();
             }
-            s => segments.push(s.to_string()),
+            s => segments.push(s),
         }
     }
     segments
 }
 
 /// Does `path` name Genesys' "the token this call carries" (`/api/v2/tokens/me`)?
-fn is_token_itself(segments: &[String]) -> bool {
-    segments.ends_with(&["api", "v2", "tokens", "me"].map(String::from))
+fn is_token_itself(segments: &[&str]) -> bool {
+    segments.ends_with(&["api", "v2", "tokens", "me"])
+}
+
+/// Reads change nothing; and a method override cannot turn one into a write (the guard
+/// strips those headers).
+fn reads(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
 /// Is this `DELETE /api/v2/tokens/me` (with the caller's prefix, if any, before it)?
 pub fn ends_own_session(method: &Method, path: &str) -> bool {
-    method == Method::DELETE && is_token_itself(&normalised(path))
+    method == Method::DELETE && is_token_itself(&segments(&decoded(path)))
 }
 
 /// Why the proxy answers `method path` itself with 403, when it does; `path` is the path
 /// within an upstream whose OAuth client is `client_id`.
 pub fn refusal(method: &Method, path: &str, client_id: &str) -> Option<String> {
-    let segments = normalised(path);
+    // Neither case below is a read: the path is not even decoded for one.
+    if reads(method) {
+        return None;
+    }
+    let decoded = decoded(path);
+    let segments = segments(&decoded);
     if method == Method::DELETE && is_token_itself(&segments) {
         return Some(
             "the upstream's token is shared by every client of the proxy: it cannot be revoked through it (a session token from the proxy's /oauth/token is ended this way instead)"
@@ -63,15 +83,12 @@ pub fn refusal(method: &Method, path: &str, client_id: &str) -> Option<String> {
         );
     }
     let own_client = match segments.as_slice() {
-        [api, v2, oauth, clients, id, ..] => {
-            [api, v2, oauth, clients].map(String::as_str) == ["api", "v2", "oauth", "clients"]
-                && !client_id.is_empty()
-                && *id == client_id.to_ascii_lowercase()
+        ["api", "v2", "oauth", "clients", id, ..] => {
+            !client_id.is_empty() && id.eq_ignore_ascii_case(client_id)
         }
         _ => false,
     };
-    let reads = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if own_client && !reads {
+    if own_client {
         return Some(
             "the proxy's own OAuth client is shared by every client of the proxy: it cannot be changed or deleted through it, nor its secret regenerated"
                 .into(),
@@ -108,6 +125,18 @@ mod tests {
             "/genesys/api/v2/tokens/me"
         ));
         assert!(!ends_own_session(&Method::GET, "/api/v2/tokens/me"));
+    }
+
+    #[test]
+    fn a_path_already_decoded_and_lower_case_is_read_where_it_lies() {
+        // Every call that could change something is checked: most paths cost no copy.
+        assert!(matches!(decoded("/api/v2/users/me"), Cow::Borrowed(_)));
+        assert_eq!(decoded("/API/v2/%2574okens"), "/api/v2/tokens");
+        assert_eq!(
+            segments("/a//b/./c/../d;x=1/"),
+            ["a", "b", "d"],
+            "empty and dot segments, parameters"
+        );
     }
 
     #[test]
