@@ -72,16 +72,11 @@ where
 
 /// Headers that belong to one HTTP/1.1 connection and are malformed in HTTP/2 (RFC 9113
 /// §8.2.2); `TE` only as `trailers`. The caller's own hop-by-hop headers went at the edge;
-/// these can still be there (`Transfer-Encoding` of a chunked request, say).
+/// these can still be there (`Transfer-Encoding` of a chunked request, say). One pass
+/// over the names first: usually none is there, and then no name is hashed.
 fn strip_connection_headers(headers: &mut HeaderMap) {
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        http::HeaderName::from_static("keep-alive"),
-        http::HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
+    if !headers.keys().any(is_connection_specific) {
+        return;
     }
     if headers
         .get(header::TE)
@@ -89,6 +84,27 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
     {
         headers.remove(header::TE);
     }
+    // Cloning a name copies no bytes (a standard name, or shared bytes).
+    while let Some(name) = headers
+        .keys()
+        .find(|name| is_connection_specific(name) && *name != header::TE)
+        .cloned()
+    {
+        headers.remove(&name);
+    }
+}
+
+/// A header [`strip_connection_headers`] looks at.
+fn is_connection_specific(name: &http::HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// Open a stream for `req` on `sender` now (its URI whole, for `:authority`). The head
@@ -282,6 +298,8 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("keep-alive", "timeout=5"),
             ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
             ("x-kept", "1"),
         ] {
             headers.insert(
@@ -292,7 +310,9 @@ mod tests {
         strip_connection_headers(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+        headers.insert(header::CONNECTION, http::HeaderValue::from_static("te"));
         strip_connection_headers(&mut headers);
         assert!(headers.contains_key(header::TE));
+        assert_eq!(headers.len(), 2, "{headers:?}");
     }
 }
