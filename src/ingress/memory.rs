@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ingress::server::ConnectionGate;
+use crate::ingress::gate::ConnectionGate;
 
 /// How often the connection count is looked at.
 const EVERY: Duration = Duration::from_secs(5);

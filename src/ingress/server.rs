@@ -11,10 +11,8 @@
 //! finish within the same time; the number of connections is capped in all and per client
 //! address, so one client cannot take every slot.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -22,11 +20,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::ingress::connection::{serve_tls, TlsConnection};
 pub use crate::ingress::connection::{HttpService, HEADER_READ_TIMEOUT};
+use crate::ingress::gate::{ConnectionGate, ConnectionLimits, Slots};
 use crate::ingress::plain::{self, Plain, PlainListener};
 use crate::ingress::rests::Rests;
 
@@ -38,49 +36,6 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// same time is gone.
 pub const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
 
-/// How many connections a listener holds at once.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    pub max_connections: usize,
-    pub max_per_address: usize,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        ConnectionLimits {
-            max_connections: 10_000,
-            max_per_address: 10_000,
-        }
-    }
-}
-
-/// The connection slots of one listening address, shared by every socket accepting on it
-/// (one per worker), so the caps hold for the address as a whole.
-pub struct ConnectionGate {
-    max: usize,
-    slots: Arc<Semaphore>,
-    per_address: Arc<PerAddress>,
-    max_per_address: usize,
-}
-
-impl ConnectionGate {
-    pub fn new(limits: ConnectionLimits) -> Arc<ConnectionGate> {
-        Arc::new(ConnectionGate {
-            max: limits.max_connections.max(1),
-            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-            per_address: Arc::new(PerAddress::default()),
-            max_per_address: limits.max_per_address,
-        })
-    }
-}
-
-impl ConnectionGate {
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.max.saturating_sub(self.slots.available_permits())
-    }
-}
-
 /// A listening socket and how to treat what it accepts.
 pub struct Listener {
     pub what: &'static str,
@@ -88,46 +43,6 @@ pub struct Listener {
     /// HTTPS: the handshake happens before HTTP is spoken.
     pub tls: Option<TlsAcceptor>,
     pub gate: Arc<ConnectionGate>,
-}
-
-/// Connections per client address.
-#[derive(Default)]
-struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
-
-/// A connection's places under the listener's caps: one of all, one of its address's.
-type Slots = (tokio::sync::OwnedSemaphorePermit, AddressSlot);
-
-/// Holds one slot of an address; frees it when dropped.
-struct AddressSlot {
-    table: Arc<PerAddress>,
-    ip: IpAddr,
-}
-
-impl PerAddress {
-    fn enter(table: &Arc<PerAddress>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
-        let mut map = table.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot {
-            table: Arc::clone(table),
-            ip,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut map = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }
 
 pub async fn serve<S>(
@@ -200,7 +115,7 @@ pub async fn serve<S>(
     loop {
         // At the connection cap, stop accepting: the kernel's backlog holds the rest.
         let slot = tokio::select! {
-            slot = Arc::clone(&gate.slots).acquire_owned() => match slot {
+            slot = gate.slot() => match slot {
                 Ok(slot) => slot,
                 Err(_) => break,
             },
@@ -228,9 +143,7 @@ pub async fn serve<S>(
             },
             () = &mut shutdown => break,
         };
-        let Some(address_slot) =
-            PerAddress::enter(&gate.per_address, peer.ip(), gate.max_per_address)
-        else {
+        let Some(address_slot) = gate.enter(peer.ip()) else {
             tracing::warn!(listener = what, peer = %peer.ip(), "too many connections from one address; refused");
             continue;
         };
