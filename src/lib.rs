@@ -32,7 +32,8 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 
-use ingress::{descriptors, gate, memory, server, workers};
+use ingress::gate::{ConnectionGate, ConnectionLimits};
+use ingress::{descriptors, memory, server, workers};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -152,7 +153,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .clone()
         .map(tokio_rustls::TlsAcceptor::from);
     let (max_connections, admin_connections) = connection_caps(&config);
-    let gate = gate::ConnectionGate::new(gate::ConnectionLimits {
+    let gate = ConnectionGate::new(ConnectionLimits {
         max_connections,
         max_per_address: config
             .server
@@ -206,7 +207,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         };
         // The operator's listener: a few connections are plenty, and no one address may
         // take them all (a status page left open in many tabs, or a scraper gone wrong).
-        let admin_gate = gate::ConnectionGate::new(gate::ConnectionLimits {
+        let admin_gate = ConnectionGate::new(ConnectionLimits {
             max_connections: admin_connections,
             max_per_address: ADMIN_CONNECTIONS_PER_ADDRESS.min(admin_connections),
         });

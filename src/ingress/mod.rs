@@ -1,6 +1,7 @@
-//! Where connections come in: the listeners' accept loops and connection caps (`gate`), the
-//! table where quiet connections wait, the watches that close connections serving nobody, the head timer, the worker threads,
-//! the descriptor limits, and memory given back after bursts.
+//! Where connections come in: the listeners' accept loops and connection caps (`gate`),
+//! the table where quiet connections wait, the watches that close connections serving
+//! nobody, the head timer, the worker threads, the descriptor limits, and memory given
+//! back after bursts.
 
 pub mod between;
 pub mod connection;

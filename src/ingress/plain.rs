@@ -41,6 +41,37 @@ pub(super) struct PlainListener<S, H> {
     pub(super) rests: Rests<H>,
 }
 
+impl<S, H> PlainListener<S, H>
+where
+    S: HttpService<Incoming>,
+    H: Send + 'static,
+{
+    /// Watch the listener's table of quiet connections (`poll`, from [`Rests::new`]) on a
+    /// task of its own until the listener closes: a socket with new bytes is served again
+    /// as one of this listener's connections, `watcher` keeping the drain waiting for it.
+    pub(super) fn watch_rests(
+        self: &Arc<Self>,
+        poll: mio::Poll,
+        watcher: Arc<Watcher>,
+        closed: watch::Receiver<bool>,
+    ) {
+        let listener = Arc::clone(self);
+        tokio::spawn(async move {
+            let wake = |stream, peer, slots| {
+                let plain = Plain {
+                    listener: Arc::clone(&listener),
+                    watcher: Arc::clone(&watcher),
+                    closed: closed.clone(),
+                    peer,
+                    slots,
+                };
+                tokio::spawn(serve(stream, plain));
+            };
+            listener.rests.watch(poll, closed.clone(), wake).await;
+        });
+    }
+}
+
 /// What a plain connection holds while it has a task.
 pub(super) struct Plain<S, H> {
     pub(super) listener: Arc<PlainListener<S, H>>,

@@ -219,21 +219,7 @@ where
         rests,
     });
     if let Some(poll) = poll {
-        let waking = Arc::clone(&listener);
-        let closed = closed.clone();
-        tokio::spawn(async move {
-            let wake = |stream, peer, slots| {
-                let plain = Plain {
-                    listener: Arc::clone(&waking),
-                    watcher: Arc::clone(&watcher),
-                    closed: closed.clone(),
-                    peer,
-                    slots,
-                };
-                tokio::spawn(plain::serve(stream, plain));
-            };
-            waking.rests.watch(poll, closed.clone(), wake).await;
-        });
+        listener.watch_rests(poll, watcher, closed.clone());
     }
     listener
 }

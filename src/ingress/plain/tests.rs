@@ -72,7 +72,8 @@ async fn server() -> Server {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let watcher = Arc::new(graceful.watcher());
     let plain = {
-        let (listener, closed) = (Arc::clone(&listener), closed.clone());
+        let (listener, watcher, closed) =
+            (Arc::clone(&listener), Arc::clone(&watcher), closed.clone());
         move |peer: IpAddr| Plain {
             listener: Arc::clone(&listener),
             watcher: Arc::clone(&watcher),
@@ -81,14 +82,7 @@ async fn server() -> Server {
             slots: (),
         }
     };
-    // The table's watch, as the listener runs it.
-    let (waking, table_closed, wake_plain) = (Arc::clone(&listener), closed, plain.clone());
-    tokio::spawn(async move {
-        let wake = |stream, peer, ()| {
-            tokio::spawn(serve(stream, wake_plain(peer)));
-        };
-        waking.rests.watch(poll, table_closed, wake).await;
-    });
+    listener.watch_rests(poll, watcher, closed);
     tokio::spawn(async move {
         let _graceful = graceful;
         while let Ok((stream, peer)) = tcp.accept().await {
