@@ -9,9 +9,12 @@
 //! name the token it rejected, and its rate-limit headers steer the pool.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header;
+use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use futures_util::FutureExt as _;
@@ -25,7 +28,7 @@ use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::config::providers::Provider;
 use crate::telemetry::traces::CallTrace;
 use crate::token::rejection::{Check, Liveness, Rejection};
-use crate::token::TokenError;
+use crate::token::{Token, TokenError, TokenSource};
 use crate::upstream::WorkerUpstream;
 
 /// How the platform is asked whether it still accepts a token, where it can be asked:
@@ -155,20 +158,29 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
+    fn call(&mut self, req: ProxyRequest) -> BoxFuture {
         // Take the service that was driven to readiness; leave a clone in its place.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let upstream = self.upstream.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         let replace = req.extensions().get::<ReplaceToken>().copied();
         let admitted = req.extensions().get::<Admitted>().copied();
-        let check = replace.and_then(|_| liveness_check(&upstream, &self.inner, &req));
         // A traced call waits for a token in its own context: a grant it starts is its
         // child, one it waits for gets a link.
         let trace = req
             .extensions()
             .get::<CallTrace>()
             .map(|t| t.context().clone());
+        if replace.is_none() && trace.is_none() {
+            // The usual case: the cached token is good. The request goes out now, and the
+            // call's future holds neither it nor a wait for a token.
+            let (i, source) = chosen(&self.upstream, admitted);
+            let now = Instant::now();
+            if let Some(token) = source.ready(now) {
+                return Box::pin(send_with(self.upstream.clone(), inner, req, i, token, now));
+            }
+        }
+        let upstream = self.upstream.clone();
+        let check = replace.and_then(|_| liveness_check(&upstream, &self.inner, &req));
         let call = Box::pin(async move {
             let (pool_index, token) = match replace {
                 Some(ReplaceToken { rejected, seen_at }) => {
@@ -185,12 +197,7 @@ where
                     }
                 }
                 None => {
-                    // The rate governor chose the token whose budget has room, if it
-                    // holds a budget; else the pool's turn.
-                    let (i, source) = match admitted {
-                        Some(Admitted(i)) if i < upstream.tokens.len() => (i, &upstream.tokens[i]),
-                        _ => upstream.pick(),
-                    };
+                    let (i, source) = chosen(&upstream, admitted);
                     (i, source.token().await)
                 }
             };
@@ -198,49 +205,80 @@ where
                 Ok(t) => t,
                 Err(e) => return Ok(token_error(upstream.name(), e).into_response()),
             };
-            let generation = token.generation;
-            // Only a token whose idle timeout is still to be asked (once per token) needs
-            // the caller kept for the question.
-            let asks_idle = upstream.config.provider == Provider::Genesys
-                && !upstream.plain_paths_only
-                && token.idle_timeout_unasked();
-            let caller = asks_idle
-                .then(|| req.extensions().get::<Caller>().cloned())
-                .flatten();
-            req.headers_mut()
-                .insert(header::AUTHORIZATION, token.header().clone());
-            token.touch(tokio::time::Instant::now());
-            let mut resp = inner.call(req).await?;
-            if !Outcome::made_by_proxy(&resp) {
-                let status = resp.status().as_u16();
-                upstream.observe_limits(pool_index, status, resp.headers());
-                upstream
-                    .budget
-                    .observe(pool_index, status, resp.headers(), || upstream.in_flight());
-                Outcome::of(&mut resp).token = Some(TokenId {
-                    pool_index,
-                    generation,
-                });
-                if asks_idle && resp.status().is_success() && token.ask_idle_timeout() {
-                    // A call in the token's budget: asked only when the budget has room
-                    // for it now, else with the token's next answer.
-                    let Some(unanswered) = upstream.budget.take_own(pool_index) else {
-                        token.ask_idle_timeout_later();
-                        return Ok(resp);
-                    };
-                    if let Some(question) = super::idle::question(&token, caller) {
-                        let answer = inner.call(question);
-                        let learn = super::idle::learn(upstream, answer, pool_index, unanswered);
-                        tokio::spawn(learn);
-                    }
-                }
-            }
-            Ok(resp)
+            send_with(upstream, inner, req, pool_index, token, Instant::now()).await
         });
         match trace {
             Some(cx) => Box::pin(opentelemetry::context::FutureExt::with_context(call, cx)),
             None => call,
         }
+    }
+}
+
+/// The token source for a call: the one whose budget the rate governor found room in,
+/// if it holds a budget; else the pool's turn.
+fn chosen(upstream: &WorkerUpstream, admitted: Option<Admitted>) -> (usize, &Arc<TokenSource>) {
+    match admitted {
+        Some(Admitted(i)) if i < upstream.tokens.len() => (i, &upstream.tokens[i]),
+        _ => upstream.pick(),
+    }
+}
+
+/// Sends `req` with `token` at once; the future reads what the answer says about the
+/// token and the budget.
+fn send_with<S>(
+    upstream: WorkerUpstream,
+    mut inner: S,
+    mut req: ProxyRequest,
+    pool_index: usize,
+    token: Arc<Token>,
+    now: Instant,
+) -> impl Future<Output = Result<ProxyResponse, Infallible>> + Send + 'static
+where
+    S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
+        + Send
+        + 'static,
+{
+    let generation = token.generation;
+    // Only a token whose idle timeout is still to be asked (once per token) needs
+    // the caller kept for the question.
+    let asks_idle = upstream.config.provider == Provider::Genesys
+        && !upstream.plain_paths_only
+        && token.idle_timeout_unasked();
+    let caller = asks_idle
+        .then(|| req.extensions().get::<Caller>().cloned())
+        .flatten();
+    req.headers_mut()
+        .insert(header::AUTHORIZATION, token.header().clone());
+    token.touch(now);
+    let sent = inner.call(req);
+    async move {
+        let mut resp = sent.await?;
+        if Outcome::made_by_proxy(&resp) {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        upstream.observe_limits(pool_index, status, resp.headers());
+        upstream
+            .budget
+            .observe(pool_index, status, resp.headers(), || upstream.in_flight());
+        Outcome::of(&mut resp).token = Some(TokenId {
+            pool_index,
+            generation,
+        });
+        if asks_idle && resp.status().is_success() && token.ask_idle_timeout() {
+            // A call in the token's budget: asked only when the budget has room
+            // for it now, else with the token's next answer.
+            let Some(unanswered) = upstream.budget.take_own(pool_index) else {
+                token.ask_idle_timeout_later();
+                return Ok(resp);
+            };
+            if let Some(question) = super::idle::question(&token, caller) {
+                let answer = inner.call(question);
+                let learn = super::idle::learn(upstream, answer, pool_index, unanswered);
+                tokio::spawn(learn);
+            }
+        }
+        Ok(resp)
     }
 }
 
@@ -297,5 +335,40 @@ mod tests {
         }
         assert!(sandbox.issued(&sent[1]));
         assert_eq!(sandbox.grants(), 2);
+    }
+
+    /// With a cached token the request goes out as the layer is called, and the call's
+    /// future holds neither the request nor a wait for a token: every call in flight
+    /// holds it, and every call copies it into its box.
+    #[tokio::test]
+    async fn a_call_with_a_cached_token_goes_out_at_once_and_its_future_stays_small() {
+        let (_sandbox, upstream, _metrics) = crate::upstream::sandboxed_worker_upstream().await;
+        let sent: Arc<Mutex<Vec<http::HeaderValue>>> = Arc::default();
+        let recorder = {
+            let sent = Arc::clone(&sent);
+            service_fn(move |req: ProxyRequest| {
+                if let Some(v) = req.headers().get(header::AUTHORIZATION) {
+                    sent.lock().unwrap().push(v.clone());
+                }
+                Box::pin(async { Ok(http::Response::new(body::empty())) }) as BoxFuture
+            })
+        };
+        let mut bearer = BearerLayer::with_tokens_of(&upstream).layer(recorder);
+        let get = || http::Request::get("/x").body(body::empty()).unwrap();
+        // The first call waits for the grant.
+        let first = bearer.call(get());
+        assert!(sent.lock().unwrap().is_empty());
+        first.await.unwrap();
+        assert_eq!(sent.lock().unwrap().len(), 1);
+        let second = bearer.call(get());
+        assert_eq!(
+            sent.lock().unwrap().len(),
+            2,
+            "sent before the future was polled"
+        );
+        let size = std::mem::size_of_val(&*second);
+        // 96 bytes; it was 768 when it held the request and the wait for a token.
+        assert!(size <= 128, "{size} bytes");
+        second.await.unwrap();
     }
 }

@@ -341,7 +341,8 @@ impl Forward {
                 tracing::warn!(upstream = %upstream.name(), "{busy}");
                 return Ok(busy.into_response());
             };
-            let exchange = Arc::clone(&connections).send(Arc::clone(&origin), path, req);
+            // Boxed once there is a slot: every queued call would carry its state.
+            let exchange = Box::pin(Arc::clone(&connections).send(Arc::clone(&origin), path, req));
             let answer = tokio::time::timeout(timeout, exchange).await;
             Ok(answered(answer, &upstream, &connections, &origin, permit))
         })

@@ -16,9 +16,10 @@
 //! through once and are not retried.
 
 use std::convert::Infallible;
-
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -339,33 +340,84 @@ async fn in_hand(resp: ProxyResponse) -> Result<ProxyResponse, ProxyResponse> {
     }
 }
 
-/// The first attempt's answer (`first`), and more attempts if the policy calls for them.
-async fn attempts<S>(
+/// A call's first attempt, and more when its answer calls for them. A future of its own,
+/// not an `async fn`: one of those keeps its arguments twice (rust-lang/rust#62958), and
+/// every call in flight holds this one.
+struct Attempts<S> {
+    first: BoxFuture,
+    /// What another attempt needs; taken when one is made.
+    again: Option<Again<S>>,
+    /// The attempts after the first, once the first answer called for them.
+    more: Option<BoxFuture>,
+}
+
+struct Again<S> {
+    inner: S,
+    policy: Arc<RetryPolicy>,
+    kept: KeptHead,
+    body: Bytes,
+    reserved: Reserved,
+}
+
+fn attempts<S>(
     inner: S,
     policy: Arc<RetryPolicy>,
     kept: KeptHead,
     body: Bytes,
     reserved: Reserved,
     first: BoxFuture,
-) -> Result<ProxyResponse, Infallible>
+) -> Attempts<S> {
+    let again = Again {
+        inner,
+        policy,
+        kept,
+        body,
+        reserved,
+    };
+    Attempts {
+        first,
+        again: Some(again),
+        more: None,
+    }
+}
+
+// Nothing in it is polled where it lies: `first` and `more` are boxed, `again` is moved out.
+impl<S> Unpin for Attempts<S> {}
+
+impl<S> Future for Attempts<S>
 where
     S: Service<ProxyRequest, Response = ProxyResponse, Error = Infallible, Future = BoxFuture>
         + Send
         + 'static,
 {
-    let resp = first.await?;
-    // Nearly every call ends here; the rest is boxed so this future stays small.
-    let again = matches!(
-        resp.status(),
-        StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
-    ) || Outcome::read(&resp).is_some_and(|o| o.closed_before_answer);
-    if !again {
-        return Ok(resp);
+    type Output = Result<ProxyResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Some(more) = &mut this.more {
+            return more.as_mut().poll(cx);
+        }
+        let resp = ready!(this.first.as_mut().poll(cx))?;
+        // Nearly every call ends here.
+        let again = matches!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+        ) || Outcome::read(&resp).is_some_and(|o| o.closed_before_answer);
+        let Some(Again {
+            inner,
+            policy,
+            kept,
+            body,
+            reserved,
+        }) = this.again.take().filter(|_| again)
+        else {
+            return Poll::Ready(Ok(resp));
+        };
+        let more: BoxFuture = Box::pin(again_as_the_policy_says(
+            inner, policy, kept, body, reserved, resp,
+        ));
+        this.more.insert(more).as_mut().poll(cx)
     }
-    let more: BoxFuture = Box::pin(again_as_the_policy_says(
-        inner, policy, kept, body, reserved, resp,
-    ));
-    more.await
 }
 
 /// After a first answer that may call for another attempt: a connection closed before

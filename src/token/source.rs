@@ -122,16 +122,23 @@ impl TokenSource {
         }
     }
 
+    /// The cached token if it is usable at `now` (and a refresh started in the background
+    /// if it is due): the usual case, with nothing to wait for.
+    pub fn ready(self: &Arc<Self>, now: Instant) -> Option<Arc<Token>> {
+        let t = self.current.load_full()?;
+        if !t.is_usable(now) {
+            return None;
+        }
+        if t.due_for_refresh(now) {
+            self.refresh_in_background();
+        }
+        Some(t)
+    }
+
     /// The token to attach to a request. Waits only when no usable token exists.
     pub async fn token(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
-        let now = Instant::now();
-        if let Some(t) = self.current.load_full() {
-            if t.is_usable(now) {
-                if t.due_for_refresh(now) {
-                    self.refresh_in_background();
-                }
-                return Ok(t);
-            }
+        if let Some(t) = self.ready(Instant::now()) {
+            return Ok(t);
         }
         // Boxed: the grant path's state is large and rarely needed; every call waiting
         // on a cached token would otherwise carry its size (about 2 KB each).
