@@ -81,13 +81,14 @@ where
 {
     type Response = ProxyResponse;
     type Error = Infallible;
-    type Future = BoxFuture;
+    // A key's call (nearly all) goes on as the inner service's own future, unboxed.
+    type Future = Either<S::Future, BoxFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: ProxyRequest) -> BoxFuture {
+    fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
         // Only a JWT whose issuer is a JWT client's is this layer's; anything else is
         // for the key check (and a wrong key there).
         let token = match self.clients.is_empty() {
@@ -102,7 +103,7 @@ where
             true => None,
         };
         let Some(token) = token else {
-            return Box::pin(self.inner.call(req));
+            return Either::Left(self.inner.call(req));
         };
         let clients = Arc::clone(&self.clients);
         let clone = self.inner.clone();
@@ -111,7 +112,7 @@ where
         // hold the inner service's future across an await (and Rust cannot then prove it
         // Send for every lifetime of the body's error type).
         let check = async move { identify(&clients, &token).await };
-        Box::pin(check.then(move |found| match found {
+        Either::Right(Box::pin(check.then(move |found| match found {
             Ok(client) => {
                 req.headers_mut().remove(header::AUTHORIZATION);
                 req.extensions_mut().insert(Caller(Some(client)));
@@ -127,7 +128,7 @@ where
                 }
                 Either::Right(ready(Ok(refused)))
             }
-        }))
+        })))
     }
 }
 
