@@ -1,9 +1,12 @@
 use std::sync::{Arc, Mutex};
 
+use http::StatusCode;
 use http_body_util::BodyExt;
-use tower::service_fn;
+use tower::{service_fn, ServiceExt};
 
 use super::*;
+use crate::call::messages::ReplaceToken;
+use crate::call::outcome::{Outcome, RetryReason, TokenId};
 use crate::config::Config;
 
 /// A body that sends `chunks` one frame at a time, with no declared length.
