@@ -77,7 +77,8 @@ where
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
-        // The path is copied only when the log can take an INFO line at all. (Not
+        // The URI is kept (shared, not copied) only when the log can take an INFO line at
+        // all, and its path is worked out for the log only when a line is written. (Not
         // `tracing::enabled!`: with per-layer filters it leaves the thread's filter state
         // marked, and the next event — a security event — was lost to its layer.)
         let audited = tracing::level_filters::LevelFilter::current()
@@ -87,7 +88,7 @@ where
         Observed {
             trace,
             method: req.method().clone(),
-            path: audited.then(|| audited_path(req.uri().path())),
+            uri: audited.then(|| req.uri().clone()),
             bytes_in: declared_length(req.headers(), req.body()),
             started: Instant::now(),
             metrics: self.metrics.clone(),
@@ -104,7 +105,8 @@ pin_project_lite::pin_project! {
         // The call's server span, when traces are on.
         trace: Option<CallTrace>,
         method: Method,
-        path: Option<String>,
+        // The caller's URI, for the audit line.
+        uri: Option<http::Uri>,
         bytes_in: u64,
         started: Instant,
         metrics: Metrics,
@@ -163,16 +165,17 @@ where
         );
         if error == Some(crate::http::codes::ErrorCode::Forbidden) {
             // A key that is good, used where its policy does not reach.
+            let path = this.uri.as_ref().map(|u| audited_path(u.path()));
             crate::emit!(
                 warn,
                 "policy_refused",
                 client = client.unwrap_or("anonymous"),
                 upstream,
                 method = %this.method,
-                path = this.path.as_deref().unwrap_or("")
+                path = path.as_deref().unwrap_or("")
             );
         }
-        let Some(path) = this.path else {
+        let Some(uri) = this.uri else {
             return Poll::Ready(Ok(resp));
         };
         // The audit line: who called what, what came back, and the upstream's own
@@ -187,7 +190,7 @@ where
             client = client.unwrap_or("anonymous"),
             upstream,
             method = %this.method,
-            path = %path,
+            path = %AuditedPath(uri.path()),
             status,
             ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
             retried,
@@ -207,6 +210,15 @@ fn declared_length(headers: &http::HeaderMap, body: &impl http_body::Body) -> u6
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .or_else(|| body.size_hint().exact())
         .unwrap_or(0)
+}
+
+/// [`audited_path`] of a path, worked out only when a log line takes it.
+struct AuditedPath<'a>(&'a str);
+
+impl std::fmt::Display for AuditedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&audited_path(self.0))
+    }
 }
 
 /// A request's path as the audit log shows it: a notification channel's id (the only
