@@ -136,6 +136,7 @@ async fn a_wrong_key_a_policy_refusal_an_admin_refusal_and_a_broken_reload_are_o
     assert_eq!(r.status(), 403);
     let (event, _) = one_event(&file, &syslog, "policy_refused").await;
     assert_eq!(event["client"], "reporting-job", "{event}");
+    assert_eq!(event["path"], "/api/v2/routing/queues", "{event}");
 
     // The admin listener with a wrong key.
     let r = c
