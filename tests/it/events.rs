@@ -162,6 +162,37 @@ async fn a_wrong_key_a_policy_refusal_an_admin_refusal_and_a_broken_reload_are_o
     no_secret_in(&syslog.lock().unwrap().join("\n"));
 }
 
+/// With no `[events]` sinks a security event is a log line; with the log taking warnings
+/// only (no audit line at INFO to share the path with), a policy refusal still names its
+/// path.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_refusal_in_a_log_of_warnings_only_names_its_path() {
+    let sandbox = Sandbox::start(sandbox_options()).await.unwrap();
+    let config = config_with(&sandbox, "", "").replace(
+        "[[client]]",
+        "[[client]]\nallow = [\"GET /api/v2/users/*\"]",
+    );
+    let proxy = Proxy::start_with_env(
+        &config,
+        &[("SANDBOX_SECRET", CLIENT_SECRET), ("TOKENGATE_LOG", "warn")],
+    );
+    let r = client()
+        .get(proxy.url("/api/v2/routing/queues"))
+        .header("X-Api-Key", CLIENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let line = wait_for(Duration::from_secs(10), || {
+        let text = proxy.output.text();
+        let line = text.lines().find(|l| l.contains("policy_refused"))?;
+        Some(line.to_owned())
+    })
+    .await
+    .expect("a policy_refused line in the log");
+    assert!(line.contains("/api/v2/routing/queues"), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grant_that_fails_and_recovers_is_two_events() {
     let sandbox = Sandbox::start(sandbox_options()).await.unwrap();
