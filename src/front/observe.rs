@@ -77,18 +77,17 @@ where
     }
 
     fn call(&mut self, mut req: ProxyRequest) -> Self::Future {
-        // The URI is kept (shared, not copied) only when the log can take an INFO line at
-        // all, and its path is worked out for the log only when a line is written. (Not
-        // `tracing::enabled!`: with per-layer filters it leaves the thread's filter state
-        // marked, and the next event — a security event — was lost to its layer.)
-        let audited = tracing::level_filters::LevelFilter::current()
-            >= tracing::level_filters::LevelFilter::INFO;
+        // The URI is kept (shared, not copied); its path is worked out for the log only
+        // when a line takes it. (No check of the log's level here: the security events'
+        // layer takes every level of its own target, so the subscriber's hint is always
+        // TRACE; and `tracing::enabled!` with per-layer filters left the thread's filter
+        // state marked, and the next event, a security event, was lost to its layer.)
         let trace =
             crate::telemetry::traces::on().map(|traces| traces.begin_call(&mut req, audited_path));
         Observed {
             trace,
             method: req.method().clone(),
-            uri: audited.then(|| req.uri().clone()),
+            uri: req.uri().clone(),
             bytes_in: declared_length(req.headers(), req.body()),
             started: Instant::now(),
             metrics: self.metrics.clone(),
@@ -105,8 +104,8 @@ pin_project_lite::pin_project! {
         // The call's server span, when traces are on.
         trace: Option<CallTrace>,
         method: Method,
-        // The caller's URI, for the audit line.
-        uri: Option<http::Uri>,
+        // The caller's URI, for the audit line and a policy refusal's event.
+        uri: http::Uri,
         bytes_in: u64,
         started: Instant,
         metrics: Metrics,
@@ -165,19 +164,15 @@ where
         );
         if error == Some(crate::http::codes::ErrorCode::Forbidden) {
             // A key that is good, used where its policy does not reach.
-            let path = this.uri.as_ref().map(|u| audited_path(u.path()));
             crate::emit!(
                 warn,
                 "policy_refused",
                 client = client.unwrap_or("anonymous"),
                 upstream,
                 method = %this.method,
-                path = path.as_deref().unwrap_or("")
+                path = %AuditedPath(this.uri.path())
             );
         }
-        let Some(uri) = this.uri else {
-            return Poll::Ready(Ok(resp));
-        };
         // The audit line: who called what, what came back, and the upstream's own
         // correlation id to find the call in the platform's logs. Never a header value
         // that could authenticate, never a query string.
@@ -190,7 +185,7 @@ where
             client = client.unwrap_or("anonymous"),
             upstream,
             method = %this.method,
-            path = %AuditedPath(uri.path()),
+            path = %AuditedPath(this.uri.path()),
             status,
             ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
             retried,
