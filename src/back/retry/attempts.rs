@@ -92,7 +92,8 @@ where
             return more.as_mut().poll(cx);
         }
         let resp = ready!(this.first.as_mut().poll(cx))?;
-        // Nearly every call ends here.
+        // Nearly every call ends here. (A request never processed is also closed before
+        // its answer: `forward` marks both.)
         let again = matches!(
             resp.status(),
             StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
