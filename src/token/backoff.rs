@@ -7,7 +7,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::grant::GrantError;
-use super::Token;
+use super::issued::Token;
 
 /// What a caller needs from the cache.
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,7 @@ use arc_swap::ArcSwapOption;
 
 use super::grant::Granter;
 use super::shared::SharedCache;
-use super::{Fleet, TokenSource};
+use super::source::{Fleet, TokenSource};
 use crate::config::{CacheConfig, GrantConfig};
 use crate::telemetry::metrics::Metrics;
 

@@ -1,4 +1,5 @@
-//! What the log says of a token endpoint that keeps failing.
+//! What the log says of a token endpoint that keeps failing, and the last failure the
+//! status page shows.
 //!
 //! While no usable token is held, a failing grant that may pass by itself is tried again by
 //! the next call that needs a token after a second ([`super::backoff::PROBE_AFTER`]), so a
@@ -15,6 +16,13 @@ use super::grant::GrantError;
 
 /// How often a grant that keeps failing is logged again.
 const EVERY: Duration = Duration::from_secs(60);
+
+/// The last failed grant, for the status page.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub at: std::time::SystemTime,
+    pub error: GrantError,
+}
 
 #[derive(Debug, Default)]
 pub(super) struct FailureLog {

@@ -12,16 +12,15 @@ use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
 use super::backoff::{Backoff, Want, FOREIGN_LOCK_WAIT};
-use super::failure_log::FailureLog;
+use super::failure_log::{Failure, FailureLog};
 
-mod snapshot;
+pub(super) mod snapshot;
 use super::grant::{GrantError, Granter};
+use super::issued::{Token, TokenError};
 use super::rejection::{Check, Rejection};
 use super::shared::{FleetLock, SharedCache, SharedToken};
-use super::{Token, TokenError};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::traces::GrantSpan;
-pub use snapshot::{Failure, TokenSnapshot};
 
 /// Where a token source stands in the fleet's cache (the default: in no fleet).
 #[derive(Default)]
@@ -246,7 +245,7 @@ impl TokenSource {
         // Discard the rejected token, and only it: a newer one would have satisfied us.
         if let (Want::Replacing(g), Some(t)) = (want, current.as_ref()) {
             if t.generation == g {
-                backoff.rejected = Some(t.header.clone());
+                backoff.rejected = Some(t.header().clone());
                 self.current.store(None);
             }
         }

@@ -1,9 +1,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::backoff::{Backoff, PROBE_AFTER};
+use super::grant::GrantError;
 use super::*;
 use crate::telemetry::metrics::Metrics;
 

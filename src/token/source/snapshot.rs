@@ -6,14 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::TokenSource;
-use crate::token::grant::GrantError;
-
-/// The last failed grant, for the status page.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub at: std::time::SystemTime,
-    pub error: GrantError,
-}
+use crate::token::failure_log::Failure;
 
 /// A token source's state as an operator sees it. Nothing secret.
 #[derive(Debug, Clone)]
