@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
+use super::cx::Cx;
+use super::error::ConfigError;
 use super::raw::RawCache;
-use super::{ConfigError, Cx};
 
 /// `[cache]`: tokens shared by replicas through Redis, encrypted at rest.
 #[derive(Clone)]

@@ -5,10 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::cx::Cx;
+use super::error::ConfigError;
+use super::jwt::JwtCaller;
 use super::raw::{RawClient, RawTime};
+use super::server::ServerConfig;
 use super::upstream::UpstreamConfig;
-use super::Config;
-use super::{ConfigError, Cx};
 use crate::config::policy::AllowRule;
 
 /// A caller of the proxy, identified by one of its keys.
@@ -19,7 +21,7 @@ pub struct ClientConfig {
     /// `not_after`.
     pub keys: Vec<ClientKey>,
     /// `jwt_*`: it may also present a signed JWT of its workload identity.
-    pub jwt: Option<Arc<super::JwtCaller>>,
+    pub jwt: Option<Arc<JwtCaller>>,
     /// Upstreams this client may use; `None` means all.
     pub upstreams: Option<Vec<Arc<str>>>,
     /// Requests this client may make; `None` means any.
@@ -161,7 +163,7 @@ impl Cx<'_> {
         i: usize,
         raw: RawClient,
         upstreams: &[Arc<UpstreamConfig>],
-        server: &super::ServerConfig,
+        server: &ServerConfig,
     ) -> Result<ClientConfig, ConfigError> {
         if raw.name.is_empty() {
             return Err(self.err(&format!("client[{i}].name"), "is empty"));
@@ -233,44 +235,5 @@ impl ClientConfig {
         self.upstreams
             .as_ref()
             .is_none_or(|names| names.iter().any(|n| n.as_ref() == name))
-    }
-}
-
-impl Config {
-    /// The client keys that have expired, or expire within `within` of `now`: the client's
-    /// name, the key, and how long it has left (`Err`: how long ago it ended).
-    pub fn keys_expiring(
-        &self,
-        now: SystemTime,
-        within: Duration,
-    ) -> Vec<(&Arc<str>, &ClientKey, Result<Duration, Duration>)> {
-        let mut out = Vec::new();
-        for c in &self.clients {
-            for k in &c.keys {
-                let Some(t) = k.not_after else { continue };
-                let left = t.duration_since(now).map_err(|e| e.duration());
-                if left.is_err() || left.is_ok_and(|l| l <= within) {
-                    out.push((&c.name, k, left));
-                }
-            }
-        }
-        out
-    }
-
-    /// The notification channels `client` may hold on `upstream`: its `max_channels`, else
-    /// an equal part of the upstream's channels among the clients allowed there (at least
-    /// one). `None`: the upstream's channels are not counted.
-    pub fn channel_share(&self, upstream: &UpstreamConfig, client: &ClientConfig) -> Option<u32> {
-        let total = upstream.notification_channels?;
-        if let Some(max) = client.max_channels {
-            return Some(max);
-        }
-        let sharing = self
-            .clients
-            .iter()
-            .filter(|c| c.may_use(&upstream.name))
-            .count()
-            .max(1) as u32;
-        Some((total / sharing).max(1))
     }
 }

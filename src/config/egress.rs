@@ -8,7 +8,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{ConfigError, Cx};
+use super::cx::Cx;
+use super::error::ConfigError;
 use crate::outbound::egress::{Egress, ProxyRoutes};
 
 /// A client certificate chain and its key, as read from PEM files.

@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 
+use super::cx::Cx;
 use super::egress::EgressParts;
+use super::error::ConfigError;
 use super::raw::RawUpstream;
-use super::{ConfigError, Cx};
+use super::raw::{AuthMethod, BasicEncoding, SigningAlg};
+use super::signing::{signing_key, JwtSigning};
 use crate::config::providers::{self, Provider};
 use crate::outbound::egress::{Egress, ProxyRoutes};
 
@@ -49,25 +51,6 @@ pub struct GrantConfig {
 pub struct Secret {
     pub value: SecretString,
     pub file: Option<PathBuf>,
-}
-
-/// `private_key_jwt` (RFC 7523 §2.2): the key the client assertion is signed with, read
-/// from its file at each grant (a rotated key needs no reload).
-#[derive(Debug, Clone)]
-pub struct JwtSigning {
-    pub key_file: PathBuf,
-    pub alg: SigningAlg,
-    pub key_id: Option<String>,
-    /// The assertion's `aud`; `None`: the token endpoint.
-    pub audience: Option<String>,
-}
-
-/// `signing_alg`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum SigningAlg {
-    RS256,
-    PS256,
-    ES256,
 }
 
 /// Which grant obtains the token.
@@ -179,61 +162,6 @@ impl GrantConfig {
         }
         hex::encode(h.finalize())
     }
-}
-
-/// `auth_method`: how the client proves who it is to the token endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthMethod {
-    /// `client_secret_basic`: id and secret in an `Authorization: Basic` header.
-    #[serde(alias = "client_secret_basic")]
-    Basic,
-    /// `client_secret_post`: id and secret as form fields.
-    #[serde(alias = "client_secret_post")]
-    Post,
-    /// RFC 7523: a JWT signed with the client's private key, a new one per grant.
-    #[serde(rename = "private_key_jwt")]
-    PrivateKeyJwt,
-    /// RFC 8705 §2.1: a client certificate from a CA the endpoint trusts.
-    #[serde(rename = "tls_client_auth")]
-    TlsClientAuth,
-    /// RFC 8705 §2.2: a self-signed client certificate the endpoint has registered.
-    #[serde(rename = "self_signed_tls_client_auth")]
-    SelfSignedTlsClientAuth,
-}
-
-impl AuthMethod {
-    /// The method's name as RFC 8414's `token_endpoint_auth_methods_supported` spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            AuthMethod::Basic => "client_secret_basic",
-            AuthMethod::Post => "client_secret_post",
-            AuthMethod::PrivateKeyJwt => "private_key_jwt",
-            AuthMethod::TlsClientAuth => "tls_client_auth",
-            AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
-        }
-    }
-
-    /// Whether the client authenticates with a shared secret.
-    pub fn uses_secret(self) -> bool {
-        matches!(self, AuthMethod::Basic | AuthMethod::Post)
-    }
-
-    fn uses_certificate(self) -> bool {
-        matches!(
-            self,
-            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth
-        )
-    }
-}
-
-/// `basic_encoding`: `raw` or `form`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BasicEncoding {
-    Raw,
-    #[serde(rename = "form")]
-    FormEncoded,
 }
 
 impl Cx<'_> {
@@ -490,7 +418,7 @@ impl Cx<'_> {
                 .transpose()?,
         };
         // Read once now, so a wrong file or algorithm stops the start, not the first grant.
-        super::signing_key(&signing).map_err(|why| self.err(&key("private_key_file"), why))?;
+        signing_key(&signing).map_err(|why| self.err(&key("private_key_file"), why))?;
         Ok(Some(signing))
     }
 }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use http::Uri;
 
+use super::cx::Cx;
 use super::egress::EgressParts;
+use super::error::ConfigError;
 use super::raw::RawClient;
 use super::server::ServerConfig;
-use super::{ConfigError, Cx};
 use crate::outbound::egress::Egress;
 
 /// What a client's JWTs must say, and where their signing keys are.

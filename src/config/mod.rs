@@ -23,6 +23,7 @@
 
 mod cache;
 mod client;
+mod cx;
 mod egress;
 mod error;
 mod events;
@@ -42,18 +43,21 @@ mod values;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 pub use cache::{CacheConfig, RedisTarget};
 pub use client::{rfc3339, ClientConfig, ClientKey, KEY_WARNING};
+use cx::Cx;
+pub use cx::Env;
 use error::toml_error;
 pub use error::ConfigError;
 pub use events::EventsConfig;
-pub use grant::{
-    AuthMethod, BasicEncoding, GrantConfig, GrantFlow, JwtSigning, Secret, SigningAlg,
-};
+pub use grant::{GrantConfig, GrantFlow, Secret};
 pub use jwt::{is_loopback, JwksSource, JwtCaller};
 use raw::RawConfig;
-pub use server::{LogFormat, Readiness, ServerConfig};
+pub use raw::{AuthMethod, BasicEncoding, LogFormat, Readiness, SigningAlg};
+pub use server::ServerConfig;
+pub use signing::JwtSigning;
 pub use telemetry::TelemetryConfig;
 pub use upstream::{RateLimit, RouteLimit, UpstreamConfig, WebsocketToken};
 
@@ -73,12 +77,6 @@ pub struct Config {
     /// OpenTelemetry traces (`[telemetry]`); `None`: off.
     pub telemetry: Option<TelemetryConfig>,
 }
-
-/// Reads the environment for `${VAR}` references; injected so tests never touch the
-/// process environment.
-pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
-
-const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/login/oauth/token"];
 
 impl Config {
     /// Load a config file, reading `${VAR}` from the process environment.
@@ -127,17 +125,46 @@ impl Config {
     }
 }
 
-/// The context of one load: the file for messages, the environment for `${VAR}`.
-struct Cx<'a> {
-    file: &'a Path,
-    env: Env<'a>,
+impl Config {
+    /// The client keys that have expired, or expire within `within` of `now`: the client's
+    /// name, the key, and how long it has left (`Err`: how long ago it ended).
+    pub fn keys_expiring(
+        &self,
+        now: SystemTime,
+        within: Duration,
+    ) -> Vec<(&Arc<str>, &ClientKey, Result<Duration, Duration>)> {
+        let mut out = Vec::new();
+        for c in &self.clients {
+            for k in &c.keys {
+                let Some(t) = k.not_after else { continue };
+                let left = t.duration_since(now).map_err(|e| e.duration());
+                if left.is_err() || left.is_ok_and(|l| l <= within) {
+                    out.push((&c.name, k, left));
+                }
+            }
+        }
+        out
+    }
+
+    /// The notification channels `client` may hold on `upstream`: its `max_channels`, else
+    /// an equal part of the upstream's channels among the clients allowed there (at least
+    /// one). `None`: the upstream's channels are not counted.
+    pub fn channel_share(&self, upstream: &UpstreamConfig, client: &ClientConfig) -> Option<u32> {
+        let total = upstream.notification_channels?;
+        if let Some(max) = client.max_channels {
+            return Some(max);
+        }
+        let sharing = self
+            .clients
+            .iter()
+            .filter(|c| c.may_use(&upstream.name))
+            .count()
+            .max(1) as u32;
+        Some((total / sharing).max(1))
+    }
 }
 
 impl Cx<'_> {
-    fn err(&self, key: &str, message: impl std::fmt::Display) -> ConfigError {
-        ConfigError::new(self.file, format!("{key}: {message}"))
-    }
-
     fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let cache = raw.cache.map(|c| self.cache(c)).transpose()?;
         let events = self.events(raw.events)?;

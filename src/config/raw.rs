@@ -1,6 +1,6 @@
 //! The file as written: a serde mirror of `proxy.toml`. `deny_unknown_fields` everywhere, so
 //! a typo in a key is an error, never a silently different behaviour. Closed sets of words
-//! (provider, auth method, Basic encoding, log format) are enums here, so toml names the
+//! (provider, auth method, Basic encoding, signing algorithm, log format, readiness) are enums here, so toml names the
 //! key and the accepted values; the rest stays text, and the resolver (the sibling
 //! modules) turns it into types and names the key in every error.
 
@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{AuthMethod, BasicEncoding, LogFormat, Readiness, SigningAlg};
 use crate::config::providers::Provider;
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,3 +168,85 @@ pub(super) struct RawCache {
 }
 
 // === The typed config ===
+
+/// `auth_method`: how the client proves who it is to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    /// `client_secret_basic`: id and secret in an `Authorization: Basic` header.
+    #[serde(alias = "client_secret_basic")]
+    Basic,
+    /// `client_secret_post`: id and secret as form fields.
+    #[serde(alias = "client_secret_post")]
+    Post,
+    /// RFC 7523: a JWT signed with the client's private key, a new one per grant.
+    #[serde(rename = "private_key_jwt")]
+    PrivateKeyJwt,
+    /// RFC 8705 §2.1: a client certificate from a CA the endpoint trusts.
+    #[serde(rename = "tls_client_auth")]
+    TlsClientAuth,
+    /// RFC 8705 §2.2: a self-signed client certificate the endpoint has registered.
+    #[serde(rename = "self_signed_tls_client_auth")]
+    SelfSignedTlsClientAuth,
+}
+
+impl AuthMethod {
+    /// The method's name as RFC 8414's `token_endpoint_auth_methods_supported` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::Basic => "client_secret_basic",
+            AuthMethod::Post => "client_secret_post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::TlsClientAuth => "tls_client_auth",
+            AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
+        }
+    }
+
+    /// Whether the client authenticates with a shared secret.
+    pub fn uses_secret(self) -> bool {
+        matches!(self, AuthMethod::Basic | AuthMethod::Post)
+    }
+
+    pub(super) fn uses_certificate(self) -> bool {
+        matches!(
+            self,
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth
+        )
+    }
+}
+
+/// `basic_encoding`: `raw` or `form`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BasicEncoding {
+    Raw,
+    #[serde(rename = "form")]
+    FormEncoded,
+}
+
+/// `signing_alg`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SigningAlg {
+    RS256,
+    PS256,
+    ES256,
+}
+
+/// How log lines (the audit line per request among them) are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[server] ready`: what `/readyz` waits for. `"all"` (the default): every upstream holds
+/// a usable token. `"any"`: at least one does — so one upstream's bad credentials do not
+/// take the others' traffic out of a load balancer; `/readyz/<upstream>` answers for one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    #[default]
+    All,
+    Any,
+}

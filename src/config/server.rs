@@ -5,16 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::cx::Cx;
+use super::error::ConfigError;
 use super::raw::RawServer;
-use super::{ConfigError, Cx, DEFAULT_TOKEN_PATHS};
+use super::raw::Readiness;
 
-/// How log lines (the audit line per request among them) are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+/// Where a token endpoint is looked for when only a login host is given.
+const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/login/oauth/token"];
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -209,15 +206,4 @@ impl Cx<'_> {
 /// How many workers to run when the config does not say: one per core the process may use.
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// `[server] ready`: what `/readyz` waits for. `"all"` (the default): every upstream holds
-/// a usable token. `"any"`: at least one does — so one upstream's bad credentials do not
-/// take the others' traffic out of a load balancer; `/readyz/<upstream>` answers for one.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Readiness {
-    #[default]
-    All,
-    Any,
 }

@@ -2,7 +2,20 @@
 //! a bad key file is a config error) and again for every grant (so a rotated key is used
 //! by the next one).
 
-use super::grant::{JwtSigning, SigningAlg};
+use std::path::PathBuf;
+
+use super::raw::SigningAlg;
+
+/// `private_key_jwt` (RFC 7523 §2.2): the key the client assertion is signed with, read
+/// from its file at each grant (a rotated key needs no reload).
+#[derive(Debug, Clone)]
+pub struct JwtSigning {
+    pub key_file: PathBuf,
+    pub alg: SigningAlg,
+    pub key_id: Option<String>,
+    /// The assertion's `aud`; `None`: the token endpoint.
+    pub audience: Option<String>,
+}
 
 /// The signing key in `signing.key_file` (PEM: PKCS#8, or PKCS#1 for RSA, SEC1 for EC), as
 /// the algorithm needs it. The file is read on every call: a rotated key is used by the

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{ConfigError, Cx};
+use super::cx::Cx;
+use super::error::ConfigError;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use http::Uri;
 
+use super::cx::Cx;
+use super::error::ConfigError;
 use super::grant::GrantConfig;
 use super::raw::RawUpstream;
-use super::{ConfigError, Cx};
+use super::server::ServerConfig;
 use crate::config::policy::AllowRule;
 use crate::config::providers::{self, GenesysRegion, Provider};
 
@@ -97,7 +99,7 @@ impl Cx<'_> {
         &self,
         i: usize,
         mut raw: RawUpstream,
-        server: &super::ServerConfig,
+        server: &ServerConfig,
     ) -> Result<UpstreamConfig, ConfigError> {
         if raw.name.is_empty()
             || !raw

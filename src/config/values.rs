@@ -8,7 +8,8 @@ use std::time::Duration;
 use http::Uri;
 use secrecy::SecretString;
 
-use super::{ConfigError, Cx, Env};
+use super::cx::{Cx, Env};
+use super::error::ConfigError;
 
 impl Cx<'_> {
     /// Replace `${NAME}` with the environment variable `NAME`; `$$` is a literal `$`.
