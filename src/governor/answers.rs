@@ -7,8 +7,9 @@ use std::time::Duration;
 use http::HeaderMap;
 use tokio::time::Instant;
 
+use super::gate::Governor;
+use super::window::MARGIN;
 use super::window::{header_number, RATELIMIT_ALLOWED, RATELIMIT_COUNT, RATELIMIT_RESET};
-use super::{Governor, MARGIN};
 
 impl Governor {
     /// Read an answer's budget for pooled token `index` (Genesys' `inin-ratelimit-*`),

@@ -6,16 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Governor;
+use super::gate::Governor;
 use crate::token::shared::{Lease, SharedCache};
-
-/// Where a fleet shares a token's budget: the shared cache (while one is configured) and
-/// the credentials whose tokens the budget belongs to.
-pub struct FleetBudget {
-    pub shared: Arc<arc_swap::ArcSwapOption<SharedCache>>,
-    /// [`GrantConfig::cache_key`](crate::config::GrantConfig::cache_key).
-    pub cache_key: String,
-}
 
 impl Governor {
     /// The shared cache and the credentials' name in it, while one is configured.

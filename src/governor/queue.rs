@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::unanswered::Unanswered;
 use super::window::TokenWindow;
-use super::{slice_of, MARGIN};
+use super::window::{slice_of, MARGIN};
 use crate::token::shared::{Lease, Leased};
 
 /// How long the most replicas a lease saw is believed (see [`State::leased`]).

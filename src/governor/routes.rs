@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use super::Governor;
+use super::gate::Governor;
 use crate::config::{RouteLimit, UpstreamConfig};
 
 /// One route's limit and the governor that holds calls to it.

@@ -1,4 +1,11 @@
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
 use super::*;
+use crate::config::RateLimit;
 
 fn limit(calls: u64, secs: u64) -> Option<RateLimit> {
     Some(RateLimit {

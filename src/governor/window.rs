@@ -6,9 +6,18 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
-use super::{slice_of, MARGIN};
 use crate::config::RateLimit;
 use crate::token::shared::Lease;
+
+/// Added to the end of a window the platform reports: its reset is in whole seconds, so
+/// the real end may be up to a second later than it says.
+pub(super) const MARGIN: Duration = Duration::from_secs(1);
+
+/// The most calls a replica reserves at a time: an eighth of the budget, at least 10
+/// (one Redis command per slice).
+pub(super) fn slice_of(allowed: u64) -> u64 {
+    (allowed / 8).max(10).min(allowed)
+}
 
 /// One pooled token's window, as the governor counts it, and the pace it spends it at.
 #[derive(Debug, Clone)]
