@@ -33,7 +33,7 @@ pub use hyper::upgrade::OnUpgrade;
 pub struct Caller(pub Option<Arc<ClientConfig>>);
 
 /// Marks a socket that came without a key on a channel this replica does not know: it
-/// may be the fleet's (see [`crate::back::notifications::Channels::resolve`]); the notifications layer decides.
+/// may be the fleet's (see [`crate::back::channels::resolve`]); the notifications layer decides.
 #[derive(Debug, Clone, Copy)]
 pub struct UnresolvedChannel;
 

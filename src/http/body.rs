@@ -107,7 +107,7 @@ pub const SETTLED_ANSWER_BYTES: usize = 64 * 1024;
 ///   arrives with its head.
 /// - otherwise the body streams with the permit held, and is cut (the connection to the
 ///   upstream dropped, the caller's answer truncated) when the upstream sends nothing for
-///   `idle`, or the caller takes nothing for `idle` (see [`pump`]): a stalled answer, or
+///   `idle`, or the caller takes nothing for `idle` (see `pump`): a stalled answer, or
 ///   one nobody reads, frees its connection instead of pinning it for ever.
 pub fn settle_answer<B, T>(mut body: B, permit: T, idle: std::time::Duration) -> ProxyBody
 where
@@ -285,7 +285,7 @@ pub const REQUEST_BODY_IDLE: std::time::Duration = std::time::Duration::from_sec
 /// ...and all of it must arrive within this long of the request's head.
 pub const REQUEST_BODY_TOTAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// A request body that fails with [`BodyTimedOut`](crate::http::body::BodyTimedOut) when its
+/// A request body that fails with [`BodyTimedOut`] when its
 /// caller stops sending ([`REQUEST_BODY_IDLE`]) or takes too long in all
 /// ([`REQUEST_BODY_TOTAL`]), so a slow upload cannot hold memory, a connection to the
 /// upstream, or a token-endpoint read for ever. The timer is armed only when the body has

@@ -7,7 +7,7 @@
 //! [`REST_AFTER`] between two requests leaves hyper: its socket reports an end of stream
 //! to hyper at that moment, hyper (which allows half-closed connections) ends the
 //! connection as a client that finished would end it, but without shutting the socket
-//! ([`RestingIo`] hands it back instead), and the socket waits in the listener's table
+//! (`RestingIo` hands it back instead), and the socket waits in the listener's table
 //! ([`super::rests`]) for its next request, whose first bytes start a new task and a new
 //! hyper connection.
 //!

@@ -8,7 +8,7 @@
 //! `Host` header formatted on every call. A profile of the proxy under load put that at
 //! about a sixth of its user time. Here a call pops the most recently used idle
 //! connection (one uncontended lock), sends, and its answer's body puts the connection
-//! back when it ends ([`Lease`]).
+//! back when it ends ([`Lease`](super::lease::Lease)).
 //!
 //! How many connections a worker opens is bounded by its [`ConnectionSlots`]: a call holds
 //! a slot, and at most one connection, until its answer's body ends.
@@ -141,7 +141,7 @@ impl WorkerConnections {
     }
 
     /// Send `req` (its URI the path within the upstream) to `origin`. The answer comes
-    /// with the connection it arrived on, to be given back through a [`Lease`] when its
+    /// with the connection it arrived on, to be given back through a [`Lease`](super::lease::Lease) when its
     /// body ends. A call that an idle connection refused before sending anything (the
     /// upstream had just closed it) is sent again on another one, as hyper-util did.
     ///

@@ -131,7 +131,7 @@ pub(super) fn send(
     Ok(exchange)
 }
 
-/// The answer to a stream opened by [`send`], while what is left of its body goes out.
+/// The answer to a stream opened by `send`, while what is left of its body goes out.
 pub struct Exchange {
     response: ResponseFuture,
     pipe: Option<Pin<Box<Pipe>>>,

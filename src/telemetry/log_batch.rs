@@ -6,7 +6,7 @@
 //! the audit off. A writer thread (tracing-appender's) halved the writes but added its own
 //! wake-ups and spinning. Here each worker appends its lines to a buffer of its own, and
 //! a task on its runtime writes the buffer out every [`FLUSH_EVERY`] (or at once when it
-//! holds [`BATCH_BYTES`]): one write for many lines, no lock shared between workers. A
+//! holds `BATCH_BYTES`): one write for many lines, no lock shared between workers. A
 //! line reaches stderr at most [`FLUSH_EVERY`] late; what is buffered when a worker stops
 //! is written before its thread ends. Other threads (startup, the side-call runtime)
 //! write their lines straight away, as before.

@@ -13,7 +13,7 @@
 //!   whoever is minting, released with a compare-and-delete. A holder that dies only
 //!   delays the others by the lease.
 //! - `<prefix>:calls:<creds>:<pool index>` — the calls of a token's rate-limit window the
-//!   replicas have reserved, and how many replicas reserved some (see [`budget`]).
+//!   replicas have reserved, and how many replicas reserved some (see `budget`).
 //!
 //! Redis is one server (`redis_url`) or a master found through Sentinel (`sentinels`,
 //! `master_name`): after a failed command the master is asked of the sentinels again, so
