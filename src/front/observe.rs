@@ -175,11 +175,8 @@ where
         }
         // The audit line: who called what, what came back, and the upstream's own
         // correlation id to find the call in the platform's logs. Never a header value
-        // that could authenticate, never a query string.
-        let correlation = CORRELATION_HEADERS
-            .iter()
-            .find_map(|h| resp.headers().get(h))
-            .and_then(|v| v.to_str().ok());
+        // that could authenticate, never a query string. Its fields are worked out only
+        // when the line is written (the correlation id is up to three header lookups).
         tracing::info!(
             target: "tokengate::audit",
             client = client.unwrap_or("anonymous"),
@@ -189,7 +186,10 @@ where
             status,
             ms = (elapsed.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
             retried,
-            correlation_id = correlation,
+            correlation_id = CORRELATION_HEADERS
+                .iter()
+                .find_map(|h| resp.headers().get(h))
+                .and_then(|v| v.to_str().ok()),
             error = error.map(ErrorCode::as_str),
             "request"
         );
