@@ -6,7 +6,8 @@ use secrecy::{ExposeSecret, SecretString};
 use base64::Engine as _;
 
 use super::answer::answer_kind;
-use super::{GrantError, Granted, Granter};
+use super::error::GrantError;
+use super::{Granted, Granter};
 
 impl Granter {
     pub(super) async fn cxone(

@@ -375,7 +375,7 @@ impl Granter {
             req = req.header(http::header::AUTHORIZATION, value);
         }
         let (status, content_type, body) = self.exchange(req.body(form)).await?;
-        self.parse_answer(status, &content_type, &body)
+        answer::parse(status, &content_type, &body, |s| self.redact(s))
     }
 
     /// Send a side call; its status, content type and (bounded) body.

@@ -26,7 +26,7 @@
 use std::time::Duration;
 
 use super::scripts::GIVE_BACK;
-use super::{SharedCache, Unavailable};
+use super::store::{SharedCache, Unavailable};
 
 /// Added by a replica's first lease in a window: the high bits count the replicas.
 const JOINED: u64 = 1 << 48;

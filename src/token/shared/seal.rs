@@ -10,7 +10,7 @@ use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::{SharedCache, SharedToken};
+use super::store::{SharedCache, SharedToken};
 
 /// Stored values start with this, so a future format can be told apart.
 const FORMAT: &[u8] = b"tg1";

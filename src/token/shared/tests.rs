@@ -1,4 +1,9 @@
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+
 use super::*;
+use crate::telemetry::metrics::Metrics;
 
 fn cache(key_byte: u8) -> SharedCache {
     let toml = format!(

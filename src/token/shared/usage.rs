@@ -3,7 +3,7 @@
 //! each replica's flush and read back summed (see [`crate::telemetry::usage`]). Kept 32
 //! days.
 
-use super::{SharedCache, Unavailable};
+use super::store::{SharedCache, Unavailable};
 
 const SEPARATOR: char = '\u{1f}';
 const KEPT_SECS: u64 = 32 * 24 * 3600;
