@@ -32,54 +32,6 @@ use crate::call::{BoxFuture, ProxyRequest, ProxyResponse};
 use crate::config::UpstreamConfig;
 use crate::http::body::{self, BoxError, ByteBudget, ProxyBody, Reserved};
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::traces::CallTrace;
-
-/// How many times a call is sent again after its pooled connection closed under it.
-const STALE_RESENDS: usize = 3;
-
-/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
-fn idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
-/// Methods whose requests have no defined use for a body (RFC 9110 §9.3).
-fn carries_no_body(method: &http::Method) -> bool {
-    use http::Method;
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
-    )
-}
-
-/// `Retry-After` as a wait: seconds, or an HTTP date.
-fn retry_after(headers: &http::HeaderMap) -> Option<std::time::Duration> {
-    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(std::time::Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
-}
-
-/// One upstream's retry policy, fixed when its stack is built.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Requests whose bodies are at most this long are kept, so they can be sent again.
-    keep_bytes: usize,
-    /// After a 429, idempotent calls go again at most this many times...
-    retry_429: u32,
-    /// ...and wait at most this long in all.
-    retry_429_max_wait: std::time::Duration,
-    upstream: Arc<str>,
-    metrics: Metrics,
-}
 
 #[derive(Debug, Clone)]
 pub struct RetryLayer(Arc<RetryPolicy>);
@@ -177,63 +129,6 @@ async fn keep_body(
     Ok(Kept::Whole(kept.freeze(), reserved))
 }
 
-/// A request's head, kept to send it again. Of its extensions only the [`Caller`] (the
-/// forwarder shares connections out by caller) and the call's trace matter past this
-/// layer; they are kept on their own and put back only on a copy that is sent, so the usual call, sent once, does not
-/// pay for a copy of the extension map.
-struct KeptHead {
-    head: http::request::Parts,
-    caller: Option<Caller>,
-    /// A WebSocket handshake's hold on its caller's connection, for a second attempt.
-    upgrade: Option<hyper::upgrade::OnUpgrade>,
-    /// The call's trace, so every attempt is a span of the same call.
-    trace: Option<CallTrace>,
-}
-
-impl KeptHead {
-    fn of(req: &ProxyRequest) -> KeptHead {
-        let (mut head, ()) = Request::new(()).into_parts();
-        head.method = req.method().clone();
-        head.uri = req.uri().clone();
-        head.version = req.version();
-        head.headers = req.headers().clone();
-        KeptHead {
-            head,
-            caller: req.extensions().get::<Caller>().cloned(),
-            upgrade: req.extensions().get::<hyper::upgrade::OnUpgrade>().cloned(),
-            trace: req.extensions().get::<CallTrace>().cloned(),
-        }
-    }
-
-    /// A copy of the request with `body`.
-    fn with_body(&self, body: &Bytes) -> ProxyRequest {
-        let mut req = Request::new(as_body(body));
-        *req.method_mut() = self.head.method.clone();
-        *req.uri_mut() = self.head.uri.clone();
-        *req.version_mut() = self.head.version;
-        *req.headers_mut() = self.head.headers.clone();
-        if let Some(caller) = &self.caller {
-            req.extensions_mut().insert(caller.clone());
-        }
-        if let Some(upgrade) = &self.upgrade {
-            req.extensions_mut().insert(upgrade.clone());
-        }
-        if let Some(trace) = &self.trace {
-            req.extensions_mut().insert(trace.clone());
-        }
-        req
-    }
-}
-
-/// A kept body to send (an empty one, most calls', costs no allocation).
-fn as_body(kept: &Bytes) -> ProxyBody {
-    if kept.is_empty() {
-        body::empty()
-    } else {
-        body::full(kept.clone())
-    }
-}
-
 impl<S> Service<ProxyRequest> for Retry<S>
 where
     // A concrete future type: rustc cannot yet prove a generic `S::Future` is `Send` inside
@@ -322,7 +217,10 @@ where
 }
 
 mod attempts;
+mod policy;
 use attempts::attempts;
+pub use policy::RetryPolicy;
+use policy::{as_body, carries_no_body, KeptHead};
 
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use tower::{Service, ServiceExt};
 
-use super::{as_body, idempotent, retry_after, KeptHead, RetryPolicy, STALE_RESENDS};
+use super::policy::{as_body, idempotent, retry_after, KeptHead, RetryPolicy, STALE_RESENDS};
 use crate::call::error::ProxyError;
 use crate::call::messages::ReplaceToken;
 use crate::call::outcome::{Outcome, RetryReason, TokenId};
