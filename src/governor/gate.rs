@@ -30,7 +30,7 @@ const STEP: u64 = 1_000_000;
 
 /// One upstream's rate governor (see the module's documentation).
 pub struct Governor {
-    pub(super) max_wait: Duration,
+    max_wait: Duration,
     /// A budget is known (configured, or learned from an answer), or assumed.
     pub(super) active: AtomicBool,
     /// Some token's budget is still the provider's documented one, assumed.
@@ -39,7 +39,7 @@ pub struct Governor {
     /// Itself, for the dispatcher task it spawns (which must not keep it alive).
     pub(super) me: Weak<Governor>,
     /// Wakes the dispatcher before its time (see [`Governor::arm`]).
-    pub(super) nudge: Arc<tokio::sync::Notify>,
+    nudge: Arc<tokio::sync::Notify>,
     pub(super) fleet: Option<FleetBudget>,
 }
 
@@ -77,7 +77,7 @@ impl Governor {
     /// Hold calls to the budget given at construction as an assumption until the
     /// platform's first answer: adopt its figures then, or, if it sends none, govern
     /// nothing (an API host that is not the platform, or a platform that changed).
-    pub(super) fn assume(&self) {
+    fn assume(&self) {
         for w in &mut self.lock().windows {
             // Paced calls wait for the first answer: a burst of the assumed size could
             // spend a smaller real window first come, first served.
@@ -262,7 +262,7 @@ impl Governor {
     /// Start the task that lets waiting calls through when room comes, if none is asleep;
     /// wake the one asleep if this call has room before it meant to look again (a call
     /// within its share, behind calls that spent theirs and wait for the window's end).
-    pub(super) fn arm(&self, st: &mut State, first_wake: Instant) {
+    fn arm(&self, st: &mut State, first_wake: Instant) {
         if st.dispatcher {
             if st.wake_at.is_some_and(|at| first_wake < at) {
                 st.wake_at = Some(first_wake);

@@ -65,11 +65,11 @@ pub struct SharedCache {
     pub(super) lease: Duration,
     /// The hour whose usage hash this replica last gave its lifetime (see `add_usage`).
     pub(super) usage_dated: AtomicU64,
-    pub(super) cool_off_until: Mutex<Option<Instant>>,
+    cool_off_until: Mutex<Option<Instant>>,
     /// Set while an outage has been logged, so it is logged once, and the return once.
     pub(super) down: AtomicBool,
     /// `tokengate_shared_cache_up`.
-    pub(super) up: prometheus_client::metrics::gauge::Gauge,
+    up: prometheus_client::metrics::gauge::Gauge,
     /// Tokens this replica took from the fleet, and stored for it.
     pub(super) taken: AtomicU64,
     pub(super) stored: AtomicU64,
@@ -224,7 +224,7 @@ impl SharedCache {
     }
 
     /// `SET key value PX ttl_ms`.
-    pub(super) async fn set_for(
+    async fn set_for(
         &self,
         key: &str,
         value: Vec<u8>,
@@ -392,7 +392,7 @@ impl SharedCache {
         }
     }
 
-    pub(super) fn cooling_off(&self) -> bool {
+    fn cooling_off(&self) -> bool {
         let until = self
             .cool_off_until
             .lock()
