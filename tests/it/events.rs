@@ -79,6 +79,14 @@ fn no_secret_in(text: &str) {
     }
 }
 
+/// The test config with its client allowed only `GET /api/v2/users/*`.
+fn users_only(config: &str) -> String {
+    config.replace(
+        "[[client]]",
+        "[[client]]\nallow = [\"GET /api/v2/users/*\"]",
+    )
+}
+
 fn events_config(base: &str, dir: &std::path::Path, port: u16) -> String {
     format!(
         "{base}\n[events]\nfile = \"{}\"\nsyslog = \"udp://127.0.0.1:{port}\"\n",
@@ -92,15 +100,11 @@ async fn a_wrong_key_a_policy_refusal_an_admin_refusal_and_a_broken_reload_are_o
     let dir = tempfile::tempdir().unwrap();
     let (port, syslog) = syslog_receiver();
     let admin_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(ADMIN_KEY));
-    let base = config_with(
+    let base = users_only(&config_with(
         &sandbox,
         &format!("admin_key_sha256 = \"{admin_hash}\""),
         "",
-    )
-    .replace(
-        "[[client]]",
-        "[[client]]\nallow = [\"GET /api/v2/users/*\"]",
-    );
+    ));
     let config = events_config(&base, dir.path(), port);
     let proxy = Proxy::start(&config);
     let file = dir.path().join("events.jsonl");
@@ -168,20 +172,12 @@ async fn a_wrong_key_a_policy_refusal_an_admin_refusal_and_a_broken_reload_are_o
 #[tokio::test(flavor = "multi_thread")]
 async fn a_policy_refusal_in_a_log_of_warnings_only_names_its_path() {
     let sandbox = Sandbox::start(sandbox_options()).await.unwrap();
-    let config = config_with(&sandbox, "", "").replace(
-        "[[client]]",
-        "[[client]]\nallow = [\"GET /api/v2/users/*\"]",
-    );
+    let config = users_only(&config_with(&sandbox, "", ""));
     let proxy = Proxy::start_with_env(
         &config,
         &[("SANDBOX_SECRET", CLIENT_SECRET), ("TOKENGATE_LOG", "warn")],
     );
-    let r = client()
-        .get(proxy.url("/api/v2/routing/queues"))
-        .header("X-Api-Key", CLIENT_KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = get_with_key(&proxy, "/api/v2/routing/queues").await;
     assert_eq!(r.status(), 403);
     let line = wait_for(Duration::from_secs(10), || {
         let text = proxy.output.text();

@@ -224,12 +224,7 @@ impl SharedCache {
     }
 
     /// `SET key value PX ttl_ms`.
-    async fn set_for(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        ttl_ms: u64,
-    ) -> Result<(), Unavailable> {
+    async fn set_for(&self, key: &str, value: Vec<u8>, ttl_ms: u64) -> Result<(), Unavailable> {
         let mut redis = self.connection().await?;
         self.run(
             redis::cmd("SET")
