@@ -123,9 +123,7 @@ impl Config {
     pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamConfig>> {
         self.upstreams.iter().find(|u| u.name.as_ref() == name)
     }
-}
 
-impl Config {
     /// The client keys that have expired, or expire within `within` of `now`: the client's
     /// name, the key, and how long it has left (`Err`: how long ago it ended).
     pub fn keys_expiring(

@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use super::cx::Cx;
 use super::error::ConfigError;
-use super::raw::RawServer;
-use super::raw::Readiness;
+use super::raw::{RawServer, Readiness};
 
-/// Where a token endpoint is looked for when only a login host is given.
+/// Where the proxy's own token endpoint answers unless `token_paths` says otherwise.
 const DEFAULT_TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/login/oauth/token"];
 
 #[derive(Debug, Clone)]
